@@ -1,0 +1,9 @@
+"""The trial contract (torch-free) and, in submodules, the torch code that builds and trains on it.
+
+``models`` itself, ``models.spec``, ``models.shapes``, ``models.data`` and ``models.protocol`` import
+no torch, so the API can validate and size a spec without it. ``models.convnet`` needs torch.
+"""
+
+from models.spec import AsppSpec, ConvNetSpec, DataSpec, OptimSpec, TrialSpec, flatten_params
+
+__all__ = ["AsppSpec", "ConvNetSpec", "DataSpec", "OptimSpec", "TrialSpec", "flatten_params"]

@@ -1,0 +1,99 @@
+"""Names the API and the workers share: Celery task names and queues, MLflow tags, Redis keys.
+
+Both sides import this torch-free module instead of each other, so neither process needs the
+other's code to agree on the wire format.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = [
+    "EXPERIMENT_KIND",
+    "OUTCOMES",
+    "QUEUES",
+    "RETRIED_OUTCOMES",
+    "TAG",
+    "TASK_RUN_TRIAL",
+    "TrialOutcome",
+    "TrialStatus",
+    "cancel_key",
+    "lease_key",
+    "attempts_key",
+    "celery_config",
+]
+
+TASK_RUN_TRIAL = "convtune.run_trial"
+QUEUES = ("gpu", "cpu")
+
+TrialStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# Every ended trial carries exactly one outcome; 'succeeded' is the only good one.
+TrialOutcome = Literal[
+    "succeeded", "diverged", "pruned", "out_of_memory", "timeout", "cancelled", "worker_lost", "invalid_data", "error",
+]
+OUTCOMES: tuple[str, ...] = TrialOutcome.__args__  # type: ignore[attr-defined]
+# Outcomes after which the message is redelivered and the trial resumed (capped by max attempts).
+RETRIED_OUTCOMES = ("worker_lost",)
+
+EXPERIMENT_KIND = "custom_model_development"
+
+
+class TAG:
+    """MLflow tag keys convtune writes on runs."""
+
+    KIND = "convtune.kind"  # "trial" or "study"
+    OUTCOME = "convtune.outcome"
+    REASON = "convtune.reason"
+    SPEC = "convtune.spec"  # the validated TrialSpec as JSON
+    PARAMS_COUNT = "convtune.params_count"
+    FLOPS = "convtune.flops_per_sample"
+    QUEUE = "convtune.queue"
+    ATTEMPTS = "convtune.attempts"
+    EPOCHS_DONE = "convtune.epochs_done"
+    DEVICE = "convtune.device"
+    STUDY_ID = "convtune.study_id"
+    RUN_NAME = "mlflow.runName"
+    PARENT = "mlflow.parentRunId"
+    EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def cancel_key(trial_id: str) -> str:
+    """Redis key whose presence asks the training loop of ``trial_id`` to stop."""
+    return f"convtune:trial:{trial_id}:cancel"
+
+
+def lease_key(trial_id: str) -> str:
+    """Redis key held by the one worker executing ``trial_id`` (renewed while it trains)."""
+    return f"convtune:trial:{trial_id}:lease"
+
+
+def attempts_key(trial_id: str) -> str:
+    """Redis counter of how many times a worker started ``trial_id``."""
+    return f"convtune:trial:{trial_id}:attempts"
+
+
+def celery_config(broker_url: str, visibility_timeout_s: int) -> dict:
+    """Celery settings the API (sender) and the workers must agree on.
+
+    JSON only; late acks so a trial whose worker dies is redelivered; the same visibility timeout
+    on both sides, since Redis redelivers any message unacknowledged for that long (celery#5935).
+    Execution is idempotent through a per-trial lease, so a second delivery is harmless.
+    """
+    transport = {"visibility_timeout": visibility_timeout_s}
+    return {
+        "broker_url": broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": "gpu",
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+    }

@@ -1,0 +1,231 @@
+"""The trial spec: the one description of a training run.
+
+It validates the HTTP body, travels as the Celery payload (``model_dump(mode="json")``), is
+re-validated in the worker and is flattened into MLflow params (:func:`flatten_params`). There
+is no second description of a trial anywhere. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ACTIVATIONS",
+    "DOWNSAMPLING",
+    "NORMS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "AsppSpec",
+    "ConvNetSpec",
+    "DataSpec",
+    "OptimSpec",
+    "TrialSpec",
+    "flatten_params",
+]
+
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
+NORMS = ("batch", "group", "none")
+DOWNSAMPLING = ("stride", "maxpool", "avgpool", "dilation")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
+SCHEDULES = ("none", "step", "cosine", "onecycle", "exponential")
+BUILTIN_DATASETS = ("digits", "shapes")
+FILE_DATASETS = ("npz", "folder")
+
+# Optimizers that take a momentum term, and those that take Adam's betas.
+MOMENTUM_OPTIMIZERS = ("momentum", "nesterov", "rmsprop")
+BETAS_OPTIMIZERS = ("adam", "adamw")
+
+Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid"]
+Norm = Literal["batch", "group", "none"]
+Downsampling = Literal["stride", "maxpool", "avgpool", "dilation"]
+Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"]
+Schedule = Literal["none", "step", "cosine", "onecycle", "exponential"]
+Channels = Annotated[int, Field(ge=1, le=2048)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AsppSpec(_Spec):
+    """Atrous Spatial Pyramid Pooling after the last stage (DeepLab's ASPP, without image pooling).
+
+    One 1x1 branch plus one 3x3 branch per dilation rate, run in parallel on the same map,
+    concatenated and projected back to ``channels`` by a 1x1 conv. Resolution is kept.
+    """
+
+    rates: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        default=[1, 2, 3], min_length=1, max_length=6,
+        description="Dilation rate of each 3x3 branch.",
+    )
+    channels: Channels = Field(default=64, description="Channels of each branch and of the output.")
+
+    @field_validator("rates")
+    @classmethod
+    def _distinct_rates(cls, rates: list[int]) -> list[int]:
+        if len(set(rates)) != len(rates):
+            raise ValueError("rates must be distinct")
+        return rates
+
+
+class ConvNetSpec(_Spec):
+    """The architecture: conv stages, how they downsample, and the output head."""
+
+    channels: list[Channels] = Field(
+        default=[32, 64], min_length=1, max_length=8,
+        description="Output channels of each stage (the number of stages is its length).",
+    )
+    convs_per_stage: int = Field(default=2, ge=1, le=6)
+    kernel_size: int = Field(default=3, ge=1, le=27, description="Odd, square kernel of every stage conv.")
+    downsample: Downsampling = Field(
+        default="maxpool",
+        description=(
+            "Between stages: 'stride' (first conv of the stage has stride 2), 'maxpool' / 'avgpool' "
+            "(2x2, stride 2, before the stage), or 'dilation' (no downsampling; stage i uses dilation 2**i)."
+        ),
+    )
+    aspp: AsppSpec | None = Field(default=None, description="Optional ASPP block after the last stage.")
+    activation: Activation = "relu"
+    norm: Norm = "batch"
+    norm_groups: int = Field(default=8, ge=1, le=512, description="Groups of 'group' norm; must divide every channel count.")
+    dropout: float = Field(default=0.0, ge=0.0, le=0.9, description="Dropout before the output layer.")
+    head: Literal["logits", "sigmoid"] = Field(
+        default="logits",
+        description="The output layer has no activation and no normalisation ('logits'); 'sigmoid' bounds it to (0, 1).",
+    )
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, k: int) -> int:
+        if k % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so that padding keeps the map centred, got {k}")
+        return k
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> ConvNetSpec:
+        if self.norm == "group":
+            widths = list(self.channels) + ([self.aspp.channels] if self.aspp else [])
+            bad = [c for c in widths if c % self.norm_groups]
+            if bad:
+                raise ValueError(f"norm_groups={self.norm_groups} must divide every channel count; it does not divide {bad}")
+        return self
+
+
+class OptimSpec(_Spec):
+    """How the network is optimised: optimizer, learning rate and its schedule, batch, epochs."""
+
+    optimizer: Optimizer = "adamw"
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    momentum: float | None = Field(
+        default=None, ge=0.0, lt=1.0,
+        description="For 'momentum', 'nesterov' and 'rmsprop' only; defaults to 0.9 for 'momentum'/'nesterov', 0 for 'rmsprop'.",
+    )
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        default=None, description="For 'adam' and 'adamw' only; defaults to (0.9, 0.999).",
+    )
+    batch_size: int = Field(default=32, ge=1, le=8192)
+    epochs: int = Field(default=10, ge=1, le=1000)
+    schedule: Schedule = "none"
+    step_size: int = Field(default=5, ge=1, le=1000, description="Epochs between decays of the 'step' schedule.")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="Decay factor of 'step' (per step_size) and 'exponential' (per epoch).")
+    warmup_epochs: int = Field(default=0, ge=0, le=100, description="Linear warm-up from lr/100; not with 'onecycle', which warms up itself.")
+    grad_clip: float | None = Field(default=None, gt=0.0, le=1e6, description="Clip the global gradient norm to this value.")
+
+    @model_validator(mode="after")
+    def _conditional_fields(self) -> OptimSpec:
+        if self.momentum is not None and self.optimizer not in MOMENTUM_OPTIMIZERS:
+            raise ValueError(f"momentum applies to {', '.join(MOMENTUM_OPTIMIZERS)} only, not {self.optimizer!r}")
+        if self.betas is not None and self.optimizer not in BETAS_OPTIMIZERS:
+            raise ValueError(f"betas apply to {', '.join(BETAS_OPTIMIZERS)} only, not {self.optimizer!r}")
+        if self.warmup_epochs and self.schedule == "onecycle":
+            raise ValueError("warmup_epochs cannot be combined with the 'onecycle' schedule, which has its own warm-up")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
+        return self
+
+
+class DataSpec(_Spec):
+    """Where the images come from and how they are split.
+
+    Built-ins need no files: ``digits`` (scikit-learn's 8x8 digits, 1 channel, 10 classes) and
+    ``shapes`` (procedural coloured shapes, 3 channels, deterministic from ``seed``). A team's own
+    data is an ``npz`` file (arrays ``images`` as N,H,W or N,H,W,C or N,C,H,W and integer
+    ``labels``) or a ``folder`` of images with one sub-folder per class, named by ``path``
+    relative to the data root that workers share.
+    """
+
+    name: Literal["digits", "shapes", "npz", "folder"] = "digits"
+    path: str | None = Field(default=None, max_length=512, description="Relative to the data root; for 'npz' and 'folder' only.")
+    val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the train/validation split and of 'shapes'.")
+    num_classes: int = Field(default=4, ge=2, le=8, description="'shapes' only: how many shape classes.")
+    num_samples: int = Field(default=2000, ge=100, le=50_000, description="'shapes' only: how many images.")
+    image_size: int = Field(default=32, ge=8, le=128, description="'shapes' only: side of the square images.")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_path(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if "\\" in path or "\x00" in path:
+            raise ValueError("path must use '/' separators and no NUL bytes")
+        normalised = posixpath.normpath(path)
+        if path.startswith("/") or normalised == ".." or normalised.startswith("../"):
+            raise ValueError(f"path must stay inside the data root, got {path!r}")
+        return normalised
+
+    @model_validator(mode="after")
+    def _path_iff_file_dataset(self) -> DataSpec:
+        if self.name in FILE_DATASETS and self.path is None:
+            raise ValueError(f"dataset {self.name!r} needs a 'path' relative to the data root")
+        if self.name in BUILTIN_DATASETS and self.path is not None:
+            raise ValueError(f"built-in dataset {self.name!r} takes no 'path'")
+        return self
+
+
+class TrialSpec(_Spec):
+    """One training run: architecture, optimisation, data and budget."""
+
+    model: ConvNetSpec = Field(default_factory=ConvNetSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of weights init and batch order.")
+    time_limit_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="Wall-clock limit of the training; the trial ends 'timeout' past it.")
+    queue: Literal["gpu", "cpu"] | None = Field(default=None, description="Resource class to run on; the service's default when absent.")
+    name: str | None = Field(default=None, max_length=200, description="A human name for the run; derived from the params when absent.")
+    tags: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")], Annotated[str, Field(max_length=500)]] = Field(
+        default_factory=dict, max_length=20, description="Free-form tags copied to the MLflow run.",
+    )
+
+    def display_name(self) -> str:
+        """Name a person can read in a list of runs, e.g. ``lr=3e-03 bs=32 k3 maxpool relu``."""
+        if self.name:
+            return self.name
+        m, o = self.model, self.optim
+        aspp = " aspp" if m.aspp else ""
+        return f"lr={o.lr:.0e} bs={o.batch_size} k{m.kernel_size} {m.downsample}{aspp} {m.activation} {o.optimizer}"
+
+
+def flatten_params(spec: TrialSpec) -> dict[str, str]:
+    """Flatten a spec into dotted MLflow params (``optim.lr``), skipping name and tags.
+
+    Lists and nested values are JSON-encoded; MLflow params are strings of at most 6,000 chars.
+    """
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, (list, tuple)):
+            flat[prefix] = json.dumps(value)
+        else:
+            flat[prefix] = "None" if value is None else str(value)
+
+    walk("", spec.model_dump(mode="json", exclude={"name", "tags"}))
+    return flat

@@ -1,0 +1,164 @@
+"""Real components for the integration tests: Redis, an ``mlflow server``, Celery worker processes.
+
+Each is started once per session by these fixtures (Redis is reused when one already answers:
+the tests then use their own database number), and stopped by pid at the end. Their logs are kept
+under ``test-artifacts/`` and printed when a fixture fails to start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+TEST_REDIS_DB = int(os.environ.get("CONVTUNE_TEST_REDIS_DB", "11"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+class Service:
+    """A process a fixture started: stopped by pid (its whole process group)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.name = name
+        self.log_path = ARTIFACTS / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+            except ProcessLookupError:
+                pass
+
+
+def _redis_ok(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis: the machine's on 6379 (own database number), else a redis-server we start."""
+    url = os.environ.get("CONVTUNE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
+    started = None
+    if not _redis_ok(url):
+        server = shutil.which("redis-server")
+        if server is None:
+            pytest.fail(f"no Redis at {url} and no redis-server to start: apt-get install redis-server")
+        port = free_port()
+        started = Service("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        url = f"redis://127.0.0.1:{port}/0"
+        assert wait_for(lambda: _redis_ok(url), 10), started.log()
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    if started:
+        started.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (sqlite store, local artifacts, one worker) on a free port."""
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = Service(
+        "mlflow",
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts")],
+        {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{uri}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_for(lambda: healthy() or not server.alive(), 120) or not server.alive():
+        server.stop()
+        pytest.fail(f"mlflow server did not start:\n{server.log()[-3000:]}")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workers' shared data root."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def worker_env(redis_url: str, mlflow_uri: str, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {
+        "CONVTUNE_REDIS_URL": redis_url,
+        "CONVTUNE_MLFLOW_TRACKING_URI": mlflow_uri,
+        "CONVTUNE_DATA_ROOT": str(data_root),
+        "CONVTUNE_CHECKPOINT_DIR": str(tmp_path_factory.mktemp("checkpoints")),
+        "CONVTUNE_CANCEL_CHECK_STEPS": "5",
+        "CONVTUNE_LEASE_TTL_S": "10",
+        "CUDA_VISIBLE_DEVICES": "",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def start_worker(name: str, env: dict[str, str], queue: str = "cpu") -> Service:
+    """A real Celery worker process (prefork, concurrency 1), ready when this returns."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork", "-c", "1",
+            "-Q", queue, "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    worker = Service(name, argv, env)
+    if not wait_for(lambda: " ready." in worker.log() or not worker.alive(), 90) or not worker.alive():
+        worker.stop()
+        pytest.fail(f"celery worker {name} did not start:\n{worker.log()[-3000:]}")
+    return worker
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env: dict[str, str]) -> Iterator[Service]:
+    """One real Celery worker process consuming the ``cpu`` queue."""
+    w = start_worker("worker", worker_env)
+    yield w
+    w.stop()

@@ -1,0 +1,27 @@
+"""The workers' Celery app: JSON only, late acks, prefetch of one, queues ``gpu`` and ``cpu``.
+
+Start workers with ``convtune worker`` (one process per visible GPU), or by hand:
+``celery -A workers.celery_app worker -P prefork -c 1 -Q cpu -n cpu0@%h``.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from models.protocol import celery_config
+from workers.settings import WorkerSettings
+
+__all__ = ["app"]
+
+_settings = WorkerSettings()
+app = Celery("convtune-workers", include=["workers.tasks"])
+app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s))
+
+
+@worker_process_init.connect
+def _warm_up(**_: object) -> None:
+    """Pay the one-off costs (torch, the first optimizer, MLflow) once per process, not per trial."""
+    from workers.tasks import runtime
+
+    runtime().warm_up()

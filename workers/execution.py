@@ -1,0 +1,120 @@
+"""Executing one delivery of a trial message, exactly once per trial, whatever Redis redelivers.
+
+A delivery first looks at the trial's MLflow run: an ended run (finished, cancelled while queued,
+failed) means a duplicate, which is acknowledged and skipped. Then it takes the trial's lease; a
+held lease means another worker is training it right now. The holder counts its attempt (a trial
+whose workers keep dying is failed as ``worker_lost`` after ``max_attempts``), trains with
+checkpoints, and ends the run with exactly one outcome. A Python exception in training is a
+failed trial with its reason, never a lost message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import redis
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
+
+from models.protocol import attempts_key, cancel_key
+from models.spec import TrialSpec
+from workers.lease import Lease
+from workers.outcomes import Ending, classify
+from workers.settings import WorkerSettings
+from workers.tracking import MlflowTracker
+from workers.train import TrialContext, run_trial
+
+__all__ = ["LeaseHeld", "WorkerRuntime", "execute_trial"]
+
+log = logging.getLogger(__name__)
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+class LeaseHeld(Exception):
+    """Another worker holds this trial's lease; try again after ``retry_in_s``."""
+
+    def __init__(self, trial_id: str, retry_in_s: int):
+        super().__init__(f"trial {trial_id} is being trained by another worker")
+        self.retry_in_s = retry_in_s
+
+
+class WorkerRuntime:
+    """One worker process's settings, clients and device."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.mlflow = MlflowClient(settings.mlflow_tracking_uri)
+        # log_model only exists in MLflow's fluent API, which reads the process-wide tracking URI.
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def warm_up(self) -> None:
+        """Run a first optimizer step: it imports torch._dynamo (~1 s) once per process, not per trial."""
+        t0 = time.perf_counter()
+        param = torch.nn.Parameter(torch.zeros(1, device=self.device))
+        optimizer = torch.optim.AdamW([param])
+        param.sum().backward()
+        optimizer.step()
+        log.info("worker warmed up on %s in %.2fs", self.device, time.perf_counter() - t0)
+
+    def checkpoint_path(self, trial_id: str) -> Path:
+        return self.settings.checkpoint_dir / f"{trial_id}.pt"
+
+
+def execute_trial(trial_id: str, payload: dict, rt: WorkerRuntime) -> str:
+    """Run one delivery of ``trial_id``; the outcome, or ``skipped`` for a duplicate."""
+    tracker = MlflowTracker(rt.mlflow, trial_id, log_model=rt.settings.log_model)
+    try:
+        status = tracker.status()
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            log.error("trial %s has no MLflow run; dropping its message", trial_id)
+            return "skipped"
+        raise  # MLflow down: fail the delivery, Redis redelivers it later
+    if status in TERMINAL:
+        log.info("trial %s already ended (%s); duplicate delivery skipped", trial_id, status)
+        return "skipped"
+    try:
+        spec = TrialSpec.model_validate(payload)
+    except ValidationError as exc:
+        return _end(tracker, Ending("FAILED", "error", f"the worker refused the spec: {exc}"))
+    if rt.redis.exists(cancel_key(trial_id)):
+        return _end(tracker, Ending("KILLED", "cancelled", "cancelled on request before it started"))
+
+    lease = Lease(rt.redis, trial_id, rt.settings.lease_ttl_s)
+    if not lease.acquire():
+        raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
+    with lease:
+        attempt = int(rt.redis.incr(attempts_key(trial_id)))
+        rt.redis.expire(attempts_key(trial_id), rt.settings.visibility_timeout_s * 4)
+        if attempt > rt.settings.max_attempts:
+            reason = f"its worker was lost {attempt - 1} times (max_attempts={rt.settings.max_attempts}); not retried again"
+            return _end(tracker, Ending("FAILED", "worker_lost", reason), rt.checkpoint_path(trial_id))
+        if attempt > 1:
+            log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
+        tracker.start(str(rt.device), attempt)
+        ctx = TrialContext(
+            device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
+            should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), check_every_steps=rt.settings.cancel_check_steps,
+        )
+        try:
+            result = run_trial(spec, tracker, ctx)
+        except Exception as exc:
+            ending = classify(exc)
+            log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "trial %s ended %s: %s", trial_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
+            return _end(tracker, ending, ctx.checkpoint_path)
+        reason = f"trained {result.epochs_done} epochs; best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}"
+        return _end(tracker, Ending("FINISHED", "succeeded", reason), ctx.checkpoint_path)
+
+
+def _end(tracker: MlflowTracker, ending: Ending, checkpoint: Path | None = None) -> str:
+    tracker.finish(ending)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return ending.outcome
