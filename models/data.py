@@ -2,7 +2,17 @@
 
 Built-ins need no files: ``digits`` (scikit-learn's 1,797 8x8 digits, shipped inside its wheel) and
 ``shapes`` (coloured shapes drawn procedurally from ``DataSpec.seed``). A team's data lives under a
-data root the workers share: an ``npz`` file, or a ``folder`` with one sub-folder of images per class.
+data root the workers share:
+
+- ``npz``: arrays ``images`` (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3, any numeric dtype
+  (pixels are used as they are: normalisation takes care of the scale), and integer ``labels`` (N,) in
+  [0, K), at least two distinct. K is the largest label + 1.
+- ``folder``: one sub-folder per class (sorted by name; hidden and image-less ones skipped). Every
+  image is converted to the first image's mode (greyscale 'L' stays one channel, anything else becomes
+  RGB) and resized, bilinear, to the first image's size; pixels are scaled to [0, 1].
+
+Every class with two or more samples gives ``round(val_fraction * n)`` of them (at least one, never all)
+to validation, drawn with ``np.random.default_rng(spec.seed)``: the same spec gives the same arrays.
 
 :func:`describe` sizes the input cheaply (no full load), so the API can check a spec's feasibility;
 :func:`load` reads everything, validates it, splits it and normalises it with training statistics.
@@ -26,10 +36,8 @@ from models.spec import DataSpec
 
 __all__ = ["Dataset", "InputInfo", "InvalidData", "SHAPE_CLASSES", "describe", "load", "resolve_data_path"]
 
-# In this order: DataSpec.num_classes = K takes the first K.
-SHAPE_CLASSES = ("square", "circle", "triangle", "cross", "horizontal_bar", "vertical_bar", "ring", "diamond")
-_MODE_CHANNELS = {"L": 1, "RGB": 3}
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+_MODE_CHANNELS = {"L": 1, "RGB": 3}
 # A label like 10**9 would silently build a head with a billion outputs.
 MAX_CLASSES = 10_000
 
@@ -118,48 +126,49 @@ def _load_shapes(spec: DataSpec, root: Path | None) -> tuple[np.ndarray, np.ndar
     return images, labels, list(SHAPE_CLASSES[: spec.num_classes])
 
 
-def _shape_masks(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
-    """Pixel masks of every shape centred at (0, 0) with half-size ``r``; arrays broadcast (n, S, S)."""
-    t = np.maximum(r / 3.0, 0.75)  # stroke half-width, at least one pixel wide
-    ax, ay, d2 = np.abs(dx), np.abs(dy), dx * dx + dy * dy
-    return {
-        "square": (ax <= r) & (ay <= r),
-        "circle": d2 <= r * r,
-        "triangle": (dy >= -r) & (dy <= r) & (ax <= (dy + r) / 2.0),  # apex up, base 2r wide
-        "cross": ((ax <= t) & (ay <= r)) | ((ay <= t) & (ax <= r)),
-        "horizontal_bar": (ay <= t) & (ax <= r),
-        "vertical_bar": (ax <= t) & (ay <= r),
-        "ring": (d2 <= r * r) & (d2 >= (r - 1.5 * t) ** 2),
-        "diamond": ax + ay <= r,
-    }
+# Shape -> pixel mask, given offsets dx, dy from the centre, half-size r and stroke half-width t.
+# In this order: DataSpec.num_classes = K takes the first K.
+_ShapeMask = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+_SHAPES: dict[str, _ShapeMask] = {
+    "square": lambda dx, dy, r, t: (abs(dx) <= r) & (abs(dy) <= r),
+    "circle": lambda dx, dy, r, t: dx * dx + dy * dy <= r * r,
+    "triangle": lambda dx, dy, r, t: (abs(dy) <= r) & (abs(dx) <= (dy + r) / 2),  # apex up, base 2r wide
+    "cross": lambda dx, dy, r, t: ((abs(dx) <= t) & (abs(dy) <= r)) | ((abs(dy) <= t) & (abs(dx) <= r)),
+    "horizontal_bar": lambda dx, dy, r, t: (abs(dy) <= t) & (abs(dx) <= r),
+    "vertical_bar": lambda dx, dy, r, t: (abs(dx) <= t) & (abs(dy) <= r),
+    "ring": lambda dx, dy, r, t: ((r - 1.5 * t) ** 2 <= dx * dx + dy * dy) & (dx * dx + dy * dy <= r * r),
+    "diamond": lambda dx, dy, r, t: abs(dx) + abs(dy) <= r,
+}
+SHAPE_CLASSES = tuple(_SHAPES)
 
 
 def _make_shapes(num_samples: int, size: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``num_samples`` (3, size, size) images in [0, 1] of the first ``num_classes`` shapes."""
     # A stream of its own, so the split (seeded by the same spec.seed) is not correlated with drawing.
     rng = np.random.default_rng([seed, 0x5A4E5])
-    n = num_samples
+    n, f32 = num_samples, np.float32
     labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)  # balanced classes
     # Position, size and colours are drawn independently of the label: only the shape tells classes apart.
-    r = rng.uniform(0.18, 0.38, n) * size
-    cx = rng.uniform(r, size - 1 - r)
-    cy = rng.uniform(r, size - 1 - r)
-    background = rng.uniform(0.0, 0.45, (n, 3))
-    foreground = rng.uniform(0.55, 1.0, (n, 3))
+    r = (rng.uniform(0.18, 0.38, n) * size).astype(f32)
+    cx = rng.uniform(r, size - 1 - r).astype(f32)
+    cy = rng.uniform(r, size - 1 - r).astype(f32)
+    background = rng.uniform(0.0, 0.45, (n, 3)).astype(f32)
+    foreground = rng.uniform(0.55, 1.0, (n, 3)).astype(f32)
     dark_on_light = rng.random(n) < 0.5  # otherwise image brightness would track the shape's area
     background[dark_on_light], foreground[dark_on_light] = foreground[dark_on_light], background[dark_on_light]
 
-    grid = np.arange(size, dtype=np.float32)
+    grid = np.arange(size, dtype=f32)
     mask = np.zeros((n, size, size), dtype=bool)
     for k, name in enumerate(SHAPE_CLASSES[:num_classes]):
         idx = np.flatnonzero(labels == k)
-        dx = grid[None, None, :] - cx[idx, None, None]
-        dy = grid[None, :, None] - cy[idx, None, None]
-        mask[idx] = _shape_masks(dx, dy, r[idx, None, None])[name]
+        dx = grid[None, None, :] - cx[idx, None, None]  # (n_k, 1, S)
+        dy = grid[None, :, None] - cy[idx, None, None]  # (n_k, S, 1)
+        half = r[idx, None, None]
+        mask[idx] = _SHAPES[name](dx, dy, half, np.maximum(half / 3, f32(0.75)))  # strokes at least 1.5 px wide
 
-    colour = np.where(mask[:, None], foreground[:, :, None, None], background[:, :, None, None])
-    noise = rng.standard_normal((n, 3, size, size), dtype=np.float32) * np.float32(0.08)
-    return np.clip(colour.astype(np.float32) + noise, 0.0, 1.0), labels
+    images = np.where(mask[:, None], foreground[:, :, None, None], background[:, :, None, None])  # (n, 3, S, S)
+    images += rng.standard_normal(images.shape, dtype=f32) * f32(0.08)
+    return np.clip(images, 0.0, 1.0, out=images), labels
 
 
 # --- npz ------------------------------------------------------------------------------------------
@@ -268,7 +277,7 @@ def _class_files(path: Path, shown: str, root: Path) -> list[tuple[str, list[Pat
         for f in files:
             # A symlinked class folder or image must not reach outside the root either.
             if not f.resolve().is_relative_to(base):
-                raise InvalidData(f"path {shown}/{sub.name}/{f.name} leaves the data root")
+                raise InvalidData(f"path {f'{shown}/{sub.name}/{f.name}'!r} leaves the data root")
         if files:
             classes.append((sub.name, files))
     if len(classes) < 2:
@@ -347,11 +356,12 @@ def _split(labels: np.ndarray, val_fraction: float, rng: np.random.Generator, sh
 
 def _normalise(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scale both splits per channel to zero mean, unit std of the training split (no val leakage)."""
+    # Statistics accumulate in float64 (float32 sums drift over millions of pixels); the arrays stay float32.
     mean = x_train.mean(axis=(0, 2, 3), dtype=np.float64, keepdims=True)
     std = x_train.std(axis=(0, 2, 3), dtype=np.float64, keepdims=True)
     std = np.where(std < 1e-6, 1.0, std)  # a constant channel stays finite rather than dividing by 0
-    scale = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
-    return scale(x_train), scale(x_val)
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
+    return (x_train - mean) / std, (x_val - mean) / std
 
 
 _Loader = Callable[[DataSpec, Path | None], tuple[np.ndarray, np.ndarray, list[str]]]

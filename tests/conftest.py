@@ -23,7 +23,7 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
+ARTIFACTS = Path(os.environ.get("CONVTUNE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 TEST_REDIS_DB = int(os.environ.get("CONVTUNE_TEST_REDIS_DB", "11"))
 
 
@@ -46,7 +46,7 @@ class Service:
     """A process a fixture started: stopped by pid (its whole process group)."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
-        ARTIFACTS.mkdir(exist_ok=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = ARTIFACTS / f"{name}.log"
         with open(self.log_path, "wb") as log:

@@ -96,7 +96,7 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrialContext) -> TrialResu
             ctx.on_epoch_end(epoch, metrics)
         guard.check_epoch(epoch)
 
-    tracker.log_result(model, x_val[:1], history)
+    tracker.log_result(model, x_val[:2], history)  # batch > 1: the exported model keeps a dynamic batch
     best_epoch, best = max(enumerate(history, start=1), key=lambda em: em[1]["val_accuracy"])
     return TrialResult(len(history), history[-1], best["val_accuracy"], best_epoch, history)
 
