@@ -27,7 +27,7 @@ from models.data import InputInfo
 from models.shapes import conv_has_bias, plan_network, stage_geometry
 from models.spec import ConvNetSpec
 
-__all__ = ["ACTIVATIONS", "NORMS", "POOLS", "ASPP", "ConvBlock", "ConvNet", "Stage", "build_model", "lookup"]
+__all__ = ["ACTIVATIONS", "NORMS", "OUTPUT_ACTIVATIONS", "POOLS", "ASPP", "ConvBlock", "ConvNet", "Stage", "build_model", "lookup"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU,

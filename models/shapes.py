@@ -146,7 +146,8 @@ def _pool(name: str, kind: str, in_shape: Shape) -> LayerPlan:
     if h < 2 or w < 2:
         raise InfeasibleSpec(
             name, "model.channels",
-            f"a 2x2 {kind} would shrink the {_size(in_shape)} map below 1x1; use fewer stages or downsample='dilation'",
+            f"a 2x2 {kind.replace('pool', ' pool')} would shrink the {_size(in_shape)} map below 1x1; "
+            "use fewer stages or downsample='dilation'",
         )
     return LayerPlan(name, kind, in_shape, (c, h // 2, w // 2), 0, 0)
 

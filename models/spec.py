@@ -22,6 +22,7 @@ __all__ = [
     "AsppSpec",
     "ConvNetSpec",
     "DataSpec",
+    "DivergenceSpec",
     "OptimSpec",
     "TrialSpec",
     "flatten_params",
@@ -85,7 +86,8 @@ class ConvNetSpec(_Spec):
         default="maxpool",
         description=(
             "Between stages: 'stride' (first conv of the stage has stride 2), 'maxpool' / 'avgpool' "
-            "(2x2, stride 2, before the stage), or 'dilation' (no downsampling; stage i uses dilation 2**i)."
+            "(2x2, stride 2, before the stage), or 'dilation' (no downsampling; stage i, counted from 1, "
+            "uses dilation 2**(i-1))."
         ),
     )
     aspp: AsppSpec | None = Field(default=None, description="Optional ASPP block after the last stage.")
@@ -128,7 +130,26 @@ class OptimSpec(_Spec):
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
         default=None, description="For 'adam' and 'adamw' only; defaults to (0.9, 0.999).",
     )
-    batch_size: int = Field(default=32, ge=1, le=8192)
+    batch_size: int | Literal["auto"] = Field(
+        default=32,
+        description=(
+            "Samples per forward/backward pass on one device, or 'auto': the largest power of two (up to "
+            "max_batch_size) whose forward/backward pass fits the device's memory, found by probing."
+        ),
+    )
+    max_batch_size: int = Field(default=1024, ge=1, le=8192, description="Upper bound of batch_size 'auto'.")
+    effective_batch_size: int | None = Field(
+        default=None, ge=1, le=65536,
+        description=(
+            "Samples per optimizer step, over all devices and accumulated passes (gradient accumulation). "
+            "Default: batch_size x devices, no accumulation."
+        ),
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        default="none",
+        description="Scale lr by (effective batch / reference_batch_size) ('linear') or its square root ('sqrt').",
+    )
+    reference_batch_size: int = Field(default=32, ge=1, le=65536, description="The batch size lr was chosen for (lr_scaling).")
     epochs: int = Field(default=10, ge=1, le=1000)
     schedule: Schedule = "none"
     step_size: int = Field(default=5, ge=1, le=1000, description="Epochs between decays of the 'step' schedule.")
@@ -147,6 +168,13 @@ class OptimSpec(_Spec):
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
         return self
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size_bounds(cls, batch_size: int | str) -> int | str:
+        if isinstance(batch_size, int) and not 1 <= batch_size <= 8192:
+            raise ValueError(f"batch_size must be 'auto' or an integer in [1, 8192], got {batch_size}")
+        return batch_size
 
 
 class DataSpec(_Spec):
@@ -188,6 +216,23 @@ class DataSpec(_Spec):
         return self
 
 
+class DivergenceSpec(_Spec):
+    """When the training loop ends a trial as ``diverged`` (docs/tuning.md has the rules).
+
+    A loss that is NaN or infinite ends it at once. So does a smoothed loss (an exponential moving
+    average of the step losses) above ``rise_factor`` times the first step's loss, judged from
+    ``min_steps`` on. And a trial whose epoch-mean training loss stayed above ``(1 - min_progress)``
+    times the first step's loss for ``stall_epochs`` epochs in a row made no progress.
+    """
+
+    enabled: bool = Field(default=True, description="Check the loss at all; false trains to the end whatever it does.")
+    rise_factor: float = Field(default=4.0, ge=1.5, le=1e6, description="Smoothed loss above this multiple of the first step's loss: diverged.")
+    smoothing: float = Field(default=0.9, ge=0.0, lt=1.0, description="Weight of the past in the moving average of the step loss.")
+    min_steps: int = Field(default=5, ge=1, le=10_000, description="Steps before the rise rule is judged (NaN/Inf are judged from step 1).")
+    stall_epochs: int | None = Field(default=3, ge=1, le=1000, description="Epochs in a row without progress that end the trial; null: never.")
+    min_progress: float = Field(default=0.02, gt=0.0, lt=1.0, description="Fraction of the first loss an epoch's mean loss must have shed to count as progress.")
+
+
 class TrialSpec(_Spec):
     """One training run: architecture, optimisation, data and budget."""
 
@@ -195,12 +240,29 @@ class TrialSpec(_Spec):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of weights init and batch order.")
+    devices: int = Field(
+        default=1, ge=1, le=64,
+        description="Train data-parallel on this many devices (one process each); global batch = batch_size x devices.",
+    )
+    divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     time_limit_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="Wall-clock limit of the training; the trial ends 'timeout' past it.")
     queue: Literal["gpu", "cpu"] | None = Field(default=None, description="Resource class to run on; the service's default when absent.")
     name: str | None = Field(default=None, max_length=200, description="A human name for the run; derived from the params when absent.")
     tags: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")], Annotated[str, Field(max_length=500)]] = Field(
         default_factory=dict, max_length=20, description="Free-form tags copied to the MLflow run.",
     )
+
+    @model_validator(mode="after")
+    def _effective_batch_divides(self) -> TrialSpec:
+        o = self.optim
+        if isinstance(o.batch_size, int) and o.effective_batch_size is not None:
+            per_step = o.batch_size * self.devices
+            if o.effective_batch_size % per_step:
+                raise ValueError(
+                    f"optim.effective_batch_size ({o.effective_batch_size}) must be a multiple of batch_size x devices ({per_step}): "
+                    "it is reached by accumulating whole passes"
+                )
+        return self
 
     def display_name(self) -> str:
         """Name a person can read in a list of runs, e.g. ``lr=3e-03 bs=32 k3 maxpool relu``."""

@@ -68,6 +68,7 @@ def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, demo: bool
     """Start the local stack (Redis if needed, MLflow, workers, API); Ctrl-C stops all of it."""
     from rich.console import Console
 
+    from service.client import ApiProblem, Unreachable
     from service.stack import Stack, StackConfig
 
     console = Console()
@@ -76,10 +77,9 @@ def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, demo: bool
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.up()
-        if demo:
-            _demo(console, config.api_url)
-        experiments = f"{config.mlflow_url}/#/experiments"
-        console.print(f"\n[bold]MLflow UI:[/] {experiments}  (open the 'convtune' experiment's Runs tab)\n[bold]API:[/] {config.api_url}")
+        runs_page = _demo(console, config.api_url) if demo else None
+        ui = runs_page or f"{config.mlflow_url}/#/experiments (the 'convtune' experiment, Runs tab)"
+        console.print(f"\n[bold]MLflow UI:[/] {ui}\n[bold]API:[/]       {config.api_url}  (GET /trials)")
         if demo and detach_after_demo:
             return
         console.print("The stack is up. Press Ctrl-C to stop it.")
@@ -90,6 +90,9 @@ def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, demo: bool
     except RuntimeError as exc:
         console.print(f"[red]{exc}[/]")
         sys.exit(EXIT_UNAVAILABLE)
+    except (ApiProblem, Unreachable) as exc:
+        console.print(f"[red]the demo failed: {exc}[/]")
+        sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
         console.print("\nstopping the stack...")
     finally:
@@ -101,14 +104,14 @@ def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the stack like Ctrl-C does
 
 
-def _demo(console: Any, api_url: str) -> None:
+def _demo(console: Any, api_url: str) -> str | None:
+    """Run the demo trials; the MLflow UI page listing their runs."""
     from service.client import ConvtuneClient
     from service.demo import run_demo
 
     with ConvtuneClient(api_url) as client:
         results = run_demo(client, console)
-    if results:
-        console.print(f"Each trial's run in MLflow: {results[0]['mlflow_url'].rsplit('/', 1)[0]}")
+    return results[0]["mlflow_url"].rsplit("/", 1)[0] if results else None
 
 
 @main.command()
@@ -117,7 +120,12 @@ def demo(api_url: str) -> None:
     """Submit the demo trials to a running stack and show their results."""
     from rich.console import Console
 
-    _run_client(lambda: _demo(Console(), api_url))
+    def go() -> int:
+        console = Console()
+        console.print(f"MLflow UI: {_demo(console, api_url)}")
+        return EXIT_OK
+
+    _run_client(go)
 
 
 def _load_spec(path: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ DEMO_TRIALS: list[dict[str, Any]] = [
     {**_BASE, "name": "strided conv", "model": {"channels": [32, 64], "downsample": "stride"}},
     {**_BASE, "name": "max pooling", "model": {"channels": [32, 64], "downsample": "maxpool"}},
     {**_BASE, "name": "dilation + ASPP", "model": {"channels": [16, 32], "downsample": "dilation", "kernel_size": 3, "aspp": {"rates": [1, 2, 3], "channels": 32}}},
-    {**_BASE, "name": "5x5 kernels, gelu, cosine", "model": {"channels": [32, 64], "kernel_size": 5, "activation": "gelu"}, "optim": {**_BASE["optim"], "schedule": "cosine"}},
+    {**_BASE, "name": "5x5 kernels, gelu, cosine", "model": {"channels": [32, 64], "convs_per_stage": 1, "kernel_size": 5, "downsample": "stride", "activation": "gelu"}, "optim": {**_BASE["optim"], "schedule": "cosine"}},
 ]
 
 

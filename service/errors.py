@@ -2,12 +2,16 @@
 
     ApiError                      status  type
      +-- BadRequest                 400   bad-request         malformed JSON, bad query values
+     +-- Unauthorized               401   unauthorized        no bearer token, or an unknown one
+     +-- Forbidden                  403   forbidden           the token lacks the scope the route needs
      +-- NotFound                   404   not-found           no such trial / study / route
      +-- Conflict                   409   conflict            the resource's state forbids it
+     |    +-- IdempotencyConflict   409   idempotency-conflict  the Idempotency-Key was used for another body
      +-- PayloadTooLarge            413   payload-too-large
      +-- UnsupportedMediaType       415   unsupported-media-type
      +-- InvalidSpec                422   invalid-spec        pydantic rejected a field (``errors``)
      |    +-- InfeasibleSpec        422   infeasible-spec     the architecture cannot run on its input
+     +-- TooManyRequests            429   too-many-requests   a rate limit or a quota (queued trials); Retry-After
      +-- ServiceUnavailable         503   service-unavailable Redis or MLflow did not answer
 
 Foreign errors are translated where they enter (``raise ... from``); anything else that escapes a
@@ -30,12 +34,16 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "FieldError",
+    "Forbidden",
+    "IdempotencyConflict",
     "InfeasibleSpec",
     "InvalidSpec",
     "NotFound",
     "PayloadTooLarge",
     "Problem",
     "ServiceUnavailable",
+    "TooManyRequests",
+    "Unauthorized",
     "UnsupportedMediaType",
     "init_app",
     "problem_response",
@@ -84,6 +92,22 @@ class BadRequest(ApiError):
     status, slug, title = 400, "bad-request", "Bad request"
 
 
+class Unauthorized(ApiError):
+    """No valid bearer token; the answer carries ``WWW-Authenticate: Bearer``."""
+
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+
+    def __init__(self, detail: str, **kwargs: Any):
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("WWW-Authenticate", 'Bearer realm="convtune"')
+
+
+class Forbidden(ApiError):
+    """The token is valid but lacks the scope this route needs."""
+
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
 class NotFound(ApiError):
     """No resource at this address."""
 
@@ -94,6 +118,12 @@ class Conflict(ApiError):
     """The resource's current state does not allow the request."""
 
     status, slug, title = 409, "conflict", "Conflict"
+
+
+class IdempotencyConflict(Conflict):
+    """The Idempotency-Key was already used with a different body, or its first request is still running."""
+
+    slug, title = "idempotency-conflict", "Idempotency-Key reused"
 
 
 class PayloadTooLarge(ApiError):
@@ -124,6 +154,16 @@ class InfeasibleSpec(InvalidSpec):
     """The architecture cannot run on its input (a map below 1x1, a kernel larger than its input)."""
 
     slug, title = "infeasible-spec", "Infeasible architecture"
+
+
+class TooManyRequests(ApiError):
+    """A rate limit or a quota was reached; ``Retry-After`` says when to try again."""
+
+    status, slug, title = 429, "too-many-requests", "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **kwargs: Any):
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("Retry-After", str(max(1, retry_after_s)))
 
 
 class ServiceUnavailable(ApiError):
@@ -157,7 +197,8 @@ def problem_response(error: ApiError) -> Response:
 
 
 _HTTP_ERRORS: dict[int, type[ApiError]] = {
-    400: BadRequest, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMediaType,
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+    415: UnsupportedMediaType, 429: TooManyRequests,
 }
 
 

@@ -5,10 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ApiSettings"]
+__all__ = ["ApiSettings", "TokenConfig"]
+
+Scope = Literal["read", "submit", "admin"]
+
+
+class TokenConfig(BaseModel):
+    """One API token as configured: its name, the SHA-256 of the token (never the token) and its scopes."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@\-]+$", description="Who holds it; shown in logs and metrics.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token; `convtune token` prints one.")
+    scopes: list[Scope] = Field(min_length=1, description="read: GET; submit: create and cancel; admin: everything.")
 
 
 class ApiSettings(BaseSettings):
@@ -26,6 +36,17 @@ class ApiSettings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_epochs: int = Field(default=1000, ge=1)
     page_size_max: int = 200
+    # Issue 5: auth, limits, observability, callbacks.
+    auth_disabled: bool = Field(default=False, description="Serve without authentication (local stack and tests only); logged loudly at start-up.")
+    auth_tokens: list[TokenConfig] = Field(default_factory=list, description="JSON list of {name, sha256, scopes}.")
+    rate_limit: str = Field(default="600/minute", description="Per token (or client address when auth is off), every route but health and metrics.")
+    submit_rate_limit: str = Field(default="60/minute", description="Per token, on each POST route; on top of rate_limit.")
+    max_queued_trials_per_token: int = Field(default=200, ge=1, description="Queued trials one token may have at once; more is a 429.")
+    max_trials_per_study: int = Field(default=1000, ge=1)
+    max_parallelism: int = Field(default=32, ge=1, description="Trials of one study that may run at once.")
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=24 * 3600, description="How long an Idempotency-Key is remembered.")
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
 
     @property
     def ui_url(self) -> str:

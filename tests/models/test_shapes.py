@@ -82,7 +82,8 @@ def test_plan_summary_rows_are_json_ready() -> None:
     [
         pytest.param(
             ConvNetSpec(channels=[4] * 5, kernel_size=1, downsample="maxpool"), DIGITS,
-            "features.stage5.pool", "model.channels", "shrink the 1x1 map below 1x1", id="too-many-pool-stages",
+            "features.stage5.pool", "model.channels", "a 2x2 max pool would shrink the 1x1 map below 1x1; use fewer stages",
+            id="too-many-pool-stages",
         ),
         pytest.param(
             ConvNetSpec(channels=[4, 4, 4], kernel_size=3, downsample="avgpool"), DIGITS,

@@ -1,0 +1,133 @@
+"""The training loop on real (tiny, CPU) training: accuracy, stops, resume, schedules, optimizers."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.spec import OptimSpec, TrialSpec
+from workers.outcomes import Cancelled, TimedOut
+from workers.train import OPTIMIZERS, SCHEDULES, TrialContext, make_optimizer, make_scheduler, run_trial
+
+CPU = torch.device("cpu")
+
+
+class ListTracker:
+    """Records what a trial logs, in memory."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, dict[str, float]]] = []
+        self.summary: list[dict[str, Any]] = []
+        self.result: tuple[Any, torch.Tensor, list] | None = None
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.epochs.append((epoch, metrics))
+
+    def log_summary(self, rows: list[dict[str, Any]]) -> None:
+        self.summary = rows
+
+    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None:
+        self.result = (model, example, history)
+
+
+def spec(**optim: Any) -> TrialSpec:
+    return TrialSpec.model_validate({"model": {"channels": [16, 32]}, "optim": {"lr": 3e-3, "epochs": 3, **optim}})
+
+
+def test_digits_reaches_090_validation_accuracy_in_a_few_cpu_epochs():
+    tracker = ListTracker()
+    result = run_trial(spec(epochs=4), tracker, TrialContext(device=CPU))
+    assert result.best_val_accuracy >= 0.90
+    assert [e for e, _ in tracker.epochs] == [1, 2, 3, 4]
+    assert set(tracker.epochs[0][1]) == {"train_loss", "val_loss", "val_accuracy", "lr", "epoch_seconds", "samples_per_second"}
+    assert tracker.epochs[-1][1]["train_loss"] < tracker.epochs[0][1]["train_loss"]
+    assert tracker.summary[-1]["layer"] == "head" and tracker.result is not None
+    assert tracker.result[1].shape[0] == 2  # a batch > 1 keeps the exported model's batch dynamic
+
+
+def test_same_seed_same_curve():
+    a, b = ListTracker(), ListTracker()
+    run_trial(spec(epochs=2), a, TrialContext(device=CPU))
+    run_trial(spec(epochs=2), b, TrialContext(device=CPU))
+    assert [m["val_loss"] for _, m in a.epochs] == pytest.approx([m["val_loss"] for _, m in b.epochs])
+
+
+def test_cancel_flag_stops_within_the_check_interval():
+    calls = []
+
+    def should_cancel() -> bool:
+        calls.append(1)
+        return len(calls) >= 2
+
+    # Checked at steps 5 and 10: the flag raised between them stops the trial at step 10.
+    with pytest.raises(Cancelled, match="cancelled on request, at step 10"):
+        run_trial(spec(epochs=50, batch_size=16), ListTracker(), TrialContext(device=CPU, should_cancel=should_cancel, check_every_steps=5))
+
+
+def test_time_limit_ends_the_trial_as_timeout():
+    trial = spec(epochs=500).model_copy(update={"time_limit_s": 0.5})
+    with pytest.raises(TimedOut, match="past its time_limit_s of 0.5s"):
+        run_trial(trial, ListTracker(), TrialContext(device=CPU))
+
+
+def test_resumes_from_its_last_checkpoint(tmp_path: Path):
+    checkpoint = tmp_path / "trial.pt"
+    first = ListTracker()
+    with pytest.raises(Cancelled):
+        # Cancelled after the second epoch's check: the checkpoint holds epoch 2.
+        epochs_seen = []
+        run_trial(spec(epochs=4), first, TrialContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: epochs_seen.append(e), should_cancel=lambda: len(epochs_seen) >= 2, check_every_steps=10**6))
+    assert [e for e, _ in first.epochs] == [1, 2] and checkpoint.exists()
+
+    resumed = ListTracker()
+    result = run_trial(spec(epochs=4), resumed, TrialContext(device=CPU, checkpoint_path=checkpoint))
+    assert [e for e, _ in resumed.epochs] == [3, 4]
+    assert result.epochs_done == 4 and len(result.history) == 4
+    assert resumed.summary == []  # logged by the first attempt only
+
+
+def test_sigmoid_head_trains_with_per_class_bce():
+    trial = TrialSpec.model_validate({"model": {"channels": [16, 32], "head": "sigmoid"}, "optim": {"lr": 3e-3, "epochs": 3}})
+    tracker = ListTracker()
+    result = run_trial(trial, tracker, TrialContext(device=CPU))
+    assert result.best_val_accuracy >= 0.85
+    model = tracker.result[0]
+    probabilities = model.output_activation(model(torch.zeros(2, 1, 8, 8)))
+    assert ((probabilities > 0) & (probabilities < 1)).all()
+
+
+@pytest.mark.parametrize("name", typing.get_args(OptimSpec.model_fields["optimizer"].annotation))
+def test_every_optimizer_is_built(name: str):
+    assert set(OPTIMIZERS) == set(typing.get_args(OptimSpec.model_fields["optimizer"].annotation))
+    optim = OptimSpec(optimizer=name, lr=0.01)
+    optimizer = make_optimizer([torch.nn.Parameter(torch.ones(2))], optim)
+    assert optimizer.param_groups[0]["lr"] == 0.01
+
+
+def _lrs(optim: OptimSpec, steps_per_epoch: int = 2) -> list[float]:
+    param = torch.nn.Parameter(torch.ones(1))
+    optimizer = make_optimizer([param], optim)
+    scheduler = make_scheduler(optimizer, optim, steps_per_epoch)
+    lrs = []
+    for _ in range(optim.epochs * steps_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_schedules_follow_their_definitions():
+    assert set(SCHEDULES) | {"onecycle"} == set(typing.get_args(OptimSpec.model_fields["schedule"].annotation))
+    assert _lrs(OptimSpec(lr=1.0, epochs=4)) == [1.0] * 8
+    assert _lrs(OptimSpec(lr=1.0, epochs=4, schedule="step", step_size=2, gamma=0.5)) == pytest.approx([1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5])
+    assert _lrs(OptimSpec(lr=1.0, epochs=3, schedule="exponential", gamma=0.5)) == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+    cosine = _lrs(OptimSpec(lr=1.0, epochs=4, schedule="cosine"))
+    assert cosine[0] == 1.0 and cosine == sorted(cosine, reverse=True) and cosine[-1] < 0.05
+    warm = _lrs(OptimSpec(lr=1.0, epochs=4, warmup_epochs=2))
+    assert warm[0] == pytest.approx(0.01) and warm[:4] == sorted(warm[:4]) and warm[4:] == [1.0] * 4
+    onecycle = _lrs(OptimSpec(lr=1.0, epochs=4, schedule="onecycle"))
+    assert max(onecycle) == pytest.approx(1.0, rel=0.05) and onecycle[0] < 0.1 and onecycle[-1] < 0.01
