@@ -24,8 +24,8 @@ if ! $VENV/bin/python -c "import torch" 2>/dev/null; then
     echo "==> installing torch==${TORCH_VERSION:-2.13.0}"
     pip install "torch==${TORCH_VERSION:-2.13.0}"
 fi
-extras=""
-[[ $want_test == 1 ]] && extras="[test]"
+extras="[worker]"
+[[ $want_test == 1 ]] && extras="[worker,test]"
 echo "==> installing convtune$extras"
 pip install -e ".$extras"
 $VENV/bin/python -c "import torch, service, workers, models" || { echo "installation is broken" >&2; exit 1; }

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["configure_logging", "log_context"]
+__all__ = ["bind", "clear", "configure_logging", "log_context"]
 
 _CONTEXT: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("convtune_log_context", default={})
 
@@ -31,6 +31,11 @@ def log_context(**ids: str | None) -> Iterator[None]:
 def bind(**ids: str | None) -> None:
     """Add ids to the current context until it ends (a request, a task); for code without a block."""
     _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in ids.items() if v}})
+
+
+def clear() -> None:
+    """Forget the ids bound so far (at the start of each request: threads are reused)."""
+    _CONTEXT.set({})
 
 
 class _ContextFilter(logging.Filter):

@@ -15,21 +15,37 @@ __all__ = [
     "RETRIED_OUTCOMES",
     "TAG",
     "TASK_RUN_TRIAL",
+    "TASK_STUDY_STEP",
+    "TASK_DELIVER_CALLBACK",
+    "CALLBACK_QUEUE",
+    "OUTCOME_COUNTS_KEY",
     "TrialOutcome",
     "TrialStatus",
     "cancel_key",
+    "study_key",
+    "client_status",
     "lease_key",
     "attempts_key",
     "celery_config",
 ]
 
 TASK_RUN_TRIAL = "convtune.run_trial"
+# One step of a study: run one of its trials, then send the next steps (workers.study).
+TASK_STUDY_STEP = "convtune.study_step"
+# Callbacks (a POST to the spec's callback_url when a trial or study ends) travel on their own
+# queue, consumed by a light worker (workers.callback_app), so a slow receiver never holds a GPU.
+TASK_DELIVER_CALLBACK = "convtune.deliver_callback"
+CALLBACK_QUEUE = "callbacks"
+# Redis hash: outcome -> how many trials ended with it (for /metrics).
+OUTCOME_COUNTS_KEY = "convtune:stats:trials_by_outcome"
 QUEUES = ("gpu", "cpu")
 
 TrialStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # Every ended trial carries exactly one outcome; 'succeeded' is the only good one.
 TrialOutcome = Literal[
     "succeeded", "diverged", "pruned", "out_of_memory", "timeout", "cancelled", "worker_lost", "invalid_data", "error",
+    # a study trial whose sampled architecture cannot run on its input; one that reused a twin's result
+    "infeasible", "duplicate",
 ]
 OUTCOMES: tuple[str, ...] = TrialOutcome.__args__  # type: ignore[attr-defined]
 # Outcomes after which the message is redelivered and the trial resumed (capped by max attempts).
@@ -52,9 +68,25 @@ class TAG:
     EPOCHS_DONE = "convtune.epochs_done"
     DEVICE = "convtune.device"
     STUDY_ID = "convtune.study_id"
+    OWNER = "convtune.owner"  # the name of the API token that submitted it
     RUN_NAME = "mlflow.runName"
     PARENT = "mlflow.parentRunId"
     EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def client_status(mlflow_status: str, outcome: str | None) -> str:
+    """The status a client sees (``queued`` ... ``failed``) of a run's MLflow status and outcome tag."""
+    by_mlflow = {"SCHEDULED": "queued", "RUNNING": "running", "KILLED": "cancelled"}
+    if mlflow_status in by_mlflow:
+        return by_mlflow[mlflow_status]
+    if mlflow_status == "FINISHED":
+        return "pruned" if outcome == "pruned" else "succeeded"
+    return "failed"
+
+
+def study_key(study_id: str) -> str:
+    """Redis hash of a study's trial slots: budget, parallelism, claimed, in flight, stop reason."""
+    return f"convtune:study:{study_id}"
 
 
 def cancel_key(trial_id: str) -> str:

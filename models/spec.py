@@ -11,7 +11,7 @@ import json
 import posixpath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 __all__ = [
     "ACTIVATIONS",
@@ -251,6 +251,10 @@ class TrialSpec(_Spec):
     tags: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")], Annotated[str, Field(max_length=500)]] = Field(
         default_factory=dict, max_length=20, description="Free-form tags copied to the MLflow run.",
     )
+    callback_url: HttpUrl | None = Field(
+        default=None,
+        description="Receives a signed POST (X-Convtune-Signature, HMAC-SHA256) when the trial ends; retried with backoff. Not an MLflow param.",
+    )
 
     @model_validator(mode="after")
     def _effective_batch_divides(self) -> TrialSpec:
@@ -274,7 +278,7 @@ class TrialSpec(_Spec):
 
 
 def flatten_params(spec: TrialSpec) -> dict[str, str]:
-    """Flatten a spec into dotted MLflow params (``optim.lr``), skipping name and tags.
+    """Flatten a spec into dotted MLflow params (``optim.lr``), skipping name, tags and callback_url.
 
     Lists and nested values are JSON-encoded; MLflow params are strings of at most 6,000 chars.
     """
@@ -289,5 +293,5 @@ def flatten_params(spec: TrialSpec) -> dict[str, str]:
         else:
             flat[prefix] = "None" if value is None else str(value)
 
-    walk("", spec.model_dump(mode="json", exclude={"name", "tags"}))
+    walk("", spec.model_dump(mode="json", exclude={"name", "tags", "callback_url"}))
     return flat

@@ -23,24 +23,33 @@ __version__ = "0.1.0"
 
 def create_app(settings: ApiSettings | None = None) -> OpenAPI:
     """Build the API; tests pass their own ``settings``, servers read ``CONVTUNE_*`` variables."""
-    from service import health, trials, wiring
+    from models.logs import configure_logging
+    from service import auth, health, limits, observability, openapi, trials, wiring
 
     settings = settings or ApiSettings()
-    app = OpenAPI(
+    configure_logging("api", settings.log_format, settings.log_level)
+    app = openapi.ConvtuneOpenAPI(
         __name__,
         info=Info(title="convtune", version=__version__, description="Hyperparameter tuning for convolutional networks."),
         validation_error_status=422,
         validation_error_model=errors.Problem,
         validation_error_callback=errors.validation_error_response,
-        doc_ui=False,
+        security_schemes=openapi.SECURITY_SCHEMES,
+        doc_ui=False,  # served by service.openapi at /openapi.json and /docs
     )
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     errors.init_app(app)
-    wiring.init_app(app, settings)
+    built = wiring.init_app(app, settings)
+    # before_request hooks run in this order: time and log, authenticate, rate-limit, check the body.
+    observability.init_app(app, settings, built.redis, built.dispatcher.sender.celery)
+    auth.init_app(app, settings)
+    limits.init_app(app, settings)
     app.before_request(_require_json_body)
     app.register_api(health.bp)
     app.register_api(trials.bp)
+    app.register_api(observability.bp)
+    openapi.init_app(app)  # last: it reads every registered route
     logging.getLogger(__name__).info("convtune API ready: MLflow at %s, broker at %s", settings.mlflow_tracking_uri, _redact(settings.redis_url))
     return app
 

@@ -26,12 +26,14 @@ from flask import Flask, g, request
 from service.errors import Forbidden, Unauthorized
 from service.settings import ApiSettings, TokenConfig
 
-__all__ = ["ANONYMOUS", "Principal", "TokenAuth", "current_principal", "hash_token", "init_app", "new_token"]
+__all__ = ["ANONYMOUS", "Principal", "TokenAuth", "check_owner", "current_principal", "hash_token", "init_app", "new_token"]
 
 log = logging.getLogger(__name__)
 
 # Endpoints anyone may call: probes, metrics and the API's own documentation.
-PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "metrics.metrics", "openapi_json", "docs", "swagger.static", "static"})
+PUBLIC_ENDPOINTS = frozenset({
+    "health.healthz", "health.readyz", "metrics.metrics", "openapi_json", "docs", "swagger.swagger", "swagger.static", "swagger.oauth2-redirect", "static",
+})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -86,6 +88,14 @@ def required_scope(method: str) -> str:
 def current_principal() -> Principal:
     """The caller of the current request (``anonymous`` on public routes and with auth off)."""
     return g.get("principal", ANONYMOUS)
+
+
+def check_owner(owner: str | None, what: str) -> None:
+    """Let only the token that submitted ``what`` (or an admin) change it; raises Forbidden."""
+    principal = current_principal()
+    if principal.is_admin or owner is None or owner == principal.name:
+        return
+    raise Forbidden(f"{what} was submitted by another token; only it or an admin token may change it")
 
 
 def init_app(app: Flask, settings: ApiSettings) -> None:

@@ -1,21 +1,29 @@
 """A small Python client of the convtune API, used by the CLI and importable by other services.
 
-    client = ConvtuneClient("http://127.0.0.1:8000")
-    trial = client.submit_trial({"optim": {"lr": 3e-3, "epochs": 5}})
-    done = client.wait_trial(trial["id"])
+    with ConvtuneClient("http://127.0.0.1:8000", token=os.environ["CONVTUNE_TOKEN"]) as client:
+        trial = client.submit_trial({"optim": {"lr": 3e-3, "epochs": 5}})
+        done = client.wait_trial(trial["id"])
+
+Answers of 429 and 503 are retried, waiting what ``Retry-After`` says (capped), up to ``retries``
+times; so is a connection that could not be made. Every submit carries an ``Idempotency-Key``
+generated once per call, so a retried POST never creates a second trial. Error answers raise
+:class:`ApiProblem` (with the problem document), no answer at all :class:`Unreachable`.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-__all__ = ["ApiProblem", "ConvtuneClient", "Unreachable", "TERMINAL_STATUSES"]
+__all__ = ["ApiProblem", "ConvtuneClient", "Unreachable", "TERMINAL_STATUSES", "STUDY_TERMINAL_STATUSES"]
 
 TERMINAL_STATUSES = ("succeeded", "pruned", "failed", "cancelled")
+STUDY_TERMINAL_STATUSES = ("succeeded", "completed", "failed", "cancelled")
+RETRIED_STATUSES = (429, 503)
 
 
 class ApiProblem(Exception):
@@ -37,9 +45,15 @@ class Unreachable(Exception):
 class ConvtuneClient:
     """Calls the convtune API; every error answer raises :class:`ApiProblem`."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0):
+    def __init__(
+        self, base_url: str, token: str | None = None, timeout_s: float = 30.0, retries: int = 5, max_retry_wait_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport)
+        self.retries = retries
+        self.max_retry_wait_s = max_retry_wait_s
+        self.sleep: Callable[[float], None] = time.sleep
 
     def close(self) -> None:
         self.http.close()
@@ -51,20 +65,43 @@ class ConvtuneClient:
         self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise Unreachable(f"convtune API at {self.http.base_url} is unreachable: {exc}") from exc
-        if response.status_code >= 400:
+        attempt = 0
+        while True:
             try:
-                problem = response.json()
-            except ValueError:
-                problem = {"detail": response.text[:500]}
-            raise ApiProblem(response.status_code, problem)
-        return response.json()
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                # A connection never made is safe to retry; a POST whose answer was lost is too,
+                # since every creating POST carries its Idempotency-Key.
+                if attempt < self.retries:
+                    attempt += 1
+                    self.sleep(min(2.0**attempt * 0.25, self.max_retry_wait_s))
+                    continue
+                raise Unreachable(f"convtune API at {self.http.base_url} is unreachable: {exc}") from exc
+            if response.status_code in RETRIED_STATUSES and attempt < self.retries:
+                attempt += 1
+                self.sleep(self._retry_wait(response, attempt))
+                continue
+            if response.status_code >= 400:
+                try:
+                    problem = response.json()
+                except ValueError:
+                    problem = {"detail": response.text[:500]}
+                raise ApiProblem(response.status_code, problem)
+            return response.json()
 
-    def submit_trial(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/trials", json=spec)
+    def _retry_wait(self, response: httpx.Response, attempt: int) -> float:
+        try:
+            wait = float(response.headers.get("Retry-After", ""))
+        except ValueError:
+            wait = 2.0**attempt * 0.5
+        return max(0.0, min(wait, self.max_retry_wait_s))
+
+    def _create(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+        return self._call("POST", path, json=body, headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
+
+    # trials
+    def submit_trial(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._create("/trials", spec, idempotency_key)
 
     def get_trial(self, trial_id: str) -> dict[str, Any]:
         return self._call("GET", f"/trials/{trial_id}")
@@ -76,6 +113,23 @@ class ConvtuneClient:
     def cancel_trial(self, trial_id: str) -> dict[str, Any]:
         return self._call("POST", f"/trials/{trial_id}/cancel")
 
+    # studies
+    def create_study(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._create("/studies", spec, idempotency_key)
+
+    def get_study(self, study_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/studies/{study_id}")
+
+    def cancel_study(self, study_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/studies/{study_id}/cancel")
+
+    # learning-rate range test
+    def start_lr_find(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._create("/lr-finder", spec, idempotency_key)
+
+    def get_lr_find(self, finder_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/lr-finder/{finder_id}")
+
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")
 
@@ -84,13 +138,33 @@ class ConvtuneClient:
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll until the trial ends; raises TimeoutError past ``timeout_s``."""
+        return self._wait(lambda: self.get_trial(trial_id), TERMINAL_STATUSES, f"trial {trial_id}", timeout_s, poll_s, on_update)
+
+    def wait_study(
+        self, study_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the study ends; raises TimeoutError past ``timeout_s``."""
+        return self._wait(lambda: self.get_study(study_id), STUDY_TERMINAL_STATUSES, f"study {study_id}", timeout_s, poll_s, on_update)
+
+    def wait_lr_find(
+        self, finder_id: str, timeout_s: float | None = None, poll_s: float = 0.5,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the range test ends; raises TimeoutError past ``timeout_s``."""
+        return self._wait(lambda: self.get_lr_find(finder_id), TERMINAL_STATUSES, f"lr-find {finder_id}", timeout_s, poll_s, on_update)
+
+    def _wait(
+        self, fetch: Callable[[], dict[str, Any]], terminal: tuple[str, ...], what: str, timeout_s: float | None, poll_s: float,
+        on_update: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            trial = self.get_trial(trial_id)
+            current = fetch()
             if on_update is not None:
-                on_update(trial)
-            if trial["status"] in TERMINAL_STATUSES:
-                return trial
+                on_update(current)
+            if current["status"] in terminal:
+                return current
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"trial {trial_id} still {trial['status']} after {timeout_s}s")
+                raise TimeoutError(f"{what} still {current['status']} after {timeout_s}s")
             time.sleep(poll_s)

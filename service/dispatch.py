@@ -85,6 +85,9 @@ class Dispatcher:
             message = f"at most {self.settings.max_epochs} epochs are allowed on this service"
             raise InvalidSpec(message, errors=[FieldError(field="optim.epochs", message=message)])
         plan = check_feasible(spec, self.settings.data_root)
+        if plan is not None and plan.params > self.settings.max_params:
+            message = f"the network has {plan.params:,} parameters; this service allows at most {self.settings.max_params:,}"
+            raise InvalidSpec(message, errors=[FieldError(field="model.channels", message=message)])
         queue = spec.queue or self.settings.default_queue
         trial_id = self.runs.create_trial(spec, plan, queue, extra_tags)
         try:

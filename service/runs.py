@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from models.protocol import EXPERIMENT_KIND, TAG
+from models.protocol import EXPERIMENT_KIND, TAG, client_status
 from models.shapes import NetworkPlan
 from models.spec import TrialSpec, flatten_params
 from service.errors import NotFound, ServiceUnavailable
@@ -25,8 +25,6 @@ __all__ = ["RUN_ID", "RunStore", "TrialRecord", "status_of"]
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-# What a client sees, from MLflow's run status and convtune's outcome tag.
-_STATUS = {"SCHEDULED": "queued", "RUNNING": "running", "KILLED": "cancelled"}
 # Client-side status filter -> MLflow search filter.
 STATUS_FILTERS = {
     "queued": "attributes.status = 'SCHEDULED'",
@@ -40,11 +38,7 @@ STATUS_FILTERS = {
 
 def status_of(mlflow_status: str, outcome: str | None) -> str:
     """The client-facing status of a run (``queued`` ... ``failed``)."""
-    if mlflow_status in _STATUS:
-        return _STATUS[mlflow_status]
-    if mlflow_status == "FINISHED":
-        return "pruned" if outcome == "pruned" else "succeeded"
-    return "failed"
+    return client_status(mlflow_status, outcome)
 
 
 def _iso(ms: int | None) -> str | None:
@@ -190,6 +184,12 @@ class RunStore:
                 max_results=max_results, order_by=["attributes.start_time DESC"], page_token=page_token,
             )
         return [_record(run) for run in page], page.token
+
+    def count_queued(self, owner: str, cap: int) -> int:
+        """How many trials ``owner`` (an API token's name) has queued, counted up to ``cap``."""
+        filters = f"tags.`{TAG.KIND}` = 'trial' and tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
+        with self._translated():
+            return len(self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=cap))
 
     def end(self, run_id: str, status: str, outcome: str, reason: str) -> None:
         """End a run that no worker is running (failed at accept, cancelled while queued)."""

@@ -35,7 +35,12 @@ class ApiSettings(BaseSettings):
     data_root: Path | None = Field(default=None, description="The workers' data root, when the API can see it: user data is checked at submit.")
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_epochs: int = Field(default=1000, ge=1)
+    max_params: int = Field(default=200_000_000, ge=1, description="Largest trainable-parameter count a trial may have.")
     page_size_max: int = 200
+    study_storage: str = Field(
+        default=".convtune/studies.journal",
+        description="Optuna storage of studies, the same for the API and every worker: a journal file path (one host) or a database URL (postgresql://...).",
+    )
     # Issue 5: auth, limits, observability, callbacks.
     auth_disabled: bool = Field(default=False, description="Serve without authentication (local stack and tests only); logged loudly at start-up.")
     auth_tokens: list[TokenConfig] = Field(default_factory=list, description="JSON list of {name, sha256, scopes}.")

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
-__all__ = ["Process", "Stack", "StackConfig", "gpu_count", "worker_commands"]
+__all__ = ["Process", "Stack", "StackConfig", "api_command", "gpu_count", "worker_commands"]
 
 
 @dataclass
@@ -73,9 +73,17 @@ def gpu_count() -> int:
 def worker_commands(gpus: int, cpu_workers: int, loglevel: str = "INFO") -> list[tuple[str, list[str], dict[str, str]]]:
     """One Celery worker process per GPU (concurrency 1, queue ``gpu``), or ``cpu_workers`` on a CPU host."""
     base = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork", "-c", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    # Plus one light worker that delivers callbacks (threads, no torch), so a receiver never holds a GPU.
+    callbacks = ("callbacks", [sys.executable, "-m", "celery", "-A", "workers.callback_app", "worker", "-P", "threads", "-c", "4", "--loglevel", loglevel,
+                               "--without-gossip", "--without-mingle", "-Q", "callbacks", "-n", "callbacks@%h"], {"CUDA_VISIBLE_DEVICES": ""})
     if gpus:
-        return [(f"gpu{i}", [*base, "-Q", "gpu", "-n", f"gpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(gpus)]
-    return [(f"cpu{i}", [*base, "-Q", "cpu", "-n", f"cpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": ""}) for i in range(cpu_workers)]
+        return [*((f"gpu{i}", [*base, "-Q", "gpu", "-n", f"gpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(gpus)), callbacks]
+    return [*((f"cpu{i}", [*base, "-Q", "cpu", "-n", f"cpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": ""}) for i in range(cpu_workers)), callbacks]
+
+
+def api_command(bind: str, workers: int) -> list[str]:
+    """gunicorn serving the API, with the settings of ``service.gunicorn_conf`` (multiprocess metrics)."""
+    return [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf", "-w", str(workers), "-b", bind, "service:create_app()"]
 
 
 class Stack:
@@ -103,6 +111,8 @@ class Stack:
             "CONVTUNE_MLFLOW_TRACKING_URI": c.mlflow_url,
             "CONVTUNE_CHECKPOINT_DIR": str((c.home / "checkpoints").resolve()),
             "CONVTUNE_DEFAULT_QUEUE": "gpu" if gpu_count() else "cpu",
+            # The local stack serves one person on 127.0.0.1: no tokens (the API warns at start-up).
+            "CONVTUNE_AUTH_DISABLED": os.environ.get("CONVTUNE_AUTH_DISABLED", "true"),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
             **c.extra_env,
@@ -115,7 +125,7 @@ class Stack:
         env = self.env()
         for name, argv, extra in worker_commands(gpu_count(), self.config.cpu_workers):
             self.start(f"worker-{name}", argv, {**env, **extra})
-        api = [sys.executable, "-m", "gunicorn", "-w", str(self.config.api_workers), "-b", f"{self.config.api_host}:{self.config.api_port}", "--access-logfile", "-", "service:create_app()"]
+        api = api_command(f"{self.config.api_host}:{self.config.api_port}", self.config.api_workers)
         self.start("api", api, env)
         self.wait_http("api", f"{self.config.api_url}/readyz", timeout_s=90)
         self.say(f"API ready at {self.config.api_url}; workers: {', '.join(p.name for p in self.processes if p.name.startswith('worker'))}")

@@ -5,9 +5,14 @@ from __future__ import annotations
 from flask import url_for
 from flask_openapi3 import APIBlueprint, Tag
 
+from models.logs import bind
 from models.protocol import TAG
 from models.spec import TrialSpec
+from service.auth import check_owner, current_principal
+from service.callbacks import notify_ended_by_api
 from service.errors import Conflict, Problem
+from service.idempotency import IdempotencyHeader, idempotent
+from service.limits import check_queued_quota
 from service.runs import TrialRecord
 from service.schemas import BestMetric, TrialAccepted, TrialList, TrialListQuery, TrialPath, TrialPublic
 from service.wiring import services
@@ -18,11 +23,15 @@ bp = APIBlueprint("trials", __name__, url_prefix="/trials", abp_tags=[Tag(name="
 PROBLEMS = {400: Problem, 413: Problem, 415: Problem, 422: Problem, 503: Problem}
 
 
-@bp.post("", responses={202: TrialAccepted, **PROBLEMS})
-def create_trial(body: TrialSpec):
+@bp.post("", responses={202: TrialAccepted, 409: Problem, **PROBLEMS})
+@idempotent
+def create_trial(body: TrialSpec, header: IdempotencyHeader):
     """Submit a trial: validated, sized, recorded in MLflow, then queued for a worker."""
     s = services()
-    accepted = s.dispatcher.accept(body)
+    owner = current_principal().name
+    check_queued_quota(s.runs.count_queued(owner, s.settings.max_queued_trials_per_token), s.settings)
+    accepted = s.dispatcher.accept(body, extra_tags={TAG.OWNER: owner})
+    bind(trial_id=accepted.trial_id)
     url = url_for("trials.get_trial", trial_id=accepted.trial_id, _external=True)
     answer = TrialAccepted(
         id=accepted.trial_id, status="queued", name=body.display_name(), queue=accepted.queue, url=url,
@@ -52,10 +61,15 @@ def cancel_trial(path: TrialPath):
     """Cancel a queued or running trial; a running one stops at its next check (within N steps)."""
     s = services()
     record = s.runs.get(path.trial_id)
+    check_owner(record.tags.get(TAG.OWNER), f"trial {record.id}")
     if record.terminal:
         raise Conflict(f"trial {record.id} has already ended ({record.status}); there is nothing to cancel")
-    s.dispatcher.request_cancel(record.id, was_queued=record.mlflow_status == "SCHEDULED")
-    return trial_public(s.runs.get(record.id)).model_dump(), 202
+    was_queued = record.mlflow_status == "SCHEDULED"
+    s.dispatcher.request_cancel(record.id, was_queued=was_queued)
+    ended = s.runs.get(record.id)
+    if was_queued:  # no worker will run it, so no worker will call its callback back
+        notify_ended_by_api(ended)
+    return trial_public(ended).model_dump(), 202
 
 
 def trial_public(record: TrialRecord, with_history: bool = True) -> TrialPublic:

@@ -7,8 +7,9 @@ Start workers with ``convtune worker`` (one process per visible GPU), or by hand
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
+from models.logs import configure_logging
 from models.protocol import celery_config
 from workers.settings import WorkerSettings
 
@@ -17,6 +18,12 @@ __all__ = ["app"]
 _settings = WorkerSettings()
 app = Celery("convtune-workers", include=["workers.tasks"])
 app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s))
+
+
+@setup_logging.connect
+def _logging(**_: object) -> None:
+    """Log JSON lines (CONVTUNE_LOG_FORMAT=json, the default) carrying the trial and study ids."""
+    configure_logging("worker", _settings.log_format, _settings.log_level)
 
 
 @worker_process_init.connect

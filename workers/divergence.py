@@ -56,6 +56,14 @@ class DivergenceDetector:
         """The bias-corrected moving average of the losses judged so far."""
         return self._ema / self._ema_weight if self._ema_weight else None
 
+    def state_dict(self) -> dict[str, float | int | list[float] | None]:
+        """What a checkpoint keeps (taken after :meth:`end_epoch`, so nothing is pending)."""
+        return {"first_loss": self.first_loss, "step": self.step, "ema": self._ema, "ema_weight": self._ema_weight, "stalled": list(self._stalled)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first_loss, self.step = state["first_loss"], int(state["step"])
+        self._ema, self._ema_weight, self._stalled = float(state["ema"]), float(state["ema_weight"]), list(state["stalled"])
+
     def start_epoch(self, epoch: int) -> None:
         """Called before the first step of ``epoch``, so reasons can name it."""
         self.epoch, self.epoch_step = epoch, 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -67,8 +68,11 @@ class WorkerRuntime:
         return self.settings.checkpoint_dir / f"{trial_id}.pt"
 
 
-def execute_trial(trial_id: str, payload: dict, rt: WorkerRuntime) -> str:
-    """Run one delivery of ``trial_id``; the outcome, or ``skipped`` for a duplicate."""
+def execute_trial(trial_id: str, payload: dict, rt: WorkerRuntime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> str:
+    """Run one delivery of ``trial_id``; the outcome, or ``skipped`` for a duplicate.
+
+    ``on_epoch_end`` is a study's pruning hook (see :class:`workers.train.TrialContext`).
+    """
     tracker = MlflowTracker(rt.mlflow, trial_id, log_model=rt.settings.log_model)
     try:
         status = tracker.status()
@@ -102,6 +106,7 @@ def execute_trial(trial_id: str, payload: dict, rt: WorkerRuntime) -> str:
         ctx = TrialContext(
             device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
             should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), check_every_steps=rt.settings.cancel_check_steps,
+            on_epoch_end=on_epoch_end,
         )
         try:
             result = run_trial(spec, tracker, ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,3 +25,15 @@ class WorkerSettings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="Starts of one trial before it is failed as worker_lost.")
     cancel_check_steps: int = Field(default=50, ge=1, description="Training steps between two looks at the cancel flag.")
     log_model: bool = Field(default=True, description="Log the trained model with mlflow.pytorch.log_model.")
+    study_storage: str = Field(
+        default=".convtune/studies.journal",
+        description="Optuna storage of studies, the same for the API and every worker: a journal file path (one host) or a database URL (postgresql://...).",
+    )
+    # Callbacks and logs (issue 5).
+    callback_secret: str | None = Field(default=None, description="HMAC-SHA256 key that signs callbacks; unsigned (and a warning) when unset.")
+    callback_max_retries: int = Field(default=8, ge=0, description="Retries of a failed callback delivery, with exponential backoff.")
+    callback_backoff_s: float = Field(default=2.0, gt=0, description="First retry delay; doubled per retry, at most callback_backoff_max_s.")
+    callback_backoff_max_s: float = Field(default=600.0, gt=0)
+    callback_timeout_s: float = Field(default=10.0, gt=0, description="How long one delivery waits for the receiver.")
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"

@@ -184,3 +184,10 @@ def test_list_is_newest_first_paginated_and_filtered(client, worker):
 def test_ready_when_redis_and_mlflow_answer(client):
     response = client.get("/readyz")
     assert response.status_code == 200 and response.get_json()["checks"] == {"redis": "ok", "mlflow": "ok"}
+
+
+def test_a_network_over_the_parameter_cap_is_refused(api_settings):
+    client = create_app(api_settings.model_copy(update={"max_params": 10_000})).test_client()
+    response = client.post("/trials", json=tiny_trial(model={"channels": [64, 128]}))
+    assert response.status_code == 422
+    assert "at most 10,000" in response.get_json()["detail"] and response.get_json()["errors"][0]["field"] == "model.channels"

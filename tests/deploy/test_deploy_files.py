@@ -1,0 +1,34 @@
+"""The Dockerfile and compose file are valid, checked offline by linters shipped as wheels."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    if shutil.which(argv[0]) is None:
+        pytest.fail(f"{argv[0]} is not installed: it comes with the test extras (pip install -e '.[test]')")
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_dockerfile_passes_hadolint():
+    result = _run(["hadolint", "--failure-threshold", "info", "Dockerfile"])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_has_api_and_worker_targets_and_api_has_no_torch():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "AS api" in text and "AS worker" in text
+    api_stage = text.split("AS api", 1)[1].split("FROM", 1)[0]
+    assert "torch" not in api_stage and "[worker]" not in api_stage
+
+
+def test_compose_file_is_valid():
+    result = _run(["docker-compose", "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT / "deploy")
+    assert result.returncode == 0, result.stdout + result.stderr

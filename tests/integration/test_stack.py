@@ -1,0 +1,87 @@
+"""`convtune up` brings the whole local stack up, serves a trial, and Ctrl-C stops every process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.client import ConvtuneClient
+from tests.conftest import ARTIFACTS, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists() and "(Z)" not in _state(p)}
+
+
+def _state(pid: int) -> str:
+    try:
+        return "(" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] + ")"
+    except OSError:
+        return "(X)"
+
+
+def test_up_serves_a_trial_and_ctrl_c_stops_everything(tmp_path: Path, redis_url: str):
+    home = tmp_path / "stack"
+    api_port, mlflow_port = free_port(), free_port()
+    log_path = ARTIFACTS / "convtune-up.log"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CONVTUNE_REDIS_URL": redis_url, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen(
+            [str(Path(sys.executable).parent / "convtune"), "up", "--home", str(home), "--api-port", str(api_port), "--mlflow-port", str(mlflow_port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{api}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(lambda: ready() or up.poll() is not None, 150) and up.poll() is None, log_path.read_text()
+        with ConvtuneClient(api) as client:
+            accepted = client.submit_trial({"model": {"channels": [8, 16], "convs_per_stage": 1}, "optim": {"epochs": 1}})
+            assert accepted["queue"] == "cpu" and f":{mlflow_port}/" in accepted["mlflow_url"]
+            trial = client.wait_trial(accepted["id"], timeout_s=120)
+        assert trial["status"] == "succeeded", trial["reason"]
+        assert (home / "mlflow.db").exists() and (home / "logs" / "api.log").exists()
+        stack_pids = _descendants(up.pid)
+        assert len(stack_pids) >= 4, "expected mlflow, a worker (and its pool) and gunicorn (and its workers)"
+    finally:
+        up.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
+    output = log_path.read_text()
+    assert "stack stopped" in output, output
+    assert wait_for(lambda: not _alive(stack_pids), 10), f"left running: {_alive(stack_pids)}"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/healthz", timeout=2)

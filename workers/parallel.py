@@ -1,0 +1,213 @@
+"""Data-parallel trials: ``devices: N`` trains on N devices, one process each, with DistributedDataParallel.
+
+The worker's own process is rank 0: it keeps the trial's tracker, lease, cancel flag, pruner hook
+and checkpoints. It spawns ranks 1..N-1 (``torch.multiprocessing``, spawn start method), which
+load the same data, build the same network and walk the same batch order; each rank trains on its
+slice of every global batch (``batch_size`` samples per pass, so the global batch is
+``batch_size x N``) and DDP averages the gradients. Backends: NCCL on GPUs (rank r on ``cuda:r``,
+batch norm synchronised across ranks), gloo on the CPU (batch norm statistics stay per rank, as in
+plain DDP).
+
+Every rank reaches the same decisions at the same steps: divergence is judged on losses averaged
+over the ranks, and rank 0 broadcasts its own stops (cancel, time limit, pruning) at each check. A
+rank that fails writes its ending to a file before it exits; rank 0 reports that ending (say
+``out_of_memory`` on rank 1) instead of the broken connection it sees.
+
+A worker owns the GPUs it can see, or ``cpu_devices`` processes on a CPU host. A trial asking for
+more devices than its worker owns fails at once with outcome ``error`` and a reason saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models.spec import TrialSpec
+from workers.outcomes import TrialStopped, classify
+
+__all__ = ["NotEnoughDevices", "Parallel", "PeerStopped", "RankFailed", "run_data_parallel", "run_on_devices", "train_rank"]
+
+log = logging.getLogger(__name__)
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
+class NotEnoughDevices(TrialStopped):
+    """The trial asks for more devices than this worker owns."""
+
+    mlflow_status, outcome = "FAILED", "error"
+
+
+class PeerStopped(TrialStopped):
+    """Rank 0 stopped the trial (cancel, time limit, pruning); the other ranks just end."""
+
+
+class RankFailed(TrialStopped):
+    """Another rank failed; carries that rank's outcome and reason."""
+
+    def __init__(self, rank: int, outcome: str, mlflow_status: str, reason: str):
+        super().__init__(f"rank {rank} of the data-parallel trial failed: {reason}")
+        self.outcome, self.mlflow_status = outcome, mlflow_status
+
+
+class Parallel:
+    """This process's place in a data-parallel trial and the collectives the training loop needs."""
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, device
+
+    def wrap(self, model: nn.Module) -> DistributedDataParallel:
+        if self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return DistributedDataParallel(model, device_ids=[self.device.index])
+        return DistributedDataParallel(model)
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch."""
+        return idx.tensor_split(self.world)[self.rank]
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of ``values`` over the ranks."""
+        values = values.detach().to(self.device, torch.float64 if self.device.type == "cpu" else torch.float32).clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        return self.total(values) / self.world
+
+    def smallest(self, value: int) -> int:
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def agree(self, stop: TrialStopped | None) -> TrialStopped | None:
+        """Rank 0's stop, known to every rank (rank 0 passes its own; the others pass None)."""
+        flag = torch.tensor([1 if stop is not None else 0], device=self.device)
+        dist.broadcast(flag, src=0)
+        if self.rank == 0:
+            return stop
+        return PeerStopped("rank 0 stopped the trial") if int(flag.item()) else None
+
+
+class _NullTracker:
+    """Ranks other than 0 log nothing."""
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
+    def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None: ...
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _rank_device(kind: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if kind == "cuda" else torch.device("cpu")
+
+
+def run_on_devices(spec: TrialSpec, tracker: Any, ctx: Any, owned: int) -> Any:
+    """Train ``spec`` on one device, or data-parallel on ``spec.devices`` when this worker owns that many."""
+    from workers.train import run_trial
+
+    if spec.devices == 1:
+        return run_trial(spec, tracker, ctx)
+    if spec.devices > owned:
+        kind = "GPUs" if ctx.device.type == "cuda" else "CPU processes (CONVTUNE_CPU_DEVICES)"
+        raise NotEnoughDevices(
+            f"the trial asks for devices={spec.devices}, and this worker owns {owned} {kind}: send it to a queue "
+            f"served by workers with at least {spec.devices} devices, or lower 'devices'"
+        )
+    return run_data_parallel(spec, tracker, ctx)
+
+
+def run_data_parallel(spec: TrialSpec, tracker: Any, ctx: Any) -> Any:
+    """Train on ``spec.devices`` processes: this one is rank 0, the others are spawned and joined here."""
+    from workers.train import run_trial
+
+    world = spec.devices
+    device = torch.device("cuda", 0) if ctx.device.type == "cuda" else ctx.device
+    with tempfile.TemporaryDirectory(prefix="convtune-ddp-") as tmp:
+        init_method = f"file://{tmp}/rendezvous"
+        spawn = torch.multiprocessing.get_context("spawn")
+        children = [
+            spawn.Process(
+                target=train_rank, name=f"convtune-rank{rank}",
+                args=(rank, world, init_method, spec.model_dump(mode="json"), device.type,
+                      None if ctx.data_root is None else str(ctx.data_root),
+                      None if ctx.checkpoint_path is None else str(ctx.checkpoint_path),
+                      ctx.check_every_steps, f"{tmp}/rank{rank}.json"),
+            )
+            for rank in range(1, world)
+        ]
+        for child in children:
+            child.start()
+        try:
+            dist.init_process_group(_backend(device), init_method=init_method, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+            log.info("data-parallel trial on %d %s processes", world, device.type)
+            return run_trial(spec, tracker, replace(ctx, device=device, parallel=Parallel(0, world, device)))
+        except TrialStopped:
+            raise
+        except Exception as exc:
+            failure = _first_failure(Path(tmp), children)
+            if failure is not None:
+                raise failure from exc
+            raise
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for child in children:
+                child.join(timeout=30)
+                if child.is_alive():
+                    child.terminate()
+                    child.join(timeout=5)
+
+
+def _first_failure(tmp: Path, children: list[Any]) -> RankFailed | None:
+    for child in children:
+        child.join(timeout=10)  # a failed rank wrote its ending before it exited
+    for rank in range(1, len(children) + 1):
+        path = tmp / f"rank{rank}.json"
+        if path.exists():
+            ending = json.loads(path.read_text())
+            return RankFailed(rank, ending["outcome"], ending["mlflow_status"], ending["reason"])
+    return None
+
+
+def train_rank(
+    rank: int, world: int, init_method: str, payload: dict, device_kind: str,
+    data_root: str | None, checkpoint: str | None, check_every_steps: int, error_path: str | None = None,
+) -> None:
+    """Entry point of rank ``rank`` >= 1 in its own process: train in step with rank 0, log nothing."""
+    from workers.train import TrialContext, run_trial
+
+    spec = TrialSpec.model_validate(payload)
+    device = _rank_device(device_kind, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(_backend(device), init_method=init_method, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    ctx = TrialContext(
+        device=device, data_root=None if data_root is None else Path(data_root),
+        checkpoint_path=None if checkpoint is None else Path(checkpoint),
+        check_every_steps=check_every_steps, parallel=Parallel(rank, world, device),
+    )
+    try:
+        run_trial(spec, _NullTracker(), ctx)
+    except TrialStopped:
+        pass  # every rank reached the same stop; rank 0 reports it
+    except Exception as exc:
+        ending = classify(exc)
+        if error_path:
+            Path(error_path).write_text(json.dumps({"outcome": ending.outcome, "mlflow_status": ending.mlflow_status, "reason": ending.reason}))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
