@@ -23,11 +23,12 @@ __all__ = ["StudyBudget", "TopUp"]
 TTL_S = 90 * 24 * 3600
 
 # KEYS[1] the study's hash, KEYS[2] its set of released slots. ARGV[1] slot to release or "".
-# Returns {first new slot, how many, in flight after, budget, claimed}.
+# Returns {first new slot, how many, in flight after, budget, claimed, whether this call released the slot}.
 _TOP_UP = """
 local h, released, slot = KEYS[1], KEYS[2], ARGV[1]
-if redis.call('exists', h) == 0 then return {0, 0, -1, 0, 0} end
-if slot ~= '' and redis.call('sadd', released, slot) == 1 then redis.call('hincrby', h, 'inflight', -1) end
+if redis.call('exists', h) == 0 then return {0, 0, -1, 0, 0, 0} end
+local did_release = 0
+if slot ~= '' and redis.call('sadd', released, slot) == 1 then redis.call('hincrby', h, 'inflight', -1) did_release = 1 end
 local budget = tonumber(redis.call('hget', h, 'budget'))
 local parallelism = tonumber(redis.call('hget', h, 'parallelism'))
 local claimed = tonumber(redis.call('hget', h, 'claimed'))
@@ -36,7 +37,7 @@ local n = 0
 if redis.call('hget', h, 'stopped') == '' then n = math.max(0, math.min(parallelism - inflight, budget - claimed)) end
 redis.call('hset', h, 'claimed', claimed + n, 'inflight', inflight + n)
 redis.call('expire', h, ARGV[2]) redis.call('expire', released, ARGV[2])
-return {claimed + 1, n, inflight + n, budget, claimed + n}
+return {claimed + 1, n, inflight + n, budget, claimed + n, did_release}
 """
 
 
@@ -48,10 +49,11 @@ class TopUp:
     in_flight: int  # -1 when the study has no counters (Redis lost them)
     budget: int
     claimed: int
+    released: bool = False  # this call released its slot (a redelivered step's second call does not)
 
     @property
     def idle(self) -> bool:
-        """Nothing runs and nothing more will: the study has ended (or stalled, when -1)."""
+        """Nothing runs and nothing more will start: the study has ended."""
         return self.in_flight == 0 and not self.slots
 
 
@@ -74,8 +76,9 @@ class StudyBudget:
 
     def top_up(self, release_slot: int | None = None) -> TopUp:
         """Release ``release_slot`` (once, however often it is called) and claim slots up to parallelism."""
-        first, n, in_flight, budget, claimed = self.client.eval(_TOP_UP, 2, self.key, self.released_key, "" if release_slot is None else str(release_slot), TTL_S)
-        return TopUp(list(range(int(first), int(first) + int(n))), int(in_flight), int(budget), int(claimed))
+        slot = "" if release_slot is None else str(release_slot)
+        first, n, in_flight, budget, claimed, released = self.client.eval(_TOP_UP, 2, self.key, self.released_key, slot, TTL_S)
+        return TopUp(list(range(int(first), int(first) + int(n))), int(in_flight), int(budget), int(claimed), bool(released))
 
     def add(self, more: int) -> int:
         """Raise the budget by ``more`` trials and clear a target or timeout stop; the new budget."""
@@ -95,3 +98,13 @@ class StudyBudget:
         """Why no more trials start ('' while they do)."""
         value = self.client.hget(self.key, "stopped")
         return value.decode() if value else ""
+
+    def record_slot(self, slot: int, trial_id: str, number: int) -> None:
+        """Remember which trial (MLflow run, Optuna number) a slot started, for a redelivered step."""
+        key = f"{self.key}:slot:{slot}"
+        self.client.hset(key, mapping={"trial_id": trial_id, "number": number})
+        self.client.expire(key, TTL_S)
+
+    def slot_record(self, slot: int) -> tuple[str, int] | None:
+        raw = self.client.hgetall(f"{self.key}:slot:{slot}")
+        return (raw[b"trial_id"].decode(), int(raw[b"number"])) if raw else None

@@ -16,6 +16,8 @@ __all__ = [
     "TAG",
     "TASK_RUN_TRIAL",
     "TASK_STUDY_STEP",
+    "TASK_LR_FIND",
+    "KIND",
     "TASK_DELIVER_CALLBACK",
     "CALLBACK_QUEUE",
     "OUTCOME_COUNTS_KEY",
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 TASK_RUN_TRIAL = "convtune.run_trial"
+# A learning-rate range test (workers.lr_finder); its MLflow run is tagged TAG.KIND = KIND.LR_FINDER.
+TASK_LR_FIND = "convtune.lr_find"
 # One step of a study: run one of its trials, then send the next steps (workers.study).
 TASK_STUDY_STEP = "convtune.study_step"
 # Callbacks (a POST to the spec's callback_url when a trial or study ends) travel on their own
@@ -54,10 +58,18 @@ RETRIED_OUTCOMES = ("worker_lost",)
 EXPERIMENT_KIND = "custom_model_development"
 
 
+class KIND:
+    """Values of TAG.KIND: what a convtune MLflow run is."""
+
+    TRIAL = "trial"
+    STUDY = "study"
+    LR_FINDER = "lr_finder"
+
+
 class TAG:
     """MLflow tag keys convtune writes on runs."""
 
-    KIND = "convtune.kind"  # "trial" or "study"
+    KIND = "convtune.kind"  # "trial", "study" or "lr_finder" (see KIND)
     OUTCOME = "convtune.outcome"
     REASON = "convtune.reason"
     SPEC = "convtune.spec"  # the validated TrialSpec as JSON
@@ -68,6 +80,8 @@ class TAG:
     EPOCHS_DONE = "convtune.epochs_done"
     DEVICE = "convtune.device"
     STUDY_ID = "convtune.study_id"
+    ACCEPTED_AT = "convtune.accepted_at"  # ISO time the API accepted it
+    STARTED_AT = "convtune.started_at"  # ISO time a worker first started it
     OWNER = "convtune.owner"  # the name of the API token that submitted it
     RUN_NAME = "mlflow.runName"
     PARENT = "mlflow.parentRunId"

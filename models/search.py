@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 
-from models.study_spec import CategoricalParam, FloatParam, IntParam, StudySpec
+from models.study_spec import CategoricalParam, FloatParam, IntParam, StudySpec, param_values
 
 __all__ = [
     "USER_ATTR",
@@ -152,7 +152,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             min_resource=p.min_resource, reduction_factor=p.reduction_factor, min_early_stopping_rate=p.min_early_stopping_rate,
         )
     if p.name == "hyperband":
-        epochs = spec.search_space["optim.epochs"].high if "optim.epochs" in spec.search_space else spec.base.optim.epochs  # type: ignore[union-attr]
+        searched = spec.search_space.get("optim.epochs")
+        epochs = max(param_values(searched)) if searched else spec.base.optim.epochs
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource or epochs, reduction_factor=p.reduction_factor)
     return optuna.pruners.NopPruner()
 

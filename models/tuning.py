@@ -10,13 +10,14 @@ The rules (docs/tuning.md shows a real curve):
 - the curve is read through a **centred** moving average of the raw losses (``window`` steps, odd),
   which, unlike the moving average that decides the early stop, does not lag behind the LR;
 - **largest stable LR** = the LR at the minimum of that centred curve: past it the loss rises;
-- **suggested LR** = largest stable LR / 10 (the "minimum / 10" rule of Smith 2017 and fastai):
-  well inside the stable region, where the loss still falls fast.
+- **suggested LR** = largest stable LR / 3: Smith's rule for the base of a cyclical schedule ("a
+  third or a quarter of the maximum"), well inside the stable region, where the loss still falls
+  fast. (fastai's "minimum / 10" was measured too and trains slower on short budgets: docs/tuning.md.)
 
 A curve whose minimum is its first point never fell: no suggestion (the test fails with a reason).
 A curve whose minimum is its last point never rose: the largest stable LR is at least ``end_lr``.
-:func:`lr_search_range` turns a result into the range a study searches, one decade either side of
-the suggestion. This module must not import torch: the API and studies use it too.
+:func:`lr_search_range` turns a result's two LRs into the range a study searches, one decade either side of
+the suggestion (capped at the largest stable LR). This module must not import torch: the API and studies use it too.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.spec import TrialSpec
 
-__all__ = ["LrRangeResult", "LrRangeSpec", "analyse_range", "lr_search_range", "NoSuggestion"]
+__all__ = ["LrRangeResult", "LrRangeSpec", "NoSuggestion", "SUGGESTION_DIVISOR", "analyse_range", "lr_search_range"]
+
+SUGGESTION_DIVISOR = 3.0
 
 
 class LrRangeSpec(BaseModel):
@@ -69,7 +72,7 @@ class NoSuggestion(ValueError):
 class LrRangeResult(BaseModel):
     """What a range test found, with the curve it read it from."""
 
-    suggested_lr: float = Field(description="Largest stable LR / 10.")
+    suggested_lr: float = Field(description="Largest stable LR / 3.")
     largest_stable_lr: float = Field(description="The LR at the minimum of the centred-average loss.")
     min_loss: float = Field(description="The centred-average loss at that minimum.")
     steps_done: int
@@ -108,18 +111,16 @@ def analyse_range(spec: LrRangeSpec, lrs: Sequence[float], losses: Sequence[floa
     never_rose = best == len(smooth) - 1 and not stopped_early
     largest = lrs[best]
     return LrRangeResult(
-        suggested_lr=largest / 10, largest_stable_lr=largest, min_loss=smooth[best], steps_done=len(losses),
+        suggested_lr=largest / SUGGESTION_DIVISOR, largest_stable_lr=largest, min_loss=smooth[best], steps_done=len(losses),
         stopped_early=stopped_early, stop_reason=stop_reason, never_rose=never_rose, lrs=list(lrs), losses=list(losses),
         smoothed=smooth + [math.inf] * (len(losses) - len(smooth)),
     )
 
 
-def lr_search_range(result: LrRangeResult, decades: float = 1.0) -> tuple[float, float]:
-    """The log-uniform LR range a study searches: ``decades`` either side of the suggested LR.
+def lr_search_range(suggested_lr: float, largest_stable_lr: float, decades: float = 1.0) -> tuple[float, float]:
+    """The log-uniform LR range a study searches: ``decades`` either side of the suggested LR, capped.
 
-    With the default, (largest stable / 100, largest stable): centred, in log space, on the
-    suggestion, and never above the largest stable LR.
+    With the default: (suggested / 10, largest stable), about 1.5 decades below the largest stable
+    LR and never above it, where a trial may still diverge.
     """
-    low = result.suggested_lr / 10**decades
-    high = min(result.suggested_lr * 10**decades, result.largest_stable_lr)
-    return low, high
+    return suggested_lr / 10**decades, min(suggested_lr * 10**decades, largest_stable_lr)

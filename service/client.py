@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ApiProblem", "ConvtuneClient", "Unreachable", "TERMINAL_STATUSES", "STUDY_TERMINAL_STATUSES"]
+__all__ = ["ApiProblem", "ConvtuneClient", "Unreachable", "TERMINAL_STATUSES", "STUDY_TERMINAL_STATES"]
 
 TERMINAL_STATUSES = ("succeeded", "pruned", "failed", "cancelled")
-STUDY_TERMINAL_STATUSES = ("succeeded", "completed", "failed", "cancelled")
+STUDY_TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRIED_STATUSES = (429, 503)
 
 
@@ -123,12 +123,24 @@ class ConvtuneClient:
     def cancel_study(self, study_id: str) -> dict[str, Any]:
         return self._call("POST", f"/studies/{study_id}/cancel")
 
+    def study_trials(self, study_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every trial of a study (Optuna's view: number, trial_id, state, outcome, value, params)."""
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self._call("GET", f"/studies/{study_id}/trials", params={"offset": len(items), "limit": limit})
+            items.extend(page["items"])
+            if not page["items"] or len(items) >= page["total"]:
+                return items
+
     # learning-rate range test
     def start_lr_find(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         return self._create("/lr-finder", spec, idempotency_key)
 
-    def get_lr_find(self, finder_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/lr-finder/{finder_id}")
+    def get_lr_find(self, finder_id: str, curve: bool = False) -> dict[str, Any]:
+        return self._call("GET", f"/lr-finder/{finder_id}", params={"curve": str(curve).lower()})
+
+    def cancel_lr_find(self, finder_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/lr-finder/{finder_id}/cancel")
 
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")
@@ -144,8 +156,8 @@ class ConvtuneClient:
         self, study_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the study ends; raises TimeoutError past ``timeout_s``."""
-        return self._wait(lambda: self.get_study(study_id), STUDY_TERMINAL_STATUSES, f"study {study_id}", timeout_s, poll_s, on_update)
+        """Poll until the study ends (its ``state``); raises TimeoutError past ``timeout_s``."""
+        return self._wait(lambda: self.get_study(study_id), STUDY_TERMINAL_STATES, f"study {study_id}", timeout_s, poll_s, on_update, key="state")
 
     def wait_lr_find(
         self, finder_id: str, timeout_s: float | None = None, poll_s: float = 0.5,
@@ -156,15 +168,15 @@ class ConvtuneClient:
 
     def _wait(
         self, fetch: Callable[[], dict[str, Any]], terminal: tuple[str, ...], what: str, timeout_s: float | None, poll_s: float,
-        on_update: Callable[[dict[str, Any]], None] | None,
+        on_update: Callable[[dict[str, Any]], None] | None, key: str = "status",
     ) -> dict[str, Any]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             current = fetch()
             if on_update is not None:
                 on_update(current)
-            if current["status"] in terminal:
+            if current[key] in terminal:
                 return current
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{what} still {current['status']} after {timeout_s}s")
+                raise TimeoutError(f"{what} still {current[key]} after {timeout_s}s")
             time.sleep(poll_s)

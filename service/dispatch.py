@@ -35,6 +35,13 @@ class TaskSender:
         self.celery = Celery("convtune-api", set_as_current=False)
         self.celery.conf.update(celery_config(settings.redis_url, settings.visibility_timeout_s))
 
+    def send(self, task: str, kwargs: dict, queue: str, task_id: str, what: str) -> None:
+        """Publish one message of ``task``; raises ServiceUnavailable when the broker does not take it."""
+        try:
+            self.celery.send_task(task, kwargs=kwargs, queue=queue, task_id=task_id, retry=False)
+        except Exception as exc:  # kombu raises OperationalError, redis ConnectionError, OSError...
+            raise ServiceUnavailable(f"the broker (Redis) did not accept the {what}: {exc}") from exc
+
     def send_trial(self, trial_id: str, spec: TrialSpec, queue: str) -> None:
         """Publish one trial; raises ServiceUnavailable when the broker does not take it."""
         try:

@@ -19,7 +19,7 @@ from typing import Any
 from models.protocol import EXPERIMENT_KIND, TAG, client_status
 from models.shapes import NetworkPlan
 from models.spec import TrialSpec, flatten_params
-from service.errors import NotFound, ServiceUnavailable
+from service.errors import BadRequest, NotFound, ServiceUnavailable
 
 __all__ = ["RUN_ID", "RunStore", "TrialRecord", "status_of"]
 
@@ -75,7 +75,7 @@ class TrialRecord:
         return json.loads(raw) if raw else None
 
     def timings(self) -> dict[str, Any]:
-        started = self.tags.get("convtune.started_at")
+        started = self.tags.get(TAG.STARTED_AT)
         created, ended = _iso(self.start_ms), _iso(self.end_ms)
         duration = None
         if self.end_ms and started:
@@ -106,6 +106,8 @@ class RunStore:
         except MlflowException as exc:
             if run_id and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise NotFound(f"no trial with id {run_id!r}") from exc
+            if exc.error_code == "INVALID_PARAMETER_VALUE" and "page token" in str(exc).lower():
+                raise BadRequest("page_token is not one this service gave out; start again without it") from exc
             raise ServiceUnavailable(f"the tracking server (MLflow) did not answer: {_short(exc)}") from exc
         except OSError as exc:
             raise ServiceUnavailable(f"the tracking server (MLflow) is unreachable: {_short(exc)}") from exc
@@ -154,8 +156,34 @@ class RunStore:
             params = [Param(k, v) for k, v in flatten_params(spec).items()]
             # log_batch takes at most 100 params per call.
             for i in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[i : i + 100], tags=[RunTag("convtune.accepted_at", _now())])
+                self.client.log_batch(run_id, params=params[i : i + 100], tags=[RunTag(TAG.ACCEPTED_AT, _now())])
         return run_id
+
+    def create_run(self, kind: str, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        """Create a SCHEDULED run of another ``kind`` than a trial (an LR range test), params logged once."""
+        from mlflow.entities import Param, RunTag
+
+        with self._translated():
+            run = self.client.create_run(self.experiment_id(), run_name=name, tags={TAG.KIND: kind, TAG.RUN_NAME: name, **tags})
+            run_id = run.info.run_id
+            self.client.update_run(run_id, status="SCHEDULED")
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, max(len(items), 1), 100):
+                self.client.log_batch(run_id, params=items[i : i + 100], tags=[RunTag(TAG.ACCEPTED_AT, _now())])
+        return run_id
+
+    def get_run(self, run_id: str, kind: str, what: str) -> TrialRecord:
+        """The run ``run_id`` of ``kind``; NotFound ("no {what} with id ...") otherwise."""
+        if not RUN_ID.match(run_id):
+            raise NotFound(f"no {what} with id {run_id!r}")
+        try:
+            with self._translated(run_id):
+                run = self.client.get_run(run_id)
+        except NotFound:
+            raise NotFound(f"no {what} with id {run_id!r}") from None
+        if run.data.tags.get(TAG.KIND) != kind:
+            raise NotFound(f"no {what} with id {run_id!r}")
+        return _record(run)
 
     def get(self, run_id: str) -> TrialRecord:
         """The trial ``run_id``; NotFound when it is not a convtune trial."""
@@ -189,7 +217,8 @@ class RunStore:
         """How many trials ``owner`` (an API token's name) has queued, counted up to ``cap``."""
         filters = f"tags.`{TAG.KIND}` = 'trial' and tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
         with self._translated():
-            return len(self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=cap))
+            # MLflow returns at most 50,000 runs a page: a cap above that is never reached.
+            return len(self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=min(cap, 50_000)))
 
     def end(self, run_id: str, status: str, outcome: str, reason: str) -> None:
         """End a run that no worker is running (failed at accept, cancelled while queued)."""

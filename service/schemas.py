@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import base64
+import binascii
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
-__all__ = ["CancelPath", "Health", "TrialAccepted", "TrialList", "TrialListQuery", "TrialPath", "TrialPublic"]
+__all__ = ["PageToken", "CancelPath", "Health", "TrialAccepted", "TrialList", "TrialListQuery", "TrialPath", "TrialPublic"]
 
 Status = Literal["queued", "running", "succeeded", "pruned", "failed", "cancelled"]
+
+
+def _mlflow_page_token(token: str) -> str:
+    # MLflow's tokens are base64 of {"offset": N}; a forged one can make its server answer 500, so
+    # anything else is refused here as the client's error (422) rather than passed on.
+    try:
+        offset = json.loads(base64.b64decode(token, validate=True))["offset"]
+    except (binascii.Error, ValueError, TypeError, KeyError) as exc:
+        raise ValueError("not a page token this service gave out; start again without it") from exc
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= 10**9:
+        raise ValueError("not a page token this service gave out; start again without it")
+    return token
+
+
+PageToken = Annotated[str, Field(max_length=2000, description="From the previous page's next_page_token."), AfterValidator(_mlflow_page_token)]
 
 
 class TrialPath(BaseModel):
@@ -21,7 +39,7 @@ CancelPath = TrialPath
 class TrialListQuery(BaseModel):
     status: Status | None = Field(default=None, description="Only trials in this status.")
     limit: int = Field(default=50, ge=1, le=200)
-    page_token: str | None = Field(default=None, max_length=2000, description="From the previous page's next_page_token.")
+    page_token: PageToken | None = None
 
 
 class TrialAccepted(BaseModel):

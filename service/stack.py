@@ -110,6 +110,8 @@ class Stack:
             "CONVTUNE_REDIS_URL": c.redis_url,
             "CONVTUNE_MLFLOW_TRACKING_URI": c.mlflow_url,
             "CONVTUNE_CHECKPOINT_DIR": str((c.home / "checkpoints").resolve()),
+            # The API and every worker must open the same study storage (a journal file on one host).
+            "CONVTUNE_STUDY_STORAGE": os.environ.get("CONVTUNE_STUDY_STORAGE", str((c.home / "studies.journal").resolve())),
             "CONVTUNE_DEFAULT_QUEUE": "gpu" if gpu_count() else "cpu",
             # The local stack serves one person on 127.0.0.1: no tokens (the API warns at start-up).
             "CONVTUNE_AUTH_DISABLED": os.environ.get("CONVTUNE_AUTH_DISABLED", "true"),

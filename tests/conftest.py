@@ -137,6 +137,8 @@ def worker_env(redis_url: str, mlflow_uri: str, data_root: Path, tmp_path_factor
         "CONVTUNE_DATA_ROOT": str(data_root),
         "CONVTUNE_CHECKPOINT_DIR": str(tmp_path_factory.mktemp("checkpoints")),
         "CONVTUNE_CANCEL_CHECK_STEPS": "5",
+        # Every worker of the session shares one study storage, whichever test started it.
+        "CONVTUNE_STUDY_STORAGE": str(tmp_path_factory.mktemp("studies") / "studies.journal"),
         "CONVTUNE_LEASE_TTL_S": "10",
         "CUDA_VISIBLE_DEVICES": "",
         "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -1,7 +1,8 @@
 """How a trial's batches are made: batch size (probed for ``auto``), accumulation, devices, scaled LR.
 
 ``batch_size: auto`` doubles a power-of-two batch from 2 up to ``max_batch_size`` (and the training
-set) while a real forward, backward and optimizer step of the trial's network fits the device:
+set, and the effective batch per device, which is tried first as it is) while a real forward,
+backward and optimizer step of the trial's network fits the device:
 
 - on a GPU, fits means no CUDA out-of-memory error and a peak of allocated memory within
   ``gpu_memory_fraction`` of the device's memory;
@@ -91,8 +92,11 @@ def plan_batches(spec: TrialSpec, train_size: int, probe: Callable[[int], bool] 
     note = ""
     if o.batch_size == "auto":
         assert probe is not None, "batch_size 'auto' needs a memory probe"
-        caps = [o.max_batch_size, per_device] + ([math.ceil(target / devices)] if target else [])
-        upper = max(2, min(caps))
+        wanted = math.ceil(target / devices) if target else None
+        upper = max(2, min(o.max_batch_size, per_device, *([wanted] if wanted else [])))
+        if wanted and wanted == upper and probe(wanted):
+            # The whole effective batch fits in one pass: no accumulation needed.
+            return BatchPlan(wanted, 1, devices, scaled_lr(o, wanted * devices), f"the effective batch fits in one pass of {wanted}")
         fitting = largest_fitting(probe, upper)
         note = f"largest power of two that fits, probed from 2 up to {upper}: {fitting}"
         if target:

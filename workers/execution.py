@@ -28,7 +28,8 @@ from workers.lease import Lease
 from workers.outcomes import Ending, classify
 from workers.settings import WorkerSettings
 from workers.tracking import MlflowTracker
-from workers.train import TrialContext, run_trial
+from workers.parallel import run_on_devices
+from workers.train import TrialContext
 
 __all__ = ["LeaseHeld", "WorkerRuntime", "execute_trial"]
 
@@ -54,6 +55,8 @@ class WorkerRuntime:
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # A worker owns the GPUs it sees; on a CPU host, the processes it may spawn for one trial.
+        self.devices_owned = torch.cuda.device_count() if self.device.type == "cuda" else settings.cpu_devices
 
     def warm_up(self) -> None:
         """Run a first optimizer step: it imports torch._dynamo (~1 s) once per process, not per trial."""
@@ -106,13 +109,20 @@ def execute_trial(trial_id: str, payload: dict, rt: WorkerRuntime, on_epoch_end:
         ctx = TrialContext(
             device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
             should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), check_every_steps=rt.settings.cancel_check_steps,
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=on_epoch_end, on_setup=tracker.log_tags,
+            cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
         )
+        ending: Ending | None = None
         try:
-            result = run_trial(spec, tracker, ctx)
+            result = run_on_devices(spec, tracker, ctx, rt.devices_owned)
+            if result.confusion is not None:
+                tracker.log_confusion(result.confusion, result.class_names or [])
         except Exception as exc:
             ending = classify(exc)
             log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "trial %s ended %s: %s", trial_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
+        if ending is not None:
+            if ending.outcome == "out_of_memory" and rt.device.type == "cuda":
+                torch.cuda.empty_cache()  # the failed step's tensors died with its traceback: give their memory back
             return _end(tracker, ending, ctx.checkpoint_path)
         reason = f"trained {result.epochs_done} epochs; best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}"
         return _end(tracker, Ending("FINISHED", "succeeded", reason), ctx.checkpoint_path)

@@ -74,7 +74,7 @@ def range_test(spec: LrRangeSpec, ctx: TrialContext, on_steps: Callable[[Curve, 
         if trial.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), trial.optim.grad_clip)
         optimizer.step()
-        value = float(loss)  # one sync per step: the test is short and needs every value
+        value = float(loss.detach())  # one sync per step: the test is short and needs every value
         ema, weight = spec.smoothing * ema + (1 - spec.smoothing) * value, spec.smoothing * weight + (1 - spec.smoothing)
         smoothed = ema / weight
         curve.lrs.append(lr), curve.losses.append(value), curve.ema.append(smoothed)

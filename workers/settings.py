@@ -25,6 +25,10 @@ class WorkerSettings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="Starts of one trial before it is failed as worker_lost.")
     cancel_check_steps: int = Field(default=50, ge=1, description="Training steps between two looks at the cancel flag.")
     log_model: bool = Field(default=True, description="Log the trained model with mlflow.pytorch.log_model.")
+    # Tuning (issue 4): batch_size 'auto' and data-parallel trials.
+    cpu_memory_limit_mb: int = Field(default=2048, ge=16, description="What batch_size 'auto' may use for one training step on the CPU.")
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Share of a GPU's memory batch_size 'auto' may fill.")
+    cpu_devices: int = Field(default=1, ge=1, le=64, description="Processes a trial with 'devices' > 1 may use on a CPU host (gloo).")
     study_storage: str = Field(
         default=".convtune/studies.journal",
         description="Optuna storage of studies, the same for the API and every worker: a journal file path (one host) or a database URL (postgresql://...).",

@@ -6,13 +6,13 @@ import logging
 from functools import lru_cache
 
 from models.logs import log_context
-from models.protocol import TAG, TASK_RUN_TRIAL
+from models.protocol import TAG, TASK_LR_FIND, TASK_RUN_TRIAL, TASK_STUDY_STEP
 from workers.celery_app import app
 from workers.execution import LeaseHeld, WorkerRuntime, execute_trial
 from workers.notify import announce_end
 from workers.settings import WorkerSettings
 
-__all__ = ["run_trial_task", "runtime"]
+__all__ = ["lr_find_task", "run_trial_task", "runtime", "study_step_task"]
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +36,25 @@ def run_trial_task(self, trial_id: str, spec: dict) -> str:
         if outcome != "skipped":
             announce_end(trial_id, spec, runtime())
         return outcome
+
+
+@app.task(name=TASK_STUDY_STEP, bind=True)
+def study_step_task(self, study_id: str, slot: int) -> str:
+    """Run one trial of a study, then send the study's next steps (see :mod:`workers.study`)."""
+    from workers.study import execute_step
+
+    def send(study: str, next_slot: int, queue: str) -> None:
+        # kombu retries a blip of the broker; the step holding the slot is the only one that can send it.
+        app.send_task(TASK_STUDY_STEP, kwargs={"study_id": study, "slot": next_slot}, queue=queue, task_id=f"{study}-{next_slot}", retry=True)
+
+    with log_context(study_id=study_id):
+        return execute_step(study_id, slot, runtime(), send)
+
+
+@app.task(name=TASK_LR_FIND)
+def lr_find_task(run_id: str, spec: dict) -> str:
+    """Run one learning-rate range test; its result is recorded in its MLflow run (see :mod:`workers.lr_finder`)."""
+    from workers.lr_finder import execute_lr_find
+
+    with log_context(trial_id=run_id):
+        return execute_lr_find(run_id, spec, runtime())

@@ -50,7 +50,7 @@ class MlflowTracker:
         """Mark the run RUNNING on this worker."""
         tags = [RunTag(TAG.DEVICE, device), RunTag(TAG.ATTEMPTS, str(attempt))]
         if attempt == 1:
-            tags.append(RunTag("convtune.started_at", datetime.now(timezone.utc).isoformat()))
+            tags.append(RunTag(TAG.STARTED_AT, datetime.now(timezone.utc).isoformat()))
         self.client.log_batch(self.run_id, tags=tags)
         self.client.update_run(self.run_id, status="RUNNING")
 
@@ -86,6 +86,16 @@ class MlflowTracker:
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(predictor, name="model", signature=signature, input_example=x.numpy(), pip_requirements=pip_requirements())
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        """Facts the worker resolved (batch size, effective LR...), as tags: params are the API's, once."""
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def log_confusion(self, matrix: list[list[int]], class_names: list[str]) -> None:
+        """The final model's confusion matrix on the validation set, as a plot and as JSON."""
+        names = class_names if len(class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
+        self.client.log_dict(self.run_id, {"classes": names, "matrix": matrix, "rows": "true class", "columns": "predicted class"}, "confusion_matrix.json")
+        self.client.log_figure(self.run_id, confusion_figure(matrix, names), "plots/confusion_matrix.png")
+
     def finish(self, ending: Ending) -> None:
         """End the run with its MLflow status and convtune's outcome and reason."""
         self.client.log_batch(self.run_id, tags=[RunTag(TAG.OUTCOME, ending.outcome), RunTag(TAG.REASON, ending.reason[:5000])])
@@ -120,6 +130,31 @@ def learning_curve(history: list[dict[str, float]]) -> Any:
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy", ylim=(0, 1))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: list[list[int]], names: list[str]) -> Any:
+    """Counts of true (rows) against predicted (columns) classes, each cell annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    k = len(matrix)
+    side = min(12.0, 2.5 + 0.45 * k)
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class", title="Confusion matrix (validation)")
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    if k <= 30:
+        top = max((max(row) for row in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > top / 2 else "black")
     fig.tight_layout()
     return fig
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    if shutil.which(argv[0]) is None:
+    # The tools come as wheels into the virtualenv, whose bin/ need not be on PATH.
+    tool = shutil.which(argv[0], path=str(Path(sys.executable).parent)) or shutil.which(argv[0])
+    if tool is None:
         pytest.fail(f"{argv[0]} is not installed: it comes with the test extras (pip install -e '.[test]')")
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run([tool, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def test_dockerfile_passes_hadolint():

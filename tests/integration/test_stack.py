@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from service.client import ConvtuneClient
 from tests.conftest import ARTIFACTS, free_port, wait_for
@@ -46,6 +47,10 @@ def _state(pid: int) -> str:
 
 
 def test_up_serves_a_trial_and_ctrl_c_stops_everything(tmp_path: Path, redis_url: str):
+    # Its own Redis database: the session's worker consumes the cpu queue of redis_url's, and
+    # would take this stack's trial to an MLflow server that has never heard of it.
+    redis_url = redis_url.rsplit("/", 1)[0] + "/15"
+    redis.Redis.from_url(redis_url).flushdb()
     home = tmp_path / "stack"
     api_port, mlflow_port = free_port(), free_port()
     log_path = ARTIFACTS / "convtune-up.log"

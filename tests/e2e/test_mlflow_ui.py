@@ -1,0 +1,88 @@
+"""The MLflow UI, for real: a study's parent run with its child trials and their metrics, in headless Chromium.
+
+Starts the real components (Redis, ``mlflow server``, a Celery worker, the Flask app), runs a 3-trial
+study through ``POST /studies``, then opens ``{mlflow}/#/experiments/{id}/runs`` in Debian's Chromium
+driven by Playwright (no browser is downloaded) and checks what a person would see: the parent run,
+its child runs (expanded) and a metric column. The screenshot is kept under test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from service import create_app
+from service.settings import ApiSettings
+from tests.conftest import ARTIFACTS, start_worker
+from tests.helpers import tiny_trial
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_study(redis_url: str, mlflow_uri: str, worker_env: dict[str, str]) -> dict:
+    settings = ApiSettings(
+        redis_url=redis_url, mlflow_tracking_uri=mlflow_uri, experiment=f"ui-{uuid.uuid4().hex[:8]}", default_queue="cpu",
+        study_storage=worker_env["CONVTUNE_STUDY_STORAGE"], auth_disabled=True,
+    )
+    client = create_app(settings).test_client()
+    worker = start_worker("ui-worker", worker_env)
+    try:
+        body = {
+            "name": "ui study", "base": tiny_trial(optim={"epochs": 2}), "sampler": "grid", "pruner": "none", "parallelism": 1,
+            "search_space": {"optim.lr": [1e-3, 3e-3, 1e-2]},
+        }
+        response = client.post("/studies", json=body)
+        assert response.status_code == 202, response.get_json()
+        study_id = response.get_json()["id"]
+        deadline = time.monotonic() + 180
+        while (study := client.get(f"/studies/{study_id}").get_json())["state"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, study
+            time.sleep(0.5)
+        assert study["state"] == "succeeded", study["reason"]
+        trials = client.get(f"/studies/{study_id}/trials").get_json()["items"]
+        experiment_id = study["mlflow_url"].split("/#/experiments/")[1].split("/")[0]
+        return {"study": study, "trials": trials, "experiment_id": experiment_id}
+    finally:
+        worker.stop()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+def test_mlflow_ui_shows_the_study_parent_with_child_trials_and_metrics(finished_study: dict, mlflow_uri: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    study, trials = finished_study["study"], finished_study["trials"]
+    screenshot = (ARTIFACTS / "mlflow_ui_study.png").resolve()
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1700, "height": 900})
+            page.goto(f"{mlflow_uri}/#/experiments/{finished_study['experiment_id']}/runs", wait_until="domcontentloaded")
+            parent = page.get_by_text("ui study", exact=True).first
+            expect(parent).to_be_visible(timeout=60_000)
+            # Child runs are folded under their parent: unfold them as a person would.
+            expander = page.get_by_role("button", name=re.compile("expand", re.I)).first
+            if expander.count():
+                expander.click()
+            for trial in trials:
+                name = f"#{trial['number']}"
+                expect(page.get_by_text(re.compile(re.escape(name) + "$")).first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("val_accuracy").first).to_be_visible(timeout=30_000)
+            best = f"{study['best']['value']:.3f}"[:4]  # the table shows metrics rounded
+            expect(page.get_by_text(re.compile(r"^" + re.escape(best))).first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    print(f"\nMLflow UI screenshot: {screenshot}")
+    assert screenshot.stat().st_size > 10_000

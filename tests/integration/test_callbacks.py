@@ -1,0 +1,109 @@
+"""callback_url: a real worker trains the trial, the callback worker POSTs a signed event to a real server."""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from models.callbacks import SIGNATURE_HEADER, verify_signature
+from tests.conftest import Service, free_port, wait_for
+from tests.helpers import tiny_trial, wait_for_trial
+
+pytestmark = pytest.mark.integration
+
+SECRET = "test-callback-secret"
+
+
+class Receiver:
+    """A local HTTP server that records every POST; answers 503 to the first ``fail_first`` of them."""
+
+    def __init__(self, fail_first: int = 0):
+        self.received: queue.Queue[tuple[dict[str, str], bytes, int]] = queue.Queue()
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 503 if receiver.fail_first > 0 else 204
+                receiver.fail_first -= 1
+                receiver.received.put((dict(self.headers), body, status))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/convtune"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next(self, timeout_s: float = 60) -> tuple[dict[str, str], bytes, int]:
+        return self.received.get(timeout=timeout_s)
+
+
+@pytest.fixture(scope="module")
+def callback_worker(worker_env: dict[str, str]) -> Iterator[Service]:
+    """The light callback worker (workers.callback_app) with a signing secret and short backoff."""
+    env = {**worker_env, "CONVTUNE_CALLBACK_SECRET": SECRET, "CONVTUNE_CALLBACK_BACKOFF_S": "0.5", "CONVTUNE_CALLBACK_MAX_RETRIES": "3"}
+    argv = [sys.executable, "-m", "celery", "-A", "workers.callback_app", "worker", "-P", "threads", "-c", "2", "-Q", "callbacks",
+            "-n", f"callbacks-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    w = Service("callback-worker", argv, env)
+    if not wait_for(lambda: " ready." in w.log() or not w.alive(), 60) or not w.alive():
+        w.stop()
+        pytest.fail(f"callback worker did not start:\n{w.log()[-3000:]}")
+    yield w
+    w.stop()
+
+
+def test_callback_arrives_signed_when_the_trial_ends_and_is_retried(client, worker, callback_worker):
+    receiver = Receiver(fail_first=1)
+    response = client.post("/trials", json=tiny_trial(name="with-callback", callback_url=receiver.url))
+    assert response.status_code == 202, response.get_json()
+    trial_id = response.get_json()["id"]
+    trial = wait_for_trial(client, trial_id)
+    assert trial["status"] == "succeeded", trial["reason"]
+
+    headers, body, status = receiver.next()
+    assert status == 503  # the first delivery fails ...
+    headers2, body2, status2 = receiver.next()
+    assert status2 == 204  # ... and the retry, after backoff, is taken
+    assert body2 == body and headers2["X-Convtune-Delivery"] == headers["X-Convtune-Delivery"]
+    assert verify_signature(SECRET, headers2[SIGNATURE_HEADER], body2)
+    assert not verify_signature("another-secret", headers2[SIGNATURE_HEADER], body2)
+    assert not verify_signature(SECRET, headers2[SIGNATURE_HEADER], body2.replace(b"succeeded", b"failed"))
+    event = json.loads(body2)
+    assert headers2["X-Convtune-Event"] == event["event"] == "trial.ended"
+    assert event["trial"]["id"] == trial_id and event["trial"]["status"] == "succeeded" and event["trial"]["outcome"] == "succeeded"
+    assert event["trial"]["name"] == "with-callback" and 0 < event["trial"]["metrics"]["val_accuracy"] <= 1
+    # the URL is not an MLflow param
+    assert "callback_url" not in client.application.extensions["convtune"].runs.client.get_run(trial_id).data.params
+
+
+def test_cancelling_a_queued_trial_calls_back_from_the_api(client, callback_worker):
+    receiver = Receiver()
+    response = client.post("/trials", json=tiny_trial(queue="gpu", callback_url=receiver.url))  # no gpu worker: stays queued
+    trial_id = response.get_json()["id"]
+    assert client.post(f"/trials/{trial_id}/cancel").status_code == 202
+    headers, body, status = receiver.next()
+    event = json.loads(body)
+    assert event["trial"]["id"] == trial_id and event["trial"]["status"] == "cancelled"
+    assert verify_signature(SECRET, headers[SIGNATURE_HEADER], body)
+
+
+def test_a_dead_receiver_never_holds_the_worker(client, worker, callback_worker):
+    # Nothing listens on this port: deliveries fail and are retried on the callback worker, while
+    # the training worker goes straight on to the next trial.
+    dead = f"http://127.0.0.1:{free_port()}/nobody"
+    first = client.post("/trials", json=tiny_trial(optim={"epochs": 1}, callback_url=dead)).get_json()["id"]
+    second = client.post("/trials", json=tiny_trial(optim={"epochs": 1})).get_json()["id"]
+    assert wait_for_trial(client, first)["status"] == "succeeded"
+    assert wait_for_trial(client, second, timeout_s=60)["status"] == "succeeded"
+    assert wait_for(lambda: "failed" in callback_worker.log() and "retry" in callback_worker.log(), 30)

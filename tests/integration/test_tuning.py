@@ -1,0 +1,176 @@
+"""The tuning knowledge through the API and real workers: LR range test, divergence, OOM, batch size, devices."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from models.protocol import TAG
+from models.spec import TrialSpec
+from tests.conftest import ARTIFACTS, Service, start_worker
+from tests.helpers import wait_for_trial
+
+pytestmark = pytest.mark.integration
+
+# SGD with momentum and batch norm on digits: the setting the range test's rules are checked on.
+TRIAL = {
+    "model": {"channels": [16, 32], "convs_per_stage": 1},
+    "optim": {"optimizer": "momentum", "batch_size": 64, "epochs": 8},
+    "data": {"name": "digits"},
+}
+EXAMPLES = ARTIFACTS / "tuning-examples"
+
+
+def keep(name: str, body: Any) -> None:
+    """Keep an answer as a user saw it (docs/tuning.md quotes them)."""
+    EXAMPLES.mkdir(parents=True, exist_ok=True)
+    (EXAMPLES / f"{name}.json").write_text(json.dumps(body, indent=2))
+
+
+def wait_for_range_test(client, test_id: str, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get(f"/lr-finder/{test_id}")
+        assert response.status_code == 200, response.get_json()
+        test = response.get_json()
+        if test["status"] not in ("queued", "running"):
+            return test
+        assert time.monotonic() < deadline, f"range test {test_id} stuck: {test['status']}"
+        time.sleep(0.25)
+
+
+def with_lr(lr: float, **changes: Any) -> dict:
+    return {**TRIAL, "optim": {**TRIAL["optim"], "lr": lr}, **changes}
+
+
+def test_range_test_then_its_suggestion_trains_and_ten_times_its_largest_stable_lr_diverges(client, worker, mlflow_client):
+    response = client.post("/lr-finder", json={"trial": TRIAL, "steps": 200})
+    assert response.status_code == 202, response.get_json()
+    accepted = response.get_json()
+    assert response.headers["Location"].endswith(f"/lr-finder/{accepted['id']}") and accepted["status"] == "queued"
+
+    test = wait_for_range_test(client, accepted["id"])
+    keep("lr_finder", {**test, "curve": {k: v[:3] + ["..."] for k, v in test["curve"].items()}})
+    assert test["status"] == "succeeded", test["reason"]
+    suggested, largest = test["suggested_lr"], test["largest_stable_lr"]
+    assert suggested == pytest.approx(largest / 3, rel=1e-4) and 1e-6 < suggested < largest < 10
+    assert test["search_range"] == pytest.approx([suggested / 10, largest])
+    assert f"suggested lr {suggested:.3g}" in test["reason"]
+    curve = test["curve"]
+    assert len(curve["lr"]) == len(curve["loss"]) == test["steps_done"] and curve["step"][0] == 1
+    run = mlflow_client.get_run(accepted["id"])
+    assert run.data.tags[TAG.KIND] == "lr_finder" and run.data.params["lr_finder.steps"] == "200"
+    assert {a.path for a in mlflow_client.list_artifacts(accepted["id"], "plots")} == {"plots/lr_range_test.png"}
+    assert run.data.metrics["largest_stable_lr"] == pytest.approx(largest, rel=1e-5)
+
+    good = client.post("/trials", json=with_lr(suggested)).get_json()
+    high = client.post("/trials", json=with_lr(10 * largest)).get_json()
+    trained = wait_for_trial(client, good["id"])
+    diverged = wait_for_trial(client, high["id"])
+    keep("diverged_trial", diverged)
+    assert trained["status"] == "succeeded" and trained["best"]["val_accuracy"]["value"] >= 0.95, trained["reason"]
+    assert diverged["status"] == "failed" and diverged["outcome"] == "diverged"
+    assert "the learning rate may be too high" in diverged["reason"] and f"at lr {10 * largest:.3g}" in diverged["reason"]
+    assert diverged["epochs_done"] < 8
+    assert mlflow_client.get_run(high["id"]).data.tags[TAG.OUTCOME] == "diverged"
+
+    # What a person looks at on a finished trial: confusion matrix, summary table, throughput per epoch.
+    artifacts = {a.path for a in mlflow_client.list_artifacts(good["id"])}
+    assert {"confusion_matrix.json", "model_summary.json", "model_summary.txt"} <= artifacts
+    assert "plots/confusion_matrix.png" in {a.path for a in mlflow_client.list_artifacts(good["id"], "plots")}
+    matrix = json.loads(mlflow_client.download_artifacts(good["id"], "confusion_matrix.json"))["matrix"]
+    assert len(matrix) == 10 and sum(map(sum, matrix)) == 360
+    assert sorted(m.step for m in mlflow_client.get_metric_history(good["id"], "samples_per_second")) == list(range(1, 9))
+    tags = mlflow_client.get_run(good["id"]).data.tags
+    assert tags["convtune.batch_size"] == "64" and tags["convtune.lr_effective"] == f"{suggested:.6g}"
+
+
+def test_range_test_requests_are_checked(client):
+    bad = client.post("/lr-finder", json={"trial": TRIAL, "start_lr": 1e-3, "end_lr": 5e-3, "steps": 5})
+    assert bad.status_code == 422
+    problem = bad.get_json()
+    assert {"steps"} <= {e["field"] for e in problem["errors"]}
+    bad = client.post("/lr-finder", json={"trial": TRIAL, "start_lr": 1e-3, "end_lr": 5e-3})
+    assert bad.status_code == 422 and "at least 10x start_lr" in bad.get_json()["detail"] + json.dumps(bad.get_json()["errors"])
+    infeasible = client.post("/lr-finder", json={"trial": {**TRIAL, "model": {"channels": [8] * 5, "kernel_size": 1}}})
+    assert infeasible.status_code == 422 and infeasible.get_json()["type"].endswith("/infeasible-spec")
+    assert client.get(f"/lr-finder/{'0' * 32}").status_code == 404
+    missing = client.get("/lr-finder/not-an-id")
+    assert missing.status_code == 404 and "no LR range test" in missing.get_json()["detail"]
+
+
+def test_a_trial_id_is_not_a_range_test(client, worker):
+    trial = client.post("/trials", json=with_lr(0.01, optim={**TRIAL["optim"], "lr": 0.01, "epochs": 1})).get_json()
+    assert client.get(f"/lr-finder/{trial['id']}").status_code == 404
+    wait_for_trial(client, trial["id"])
+
+
+def test_out_of_memory_in_training_ends_the_trial_and_the_worker_lives_on(app, api_settings, mlflow_client, worker_env, tmp_path):
+    from workers.execution import WorkerRuntime, execute_trial
+    from workers.settings import WorkerSettings
+
+    runtime = WorkerRuntime(WorkerSettings(
+        redis_url=worker_env["CONVTUNE_REDIS_URL"], mlflow_tracking_uri=worker_env["CONVTUNE_MLFLOW_TRACKING_URI"],
+        checkpoint_dir=tmp_path, log_model=False,
+    ))
+    runs = app.extensions["convtune"].runs
+    for error, fragment in (
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "OutOfMemoryError: CUDA out of memory"),
+        (MemoryError("Unable to allocate 3.1 GiB for an array"), "MemoryError: Unable to allocate"),
+    ):
+        spec = TrialSpec.model_validate(with_lr(0.01))
+        trial_id = runs.create_trial(spec, None, "cpu")
+
+        def fail(epoch: int, metrics: dict[str, float], error: BaseException = error) -> None:
+            raise error  # as if the second epoch's step had run out of memory
+
+        outcome = execute_trial(trial_id, spec.model_dump(mode="json"), runtime, on_epoch_end=fail)
+        assert outcome == "out_of_memory"
+        run = mlflow_client.get_run(trial_id)
+        assert run.info.status == "FAILED" and run.data.tags[TAG.OUTCOME] == "out_of_memory"
+        assert fragment in run.data.tags[TAG.REASON] and "try a smaller batch_size" in run.data.tags[TAG.REASON]
+
+
+@pytest.fixture(scope="module")
+def two_device_worker(worker_env: dict[str, str]) -> Iterator[Service]:
+    """A worker on the 'gpu' queue owning two CPU processes and a small memory limit for batch_size 'auto'."""
+    w = start_worker("worker-2dev", {**worker_env, "CONVTUNE_CPU_DEVICES": "2", "CONVTUNE_CPU_MEMORY_LIMIT_MB": "32"}, queue="gpu")
+    yield w
+    w.stop()
+
+
+def test_devices_two_trains_data_parallel_on_a_worker_that_owns_two(client, two_device_worker, mlflow_client):
+    spec = {**with_lr(0.1), "optim": {**TRIAL["optim"], "lr": 0.1, "batch_size": 32, "epochs": 3}, "devices": 2, "queue": "gpu"}
+    trial = wait_for_trial(client, client.post("/trials", json=spec).get_json()["id"], timeout_s=240)
+    assert trial["status"] == "succeeded", trial["reason"]
+    assert trial["best"]["val_accuracy"]["value"] > 0.9
+    tags = mlflow_client.get_run(trial["id"]).data.tags
+    assert (tags["convtune.batch_size"], tags["convtune.effective_batch_size"]) == ("32", "64")
+
+
+def test_devices_two_on_a_worker_that_owns_one_fails_with_a_reason(client, worker):
+    trial = wait_for_trial(client, client.post("/trials", json={**with_lr(0.1), "devices": 2}).get_json()["id"])
+    assert trial["status"] == "failed" and trial["outcome"] == "error"
+    assert "asks for devices=2, and this worker owns 1" in trial["reason"]
+
+
+def test_auto_batch_that_cannot_fit_the_memory_limit_is_out_of_memory(client, two_device_worker):
+    big = {**TRIAL, "model": {"channels": [256, 256], "convs_per_stage": 2}, "optim": {**TRIAL["optim"], "lr": 0.01, "batch_size": "auto"}, "queue": "gpu"}
+    trial = wait_for_trial(client, client.post("/trials", json=big).get_json()["id"], timeout_s=240)
+    assert trial["status"] == "failed" and trial["outcome"] == "out_of_memory", trial["reason"]
+    assert "not even a batch of 2 fits" in trial["reason"]
+
+
+def test_auto_batch_through_a_worker_reports_the_batch_it_chose(client, two_device_worker, mlflow_client):
+    spec = {**with_lr(0.1), "optim": {**TRIAL["optim"], "lr": 0.1, "batch_size": "auto", "epochs": 2, "lr_scaling": "sqrt"}, "queue": "gpu"}
+    trial = wait_for_trial(client, client.post("/trials", json=spec).get_json()["id"], timeout_s=240)
+    assert trial["status"] == "succeeded", trial["reason"]
+    tags = mlflow_client.get_run(trial["id"]).data.tags
+    batch = int(tags["convtune.batch_size"])
+    assert batch >= 64 and batch & (batch - 1) == 0 and "probed from 2" in tags["convtune.batch_probe"]
+    assert float(tags["convtune.lr_effective"]) == pytest.approx(0.1 * (batch / 32) ** 0.5, rel=1e-4)

@@ -1,0 +1,86 @@
+"""A study's trial slots in a real Redis: parallelism kept, budget never passed, releases idempotent."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import redis
+
+from models.budget import StudyBudget
+
+
+@pytest.fixture()
+def budget(redis_url: str) -> StudyBudget:
+    return StudyBudget(redis.Redis.from_url(redis_url), uuid.uuid4().hex)
+
+
+def test_opening_claims_parallelism_slots_then_each_release_claims_one_more(budget: StudyBudget) -> None:
+    budget.open(budget=5, parallelism=2)
+    first = budget.top_up()
+    assert first.slots == [1, 2] and first.in_flight == 2
+    assert budget.top_up().slots == []  # already at parallelism
+    assert budget.top_up(release_slot=1).slots == [3]
+    assert budget.top_up(release_slot=2).slots == [4]
+    assert budget.top_up(release_slot=3).slots == [5]
+    last = budget.top_up(release_slot=4)
+    assert last.slots == [] and last.in_flight == 1 and not last.idle
+    end = budget.top_up(release_slot=5)
+    assert end.idle and end.released and end.claimed == 5
+
+
+def test_a_redelivered_step_releases_its_slot_once(budget: StudyBudget) -> None:
+    budget.open(budget=3, parallelism=2)
+    budget.top_up()
+    assert budget.top_up(release_slot=1).released
+    again = budget.top_up(release_slot=1)
+    assert not again.released and again.in_flight == 2 and again.slots == []
+
+
+def test_stop_starts_nothing_more_and_extending_resumes(budget: StudyBudget) -> None:
+    budget.open(budget=4, parallelism=2)
+    budget.top_up()
+    budget.stop("target")
+    assert budget.stopped() == "target"
+    assert budget.top_up(release_slot=1).slots == []
+    done = budget.top_up(release_slot=2)
+    assert done.idle
+    assert budget.add(3) == 7 and budget.stopped() == ""
+    assert budget.top_up().slots == [3, 4]
+
+
+def test_concurrent_releases_never_pass_the_budget_or_parallelism(budget: StudyBudget) -> None:
+    budget.open(budget=200, parallelism=4)
+    queue = list(budget.top_up().slots)
+    lock = threading.Lock()
+    started: list[int] = list(queue)
+    peak = [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                slot = queue.pop()
+            top = budget.top_up(release_slot=slot)
+            with lock:
+                queue.extend(top.slots)
+                started.extend(top.slots)
+                peak[0] = max(peak[0], top.in_flight)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(started) == list(range(1, 201)) and peak[0] <= 4
+
+
+def test_missing_counters_say_so(budget: StudyBudget) -> None:
+    top = budget.top_up(release_slot=1)
+    assert top.in_flight == -1 and top.slots == []
+    budget.open(budget=2, parallelism=1, claimed=1)
+    assert budget.top_up().slots == [2]
+    budget.record_slot(2, "abc", 7)
+    assert budget.slot_record(2) == ("abc", 7) and budget.slot_record(3) is None

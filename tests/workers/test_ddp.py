@@ -1,0 +1,89 @@
+"""Data-parallel trials on the CPU (gloo, 2 processes): the same loss curve as one process at the same global batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.spec import TrialSpec
+from workers.parallel import NotEnoughDevices, Parallel, run_data_parallel, run_on_devices
+from workers.train import TrialContext, run_trial
+
+CPU = torch.device("cpu")
+EPOCHS = 3
+
+
+class ListTracker:
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, dict[str, float]]] = []
+        self.summary: list[dict[str, Any]] = []
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.epochs.append((epoch, metrics))
+
+    def log_summary(self, rows: list[dict[str, Any]]) -> None:
+        self.summary = rows
+
+    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None: ...
+
+
+def trial(batch_size: int, devices: int = 1) -> TrialSpec:
+    # Group norm: batch norm's statistics would be per process, and differ from one process's by design.
+    return TrialSpec.model_validate({
+        "model": {"channels": [8, 16], "convs_per_stage": 1, "norm": "group", "norm_groups": 4},
+        "optim": {"optimizer": "momentum", "lr": 0.05, "epochs": EPOCHS, "batch_size": batch_size},
+        "devices": devices,
+    })
+
+
+def curve(tracker: ListTracker) -> list[float]:
+    return [m[key] for _, m in tracker.epochs for key in ("train_loss", "val_loss", "val_accuracy")]
+
+
+def _rank(rank: int, world: int, init_method: str, out: str) -> None:
+    """One process of the spawned test: train in step with the others, rank 0 writes its curve."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        tracker = ListTracker()
+        run_trial(trial(batch_size=32, devices=world), tracker, TrialContext(device=CPU, parallel=Parallel(rank, world, CPU), check_every_steps=5))
+        if rank == 0:
+            Path(out).write_text(json.dumps(curve(tracker)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_process() -> list[float]:
+    tracker = ListTracker()
+    run_trial(trial(batch_size=64), tracker, TrialContext(device=CPU, check_every_steps=5))
+    return curve(tracker)
+
+
+def test_two_spawned_processes_follow_the_one_process_curve(tmp_path: Path, one_process: list[float]):
+    out = tmp_path / "rank0.json"
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True)
+    assert json.loads(out.read_text()) == pytest.approx(one_process, rel=1e-3)
+
+
+def test_worker_path_trains_as_rank_zero_with_a_spawned_rank_one(tmp_path: Path, one_process: list[float]):
+    tracker = ListTracker()
+    tags: dict[str, str] = {}
+    ctx = TrialContext(device=CPU, check_every_steps=5, checkpoint_path=tmp_path / "trial.pt", on_setup=tags.update)
+    result = run_data_parallel(trial(batch_size=32, devices=2), tracker, ctx)
+    assert curve(tracker) == pytest.approx(one_process, rel=1e-3)
+    assert result.epochs_done == EPOCHS and tracker.summary  # rank 0 logs as a one-process trial does
+    assert tags["convtune.effective_batch_size"] == "64" and tags["convtune.batch_size"] == "32"
+    assert not dist.is_initialized()  # the worker process can run its next trial
+
+
+def test_a_worker_with_fewer_devices_fails_the_trial_with_a_reason():
+    with pytest.raises(NotEnoughDevices, match="asks for devices=2, and this worker owns 1 CPU processes") as caught:
+        run_on_devices(trial(batch_size=32, devices=2), ListTracker(), TrialContext(device=CPU), owned=1)
+    assert caught.value.outcome == "error"
