@@ -17,7 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["SIGNATURE_HEADER", "sign", "trial_ended_event", "verify_signature"]
+__all__ = ["SIGNATURE_HEADER", "sign", "study_ended_event", "trial_ended_event", "verify_signature"]
 
 SIGNATURE_HEADER = "X-Convtune-Signature"
 EVENT_HEADER = "X-Convtune-Event"
@@ -56,6 +56,18 @@ def trial_ended_event(
             "id": trial_id, "name": name, "status": status, "outcome": outcome, "reason": reason,
             "metrics": metrics, "study_id": study_id,
         },
+    }
+
+
+def study_ended_event(
+    study_id: str, *, name: str | None, state: str, outcome: str, reason: str, best: dict[str, Any] | None, counts: dict[str, int],
+) -> dict[str, Any]:
+    """The ``study.ended`` event: which study, how it ended, its best trial and trials per outcome."""
+    return {
+        "event": "study.ended",
+        "delivery_id": uuid.uuid4().hex,
+        "sent_for": datetime.now(timezone.utc).isoformat(),
+        "study": {"id": study_id, "name": name, "state": state, "outcome": outcome, "reason": reason, "best": best, "counts": counts},
     }
 
 

@@ -82,6 +82,10 @@ class TAG:
     STUDY_ID = "convtune.study_id"
     ACCEPTED_AT = "convtune.accepted_at"  # ISO time the API accepted it
     STARTED_AT = "convtune.started_at"  # ISO time a worker first started it
+    # An LR range test's result and progress (workers.lr_finder).
+    SUGGESTED_LR = "convtune.suggested_lr"
+    LARGEST_STABLE_LR = "convtune.largest_stable_lr"
+    STEPS_DONE = "convtune.steps_done"
     OWNER = "convtune.owner"  # the name of the API token that submitted it
     RUN_NAME = "mlflow.runName"
     PARENT = "mlflow.parentRunId"

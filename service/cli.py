@@ -138,7 +138,11 @@ def demo(api_url: str, token: str | None) -> None:
 # ---- driving the API from a shell or CI -------------------------------------------------------
 
 def client_options(command: Any) -> Any:
-    """--api and --token, from flags or CONVTUNE_API / CONVTUNE_TOKEN."""
+    """--api, --token and --retries, from flags or CONVTUNE_API / CONVTUNE_TOKEN / CONVTUNE_RETRIES."""
+    command = click.option(
+        "--retries", envvar="CONVTUNE_RETRIES", type=click.IntRange(0, 20), default=5, show_default=True, show_envvar=True,
+        help="retries of a 429/503 answer (honouring Retry-After) or a failed connection",
+    )(command)
     command = click.option("--token", envvar="CONVTUNE_TOKEN", default=None, show_envvar=True, help="API token (sent as a bearer token)")(command)
     return click.option("--api", "api_url", envvar="CONVTUNE_API", default="http://127.0.0.1:8000", show_default=True, show_envvar=True, help="API address")(command)
 
@@ -191,14 +195,14 @@ SPEC_FILE = click.argument("spec_file", type=click.Path(allow_dash=True, dir_oka
 @SPEC_FILE
 @client_options
 @result_options
-def submit(spec_file: Path, api_url: str, token: str | None, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
+def submit(spec_file: Path, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
     """Submit a trial spec (YAML or JSON); with --wait, follow it to the end and gate on it."""
     from service.client import ConvtuneClient
 
     spec, outputs = _load_spec(spec_file), _outputs(as_json, junit, summary, requirements)
 
     def go() -> int:
-        with ConvtuneClient(api_url, token) as client:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
             accepted = client.submit_trial(spec)
             if not (wait or outputs.requirements or junit or summary):
                 _echo_json(accepted) if as_json else click.echo(f"trial {accepted['id']} queued: {accepted['url']}\n  MLflow: {accepted['mlflow_url']}")
@@ -224,14 +228,14 @@ def study() -> None:
 @SPEC_FILE
 @client_options
 @result_options
-def study_create(spec_file: Path, api_url: str, token: str | None, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
+def study_create(spec_file: Path, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
     """Create a study from a spec (YAML or JSON); with --wait, follow it and gate on its best trial."""
     from service.client import ConvtuneClient
 
     spec, outputs = _load_spec(spec_file), _outputs(as_json, junit, summary, requirements)
 
     def go() -> int:
-        with ConvtuneClient(api_url, token) as client:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
             created = client.create_study(spec)
             if not (wait or outputs.requirements or junit or summary):
                 _echo_json(created) if as_json else click.echo(f"study {created['id']} created: {created.get('url') or ''}".rstrip(": "))
@@ -282,13 +286,13 @@ class ApiProblemNotFound(click.ClickException):
 @click.argument("some_id", metavar="ID")
 @client_options
 @click.option("--json", "as_json", is_flag=True, help="print the whole document as JSON")
-def status(some_id: str, api_url: str, token: str | None, as_json: bool) -> None:
+def status(some_id: str, api_url: str, token: str | None, retries: int, as_json: bool) -> None:
     """Show a trial, study or lr-find run by its id."""
     from service.client import ConvtuneClient
     from service.follow import describe
 
     def go() -> int:
-        with ConvtuneClient(api_url, token) as client:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
             kind, doc = _resolve(client, some_id)
         if as_json:
             _echo_json({"kind": kind, **doc})
@@ -308,14 +312,14 @@ def status(some_id: str, api_url: str, token: str | None, as_json: bool) -> None
 @click.argument("some_id", metavar="ID")
 @client_options
 @result_options
-def wait_command(some_id: str, api_url: str, token: str | None, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
+def wait_command(some_id: str, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
     """Wait until a trial or study ends; gate and report like submit --wait."""
     from service.client import ConvtuneClient
 
     outputs = _outputs(as_json, junit, summary, requirements)
 
     def go() -> int:
-        with ConvtuneClient(api_url, token) as client:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
             kind, _ = _resolve(client, some_id)
             if kind == "study":
                 return _follow_study(client, some_id, timeout, outputs)
@@ -330,12 +334,12 @@ def wait_command(some_id: str, api_url: str, token: str | None, wait: bool, time
 @click.argument("some_id", metavar="ID")
 @client_options
 @click.option("--json", "as_json", is_flag=True)
-def cancel(some_id: str, api_url: str, token: str | None, as_json: bool) -> None:
+def cancel(some_id: str, api_url: str, token: str | None, retries: int, as_json: bool) -> None:
     """Cancel a queued or running trial or study."""
     from service.client import ConvtuneClient
 
     def go() -> int:
-        with ConvtuneClient(api_url, token) as client:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
             kind, _ = _resolve(client, some_id)
             cancel_of = {"trial": client.cancel_trial, "study": client.cancel_study, "lr-find": client.cancel_lr_find}
             doc = cancel_of[kind](some_id)
@@ -349,14 +353,14 @@ def cancel(some_id: str, api_url: str, token: str | None, as_json: bool) -> None
 @click.argument("study_id")
 @client_options
 @result_options
-def best(study_id: str, api_url: str, token: str | None, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
+def best(study_id: str, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
     """Show a study's best trial so far (with --wait: at its end) and gate on it."""
     from service.client import ConvtuneClient
 
     outputs = _outputs(as_json, junit, summary, requirements)
 
     def go() -> int:
-        with ConvtuneClient(api_url, token) as client:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
             return _follow_study(client, study_id, timeout, outputs, wait=wait)
 
     _run_client(go)
@@ -368,14 +372,14 @@ def best(study_id: str, api_url: str, token: str | None, wait: bool, timeout: fl
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the suggested learning rate")
 @click.option("--timeout", type=float, default=None)
 @click.option("--json", "as_json", is_flag=True)
-def lr_find(spec_file: Path, api_url: str, token: str | None, wait: bool, timeout: float | None, as_json: bool) -> None:
+def lr_find(spec_file: Path, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Run a learning-rate range test on a trial spec and print the suggested learning rate."""
     from service.client import ConvtuneClient
 
     spec = _load_spec(spec_file)
 
     def go() -> int:
-        with ConvtuneClient(api_url, token) as client:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
             started = client.start_lr_find(spec)
             if not wait:
                 _echo_json(started) if as_json else click.echo(f"lr-find {started['id']} started")

@@ -15,6 +15,7 @@ from flask import url_for
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
+from models.logs import bind
 from models.protocol import KIND, TAG, TASK_LR_FIND
 from models.spec import flatten_params
 from models.tuning import LrRangeSpec
@@ -86,13 +87,15 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     s = services()
     check_feasible(body.trial, s.settings.data_root)
     queue = body.trial.queue or s.settings.default_queue
-    name = body.trial.name or f"lr range test: {body.trial.display_name()}"
+    o = body.trial.optim
+    name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
     params = {**flatten_params(body.trial), **{f"lr_finder.{k}": str(v) for k, v in body.model_dump(exclude={"trial"}).items()}}
     tags = {
         TAG.SPEC: body.model_dump_json(), TAG.QUEUE: queue, TAG.OWNER: current_principal().name,
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
     test_id = s.runs.create_run(KIND.LR_FINDER, name, params, tags)
+    bind(trial_id=test_id)
     try:
         s.dispatcher.sender.send(TASK_LR_FIND, {"run_id": test_id, "spec": body.model_dump(mode="json")}, queue, test_id, WHAT)
     except ServiceUnavailable as exc:
@@ -128,7 +131,7 @@ def range_test_public(record: TrialRecord, with_curve: bool = True) -> LrFinderP
 
     s = services()
     spec = record.spec or {}
-    suggested, largest = _float(record.tags.get("convtune.suggested_lr")), _float(record.tags.get("convtune.largest_stable_lr"))
+    suggested, largest = _float(record.tags.get(TAG.SUGGESTED_LR)), _float(record.tags.get(TAG.LARGEST_STABLE_LR))
     search = lr_search_range(suggested, largest) if suggested is not None and largest is not None else None
     curve = None
     if with_curve and "lr_finder.lr" in record.metrics:
@@ -140,7 +143,7 @@ def range_test_public(record: TrialRecord, with_curve: bool = True) -> LrFinderP
         )
     return LrFinderPublic(
         id=record.id, name=record.tags.get(TAG.RUN_NAME), status=record.status, outcome=record.outcome, reason=record.tags.get(TAG.REASON),
-        queue=record.tags.get(TAG.QUEUE), steps=spec.get("steps"), steps_done=int(record.tags.get("convtune.steps_done", 0)),
+        queue=record.tags.get(TAG.QUEUE), steps=spec.get("steps"), steps_done=int(record.tags.get(TAG.STEPS_DONE, 0)),
         suggested_lr=suggested, largest_stable_lr=largest, search_range=search, curve=curve, spec=spec or None,
         timings=record.timings(), mlflow_url=s.runs.run_url(record, s.settings.ui_url),
     )

@@ -9,6 +9,7 @@ from typing import Any
 from flask import current_app, url_for
 from flask_openapi3 import APIBlueprint, Tag
 
+from models.logs import bind
 from models.protocol import TAG
 from models.search import USER_ATTR, decode_params, storage_kind
 from models.study_spec import StudySpec
@@ -45,6 +46,7 @@ def create_study(body: StudySpec, header: IdempotencyHeader):
     s = services()
     check_study_caps(body.budget, body.parallelism, s.settings)
     study_id = study_dispatcher().accept(body)
+    bind(study_id=study_id)
     url = url_for("studies.get_study", study_id=study_id, _external=True)
     answer = StudyAccepted(
         id=study_id, state="queued", name=body.display_name(), n_trials=body.budget, parallelism=body.parallelism,

@@ -175,12 +175,12 @@ class StudyDispatcher:
             try:
                 with self._storage_errors():
                     study = optuna.load_study(study_name=run.info.run_id, storage=open_storage(self.settings.study_storage))
-                spec = StudySpec.model_validate_json(study.user_attrs[USER_ATTR.SPEC])
+                spec = StudySpec.model_validate_json(study.user_attrs[USER_ATTR.SPEC], context={"stored": True})
             except KeyError:
                 study = None  # accepted, then its storage failed: only the parent run tells
         if spec is None:
             raw = run.data.tags.get("convtune.study_spec")
-            spec = StudySpec.model_validate_json(raw) if raw else StudySpec.model_validate(self._spec_artifact(run.info.run_id))
+            spec = StudySpec.model_validate_json(raw, context={"stored": True}) if raw else StudySpec.model_validate(self._spec_artifact(run.info.run_id), context={"stored": True})
         try:
             stopped = StudyBudget(self.redis, run.info.run_id).stopped()
         except redis.RedisError:

@@ -2,8 +2,9 @@
 
 :func:`range_test` is the training (the rules live, torch-free, in :mod:`models.tuning`);
 :func:`execute_lr_find` is one delivery of a ``convtune.lr_find`` message, run like a trial's:
-duplicate deliveries skipped through the MLflow run's status, a lease held while it runs, one
-outcome at the end. The MLflow run gets the curve as metric series (``lr_finder.lr``,
+duplicate deliveries skipped through the MLflow run's status, a lease held while it runs, starts
+capped at ``max_attempts`` (a redelivered test starts again from its first step), one outcome at
+the end. The MLflow run gets the curve as metric series (``lr_finder.lr``,
 ``lr_finder.loss``, ``lr_finder.smoothed_loss`` at step = optimizer step), the two LRs as metrics
 and tags, the whole result as ``lr_finder.json`` and a plot with both LRs marked.
 """
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from models.convnet import build_model
 from models.data import load
-from models.protocol import cancel_key
+from models.protocol import TAG, attempts_key, cancel_key
 from models.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range
 from workers.lease import Lease
 from workers.outcomes import Cancelled, Ending, TimedOut, classify
@@ -160,7 +161,12 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
     if not lease.acquire():
         return "skipped"  # another worker runs it; a range test is short and restarts from scratch anyway
     with lease:
-        tracker.start(str(rt.device), 1)
+        attempt = int(rt.redis.incr(attempts_key(run_id)))
+        rt.redis.expire(attempts_key(run_id), rt.settings.visibility_timeout_s * 4)
+        if attempt > rt.settings.max_attempts:
+            reason = f"its worker was lost {attempt - 1} times (max_attempts={rt.settings.max_attempts}); not retried again"
+            return _end(tracker, Ending("FAILED", "worker_lost", reason))
+        tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
         ctx = TrialContext(
             device=rt.device, data_root=rt.settings.data_root, check_every_steps=rt.settings.cancel_check_steps,
             should_cancel=lambda: bool(rt.redis.exists(cancel_key(run_id))),
@@ -190,7 +196,7 @@ def _log_steps(tracker: MlflowTracker, curve: Curve, first: int) -> None:
         for key, series in (("lr_finder.lr", curve.lrs), ("lr_finder.loss", curve.losses), ("lr_finder.smoothed_loss", curve.ema)):
             metrics.append(Metric(key, float(series[step]), now, step + 1))
     for i in range(0, len(metrics), 900):  # log_batch takes at most 1,000 metrics
-        tracker.client.log_batch(tracker.run_id, metrics=metrics[i : i + 900], tags=[RunTag("convtune.steps_done", str(len(curve.lrs)))])
+        tracker.client.log_batch(tracker.run_id, metrics=metrics[i : i + 900], tags=[RunTag(TAG.STEPS_DONE, str(len(curve.lrs)))])
 
 
 def _log_result(tracker: MlflowTracker, spec: LrRangeSpec, result: LrRangeResult) -> None:
@@ -199,7 +205,7 @@ def _log_result(tracker: MlflowTracker, spec: LrRangeSpec, result: LrRangeResult
     client.log_batch(
         run_id,
         metrics=[Metric("suggested_lr", result.suggested_lr, now, 0), Metric("largest_stable_lr", result.largest_stable_lr, now, 0)],
-        tags=[RunTag("convtune.suggested_lr", f"{result.suggested_lr:.6g}"), RunTag("convtune.largest_stable_lr", f"{result.largest_stable_lr:.6g}")],
+        tags=[RunTag(TAG.SUGGESTED_LR, f"{result.suggested_lr:.6g}"), RunTag(TAG.LARGEST_STABLE_LR, f"{result.largest_stable_lr:.6g}")],
     )
     client.log_dict(run_id, result.model_dump(mode="json"), "lr_finder.json")
     client.log_figure(run_id, range_curve_figure(spec, result), "plots/lr_range_test.png")

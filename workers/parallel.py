@@ -1,7 +1,8 @@
 """Data-parallel trials: ``devices: N`` trains on N devices, one process each, with DistributedDataParallel.
 
 The worker's own process is rank 0: it keeps the trial's tracker, lease, cancel flag, pruner hook
-and checkpoints. It spawns ranks 1..N-1 (``torch.multiprocessing``, spawn start method), which
+and checkpoints. It starts ranks 1..N-1 as fresh Python processes (``python -m workers.parallel``:
+a Celery prefork child is a daemon, which ``multiprocessing`` forbids to have children), which
 load the same data, build the same network and walk the same batch order; each rank trains on its
 slice of every global batch (``batch_size`` samples per pass, so the global batch is
 ``batch_size x N``) and DDP averages the gradients. Backends: NCCL on GPUs (rank r on ``cuda:r``,
@@ -19,8 +20,11 @@ more devices than its worker owns fails at once with outcome ``error`` and a rea
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from datetime import timedelta
@@ -137,19 +141,17 @@ def run_data_parallel(spec: TrialSpec, tracker: Any, ctx: Any) -> Any:
     device = torch.device("cuda", 0) if ctx.device.type == "cuda" else ctx.device
     with tempfile.TemporaryDirectory(prefix="convtune-ddp-") as tmp:
         init_method = f"file://{tmp}/rendezvous"
-        spawn = torch.multiprocessing.get_context("spawn")
+        (Path(tmp) / "spec.json").write_text(spec.model_dump_json())
+        common = [
+            "--world", str(world), "--init-method", init_method, "--spec", f"{tmp}/spec.json", "--device", device.type,
+            "--check-every", str(ctx.check_every_steps),
+            *(["--data-root", str(ctx.data_root)] if ctx.data_root is not None else []),
+            *(["--checkpoint", str(ctx.checkpoint_path)] if ctx.checkpoint_path is not None else []),
+        ]
         children = [
-            spawn.Process(
-                target=train_rank, name=f"convtune-rank{rank}",
-                args=(rank, world, init_method, spec.model_dump(mode="json"), device.type,
-                      None if ctx.data_root is None else str(ctx.data_root),
-                      None if ctx.checkpoint_path is None else str(ctx.checkpoint_path),
-                      ctx.check_every_steps, f"{tmp}/rank{rank}.json"),
-            )
+            subprocess.Popen([sys.executable, "-m", "workers.parallel", "--rank", str(rank), "--error", f"{tmp}/rank{rank}.json", *common])
             for rank in range(1, world)
         ]
-        for child in children:
-            child.start()
         try:
             dist.init_process_group(_backend(device), init_method=init_method, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
             log.info("data-parallel trial on %d %s processes", world, device.type)
@@ -165,15 +167,27 @@ def run_data_parallel(spec: TrialSpec, tracker: Any, ctx: Any) -> Any:
             if dist.is_initialized():
                 dist.destroy_process_group()
             for child in children:
-                child.join(timeout=30)
-                if child.is_alive():
-                    child.terminate()
-                    child.join(timeout=5)
+                _stop(child, wait_s=30)
 
 
-def _first_failure(tmp: Path, children: list[Any]) -> RankFailed | None:
+def _stop(child: subprocess.Popen, wait_s: float) -> None:
+    try:
+        child.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        child.terminate()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _first_failure(tmp: Path, children: list[subprocess.Popen]) -> RankFailed | None:
     for child in children:
-        child.join(timeout=10)  # a failed rank wrote its ending before it exited
+        try:
+            child.wait(timeout=10)  # a failed rank wrote its ending before it exited
+        except subprocess.TimeoutExpired:
+            pass
     for rank in range(1, len(children) + 1):
         path = tmp / f"rank{rank}.json"
         if path.exists():
@@ -211,3 +225,29 @@ def train_rank(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m workers.parallel --rank R ...``: how rank 0 starts the other ranks."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--init-method", required=True)
+    parser.add_argument("--spec", required=True, help="a file holding the TrialSpec as JSON")
+    parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    parser.add_argument("--check-every", type=int, required=True)
+    parser.add_argument("--data-root")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--error", help="where to write this rank's ending if it fails")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"rank {args.rank}: %(levelname)s %(name)s: %(message)s")
+    payload = json.loads(Path(args.spec).read_text())
+    train_rank(args.rank, args.world, args.init_method, payload, args.device, args.data_root, args.checkpoint, args.check_every, args.error)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        log.exception("this rank failed; rank 0 reports its ending")
+        sys.exit(1)

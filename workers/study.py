@@ -40,7 +40,8 @@ from models.search import USER_ATTR, decode_params, make_pruner, make_sampler, o
 from models.shapes import InfeasibleSpec, plan_network
 from models.spec import TrialSpec, flatten_params
 from models.study_spec import StudySpec, apply_params
-from workers.execution import WorkerRuntime, execute_trial
+from workers.execution import LeaseHeld, WorkerRuntime, execute_trial
+from workers.notify import count_outcome
 from workers.outcomes import Pruned
 
 __all__ = ["SendStep", "TrialFailed", "execute_step"]
@@ -74,16 +75,16 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
         budget.stop("error")
         _end_parent(rt, study_id, "FAILED", "error", reason)
         return "skipped"
-    spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC])
+    spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
     queue = stored.user_attrs[USER_ATTR.QUEUE]
 
     try:
         outcome = _run_slot(study_id, slot, rt, budget, stored, spec, parent)
+    except LeaseHeld:
+        raise
     except Exception:  # MLflow or the storage failed mid-trial: the slot is spent, the chain goes on
         log.exception("study %s: the step of slot %d failed", study_id, slot)
         outcome = "error"
-    if outcome == "held":
-        return "skipped"  # another worker runs this slot's trial (a redelivered message): it tops up
     top = budget.top_up(release_slot=slot)
     if top.in_flight < 0:
         top = _restore_counters(budget, stored, spec)
@@ -101,16 +102,17 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
 
 
 def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Any) -> str:
-    """Run the slot's trial; ``held`` when another delivery of it is running, ``stopped`` when none starts."""
+    """Run the slot's trial; ``stopped`` when none starts. Raises LeaseHeld when another delivery runs it."""
     record = budget.slot_record(slot)
     if record is not None:
         trial_id, number = record
         if rt.mlflow.get_run(trial_id).info.status in TERMINAL:
             return "done"  # an earlier delivery ran it and died before topping up
         if rt.redis.exists(lease_key(trial_id)):
-            return "held"
-        _fail_lost_trial(rt, stored, trial_id, number)
-        return "worker_lost"
+            # Another worker trains it (a redelivered message), or one that died still holds the
+            # lease: the task looks again once it could lapse; then the trial has ended or is lost.
+            raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
+        return _resume_trial(study_id, slot, rt, budget, stored, spec, parent, trial_id, number)
     if budget.stopped() or parent.info.status in ("KILLED", "FAILED"):
         return "stopped"
     started = float(stored.user_attrs.get(USER_ATTR.STARTED_AT, time.time()))
@@ -224,6 +226,7 @@ class StudyObjective:
 
     def _record(self, trial: optuna.Trial, outcome: str, reason: str, epochs: int) -> None:
         self.outcome = outcome
+        count_outcome(self.rt, outcome)
         for key, value in ((USER_ATTR.OUTCOME, outcome), (USER_ATTR.REASON, reason[:1000]), (USER_ATTR.EPOCHS, epochs)):
             trial.set_user_attr(key, value)
 
@@ -274,9 +277,35 @@ def _stop(budget: StudyBudget, stored: optuna.Study, why: str, reason: str) -> N
     stored.set_user_attr(USER_ATTR.STOPPED, json.dumps({"why": why, "reason": reason}))
 
 
+def _resume_trial(
+    study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Any, trial_id: str, number: int,
+) -> str:
+    """A redelivered step whose trial lost its worker: train the same Optuna trial on from its checkpoint.
+
+    ``execute_trial`` counts the attempt (failing it as worker_lost past max_attempts) and resumes
+    from the last epoch's checkpoint; the pruner keeps judging it, and the result is told to Optuna.
+    """
+    study = optuna.load_study(study_name=study_id, storage=open_storage(rt.settings.study_storage), sampler=make_sampler(spec, spec.seed + slot), pruner=make_pruner(spec))
+    optuna_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    raw_spec = rt.mlflow.get_run(trial_id).data.tags.get(TAG.SPEC)
+    if study._storage.get_trial(optuna_id).state != TrialState.RUNNING or raw_spec is None:
+        _fail_lost_trial(rt, stored, trial_id, number)
+        return "worker_lost"
+    log.warning("study %s: trial #%d (%s) lost its worker; resuming it", study_id, number, trial_id)
+    trial = optuna.Trial(study, optuna_id)  # the running trial, rebuilt: report() and should_prune() work on it
+    objective = StudyObjective(study_id, slot, spec, rt, budget, parent.info.experiment_id, stored.user_attrs[USER_ATTR.QUEUE])
+    try:
+        study.tell(trial, objective._train(trial, trial_id, TrialSpec.model_validate_json(raw_spec)))
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    except TrialFailed:
+        study.tell(trial, state=TrialState.FAIL)
+    return objective.outcome
+
+
 def _fail_lost_trial(rt: WorkerRuntime, stored: optuna.Study, trial_id: str, number: int) -> None:
-    """A redelivered step whose trial's worker died: fail the trial (worker_lost), in MLflow and Optuna."""
-    reason = "its worker was lost while training it; a study trial is not resumed"
+    """A lost trial that cannot be resumed: fail it (worker_lost), in MLflow and Optuna."""
+    reason = "its worker was lost and the trial could not be resumed"
     log.warning("study trial %s (#%d): %s", trial_id, number, reason)
     rt.mlflow.log_batch(trial_id, tags=[RunTag(TAG.OUTCOME, "worker_lost"), RunTag(TAG.REASON, reason)])
     rt.mlflow.set_terminated(trial_id, status="FAILED")

@@ -28,6 +28,7 @@ from models.protocol import TAG
 from models.search import USER_ATTR, decode_params
 from models.study_spec import StudySpec
 from workers.execution import WorkerRuntime
+from workers.notify import announce_study_end
 
 __all__ = ["finish_study", "trial_rows"]
 
@@ -74,6 +75,13 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
     rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason)])
     rt.mlflow.set_terminated(study_id, status=status)
     log.info("study %s ended %s: %s", study_id, outcome, reason)
+    best_info = None if best is None else {
+        "trial_id": best.user_attrs.get(USER_ATTR.TRIAL_ID), "number": best.number, "value": float(best.value), "params": decode_params(spec, best.params),
+    }
+    announce_study_end(
+        study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), mlflow_status=status, outcome=outcome,
+        reason=reason, best=best_info, counts=dict(counts),
+    )
 
 
 def _count_text(counts: Counter) -> str:

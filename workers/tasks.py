@@ -38,7 +38,7 @@ def run_trial_task(self, trial_id: str, spec: dict) -> str:
         return outcome
 
 
-@app.task(name=TASK_STUDY_STEP, bind=True)
+@app.task(name=TASK_STUDY_STEP, bind=True, max_retries=None)
 def study_step_task(self, study_id: str, slot: int) -> str:
     """Run one trial of a study, then send the study's next steps (see :mod:`workers.study`)."""
     from workers.study import execute_step
@@ -48,7 +48,11 @@ def study_step_task(self, study_id: str, slot: int) -> str:
         app.send_task(TASK_STUDY_STEP, kwargs={"study_id": study, "slot": next_slot}, queue=queue, task_id=f"{study}-{next_slot}", retry=True)
 
     with log_context(study_id=study_id):
-        return execute_step(study_id, slot, runtime(), send)
+        try:
+            return execute_step(study_id, slot, runtime(), send)
+        except LeaseHeld as held:
+            log.info("study %s: %s; checking again in %ss", study_id, held, held.retry_in_s)
+            raise self.retry(countdown=held.retry_in_s) from held
 
 
 @app.task(name=TASK_LR_FIND)

@@ -67,22 +67,36 @@ def test_mlflow_ui_shows_the_study_parent_with_child_trials_and_metrics(finished
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1700, "height": 900})
+            page = browser.new_page(viewport={"width": 2400, "height": 900})
             page.goto(f"{mlflow_uri}/#/experiments/{finished_study['experiment_id']}/runs", wait_until="domcontentloaded")
             parent = page.get_by_text("ui study", exact=True).first
             expect(parent).to_be_visible(timeout=60_000)
-            # Child runs are folded under their parent: unfold them as a person would.
-            expander = page.get_by_role("button", name=re.compile("expand", re.I)).first
-            if expander.count():
-                expander.click()
+            # The assistant panel takes a third of the page: close it when this version shows one.
+            close = page.locator("button[aria-label*='lose']").last
+            if close.count() and close.is_visible():
+                close.click()
+            # Child runs are folded under their parent: unfold them as a person would (the [+] by its name).
+            page.locator(f'[row-id="{study["id"]}"] button[data-component-id*="runnamecellrenderer"]').first.click()
             for trial in trials:
                 name = f"#{trial['number']}"
                 expect(page.get_by_text(re.compile(re.escape(name) + "$")).first).to_be_visible(timeout=30_000)
-            expect(page.get_by_text("val_accuracy").first).to_be_visible(timeout=30_000)
-            best = f"{study['best']['value']:.3f}"[:4]  # the table shows metrics rounded
-            expect(page.get_by_text(re.compile(r"^" + re.escape(best))).first).to_be_visible(timeout=30_000)
-            page.screenshot(path=str(screenshot), full_page=True)
+            # Metric columns are opt-in: add val_accuracy through the column picker, as a person would.
+            page.get_by_text("Show more columns").first.click()
+            page.keyboard.type("val_accuracy")
+            page.get_by_text(re.compile(r"^Metrics \(\d+\)$")).first.click()  # tick the group: val_accuracy and best_val_accuracy
+            page.keyboard.press("Escape")
+            expect(page.get_by_role("columnheader", name=re.compile("val_accuracy")).first).to_be_visible(timeout=30_000)
+            # Each child's row shows its val_accuracy (the trial's value: its last epoch), the parent its best.
+            for trial in trials:
+                cell = page.locator(f'[row-id="{trial["trial_id"]}"] [col-id="metrics.`val_accuracy`"]')
+                expect(cell).to_contain_text(str(trial["value"])[:6], timeout=30_000)
+            parent_cells = page.locator(f'[row-id="{study["id"]}"] [col-id="metrics.`best_val_accuracy`"]')
+            expect(parent_cells).to_contain_text(str(study["best"]["value"])[:6], timeout=30_000)
         finally:
+            if browser.contexts and browser.contexts[0].pages:
+                page = browser.contexts[0].pages[0]
+                page.screenshot(path=str(screenshot), full_page=True)  # also when a check failed: it shows why
+                (screenshot.with_suffix(".html")).write_text(page.content())
             browser.close()
     print(f"\nMLflow UI screenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000

@@ -107,3 +107,24 @@ def test_a_dead_receiver_never_holds_the_worker(client, worker, callback_worker)
     assert wait_for_trial(client, first)["status"] == "succeeded"
     assert wait_for_trial(client, second, timeout_s=60)["status"] == "succeeded"
     assert wait_for(lambda: "failed" in callback_worker.log() and "retry" in callback_worker.log(), 30)
+
+
+def test_study_callback_arrives_signed_when_the_study_ends(api_settings, worker, worker_env, callback_worker):
+    from service import create_app
+
+    receiver = Receiver()
+    client = create_app(api_settings.model_copy(update={"study_storage": worker_env["CONVTUNE_STUDY_STORAGE"]})).test_client()
+    study = {
+        "name": "study with callback", "base": tiny_trial(optim={"epochs": 2}), "n_trials": 2, "parallelism": 1, "sampler": {"name": "grid"},
+        "search_space": {"optim.lr": {"type": "categorical", "choices": [0.003, 0.01]}}, "callback_url": receiver.url,
+    }
+    response = client.post("/studies", json=study)
+    assert response.status_code == 202, response.get_json()
+    study_id = response.get_json()["id"]
+    headers, body, status = receiver.next(timeout_s=180)
+    assert verify_signature(SECRET, headers[SIGNATURE_HEADER], body)
+    event = json.loads(body)
+    assert headers["X-Convtune-Event"] == event["event"] == "study.ended"
+    assert event["study"]["id"] == study_id and event["study"]["state"] == "succeeded"
+    assert event["study"]["best"]["trial_id"] and sum(event["study"]["counts"].values()) == 2
+    assert client.get(f"/studies/{study_id}").get_json()["state"] == "succeeded"

@@ -250,3 +250,30 @@ def test_a_study_stored_in_postgres_runs_on_workers_sharing_it(api_settings, wor
         assert [t.state.name for t in stored.get_trials()] == ["COMPLETE", "COMPLETE"]
     finally:
         worker.stop()
+
+
+def test_a_study_trial_whose_worker_dies_resumes_from_its_checkpoint(studies, study_workers, mlflow_client):
+    import signal
+    import subprocess
+
+    body = study_body(n_trials=2, parallelism=1, sampler="random", base=tiny_trial(optim={"epochs": 30, "batch_size": 16}))
+    accepted = submit(studies, body)
+    first = wait_for_study(studies, accepted["id"], until=lambda s: s["counts"].get("running", 0) == 1, timeout_s=60)
+    assert first["state"] == "running"
+    trial_id = trials_of(studies, accepted["id"])[0]["trial_id"]
+    deadline = time.monotonic() + 60
+    while int(mlflow_client.get_run(trial_id).data.tags.get("convtune.epochs_done", 0)) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for worker in study_workers:  # the training process dies mid-epoch, as on an OOM kill (the idle one just restarts)
+        for pid in subprocess.run(["pgrep", "-P", str(worker.popen.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+
+    study = wait_for_study(studies, accepted["id"], timeout_s=240)
+    assert study["state"] == "succeeded", study["reason"]
+    trials = trials_of(studies, accepted["id"])
+    assert len(trials) == 2 and trials[0]["trial_id"] == trial_id and trials[0]["outcome"] == "succeeded"
+    run = mlflow_client.get_run(trial_id)
+    assert run.data.tags["convtune.attempts"] == "2"
+    assert {m.step for m in mlflow_client.get_metric_history(trial_id, "val_accuracy")} == set(range(1, 31))
+    assert any("resuming it" in w.log() for w in study_workers)

@@ -1,0 +1,43 @@
+"""Token hashing and matching, scopes per method, and `convtune token`."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from service.auth import Principal, TokenAuth, hash_token, new_token, required_scope
+from service.cli import main
+from service.settings import ApiSettings, TokenConfig
+
+
+def test_only_a_configured_token_authenticates_and_only_its_hash_is_kept():
+    secret = new_token()
+    auth = TokenAuth([TokenConfig(name="ci", sha256=hash_token(secret), scopes=["read", "submit"])])
+    principal = auth.authenticate(secret)
+    assert principal == Principal("ci", frozenset({"read", "submit"}))
+    assert auth.authenticate(secret + "x") is None and auth.authenticate("") is None
+    assert secret not in repr(auth.__dict__)
+
+
+def test_scopes():
+    assert required_scope("GET") == required_scope("HEAD") == "read"
+    assert required_scope("POST") == "submit"
+    admin, reader = Principal("a", frozenset({"admin"})), Principal("r", frozenset({"read"}))
+    assert admin.allows("read") and admin.allows("submit") and reader.allows("read") and not reader.allows("submit")
+
+
+def test_tokens_come_from_the_environment_as_json(monkeypatch):
+    entry = {"name": "ci", "sha256": hash_token("t"), "scopes": ["read"]}
+    monkeypatch.setenv("CONVTUNE_AUTH_TOKENS", json.dumps([entry]))
+    settings = ApiSettings()
+    assert settings.auth_tokens == [TokenConfig(**entry)] and settings.auth_disabled is False
+
+
+def test_convtune_token_prints_a_token_and_its_hashed_entry():
+    result = CliRunner().invoke(main, ["token", "ci", "--scope", "read", "--scope", "submit"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    secret = next(line for line in lines if line.startswith("ct_"))
+    entry = json.loads(next(line for line in lines if line.startswith("{")))
+    assert entry == {"name": "ci", "sha256": hash_token(secret), "scopes": ["read", "submit"]}
