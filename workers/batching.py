@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +31,6 @@ from models.spec import OptimSpec, TrialSpec
 __all__ = ["BatchPlan", "BatchTooLarge", "MemoryProbe", "largest_fitting", "plan_batches", "scaled_lr"]
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines on stderr are noise here
 
 
 class BatchTooLarge(MemoryError):
@@ -160,7 +158,8 @@ class MemoryProbe:
         return torch.cuda.max_memory_allocated(self.device)
 
     def _cpu_peak(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: int) -> int:
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile  # kineto prints a start and a stop line on stderr
+
 
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

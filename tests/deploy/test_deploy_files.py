@@ -35,3 +35,18 @@ def test_dockerfile_has_api_and_worker_targets_and_api_has_no_torch():
 def test_compose_file_is_valid():
     result = _run(["docker-compose", "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT / "deploy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_manifests_match_the_api_schemas():
+    manifests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deploy" / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert manifests
+    result = _run(["kubernetes-validate", "--strict", "-k", "1.30.0", *manifests])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kustomization_lists_every_manifest():
+    import yaml
+
+    listed = set(yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())["resources"])
+    present = {p.name for p in (ROOT / "deploy" / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert listed == present
