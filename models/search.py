@@ -32,7 +32,7 @@ __all__ = [
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-class USER_ATTR:  # noqa: N801 - a namespace of names, like models.protocol.TAG
+class USER_ATTR:
     """Optuna user-attribute keys convtune writes on studies and trials."""
 
     SPEC = "convtune.spec"  # study: the StudySpec as JSON
@@ -66,7 +66,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy's default PostgreSQL driver is psycopg2; convtune ships psycopg 3.
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})

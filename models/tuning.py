@@ -29,20 +29,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.spec import TrialSpec
 
-__all__ = ["LrRangeResult", "LrRangeSpec", "NoSuggestion", "SUGGESTION_DIVISOR", "analyse_range", "lr_search_range"]
+__all__ = [
+    "SUGGESTION_DIVISOR",
+    "LrAutoSpec",
+    "LrRangeResult",
+    "LrRangeSpec",
+    "NoSuggestion",
+    "RangeTestSettings",
+    "analyse_range",
+    "lr_search_range",
+]
 
 SUGGESTION_DIVISOR = 3.0
 
 
-class LrRangeSpec(BaseModel):
-    """A learning-rate range test of ``trial``'s network, optimizer, batch size and data.
-
-    The trial's ``optim.lr``, schedule and epochs are not used: the test sets the LR itself.
-    """
+class RangeTestSettings(BaseModel):
+    """How a range test sweeps the learning rate and when it stops."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    trial: TrialSpec = Field(default_factory=TrialSpec)
     start_lr: float = Field(default=1e-6, gt=0.0, le=1.0, description="The LR of the first step.")
     end_lr: float = Field(default=10.0, gt=0.0, le=1000.0, description="The LR of the last step, if the loss has not blown up by then.")
     steps: int = Field(default=200, ge=20, le=5000, description="Optimizer steps from start_lr to end_lr.")
@@ -51,7 +56,7 @@ class LrRangeSpec(BaseModel):
     window: int = Field(default=0, ge=0, le=501, description="Width of the centred average the rules read; 0: steps / 20, odd, at least 5.")
 
     @model_validator(mode="after")
-    def _range_grows(self) -> LrRangeSpec:
+    def _range_grows(self) -> RangeTestSettings:
         if self.end_lr <= self.start_lr * 10:
             raise ValueError(f"end_lr ({self.end_lr:g}) must be at least 10x start_lr ({self.start_lr:g}) for the test to span a range")
         return self
@@ -63,6 +68,22 @@ class LrRangeSpec(BaseModel):
     def centred_window(self) -> int:
         w = self.window or max(5, self.steps // 20)
         return w if w % 2 else w + 1
+
+
+class LrRangeSpec(RangeTestSettings):
+    """A learning-rate range test of ``trial``'s network, optimizer, batch size and data.
+
+    The trial's ``optim.lr``, schedule and epochs are not used: the test sets the LR itself.
+    """
+
+    trial: TrialSpec = Field(default_factory=TrialSpec)
+
+
+class LrAutoSpec(RangeTestSettings):
+    """A study's ``lr_auto``: one range test of the study's base trial before its first trial, then
+    ``optim.lr`` searched log-uniformly in :func:`lr_search_range` of its result."""
+
+    decades: float = Field(default=1.0, gt=0.0, le=3.0, description="How far, in decades, either side of the suggested LR the search goes.")
 
 
 class NoSuggestion(ValueError):

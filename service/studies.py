@@ -18,8 +18,18 @@ from service.idempotency import IdempotencyHeader, idempotent
 from service.limits import check_study_caps
 from service.study_dispatch import StudyDispatcher, StudyRecord
 from service.study_schemas import (
-    RegisteredModel, StudyAccepted, StudyBest, StudyExtend, StudyList, StudyListQuery, StudyPath, StudyProgress, StudyPublic,
-    StudyTrial, StudyTrialList, StudyTrialQuery,
+    RegisteredModel,
+    StudyAccepted,
+    StudyBest,
+    StudyExtend,
+    StudyList,
+    StudyListQuery,
+    StudyPath,
+    StudyProgress,
+    StudyPublic,
+    StudyTrial,
+    StudyTrialList,
+    StudyTrialQuery,
 )
 from service.wiring import services
 
@@ -122,11 +132,17 @@ def study_public(record: StudyRecord) -> StudyPublic:
         id=record.id, name=tags.get(TAG.RUN_NAME), state=record.state, reason=tags.get(TAG.REASON),
         objective={"metric": record.spec.objective.metric, "direction": record.spec.objective.resolved_direction, "value": record.spec.objective.value},
         sampler=record.spec.sampler.name, pruner=record.spec.pruner.name, parallelism=record.spec.parallelism, queue=tags.get(TAG.QUEUE),
-        counts=counts, progress=progress, best=_best(record), registered_model=registered,
+        counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record), registered_model=registered,
         timings={"created_at": _iso(record.start_ms), "ended_at": _iso(record.end_ms) if record.terminal else None},
         spec=record.spec.model_dump(mode="json"), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
         mlflow_url=s.runs.run_url(record.id, s.settings.ui_url),
     )
+
+
+def _diverged_lrs(record: StudyRecord, trials: list[Any]) -> list[float]:
+    """The LR each diverged trial trained at: its sampled optim.lr, else the base's (tuning, issue 4)."""
+    lrs = [float(t.params.get("optim.lr", record.spec.base.optim.lr)) for t in trials if t.user_attrs.get(USER_ATTR.OUTCOME) == "diverged"]
+    return sorted(lrs)
 
 
 def _best(record: StudyRecord) -> StudyBest | None:

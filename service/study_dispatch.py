@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,9 @@ import redis
 from models.budget import StudyBudget
 from models.data import InvalidData, describe
 from models.protocol import TAG, TASK_STUDY_STEP, cancel_key
-from models.search import USER_ATTR, decode_params, encode_params, open_storage, storage_kind
-from models.study_spec import StudySpec, grid_points, param_values, space_problems
+from models.search import USER_ATTR, encode_params, open_storage, storage_kind
+from models.study_checks import space_problems
+from models.study_spec import StudySpec, grid_points, param_values
 from service.errors import Conflict, FieldError, InfeasibleSpec, InvalidSpec, NotFound, ServiceUnavailable
 from service.runs import RUN_ID, RunStore
 from service.settings import ApiSettings
@@ -78,7 +79,7 @@ class StudyDispatcher:
         queue = spec.base.queue or self.settings.default_queue
         study_id = self._create_parent(spec, queue)
         try:
-            study = self._create_study(study_id, spec, queue)
+            self._create_study(study_id, spec, queue)
             budget = StudyBudget(self.redis, study_id)
             budget.open(spec.budget, spec.parallelism)
             self._send(study_id, budget.top_up().slots, queue)
@@ -88,7 +89,6 @@ class StudyDispatcher:
             self._try_stop(study_id, "error")
             raise
         log.info("study %s accepted: %d trials, %d in parallel on %s (%s storage)", study_id, spec.budget, spec.parallelism, queue, storage_kind(self.settings.study_storage))
-        del study
         return study_id
 
     def _check(self, spec: StudySpec) -> None:
@@ -255,7 +255,8 @@ class StudyDispatcher:
             for point in warm_start:
                 study.enqueue_trial(encode_params(spec, point), skip_if_exists=True)
             if spec.sampler.name == "grid":
-                for point in grid_points(spec)[int(study.user_attrs[USER_ATTR.BUDGET]) : int(study.user_attrs[USER_ATTR.BUDGET]) + added]:
+                start = int(study.user_attrs[USER_ATTR.BUDGET])  # the points past the budget were not enqueued yet
+                for point in grid_points(spec)[start : start + max(0, added - len(warm_start))]:
                     study.enqueue_trial(encode_params(spec, point), skip_if_exists=True)
             new_budget = int(study.user_attrs[USER_ATTR.BUDGET]) + added
             study.set_user_attr(USER_ATTR.BUDGET, new_budget)
@@ -289,12 +290,12 @@ class StudyDispatcher:
             raise InvalidSpec.from_validation_error(exc) from exc
 
     def _reopen_parent(self, study_id: str, budget: int) -> None:
+        from mlflow.exceptions import MlflowException
+
         with self._translated(study_id):
             for key in (TAG.OUTCOME, TAG.REASON):
-                try:
+                with suppress(MlflowException):  # absent already
                     self.runs.client.delete_tag(study_id, key)
-                except Exception:  # noqa: BLE001 - absent already
-                    pass
             self.runs.client.set_tag(study_id, "convtune.n_trials", str(budget))
             self.runs.client.update_run(study_id, status="RUNNING")
 
@@ -334,10 +335,6 @@ class StudyDispatcher:
             raise
         except Exception as exc:  # sqlalchemy OperationalError, OSError on the journal file, redis
             raise ServiceUnavailable(f"the study storage ({storage_kind(self.settings.study_storage)}) did not answer: {str(exc)[:300]}") from exc
-
-
-def trial_params(record: StudyRecord, trial: Any) -> dict[str, Any]:
-    return decode_params(record.spec, trial.params)
 
 
 def _now_iso() -> str:

@@ -93,6 +93,9 @@ class StudyPublic(BaseModel):
     parallelism: int
     queue: str | None
     counts: dict[str, int] = Field(description="Trials per outcome (succeeded, pruned, diverged, ...), plus running and waiting.")
+    diverged_lrs: list[float] = Field(
+        default_factory=list, description="optim.lr of each diverged trial (before any lr_scaling), lowest first: where the search found the LR too high.",
+    )
     progress: StudyProgress
     best: StudyBest | None
     registered_model: RegisteredModel | None

@@ -70,6 +70,8 @@ class DivergenceDetector:
 
     def observe(self, loss: torch.Tensor, lr: float) -> None:
         """Queue one step's loss (computed at ``lr``); judge the queue every ``check_every`` steps."""
+        if not self.spec.enabled:
+            return  # every rank has the same spec: none of them enters the collective in flush
         self._pending.append(loss.detach().float().reshape(()))
         self._pending_lrs.append(lr)
         if len(self._pending) >= self.check_every:

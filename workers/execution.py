@@ -26,9 +26,9 @@ from models.protocol import attempts_key, cancel_key
 from models.spec import TrialSpec
 from workers.lease import Lease
 from workers.outcomes import Ending, classify
+from workers.parallel import run_on_devices
 from workers.settings import WorkerSettings
 from workers.tracking import MlflowTracker
-from workers.parallel import run_on_devices
 from workers.train import TrialContext
 
 __all__ = ["LeaseHeld", "WorkerRuntime", "execute_trial"]

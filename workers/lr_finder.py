@@ -24,14 +24,15 @@ from pydantic import ValidationError
 
 from models.convnet import build_model
 from models.data import load
-from models.protocol import TAG, attempts_key, cancel_key
-from models.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range
+from models.protocol import KIND, TAG, attempts_key, cancel_key
+from models.study_spec import FloatParam, StudySpec
+from models.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range, lr_search_range
 from workers.lease import Lease
 from workers.outcomes import Cancelled, Ending, TimedOut, classify
 from workers.tracking import MlflowTracker
 from workers.train import TrialContext, make_loss, make_optimizer, resolve_batches
 
-__all__ = ["Curve", "execute_lr_find", "range_curve_figure", "range_test"]
+__all__ = ["Curve", "LrAutoFailed", "execute_lr_find", "range_curve_figure", "range_test", "run_and_record", "with_lr_range"]
 
 log = logging.getLogger(__name__)
 
@@ -167,26 +168,86 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
             reason = f"its worker was lost {attempt - 1} times (max_attempts={rt.settings.max_attempts}); not retried again"
             return _end(tracker, Ending("FAILED", "worker_lost", reason))
         tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
-        ctx = TrialContext(
-            device=rt.device, data_root=rt.settings.data_root, check_every_steps=rt.settings.cancel_check_steps,
-            should_cancel=lambda: bool(rt.redis.exists(cancel_key(run_id))),
-            cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
-        )
-        try:
-            curve, reason = range_test(spec, ctx, on_steps=lambda c, first: _log_steps(tracker, c, first))
-            result = analyse_range(spec, curve.lrs, curve.losses, reason)
-        except NoSuggestion as exc:
-            return _end(tracker, Ending("FAILED", "error", f"no suggestion: {exc}"))
-        except Exception as exc:
-            ending = classify(exc)
-            log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "range test %s ended %s: %s", run_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
-            return _end(tracker, ending)
-        _log_result(tracker, spec, result)
-        summary = (
-            f"suggested lr {result.suggested_lr:.3g}, largest stable lr {result.largest_stable_lr:.3g} "
-            f"({result.steps_done} steps; {result.stop_reason})"
-        )
-        return _end(tracker, Ending("FINISHED", "succeeded", summary))
+        ending, _ = run_and_record(spec, tracker, _context(rt, lambda: bool(rt.redis.exists(cancel_key(run_id)))))
+        return _end(tracker, ending)
+
+
+def _context(rt: Any, should_cancel: Callable[[], bool]) -> TrialContext:
+    return TrialContext(
+        device=rt.device, data_root=rt.settings.data_root, check_every_steps=rt.settings.cancel_check_steps, should_cancel=should_cancel,
+        cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
+    )
+
+
+def run_and_record(spec: LrRangeSpec, tracker: MlflowTracker, ctx: TrialContext) -> tuple[Ending, LrRangeResult | None]:
+    """Run the test, logging its curve as it goes and its result at the end; how it ended, and the result."""
+    try:
+        curve, reason = range_test(spec, ctx, on_steps=lambda c, first: _log_steps(tracker, c, first))
+        result = analyse_range(spec, curve.lrs, curve.losses, reason)
+    except NoSuggestion as exc:
+        return Ending("FAILED", "error", f"no suggestion: {exc}"), None
+    except Exception as exc:
+        ending = classify(exc)
+        log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "range test %s ended %s: %s", tracker.run_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
+        return ending, None
+    _log_result(tracker, spec, result)
+    summary = (
+        f"suggested lr {result.suggested_lr:.3g}, largest stable lr {result.largest_stable_lr:.3g} "
+        f"({result.steps_done} steps; {result.stop_reason})"
+    )
+    return Ending("FINISHED", "succeeded", summary), result
+
+
+class LrAutoFailed(Exception):
+    """A study's ``lr_auto`` range test gave no range; the message says why."""
+
+
+LR_AUTO_ATTR = "convtune.lr_auto"  # Optuna study user attribute: the range found, or why none was
+
+
+def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_stop: Callable[[], bool]) -> StudySpec:
+    """``spec`` with ``optim.lr`` searched log-uniformly in the range its ``lr_auto`` range test found.
+
+    The first step of the study to get here runs the test (holding a lease, so a second step waits
+    for it rather than running it again), logs it as a child run of the study and stores the range
+    in the Optuna study; every step then reads it from there. Raises LrAutoFailed when the test ended
+    without a range.
+    """
+    assert spec.lr_auto is not None, "only for studies with lr_auto"
+    lease = Lease(rt.redis, f"{study_id}-lr-auto", rt.settings.lease_ttl_s)
+    while (found := stored.user_attrs.get(LR_AUTO_ATTR)) is None:
+        if lease.acquire():
+            with lease:
+                if stored.user_attrs.get(LR_AUTO_ATTR) is None:  # not found by a step that held the lease before
+                    stored.set_user_attr(LR_AUTO_ATTR, _study_range_test(study_id, spec, rt, should_stop))
+            continue
+        time.sleep(1.0)
+    if "error" in found:
+        raise LrAutoFailed(found["error"])
+    lr = FloatParam(low=found["low"], high=found["high"], log=True)
+    return spec.model_copy(update={"search_space": {"optim.lr": lr, **spec.search_space}})
+
+
+def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    assert spec.lr_auto is not None
+    test = LrRangeSpec(trial=spec.base, **spec.lr_auto.model_dump(exclude={"decades"}))
+    parent = rt.mlflow.get_run(study_id)
+    run = rt.mlflow.create_run(
+        parent.info.experiment_id, run_name="lr_auto: range test",
+        tags={TAG.KIND: KIND.LR_FINDER, TAG.PARENT: study_id, TAG.STUDY_ID: study_id, TAG.SPEC: test.model_dump_json(), TAG.RUN_NAME: "lr_auto: range test"},
+    )
+    tracker = MlflowTracker(rt.mlflow, run.info.run_id, log_model=False)
+    tracker.start(str(rt.device), 1)
+    ending, result = run_and_record(test, tracker, _context(rt, should_stop))
+    tracker.finish(ending)
+    if result is None:
+        return {"error": f"lr_auto: its range test {run.info.run_id} ended {ending.outcome}: {ending.reason}", "test_id": run.info.run_id}
+    low, high = lr_search_range(result.suggested_lr, result.largest_stable_lr, spec.lr_auto.decades)
+    rt.mlflow.log_batch(study_id, tags=[
+        RunTag("convtune.lr_auto.range", f"[{low:.6g}, {high:.6g}]"), RunTag("convtune.lr_auto.test_id", run.info.run_id),
+    ])
+    log.info("study %s: lr_auto searches optim.lr in [%.3g, %.3g] (range test %s)", study_id, low, high, run.info.run_id)
+    return {"low": low, "high": high, "suggested_lr": result.suggested_lr, "largest_stable_lr": result.largest_stable_lr, "test_id": run.info.run_id}
 
 
 def _log_steps(tracker: MlflowTracker, curve: Curve, first: int) -> None:

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from models.budget import StudyBudget
 from models.data import InvalidData, describe
 from models.protocol import TAG, lease_key
-from models.search import USER_ATTR, decode_params, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
+from models.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from models.shapes import InfeasibleSpec, plan_network
 from models.spec import TrialSpec, flatten_params
 from models.study_spec import StudySpec, apply_params
@@ -77,6 +77,17 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
         return "skipped"
     spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
     queue = stored.user_attrs[USER_ATTR.QUEUE]
+    if spec.lr_auto is not None:
+        # Tuning (issue 4): one range test for the study, then optim.lr is searched around its result.
+        from workers.lr_finder import LrAutoFailed, with_lr_range
+
+        try:
+            spec = with_lr_range(study_id, spec, stored, rt, should_stop=lambda: budget.stopped() == "cancelled")
+        except LrAutoFailed as exc:
+            if budget.stopped() != "cancelled":  # a cancelled study ends through the usual path below
+                budget.stop("error")
+                _end_parent(rt, study_id, "FAILED", "error", str(exc))
+                return "skipped"
 
     try:
         outcome = _run_slot(study_id, slot, rt, budget, stored, spec, parent)

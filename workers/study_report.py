@@ -143,7 +143,7 @@ def _log_artifacts(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec:
             import matplotlib.pyplot as plt
 
             plt.close(figure)
-        except Exception as exc:  # a plot is a bonus: too few trials or one-valued params must not fail the study
+        except Exception as exc:  # noqa: BLE001 - a plot is a bonus: too few trials or one-valued params must not fail the study
             log.info("study %s: no %s plot: %s", study_id, name, exc)
 
 
@@ -170,7 +170,7 @@ def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.tr
     try:
         version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, "convtune.trial_id": str(run_id)})
         rt.mlflow.set_registered_model_alias(name, alias, version.version)
-    except Exception as exc:  # no model logged (log_model off), registry unavailable
+    except Exception as exc:  # noqa: BLE001 - no model logged (log_model off), registry unavailable
         log.warning("study %s: could not register trial %s's model as %s: %s", study_id, run_id, name, exc)
         rt.mlflow.set_tag(study_id, "convtune.registration_error", str(exc)[:5000])
         return None

@@ -81,10 +81,14 @@ class MlflowTracker:
         with torch.no_grad():
             y = predictor(x)
         signature = infer_signature(x.numpy(), y.numpy())
-        # The fluent API is the only way to log a model; ending the context marks the run FINISHED,
-        # which :meth:`finish` then overwrites with the real ending.
-        with mlflow.start_run(run_id=self.run_id):
+        # The fluent API is the only way to log a model. Its context would end the run FINISHED while
+        # the rest of the results are still being logged (clients would see 'succeeded' with no
+        # outcome yet), so it is left RUNNING here and :meth:`finish` gives it its real ending.
+        mlflow.start_run(run_id=self.run_id)
+        try:
             mlflow.pytorch.log_model(predictor, name="model", signature=signature, input_example=x.numpy(), pip_requirements=pip_requirements())
+        finally:
+            mlflow.end_run(status="RUNNING")
 
     def log_tags(self, tags: dict[str, str]) -> None:
         """Facts the worker resolved (batch size, effective LR...), as tags: params are the API's, once."""

@@ -29,7 +29,7 @@ from workers.batching import BatchPlan, MemoryProbe, plan_batches
 from workers.divergence import DivergenceDetector
 from workers.outcomes import Cancelled, TimedOut, TrialStopped
 
-__all__ = ["TrialContext", "TrialResult", "Tracker", "evaluate", "run_trial", "train_one_epoch"]
+__all__ = ["Tracker", "TrialContext", "TrialResult", "confusion_matrix", "evaluate", "resolve_batches", "run_trial", "train_one_epoch"]
 
 
 class Tracker(Protocol):
@@ -147,7 +147,7 @@ def resolve_batches(
         # Ranks may probe differently (other GPUs, other free memory): all take the smallest.
         smallest = ctx.parallel.smallest(batches.batch_size)
         if smallest != batches.batch_size:
-            batches = BatchPlan(smallest, batches.accumulate, batches.devices, batches.lr, batches.note + f"; {smallest} on every rank")
+            batches = plan_batches(spec, len(x), lambda b: b <= smallest)
     return batches
 
 

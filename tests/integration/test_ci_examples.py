@@ -37,7 +37,7 @@ def test_the_example_study_is_a_valid_spec():
     StudySpec.model_validate(yaml.safe_load((CI / "study.yaml").read_text()))
 
 
-def test_gate_script_fails_the_job_when_the_requirement_is_not_met(redis_url, tmp_path):
+def test_gate_script_fails_the_job_when_the_requirement_is_not_met(tmp_path):
     study = {
         "name": "ci gate test", "base": {"model": {"channels": [8, 16], "convs_per_stage": 1}, "optim": {"epochs": 2, "batch_size": 64}, "data": {"name": "digits"}},
         "search_space": {"optim.lr": {"type": "categorical", "choices": [0.003, 0.01]}}, "sampler": {"name": "grid"}, "n_trials": 2, "parallelism": 1,
@@ -47,7 +47,10 @@ def test_gate_script_fails_the_job_when_the_requirement_is_not_met(redis_url, tm
     reports = tmp_path / "reports"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVTUNE_", "MLFLOW_", "PROMETHEUS_"))}
     env.update({
-        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}", "CONVTUNE_REDIS_URL": redis_url, "CONVTUNE_HOME": str(tmp_path / "home"),
+        # A Redis port nobody serves: `convtune up` starts its own redis-server there, as on a bare CI runner,
+        # and the session's worker (on the session's Redis) cannot take this stack's messages.
+        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}", "CONVTUNE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "CONVTUNE_HOME": str(tmp_path / "home"),
         "CONVTUNE_API_PORT": str(free_port()), "CONVTUNE_MLFLOW_PORT": str(free_port()), "CONVTUNE_REPORTS": str(reports),
         "CONVTUNE_CPU_WORKERS": "1", "CONVTUNE_STUDY_STORAGE": str(tmp_path / "studies.journal"), "OMP_NUM_THREADS": "1",
     })

@@ -195,6 +195,24 @@ def test_target_stops_the_study_early(studies, study_workers):
     assert study["progress"]["finished"] == 1 and "target" in study["reason"]
 
 
+def test_timeout_starts_no_trial_past_it(studies, study_workers):
+    body = study_body(n_trials=20, parallelism=1, sampler="random", timeout_s=3, base=tiny_trial(optim={"epochs": 4}))
+    study = wait_for_study(studies, submit(studies, body)["id"])
+    assert study["state"] == "succeeded" and study["progress"]["stopped"] == "timeout"
+    assert 1 <= study["progress"]["finished"] < 20 and "timeout" in study["reason"]
+
+
+def test_studies_are_listed_newest_first_and_trials_filter_by_state(studies, study_workers):
+    first = submit(studies, study_body(n_trials=1, parallelism=1, sampler="random", base=tiny_trial(optim={"epochs": 1})))["id"]
+    second = submit(studies, study_body(n_trials=2, parallelism=1, sampler="random", base=tiny_trial(optim={"epochs": 1})))["id"]
+    listed = studies.get("/studies", query_string={"limit": 2}).get_json()
+    assert [s["id"] for s in listed["items"]] == [second, first] and listed["next_page_token"]
+    wait_for_study(studies, second)
+    complete = studies.get(f"/studies/{second}/trials", query_string={"state": "complete"}).get_json()
+    assert complete["total"] == 2 and all(t["state"] == "complete" for t in complete["items"])
+    assert studies.get(f"/studies/{second}/trials", query_string={"state": "pruned"}).get_json()["total"] == 0
+
+
 @pytest.mark.parametrize(
     ("body", "field", "fragment"),
     [
@@ -216,6 +234,16 @@ def test_invalid_study_is_422_naming_the_field_and_creates_nothing(studies, mlfl
     assert match and fragment in match[0]["message"], problem["errors"]
     after = len(mlflow_client.search_runs([experiment.experiment_id], max_results=1000)) if experiment else 0
     assert after == before
+
+
+def test_an_unreachable_study_storage_is_503_and_the_parent_run_is_failed(api_settings, mlflow_client):
+    client = create_app(api_settings.model_copy(update={"study_storage": "postgresql://postgres@127.0.0.1:9/nowhere"})).test_client()
+    response = client.post("/studies", json=study_body())
+    assert response.status_code == 503, response.get_json()
+    assert response.headers["Retry-After"] and "study storage (postgresql)" in response.get_json()["detail"]
+    experiment = mlflow_client.get_experiment_by_name(api_settings.experiment)
+    failed = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`convtune.kind` = 'study' and attributes.status = 'FAILED'")
+    assert failed and failed[0].data.tags["convtune.reason"].startswith("not dispatched")
 
 
 def test_unknown_study_is_404(studies):
@@ -266,7 +294,7 @@ def test_a_study_trial_whose_worker_dies_resumes_from_its_checkpoint(studies, st
         assert time.monotonic() < deadline
         time.sleep(0.2)
     for worker in study_workers:  # the training process dies mid-epoch, as on an OOM kill (the idle one just restarts)
-        for pid in subprocess.run(["pgrep", "-P", str(worker.popen.pid)], capture_output=True, text=True).stdout.split():
+        for pid in subprocess.run(["pgrep", "-P", str(worker.popen.pid)], capture_output=True, text=True, check=False).stdout.split():
             os.kill(int(pid), signal.SIGKILL)
 
     study = wait_for_study(studies, accepted["id"], timeout_s=240)

@@ -83,7 +83,8 @@ def test_range_test_then_its_suggestion_trains_and_ten_times_its_largest_stable_
     artifacts = {a.path for a in mlflow_client.list_artifacts(good["id"])}
     assert {"confusion_matrix.json", "model_summary.json", "model_summary.txt"} <= artifacts
     assert "plots/confusion_matrix.png" in {a.path for a in mlflow_client.list_artifacts(good["id"], "plots")}
-    matrix = json.loads(open(mlflow_client.download_artifacts(good["id"], "confusion_matrix.json")).read())["matrix"]
+    with open(mlflow_client.download_artifacts(good["id"], "confusion_matrix.json")) as f:
+        matrix = json.load(f)["matrix"]
     assert len(matrix) == 10 and sum(matrix[i][i] for i in range(10)) / sum(map(sum, matrix)) == pytest.approx(trained["metrics"]["val_accuracy"])
     assert sorted(m.step for m in mlflow_client.get_metric_history(good["id"], "samples_per_second")) == list(range(1, 9))
     tags = mlflow_client.get_run(good["id"]).data.tags
@@ -188,3 +189,74 @@ def test_auto_batch_through_a_worker_reports_the_batch_it_chose(client, two_devi
     batch = int(tags["convtune.batch_size"])
     assert batch >= 64 and batch & (batch - 1) == 0 and "probed from 2" in tags["convtune.batch_probe"]
     assert float(tags["convtune.lr_effective"]) == pytest.approx(0.1 * (batch / 32) ** 0.5, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def studies(api_settings, worker_env):
+    from service import create_app
+
+    return create_app(api_settings.model_copy(update={"study_storage": worker_env["CONVTUNE_STUDY_STORAGE"]})).test_client()
+
+
+def test_study_with_lr_auto_runs_one_range_test_and_searches_around_it(studies, worker, mlflow_client):
+    body = {
+        "base": {**TRIAL, "optim": {**TRIAL["optim"], "epochs": 2}},
+        "search_space": {"model.activation": ["relu", "gelu"]},
+        "lr_auto": {"steps": 100},
+        "sampler": "random", "pruner": "none", "n_trials": 3, "parallelism": 2,
+    }
+    response = studies.post("/studies", json=body)
+    assert response.status_code == 202, response.get_json()
+    study_id = response.get_json()["id"]
+    deadline = time.monotonic() + 240
+    while (study := studies.get(f"/studies/{study_id}").get_json())["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, study
+        time.sleep(0.5)
+    assert study["state"] == "succeeded", study["reason"]
+
+    parent = mlflow_client.get_run(study_id).data.tags
+    low, high = json.loads(parent["convtune.lr_auto.range"])
+    test = mlflow_client.get_run(parent["convtune.lr_auto.test_id"])
+    assert test.data.tags[TAG.KIND] == "lr_finder" and test.data.tags["mlflow.parentRunId"] == study_id
+    assert test.data.tags[TAG.OUTCOME] == "succeeded"
+    suggested, largest = float(test.data.tags[TAG.SUGGESTED_LR]), float(test.data.tags[TAG.LARGEST_STABLE_LR])
+    assert (low, high) == pytest.approx((suggested / 10, largest), rel=1e-5)
+    keep("study_lr_auto", {"study": {k: study[k] for k in ("id", "state", "reason", "counts", "best")}, "lr_auto.range": [low, high]})
+
+    trials = studies.get(f"/studies/{study_id}/trials").get_json()["items"]
+    assert len(trials) == 3
+    for trial in trials:
+        lr = mlflow_client.get_run(trial["trial_id"]).data.params["optim.lr"]
+        assert low <= float(lr) <= high
+    lr_finder_runs = mlflow_client.search_runs(
+        [test.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{study_id}' and tags.`{TAG.KIND}` = 'lr_finder'",
+    )
+    assert len(lr_finder_runs) == 1  # run once for the whole study
+
+
+def test_study_lr_auto_is_checked(studies):
+    both = studies.post("/studies", json={"search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}, "lr_auto": {}})
+    assert both.status_code == 422 and both.get_json()["errors"][0]["field"] == "search_space.optim.lr"
+    grid = studies.post("/studies", json={"search_space": {"model.activation": ["relu"]}, "lr_auto": {}, "sampler": "grid"})
+    assert grid.status_code == 422 and grid.get_json()["errors"][0]["field"] == "lr_auto"
+    empty = studies.post("/studies", json={"search_space": {}})
+    assert empty.status_code == 422 and "or lr_auto" in empty.get_json()["errors"][0]["message"]
+
+
+def test_study_summary_counts_diverged_trials_and_their_learning_rates(studies, worker):
+    body = {
+        "base": {**TRIAL, "optim": {**TRIAL["optim"], "epochs": 4}},
+        "search_space": {"optim.lr": [0.1, 8.0]},
+        "warm_start": [{"optim.lr": 0.1}, {"optim.lr": 8.0}],
+        "sampler": "random", "pruner": "none", "n_trials": 2, "parallelism": 1,
+    }
+    study_id = studies.post("/studies", json=body).get_json()["id"]
+    deadline = time.monotonic() + 180
+    while (study := studies.get(f"/studies/{study_id}").get_json())["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, study
+        time.sleep(0.5)
+    assert study["counts"] == {"succeeded": 1, "diverged": 1}, study
+    assert study["diverged_lrs"] == [8.0]
+    diverged = [t for t in studies.get(f"/studies/{study_id}/trials").get_json()["items"] if t["outcome"] == "diverged"]
+    assert diverged[0]["state"] == "pruned" and "the learning rate may be too high" in diverged[0]["reason"]
+    keep("study_diverged", {k: study[k] for k in ("id", "state", "reason", "counts", "diverged_lrs")})
