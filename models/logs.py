@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["bind", "clear", "configure_logging", "log_context"]
+__all__ = ["bind", "clear", "configure_logging", "current_ids", "log_context"]
 
 _CONTEXT: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("convtune_log_context", default={})
 
@@ -38,7 +38,14 @@ def clear() -> None:
     _CONTEXT.set({})
 
 
+def current_ids() -> dict[str, str]:
+    """The ids bound now, e.g. to pass them explicitly in a record's ``extra``."""
+    return dict(_CONTEXT.get())
+
+
 class _ContextFilter(logging.Filter):
+    # On the handler, not a record factory: a factory would make logging refuse an ``extra`` that
+    # names the same id ("Attempt to overwrite"), which callers are free to pass.
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _CONTEXT.get().items():
             if not hasattr(record, key):

@@ -53,6 +53,7 @@ TrialOutcome = Literal[
 ]
 OUTCOMES: tuple[str, ...] = TrialOutcome.__args__  # type: ignore[attr-defined]
 # Outcomes after which the message is redelivered and the trial resumed (capped by max attempts).
+# Every other outcome is final: the same spec would end the same way (docs/tuning.md, "Outcomes").
 RETRIED_OUTCOMES = ("worker_lost",)
 
 EXPERIMENT_KIND = "custom_model_development"

@@ -22,7 +22,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from models.logs import bind, clear
+from models.logs import bind, clear, current_ids
 from models.protocol import CALLBACK_QUEUE, OUTCOME_COUNTS_KEY, QUEUES
 from service.auth import current_principal
 from service.settings import ApiSettings
@@ -146,7 +146,7 @@ def init_app(app: Flask, settings: ApiSettings, redis_client: redis.Redis, celer
             log.info(
                 "%s %s %s", request.method, request.path, response.status_code,
                 extra={"method": request.method, "route": route, "status": response.status_code, "duration_ms": round(elapsed * 1000, 1),
-                       "principal": current_principal().name, "remote_addr": request.remote_addr},
+                       "principal": current_principal().name, "remote_addr": request.remote_addr, **current_ids()},
             )
         return response
 

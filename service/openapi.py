@@ -81,4 +81,6 @@ def init_app(app: ConvtuneOpenAPI) -> None:
     app.add_url_rule("/openapi.json", "openapi_json", lambda: jsonify(app.api_doc))
     # The plugin's page loads its assets relative to itself ("swagger/js/..."): serve them at /swagger/.
     app.register_blueprint(RegisterPlugin.register(doc_url="openapi.json"), url_prefix="")
-    app.add_url_rule("/docs", "docs", lambda: render_template_string(swagger_html_string, doc_url="/openapi.json", swagger_config=None, oauth_config=None))
+    # validatorUrl None: Swagger UI would otherwise ask an online validator for its badge.
+    page = {"doc_url": "/openapi.json", "swagger_config": {"validatorUrl": None, "persistAuthorization": True}, "oauth_config": None}
+    app.add_url_rule("/docs", "docs", lambda: render_template_string(swagger_html_string, **page))

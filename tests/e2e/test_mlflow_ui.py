@@ -58,7 +58,7 @@ def finished_study(redis_url: str, mlflow_uri: str, worker_env: dict[str, str]) 
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install -y chromium); .ci/run installs it")
-def test_mlflow_ui_shows_the_study_parent_with_child_trials_and_metrics(finished_study: dict, mlflow_uri: str) -> None:
+def test_mlflow_ui_shows_the_study_parent_with_child_trials_and_metrics(finished_study: dict, mlflow_uri: str, capsys: pytest.CaptureFixture) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     study, trials = finished_study["study"], finished_study["trials"]
@@ -98,5 +98,6 @@ def test_mlflow_ui_shows_the_study_parent_with_child_trials_and_metrics(finished
                 page.screenshot(path=str(screenshot), full_page=True)  # also when a check failed: it shows why
                 (screenshot.with_suffix(".html")).write_text(page.content())
             browser.close()
-    print(f"\nMLflow UI screenshot: {screenshot}")
+    with capsys.disabled():  # shown in every run, not only a failing one
+        print(f"\nMLflow UI screenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000

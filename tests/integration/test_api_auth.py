@@ -65,10 +65,13 @@ def test_scopes_decide_what_a_token_may_call(api):
     assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "cancelled"
 
 
-def test_owner_is_recorded_on_the_run(api, mlflow_client):
-    accepted = api.post("/trials", json=tiny_trial(optim={"epochs": 1000}), headers=bearer("submitter"))
+def test_owner_is_recorded_on_the_run_and_in_the_access_log(api, mlflow_client, caplog):
+    with caplog.at_level(logging.INFO, logger="convtune.access"):
+        accepted = api.post("/trials", json=tiny_trial(optim={"epochs": 1000}), headers=bearer("submitter"))
     trial_id = accepted.get_json()["id"]
     assert mlflow_client.get_run(trial_id).data.tags["convtune.owner"] == "submitter"
+    [line] = [r for r in caplog.records if r.name == "convtune.access" and getattr(r, "route", None) == "/trials"]
+    assert (line.trial_id, line.principal, line.status, line.method) == (trial_id, "submitter", 202, "POST")
     assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")).status_code == 202
 
 

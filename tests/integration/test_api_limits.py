@@ -85,3 +85,13 @@ def test_metrics_count_requests_by_route_and_status_and_read_queues(client, app)
     for queue in ("gpu", "cpu", "callbacks"):
         assert f'convtune_queue_depth{{queue="{queue}"}}' in text
         assert f'convtune_workers{{queue="{queue}"}}' in text
+
+
+def test_study_caps_on_trials_and_parallelism_are_422_naming_the_fields(api_settings):
+    app, headers = _secured(api_settings, max_trials_per_study=10, max_parallelism=2)
+    client = app.test_client()
+    study = {"base": tiny_trial(), "search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, "n_trials": 11, "parallelism": 3}
+    response = client.post("/studies", json=study, headers=headers)
+    assert response.status_code == 422, response.get_json()
+    assert {e["field"] for e in response.get_json()["errors"]} == {"n_trials", "parallelism"}
+    assert "at most 10 trials" in response.get_json()["detail"]

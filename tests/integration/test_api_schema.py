@@ -103,5 +103,6 @@ def test_swagger_ui_is_served_offline(schema_app):
     assert not re.search(r"(src|href)=[\"']?(https?:)?//", html), "the page loads something from another host"
     assets = re.findall(r"(?:src|href)=\"([^\"]+)\"", html)
     assert assets and all(client.get(f"/{a.lstrip('/')}").status_code == 200 for a in assets)
+    assert '"validatorUrl": null' in html  # no badge fetched from an online validator
     bundle = client.get("/swagger/js/swagger-ui-bundle.js")
     assert bundle.status_code == 200 and len(bundle.data) > 100_000

@@ -83,6 +83,9 @@ def test_callback_arrives_signed_when_the_trial_ends_and_is_retried(client, work
     assert headers2["X-Convtune-Event"] == event["event"] == "trial.ended"
     assert event["trial"]["id"] == trial_id and event["trial"]["status"] == "succeeded" and event["trial"]["outcome"] == "succeeded"
     assert event["trial"]["name"] == "with-callback" and 0 < event["trial"]["metrics"]["val_accuracy"] <= 1
+    # the worker's log lines about this trial are JSON and carry its id
+    tagged = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{") and trial_id in line]
+    assert any(entry.get("trial_id") == trial_id and entry["process"] == "worker" for entry in tagged)
     # the URL is not an MLflow param
     assert "callback_url" not in client.application.extensions["convtune"].runs.client.get_run(trial_id).data.params
 

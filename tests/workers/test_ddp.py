@@ -87,3 +87,18 @@ def test_a_worker_with_fewer_devices_fails_the_trial_with_a_reason():
     with pytest.raises(NotEnoughDevices, match="asks for devices=2, and this worker owns 1 CPU processes") as caught:
         run_on_devices(trial(batch_size=32, devices=2), ListTracker(), TrialContext(device=CPU), owned=1)
     assert caught.value.outcome == "error"
+
+
+def test_a_failing_rank_writes_its_ending_and_rank_zero_reports_it(tmp_path: Path):
+    import subprocess
+
+    from models.data import InvalidData
+    from workers.parallel import RankFailed, _first_failure, train_rank
+
+    payload = trial(batch_size=32).model_dump(mode="json") | {"data": {"name": "npz", "path": "missing.npz"}}
+    with pytest.raises(InvalidData):  # a rank alone in its group, failing as rank 1 of a trial would
+        train_rank(0, 1, f"file://{tmp_path / 'rendezvous'}", payload, "cpu", None, None, 5, str(tmp_path / "rank1.json"))
+    assert not dist.is_initialized()
+    failure = _first_failure(tmp_path, [subprocess.Popen(["true"])])
+    assert isinstance(failure, RankFailed) and (failure.outcome, failure.mlflow_status) == ("invalid_data", "FAILED")
+    assert failure.reason.startswith("rank 1 of the data-parallel trial failed: dataset 'npz' needs a data root")
