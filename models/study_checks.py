@@ -179,7 +179,8 @@ def _budget_problems(spec: StudySpec) -> list[tuple[Loc, str]]:
     epochs = _max_epochs(spec)
     if spec.pruner.name == "hyperband" and spec.pruner.max_resource is not None and spec.pruner.max_resource > epochs:
         problems.append((("pruner", "max_resource"), f"max_resource ({spec.pruner.max_resource}) is more than the {epochs} epochs a trial trains"))
-    if spec.pruner.name in ("hyperband", "successive_halving") and spec.pruner.min_resource >= epochs:
+    # Only a min_resource the client chose: the default pruner on one-epoch trials just never prunes.
+    if spec.pruner.name in ("hyperband", "successive_halving") and "min_resource" in spec.pruner.model_fields_set and spec.pruner.min_resource >= epochs:
         problems.append((("pruner", "min_resource"), f"min_resource ({spec.pruner.min_resource}) leaves nothing to prune in {epochs}-epoch trials"))
     return problems
 

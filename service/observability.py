@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -34,6 +36,7 @@ bp = APIBlueprint("metrics", __name__, abp_tags=[Tag(name="operations", descript
 # kombu's Redis transport keeps a queue's prioritised messages in sibling lists.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 WORKERS_CACHE_S = 15.0
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 
 
 class LiveCollector:
@@ -134,14 +137,18 @@ def init_app(app: Flask, settings: ApiSettings, redis_client: redis.Redis, celer
     def start() -> None:
         clear()
         g.started = time.perf_counter()
+        # A caller's X-Request-ID (a short token) is kept, so its logs and ours can be joined.
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         args = request.view_args or {}
-        bind(trial_id=args.get("trial_id"), study_id=args.get("study_id"))
+        bind(request_id=g.request_id, trial_id=args.get("trial_id"), study_id=args.get("study_id"))
 
     def finish(response: Response) -> Response:
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
         route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         api_metrics.requests.labels(request.method, route, str(response.status_code)).inc()
         api_metrics.latency.labels(request.method, route).observe(elapsed)
+        response.headers["X-Request-ID"] = g.get("request_id", "")
         if request.endpoint != "metrics.metrics":
             log.info(
                 "%s %s %s", request.method, request.path, response.status_code,

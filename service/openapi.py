@@ -40,6 +40,16 @@ class ConvtuneOpenAPI(OpenAPI):
         complete_document(self.spec_json, self.public_paths)
 
 
+REQUEST_ID = {"description": "The caller's X-Request-ID, or a new one; the request_id of its log lines.", "schema": {"type": "string"}, "required": True}
+RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 1}, "required": True}
+
+
+def _is_problem(response: dict[str, Any]) -> bool:
+    """An error answer documented with the Problem model (as itself, or flask-openapi3's 422 list of it)."""
+    schemas = [media.get("schema", {}) for media in (response.get("content") or {}).values()]
+    return not schemas or any(PROBLEM_REF in (schema, schema.get("items")) for schema in schemas)
+
+
 def _problem_content() -> dict[str, Any]:
     return {PROBLEM_JSON: {"schema": PROBLEM_REF}}
 
@@ -50,11 +60,18 @@ def complete_document(doc: dict[str, Any], public: set[tuple[str, str]]) -> None
         for method, operation in item.items():
             responses = operation.setdefault("responses", {})
             for status, response in responses.items():
-                if status.startswith(("4", "5")):
+                if status.startswith(("4", "5")) and _is_problem(response):
                     response["content"] = _problem_content()
+                    if status in ("429", "503"):
+                        response["headers"] = {"Retry-After": RETRY_AFTER}
+            for response in responses.values():
+                response.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID
             codes = ["500"] if (path, method) in public else ["401", "403", "429", "500"]
             for code in codes:
-                responses.setdefault(code, {"description": _ERRORS[code], "content": _problem_content()})
+                if code not in responses:
+                    responses[code] = {"description": _ERRORS[code], "content": _problem_content(), "headers": {"X-Request-ID": REQUEST_ID}}
+                    if code == "429":
+                        responses[code]["headers"]["Retry-After"] = RETRY_AFTER
             if (path, method) in public:
                 operation["security"] = []
             else:

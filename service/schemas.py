@@ -66,7 +66,7 @@ class TrialPublic(BaseModel):
     id: str
     name: str | None
     status: Status
-    outcome: str | None = Field(description="How it ended: succeeded, diverged, pruned, out_of_memory, timeout, cancelled, worker_lost, invalid_data, error.")
+    outcome: str | None = Field(description="How it ended: succeeded, diverged, pruned, out_of_memory, timeout, cancelled, worker_lost, invalid_data, error; in a study also infeasible (the sampled architecture cannot run) or duplicate (a twin's result reused).")
     reason: str | None = Field(description="Why it ended that way, for a person.")
     queue: str | None
     epochs_done: int

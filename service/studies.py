@@ -13,6 +13,7 @@ from models.logs import bind
 from models.protocol import TAG
 from models.search import USER_ATTR, decode_params, storage_kind
 from models.study_spec import StudySpec
+from service.auth import check_owner
 from service.errors import Problem
 from service.idempotency import IdempotencyHeader, idempotent
 from service.limits import check_study_caps
@@ -92,7 +93,9 @@ def list_study_trials(path: StudyPath, query: StudyTrialQuery):
 def cancel_study(path: StudyPath):
     """Cancel a study: no more trials start, running ones stop at their next check."""
     dispatcher = study_dispatcher()
-    dispatcher.cancel(dispatcher.get(path.study_id))
+    record = dispatcher.get(path.study_id)
+    check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
+    dispatcher.cancel(record)
     return study_public(dispatcher.get(path.study_id)).model_dump(), 202
 
 
@@ -101,6 +104,7 @@ def extend_study(path: StudyPath, body: StudyExtend):
     """Add trials to a running or ended study, trying the given warm-start configurations first."""
     dispatcher = study_dispatcher()
     record = dispatcher.get(path.study_id)
+    check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
     check_study_caps(record.spec.budget + max(body.n_trials, len(body.warm_start)), None, services().settings)
     dispatcher.extend(record, body.n_trials, body.warm_start)
     return study_public(dispatcher.get(path.study_id)).model_dump(), 202
@@ -150,6 +154,8 @@ def _best(record: StudyRecord) -> StudyBest | None:
         return None
     s = services()
     best = record.study.best_trial
+    if best.user_attrs.get(USER_ATTR.DUPLICATE_OF) is not None:  # show the trial that trained it, not the one that reused it
+        best = record.study.get_trials(deepcopy=False)[int(best.user_attrs[USER_ATTR.DUPLICATE_OF])]
     trial_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
     return StudyBest(
         number=best.number, trial_id=trial_id, value=float(best.value), params=decode_params(record.spec, best.params),

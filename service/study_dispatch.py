@@ -25,6 +25,7 @@ from models.protocol import TAG, TASK_STUDY_STEP, cancel_key
 from models.search import USER_ATTR, encode_params, open_storage, storage_kind
 from models.study_checks import space_problems
 from models.study_spec import StudySpec, grid_points, param_values
+from service.auth import current_principal
 from service.errors import Conflict, FieldError, InfeasibleSpec, InvalidSpec, NotFound, ServiceUnavailable
 from service.runs import RUN_ID, RunStore
 from service.settings import ApiSettings
@@ -119,6 +120,7 @@ class StudyDispatcher:
         spec_json = spec.model_dump_json()
         tags = {
             TAG.KIND: "study", TAG.RUN_NAME: spec.display_name(), TAG.QUEUE: queue, "convtune.n_trials": str(spec.budget),
+            TAG.OWNER: current_principal().name,  # only this token (or an admin) may cancel or extend it
             "convtune.study_storage": storage_kind(self.settings.study_storage),
             **({"convtune.study_spec": spec_json} if len(spec_json) <= 7000 else {}),
             **{f"user.{k}": v for k, v in spec.tags.items()},

@@ -47,6 +47,8 @@ from workers.outcomes import Pruned
 __all__ = ["SendStep", "TrialFailed", "execute_step"]
 
 log = logging.getLogger(__name__)
+# Optuna logs each trial that ends FAIL with a traceback; convtune logs the outcome and reason itself.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 SendStep = Callable[[str, int, str], None]  # (study_id, slot, queue)
 PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible")

@@ -42,7 +42,7 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
     trials = stored.get_trials(deepcopy=False)
     counts = Counter(t.user_attrs.get(USER_ATTR.OUTCOME, STATES.get(t.state, "other")) for t in trials if t.state != TrialState.WAITING)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = stored.best_trial if complete else None
+    best = _trained(stored, stored.best_trial) if complete else None
     metric = spec.objective.metric
     now = int(time.time() * 1000)
     epochs = sum(int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)) for t in trials)
@@ -82,6 +82,12 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
         study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), mlflow_status=status, outcome=outcome,
         reason=reason, best=best_info, counts=dict(counts),
     )
+
+
+def _trained(stored: optuna.Study, best: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """The trial that trained the best configuration: a duplicate only reused its twin's value (and has no model)."""
+    twin = best.user_attrs.get(USER_ATTR.DUPLICATE_OF)
+    return best if twin is None else stored.get_trials(deepcopy=False)[int(twin)]
 
 
 def _count_text(counts: Counter) -> str:

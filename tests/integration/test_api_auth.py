@@ -72,6 +72,9 @@ def test_owner_is_recorded_on_the_run_and_in_the_access_log(api, mlflow_client, 
     assert mlflow_client.get_run(trial_id).data.tags["convtune.owner"] == "submitter"
     [line] = [r for r in caplog.records if r.name == "convtune.access" and getattr(r, "route", None) == "/trials"]
     assert (line.trial_id, line.principal, line.status, line.method) == (trial_id, "submitter", 202, "POST")
+    assert line.request_id == accepted.headers["X-Request-ID"]
+    echoed = api.get("/healthz", headers={"X-Request-ID": "ci-job-42-step-3"})
+    assert echoed.headers["X-Request-ID"] == "ci-job-42-step-3"
     assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")).status_code == 202
 
 
@@ -93,3 +96,13 @@ def test_disabled_auth_warns_loudly_at_start(api_settings, caplog):
     with caplog.at_level(logging.WARNING):
         create_app(api_settings.model_copy(update={"auth_disabled": True}))
     assert any("AUTHENTICATION IS DISABLED" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_only_the_submitter_or_an_admin_may_cancel_or_extend_a_study(api):
+    study = {"base": tiny_trial(queue="gpu"), "search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, "n_trials": 2}
+    created = api.post("/studies", json=study, headers=bearer("submitter"))
+    assert created.status_code == 202, created.get_json()
+    study_id = created.get_json()["id"]
+    assert_problem(api.post(f"/studies/{study_id}/extend", json={"n_trials": 1}, headers=bearer("other")), 403, "forbidden")
+    assert_problem(api.post(f"/studies/{study_id}/cancel", headers=bearer("other")), 403, "forbidden")
+    assert api.post(f"/studies/{study_id}/cancel", headers=bearer("root")).status_code == 202

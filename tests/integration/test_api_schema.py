@@ -84,8 +84,11 @@ def test_document_is_openapi_31_with_every_route_and_problem_errors(schema_app):
         operation = doc["paths"][path][method]
         assert operation.get("summary"), (path, method)
         for status, response in operation["responses"].items():
-            if status.startswith(("4", "5")):
+            assert response["headers"]["X-Request-ID"]["required"] is True
+            if status.startswith(("4", "5")) and (path, status) != ("/readyz", "503"):  # readyz's 503 is its Health report
                 assert list(response["content"]) == ["application/problem+json"], (path, method, status)
+            if status in ("429", "503") and path != "/readyz":
+                assert "Retry-After" in response["headers"], (path, method, status)
         assert "500" in operation["responses"]
         if path not in ("/healthz", "/readyz", "/metrics"):
             assert operation["security"] == [{"bearerAuth": []}]

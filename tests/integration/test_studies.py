@@ -172,6 +172,24 @@ def test_grid_is_enqueued_whole_and_an_extension_reuses_a_duplicate(studies, stu
     assert extra["duplicate_of"] == twin["number"] and extra["value"] == twin["value"]
 
 
+def test_a_running_study_extended_runs_the_added_trials_within_its_parallelism(studies, study_workers):
+    body = study_body(n_trials=2, parallelism=1, sampler="random", base=tiny_trial(optim={"epochs": 3}))
+    accepted = submit(studies, body)
+    wait_for_study(studies, accepted["id"], until=lambda s: s["counts"].get("running", 0) == 1, timeout_s=60)
+    response = studies.post(f"/studies/{accepted['id']}/extend", json={"n_trials": 2})
+    assert response.status_code == 202 and response.get_json()["progress"]["n_trials"] == 4
+    study = wait_for_study(studies, accepted["id"])
+    assert study["state"] == "succeeded" and study["progress"]["finished"] == 4
+    from datetime import datetime
+
+    trials = trials_of(studies, accepted["id"])
+    assert len(trials) == 4 and all(t["outcome"] == "succeeded" for t in trials)
+    # parallelism 1, also after the extension: each trial started once the one before it had ended
+    spans = [(datetime.fromisoformat(t["started_at"]).timestamp(), t["duration_s"]) for t in trials]
+    for (start, duration), (next_start, _) in zip(spans, spans[1:]):
+        assert next_start >= start + duration
+
+
 def test_cancel_stops_running_and_queued_trials(studies, study_workers, mlflow_client):
     body = study_body(base=tiny_trial(optim={"epochs": 200}), n_trials=8, sampler="random")
     accepted = submit(studies, body)

@@ -32,6 +32,10 @@ def test_defaults_tpe_asha_twenty_trials_maximising_val_accuracy() -> None:
     assert StudySpec.model_validate({**spec.model_dump(), "objective": {"metric": "val_loss"}}).objective.resolved_direction == "minimize"
 
 
+def test_the_default_pruner_accepts_one_epoch_trials() -> None:
+    assert study(base={**BASE, "optim": {"epochs": 1}}).pruner.name == "successive_halving"
+
+
 def test_shorthands_a_list_is_a_choice_and_a_name_is_a_sampler_or_pruner() -> None:
     spec = study(search_space={"model.activation": ["relu", "gelu"]}, sampler="random", pruner="none")
     assert isinstance(spec.search_space["model.activation"], CategoricalParam)
@@ -63,6 +67,7 @@ def test_shorthands_a_list_is_a_choice_and_a_name_is_a_sampler_or_pruner() -> No
         pytest.param({"warm_start": [{"optim.lr": 0.5}]}, "warm_start.0.optim.lr", "outside the search space", id="warm-start-outside"),
         pytest.param({"warm_start": [{"optim.batch_size": 32}]}, "warm_start.0.optim.batch_size", "not a key", id="warm-start-unknown-key"),
         pytest.param({"pruner": {"name": "hyperband", "max_resource": 50}}, "pruner.max_resource", "more than the 4 epochs", id="hyperband-beyond-epochs"),
+        pytest.param({"pruner": {"name": "successive_halving", "min_resource": 4}}, "pruner.min_resource", "nothing to prune", id="asha-min-resource-too-late"),
     ],
 )
 def test_invalid_spaces_name_the_field(fields: dict[str, Any], field: str, fragment: str) -> None:
