@@ -7,7 +7,8 @@ or sampled configuration, the objective creates the trial's child MLflow run, tr
 :func:`workers.execution.execute_trial` (lease, tracker, checkpoints, outcomes) and reports the
 objective after every epoch so the pruner can stop it. Then the step releases its slot, sends the
 steps the budget allows, and the step that leaves nothing in flight finishes the study
-(:mod:`workers.study_report`). No step waits on another.
+(:mod:`workers.study_report`). No step waits on another. A step redelivered because its worker
+died resumes the same Optuna trial from its last checkpoint (up to the workers' max_attempts).
 
 How a trial's outcome becomes an Optuna state:
 
