@@ -27,6 +27,7 @@ from models.data import load
 from models.protocol import KIND, TAG, attempts_key, cancel_key
 from models.study_spec import FloatParam, StudySpec
 from models.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range, lr_search_range
+from workers.execution import LeaseHeld
 from workers.lease import Lease
 from workers.outcomes import Cancelled, Ending, TimedOut, classify
 from workers.tracking import MlflowTracker
@@ -208,20 +209,23 @@ LR_AUTO_ATTR = "convtune.lr_auto"  # Optuna study user attribute: the range foun
 def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_stop: Callable[[], bool]) -> StudySpec:
     """``spec`` with ``optim.lr`` searched log-uniformly in the range its ``lr_auto`` range test found.
 
-    The first step of the study to get here runs the test (holding a lease, so a second step waits
-    for it rather than running it again), logs it as a child run of the study and stores the range
-    in the Optuna study; every step then reads it from there. Raises LrAutoFailed when the test ended
-    without a range.
+    The first step of the study to get here runs the test (holding a lease), logs it as a child run
+    of the study and stores the range in the Optuna study; every step then reads it from there. A
+    step that finds the lease held raises LeaseHeld: its task is sent again later instead of
+    blocking a worker while the test runs. Raises LrAutoFailed when the test ended without a range.
     """
     assert spec.lr_auto is not None, "only for studies with lr_auto"
-    lease = Lease(rt.redis, f"{study_id}-lr-auto", rt.settings.lease_ttl_s)
-    while (found := stored.user_attrs.get(LR_AUTO_ATTR)) is None:
-        if lease.acquire():
-            with lease:
-                if stored.user_attrs.get(LR_AUTO_ATTR) is None:  # not found by a step that held the lease before
-                    stored.set_user_attr(LR_AUTO_ATTR, _study_range_test(study_id, spec, rt, should_stop))
-            continue
-        time.sleep(1.0)
+    found = stored.user_attrs.get(LR_AUTO_ATTR)
+    if found is None:
+        lease = Lease(rt.redis, f"{study_id}-lr-auto", rt.settings.lease_ttl_s)
+        if not lease.acquire():
+            raise LeaseHeld(f"{study_id} (its lr_auto range test)", retry_in_s=min(5, rt.settings.lease_ttl_s))
+        with lease:
+            # Read again (Study.user_attrs asks the storage): a step that held the lease before may have stored it.
+            found = stored.user_attrs.get(LR_AUTO_ATTR)
+            if found is None:
+                found = _study_range_test(study_id, spec, rt, should_stop)
+                stored.set_user_attr(LR_AUTO_ATTR, found)
     if "error" in found:
         raise LrAutoFailed(found["error"])
     lr = FloatParam(low=found["low"], high=found["high"], log=True)

@@ -90,6 +90,7 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
             if budget.stopped() != "cancelled":  # a cancelled study ends through the usual path below
                 budget.stop("error")
                 _end_parent(rt, study_id, "FAILED", "error", str(exc))
+                budget.top_up(release_slot=slot)  # stopped: this only gives the slot back
                 return "skipped"
 
     try:
