@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 
 __all__ = ["bind", "clear", "configure_logging", "current_ids", "log_context"]
 
-_CONTEXT: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("convtune_log_context", default={})
+# Never mutated in place: every bind sets a new mapping, so contexts never share one.
+_CONTEXT: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("convtune_log_context", default=MappingProxyType({}))
 
 
 @contextmanager

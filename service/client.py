@@ -123,6 +123,9 @@ class ConvtuneClient:
     def cancel_study(self, study_id: str) -> dict[str, Any]:
         return self._call("POST", f"/studies/{study_id}/cancel")
 
+    def extend_study(self, study_id: str, n_trials: int, warm_start: list[dict[str, Any]] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._create(f"/studies/{study_id}/extend", {"n_trials": n_trials, "warm_start": warm_start or []}, idempotency_key)
+
     def study_trials(self, study_id: str, limit: int = 1000) -> list[dict[str, Any]]:
         """Every trial of a study (Optuna's view: number, trial_id, state, outcome, value, params)."""
         items: list[dict[str, Any]] = []

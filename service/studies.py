@@ -100,7 +100,8 @@ def cancel_study(path: StudyPath):
 
 
 @bp.post("/<study_id>/extend", responses={202: StudyPublic, 404: Problem, 409: Problem, 422: Problem, 503: Problem})
-def extend_study(path: StudyPath, body: StudyExtend):
+@idempotent
+def extend_study(path: StudyPath, body: StudyExtend, header: IdempotencyHeader):
     """Add trials to a running or ended study, trying the given warm-start configurations first."""
     dispatcher = study_dispatcher()
     record = dispatcher.get(path.study_id)

@@ -68,3 +68,17 @@ def test_without_a_key_each_post_creates_a_trial(client):
     assert a.status_code == b.status_code == 202 and a.get_json()["id"] != b.get_json()["id"]
     for r in (a, b):
         client.post(f"/trials/{r.get_json()['id']}/cancel")
+
+
+def test_a_retried_extend_adds_its_trials_once(client, api_settings, worker_env):
+    from service import create_app
+
+    studies = create_app(api_settings.model_copy(update={"study_storage": worker_env["CONVTUNE_STUDY_STORAGE"]})).test_client()
+    study = {"base": tiny_trial(queue="gpu"), "search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, "n_trials": 2}
+    study_id = studies.post("/studies", json=study).get_json()["id"]
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = studies.post(f"/studies/{study_id}/extend", json={"n_trials": 3}, headers=key)
+    again = studies.post(f"/studies/{study_id}/extend", json={"n_trials": 3}, headers=key)
+    assert first.status_code == again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert studies.get(f"/studies/{study_id}").get_json()["progress"]["n_trials"] == 5
+    studies.post(f"/studies/{study_id}/cancel")
