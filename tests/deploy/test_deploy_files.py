@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # The tools come as wheels into the virtualenv, whose bin/ need not be on PATH.
     tool = shutil.which(argv[0], path=str(Path(sys.executable).parent)) or shutil.which(argv[0])
     if tool is None:
         pytest.fail(f"{argv[0]} is not installed: it comes with the test extras (pip install -e '.[test]')")
-    return subprocess.run([tool, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run([tool, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
 def test_dockerfile_passes_hadolint():
@@ -32,9 +33,14 @@ def test_dockerfile_has_api_and_worker_targets_and_api_has_no_torch():
     assert "torch" not in api_stage and "[worker]" not in api_stage
 
 
-def test_compose_file_is_valid():
-    result = _run(["docker-compose", "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT / "deploy")
+def test_compose_file_is_valid_and_demands_auth_tokens():
+    compose = ["docker-compose", "-f", "docker-compose.yml", "config", "-q"]
+    result = _run(compose, cwd=ROOT / "deploy", env={"CONVTUNE_AUTH_TOKENS": "[]"})
     assert result.returncode == 0, result.stdout + result.stderr
+    unset = {k: v for k, v in os.environ.items() if k != "CONVTUNE_AUTH_TOKENS"}
+    tool = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or "docker-compose"
+    refused = subprocess.run([tool, *compose[1:]], cwd=ROOT / "deploy", capture_output=True, text=True, timeout=60, env=unset)
+    assert refused.returncode != 0 and "CONVTUNE_AUTH_TOKENS" in refused.stdout + refused.stderr
 
 
 def test_kubernetes_manifests_match_the_api_schemas():
