@@ -157,6 +157,10 @@ def init_app(app: Flask, settings: ApiSettings, redis_client: redis.Redis, celer
             )
         return response
 
+    def forget(_exc: BaseException | None) -> None:
+        clear()  # lines logged between requests must not carry the last request's ids
+
     app.before_request(start)
     app.after_request(finish)
+    app.teardown_request(forget)
     return api_metrics

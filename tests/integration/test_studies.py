@@ -298,7 +298,7 @@ def test_a_study_stored_in_postgres_runs_on_workers_sharing_it(api_settings, wor
         worker.stop()
 
 
-def test_a_study_trial_whose_worker_dies_resumes_from_its_checkpoint(studies, study_workers, mlflow_client):
+def test_a_study_trial_whose_worker_dies_resumes_from_its_checkpoint(studies, study_workers, worker, mlflow_client):
     import signal
     import subprocess
 
@@ -311,8 +311,10 @@ def test_a_study_trial_whose_worker_dies_resumes_from_its_checkpoint(studies, st
     while int(mlflow_client.get_run(trial_id).data.tags.get("convtune.epochs_done", 0)) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    for worker in study_workers:  # the training process dies mid-epoch, as on an OOM kill (the idle one just restarts)
-        for pid in subprocess.run(["pgrep", "-P", str(worker.popen.pid)], capture_output=True, text=True, check=False).stdout.split():
+    # The training process dies mid-epoch, as on an OOM kill (idle pools just restart). Every worker on
+    # the cpu queue, the session's own included: any of them may have taken the step.
+    for each in [*study_workers, worker]:
+        for pid in subprocess.run(["pgrep", "-P", str(each.popen.pid)], capture_output=True, text=True, check=False).stdout.split():
             os.kill(int(pid), signal.SIGKILL)
 
     study = wait_for_study(studies, accepted["id"], timeout_s=240)
@@ -322,4 +324,4 @@ def test_a_study_trial_whose_worker_dies_resumes_from_its_checkpoint(studies, st
     run = mlflow_client.get_run(trial_id)
     assert run.data.tags["convtune.attempts"] == "2"
     assert {m.step for m in mlflow_client.get_metric_history(trial_id, "val_accuracy")} == set(range(1, 31))
-    assert any("resuming it" in w.log() for w in study_workers)
+    assert any("resuming it" in w.log() for w in [*study_workers, worker])

@@ -14,6 +14,7 @@ def test_json_lines_carry_trial_and_study_ids(monkeypatch):
     monkeypatch.setattr("sys.stderr", stream)
     configure_logging("worker", "json", "INFO")
     log = logging.getLogger("convtune.test")
+    clear()  # start from no ids, whatever ran before in this process
     try:
         with log_context(trial_id="t1", study_id="s1"):
             log.info("epoch %d done", 3, extra={"epoch": 3})
