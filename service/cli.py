@@ -22,7 +22,16 @@ import yaml
 __all__ = ["main"]
 
 from service.follow import (
-    EXIT_AUTH, EXIT_CODES, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_TIMEOUT, EXIT_UNAVAILABLE, Outputs, Progress, conclude,
+    EXIT_AUTH,
+    EXIT_CODES,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    Outputs,
+    Progress,
+    conclude,
 )
 
 
@@ -72,12 +81,11 @@ def worker(cpu_workers: int, loglevel: str) -> None:
 @click.option("--detach-after-demo", is_flag=True, help="with --demo: stop the stack after the demo instead of serving on")
 def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, demo: bool, detach_after_demo: bool) -> None:
     """Start the local stack (Redis if needed, MLflow, workers, API); Ctrl-C stops all of it."""
-    from rich.console import Console
 
     from service.client import ApiProblem, Unreachable
     from service.stack import Stack, StackConfig
 
-    console = Console()
+    console = _console()
     config = StackConfig(home=home, redis_url=os.environ.get("CONVTUNE_REDIS_URL", "redis://127.0.0.1:6379/0"), api_port=api_port, mlflow_port=mlflow_port, cpu_workers=cpu_workers)
     stack = Stack(config, say=lambda m: console.print(f"[green]>[/] {m}"))
     signal.signal(signal.SIGTERM, _interrupt)
@@ -106,6 +114,13 @@ def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, demo: bool
         console.print("stack stopped")
 
 
+def _console() -> Any:
+    """A terminal's own width; 120 columns when piped (a log), where rich would assume 80."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the stack like Ctrl-C does
 
@@ -125,10 +140,9 @@ def _demo(console: Any, api_url: str, token: str | None = None) -> str | None:
 @click.option("--token", envvar="CONVTUNE_TOKEN", default=None, help="API token (or CONVTUNE_TOKEN)")
 def demo(api_url: str, token: str | None) -> None:
     """Submit the demo trials to a running stack and show their results."""
-    from rich.console import Console
 
     def go() -> int:
-        console = Console()
+        console = _console()
         console.print(f"MLflow UI: {_demo(console, api_url, token)}")
         return EXIT_OK
 
