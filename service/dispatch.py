@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -23,7 +24,7 @@ from service.errors import FieldError, InfeasibleSpec, InvalidSpec, ServiceUnava
 from service.runs import RunStore
 from service.settings import ApiSettings
 
-__all__ = ["Dispatcher", "TaskSender", "check_feasible"]
+__all__ = ["Dispatcher", "TaskSender", "check_callback_url", "check_feasible"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,22 @@ def check_feasible(spec: TrialSpec, data_root: Path | None) -> NetworkPlan | Non
         raise InfeasibleSpec(str(exc), errors=[FieldError(field=exc.field, message=str(exc))]) from exc
 
 
+def check_callback_url(url: object | None, allowed: list[str] | None, field: str) -> None:
+    """Refuse (422 on ``field``) a callback URL whose host is not in ``allowed``, when there is such a list.
+
+    Workers POST to the URL from inside the network: without a list, a token holder can aim them at
+    internal addresses (``CONVTUNE_CALLBACK_HOSTS``).
+    """
+    if url is None or allowed is None:
+        return
+    host = (urlsplit(str(url)).hostname or "").lower()
+    for pattern in (p.lower() for p in allowed):
+        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return
+    message = f"callbacks may only go to {', '.join(allowed) or 'no host'} on this service, not {host!r}"
+    raise InvalidSpec(message, errors=[FieldError(field=field, message=message)])
+
+
 @dataclass
 class Accepted:
     trial_id: str
@@ -91,6 +108,7 @@ class Dispatcher:
         if spec.optim.epochs > self.settings.max_epochs:
             message = f"at most {self.settings.max_epochs} epochs are allowed on this service"
             raise InvalidSpec(message, errors=[FieldError(field="optim.epochs", message=message)])
+        check_callback_url(spec.callback_url, self.settings.callback_hosts, "callback_url")
         plan = check_feasible(spec, self.settings.data_root)
         if plan is not None and plan.params > self.settings.max_params:
             message = f"the network has {plan.params:,} parameters; this service allows at most {self.settings.max_params:,}"

@@ -36,6 +36,13 @@ class ApiSettings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_epochs: int = Field(default=1000, ge=1)
     max_params: int = Field(default=200_000_000, ge=1, description="Largest trainable-parameter count a trial may have.")
+    callback_hosts: list[str] | None = Field(
+        default=None,
+        description=(
+            "Hosts a callback_url may name: exact names or '*.suffix' patterns (JSON list). Unset: any host, "
+            "which lets a token holder make the workers POST to internal addresses; set it in production."
+        ),
+    )
     page_size_max: int = 200
     study_storage: str = Field(
         default=".convtune/studies.journal",

@@ -26,6 +26,7 @@ from models.search import USER_ATTR, encode_params, open_storage, storage_kind
 from models.study_checks import space_problems
 from models.study_spec import StudySpec, grid_points, param_values
 from service.auth import current_principal
+from service.dispatch import check_callback_url
 from service.errors import Conflict, FieldError, InfeasibleSpec, InvalidSpec, NotFound, ServiceUnavailable
 from service.runs import RUN_ID, RunStore
 from service.settings import ApiSettings
@@ -94,6 +95,8 @@ class StudyDispatcher:
 
     def _check(self, spec: StudySpec) -> None:
         """Limits of this service and, for file data the API can see, feasibility of the space."""
+        check_callback_url(spec.callback_url, self.settings.callback_hosts, "callback_url")
+        check_callback_url(spec.base.callback_url, self.settings.callback_hosts, "base.callback_url")
         searched = spec.search_space.get("optim.epochs")
         epochs = max([spec.base.optim.epochs, *(param_values(searched) if searched else [])])
         if epochs > self.settings.max_epochs:

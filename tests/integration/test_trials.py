@@ -192,3 +192,16 @@ def test_a_network_over_the_parameter_cap_is_refused(api_settings):
     response = client.post("/trials", json=tiny_trial(model={"channels": [64, 128]}))
     assert response.status_code == 422
     assert "at most 10,000" in response.get_json()["detail"] and response.get_json()["errors"][0]["field"] == "model.channels"
+
+
+def test_callback_hosts_are_limited_when_the_service_lists_them(api_settings):
+    client = create_app(api_settings.model_copy(update={"callback_hosts": ["hooks.example.com", "*.ci.example.com"]})).test_client()
+    refused = client.post("/trials", json=tiny_trial(callback_url="http://169.254.169.254/latest/meta-data"))
+    assert refused.status_code == 422
+    assert refused.get_json()["errors"][0]["field"] == "callback_url" and "169.254.169.254" in refused.get_json()["detail"]
+    for url in ("https://hooks.example.com/convtune", "https://build-7.ci.example.com/hook"):
+        response = client.post("/trials", json=tiny_trial(callback_url=url, queue="gpu"))  # no worker on gpu: stays queued
+        assert response.status_code == 202, response.get_json()
+        client.post(f"/trials/{response.get_json()['id']}/cancel")
+    study = client.post("/studies", json={"base": tiny_trial(callback_url="http://10.0.0.1/x"), "search_space": {"model.activation": ["relu"]}, "n_trials": 1})
+    assert study.status_code == 422 and study.get_json()["errors"][0]["field"] == "base.callback_url"
