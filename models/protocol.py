@@ -12,6 +12,7 @@ __all__ = [
     "EXPERIMENT_KIND",
     "OUTCOMES",
     "QUEUES",
+    "TERMINAL_STATUSES",
     "RETRIED_OUTCOMES",
     "TAG",
     "TASK_RUN_TRIAL",
@@ -55,6 +56,8 @@ OUTCOMES: tuple[str, ...] = TrialOutcome.__args__  # type: ignore[attr-defined]
 # Outcomes after which the message is redelivered and the trial resumed (capped by max attempts).
 # Every other outcome is final: the same spec would end the same way (docs/tuning.md, "Outcomes").
 RETRIED_OUTCOMES = ("worker_lost",)
+# MLflow run statuses of a run that has ended: a message for such a run is a duplicate.
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 EXPERIMENT_KIND = "custom_model_development"
 

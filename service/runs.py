@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from models.protocol import EXPERIMENT_KIND, TAG, client_status
+from models.protocol import EXPERIMENT_KIND, TAG, TERMINAL_STATUSES, client_status
 from models.shapes import NetworkPlan
 from models.spec import TrialSpec, flatten_params
 from service.errors import BadRequest, NotFound, ServiceUnavailable
 
-__all__ = ["RUN_ID", "RunStore", "TrialRecord", "status_of"]
+__all__ = ["RUN_ID", "RunRecord", "RunStore", "TrialRecord", "status_of"]
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 # Client-side status filter -> MLflow search filter.
 STATUS_FILTERS = {
     "queued": "attributes.status = 'SCHEDULED'",
@@ -46,8 +45,8 @@ def _iso(ms: int | None) -> str | None:
 
 
 @dataclass
-class TrialRecord:
-    """What the API knows of one trial, read back from its MLflow run."""
+class RunRecord:
+    """What the API reads back from one MLflow run (a trial's, a study's parent, a range test's)."""
 
     id: str
     experiment_id: str
@@ -57,6 +56,23 @@ class TrialRecord:
     start_ms: int | None
     end_ms: int | None
 
+    @classmethod
+    def from_run(cls, run: Any, **extra: Any) -> Any:
+        """The record of an MLflow ``Run``; ``extra`` fills a subclass's own fields."""
+        return cls(
+            id=run.info.run_id, experiment_id=run.info.experiment_id, mlflow_status=run.info.status,
+            tags=dict(run.data.tags), metrics=dict(run.data.metrics), start_ms=run.info.start_time, end_ms=run.info.end_time, **extra,
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.mlflow_status in TERMINAL_STATUSES
+
+
+@dataclass
+class TrialRecord(RunRecord):
+    """What the API knows of one trial, read back from its MLflow run."""
+
     @property
     def outcome(self) -> str | None:
         return self.tags.get(TAG.OUTCOME)
@@ -64,10 +80,6 @@ class TrialRecord:
     @property
     def status(self) -> str:
         return status_of(self.mlflow_status, self.outcome)
-
-    @property
-    def terminal(self) -> bool:
-        return self.mlflow_status in TERMINAL
 
     @property
     def spec(self) -> dict[str, Any] | None:
@@ -235,10 +247,7 @@ class RunStore:
 
 
 def _record(run: Any) -> TrialRecord:
-    return TrialRecord(
-        id=run.info.run_id, experiment_id=run.info.experiment_id, mlflow_status=run.info.status,
-        tags=dict(run.data.tags), metrics=dict(run.data.metrics), start_ms=run.info.start_time, end_ms=run.info.end_time,
-    )
+    return TrialRecord.from_run(run)
 
 
 def _now() -> str:

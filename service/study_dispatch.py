@@ -28,27 +28,19 @@ from models.study_spec import StudySpec, grid_points, param_values
 from service.auth import current_principal
 from service.dispatch import check_callback_url
 from service.errors import Conflict, FieldError, InfeasibleSpec, InvalidSpec, NotFound, ServiceUnavailable
-from service.runs import RUN_ID, RunStore
+from service.runs import RUN_ID, RunRecord, RunStore
 from service.settings import ApiSettings
 
 __all__ = ["StudyDispatcher", "StudyRecord"]
 
 log = logging.getLogger(__name__)
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 _STATE = {"SCHEDULED": "queued", "RUNNING": "running", "FINISHED": "succeeded", "FAILED": "failed", "KILLED": "cancelled"}
 
 
 @dataclass
-class StudyRecord:
+class StudyRecord(RunRecord):
     """A study as the API reads it: its parent run and, when its storage answers, its Optuna study."""
 
-    id: str
-    experiment_id: str
-    mlflow_status: str
-    tags: dict[str, str]
-    metrics: dict[str, float]
-    start_ms: int | None
-    end_ms: int | None
     spec: StudySpec
     study: Any | None  # optuna.Study
     stopped: str
@@ -58,10 +50,6 @@ class StudyRecord:
         if self.mlflow_status in ("SCHEDULED", "RUNNING") and self.stopped == "cancelled":
             return "cancelling"
         return _STATE.get(self.mlflow_status, "failed")
-
-    @property
-    def terminal(self) -> bool:
-        return self.mlflow_status in TERMINAL
 
 
 class StudyDispatcher:
@@ -192,10 +180,7 @@ class StudyDispatcher:
             stopped = ""
         if not stopped and study is not None:
             stopped = json.loads(study.user_attrs.get(USER_ATTR.STOPPED, "{}")).get("why", "")
-        return StudyRecord(
-            id=run.info.run_id, experiment_id=run.info.experiment_id, mlflow_status=run.info.status, tags=dict(run.data.tags),
-            metrics=dict(run.data.metrics), start_ms=run.info.start_time, end_ms=run.info.end_time, spec=spec, study=study, stopped=stopped,
-        )
+        return StudyRecord.from_run(run, spec=spec, study=study, stopped=stopped)
 
     def _spec_artifact(self, study_id: str) -> dict[str, Any]:
         """A spec too long for a tag, read back from the parent run's artifact."""

@@ -14,15 +14,16 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import redis
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from models.protocol import attempts_key, cancel_key
+from models.protocol import TERMINAL_STATUSES, attempts_key, cancel_key
 from models.spec import TrialSpec
 from workers.lease import Lease
 from workers.outcomes import Ending, classify
@@ -31,10 +32,10 @@ from workers.settings import WorkerSettings
 from workers.tracking import MlflowTracker
 from workers.train import TrialContext
 
-__all__ = ["LeaseHeld", "WorkerRuntime", "execute_trial"]
+__all__ = ["LeaseHeld", "WorkerRuntime", "admit", "count_attempt", "execute_trial", "lost_too_often"]
 
 log = logging.getLogger(__name__)
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 class LeaseHeld(Exception):
@@ -77,32 +78,17 @@ def execute_trial(trial_id: str, payload: dict, rt: WorkerRuntime, on_epoch_end:
     ``on_epoch_end`` is a study's pruning hook (see :class:`workers.train.TrialContext`).
     """
     tracker = MlflowTracker(rt.mlflow, trial_id, log_model=rt.settings.log_model)
-    try:
-        status = tracker.status()
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            log.error("trial %s has no MLflow run; dropping its message", trial_id)
-            return "skipped"
-        raise  # MLflow down: fail the delivery, Redis redelivers it later
-    if status in TERMINAL:
-        log.info("trial %s already ended (%s); duplicate delivery skipped", trial_id, status)
-        return "skipped"
-    try:
-        spec = TrialSpec.model_validate(payload)
-    except ValidationError as exc:
-        return _end(tracker, Ending("FAILED", "error", f"the worker refused the spec: {exc}"))
-    if rt.redis.exists(cancel_key(trial_id)):
-        return _end(tracker, Ending("KILLED", "cancelled", "cancelled on request before it started"))
+    spec, outcome = admit(tracker, trial_id, payload, TrialSpec, rt, "trial")
+    if spec is None:
+        return outcome
 
     lease = Lease(rt.redis, trial_id, rt.settings.lease_ttl_s)
     if not lease.acquire():
         raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
     with lease:
-        attempt = int(rt.redis.incr(attempts_key(trial_id)))
-        rt.redis.expire(attempts_key(trial_id), rt.settings.visibility_timeout_s * 4)
+        attempt = count_attempt(rt, trial_id)
         if attempt > rt.settings.max_attempts:
-            reason = f"its worker was lost {attempt - 1} times (max_attempts={rt.settings.max_attempts}); not retried again"
-            return _end(tracker, Ending("FAILED", "worker_lost", reason), rt.checkpoint_path(trial_id))
+            return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id))
         if attempt > 1:
             log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
         tracker.start(str(rt.device), attempt)
@@ -126,6 +112,44 @@ def execute_trial(trial_id: str, payload: dict, rt: WorkerRuntime, on_epoch_end:
             return _end(tracker, ending, ctx.checkpoint_path)
         reason = f"trained {result.epochs_done} epochs; best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}"
         return _end(tracker, Ending("FINISHED", "succeeded", reason), ctx.checkpoint_path)
+
+
+def admit(tracker: MlflowTracker, run_id: str, payload: dict, spec_model: type[SpecT], rt: WorkerRuntime, what: str) -> tuple[SpecT | None, str]:
+    """Decide whether a delivery of ``run_id`` is worth running: its validated spec, or None and its outcome.
+
+    A run that does not exist or has already ended is a duplicate (``skipped``); a payload the
+    worker refuses ends the run as ``error``; a cancel flag raised while queued ends it ``cancelled``.
+    Raises MlflowException when MLflow is down, so Redis redelivers the message later.
+    """
+    try:
+        status = tracker.status()
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            log.error("%s %s has no MLflow run; dropping its message", what, run_id)
+            return None, "skipped"
+        raise
+    if status in TERMINAL_STATUSES:
+        log.info("%s %s already ended (%s); duplicate delivery skipped", what, run_id, status)
+        return None, "skipped"
+    try:
+        spec = spec_model.model_validate(payload)
+    except ValidationError as exc:
+        return None, _end(tracker, Ending("FAILED", "error", f"the worker refused the spec: {exc}"))
+    if rt.redis.exists(cancel_key(run_id)):
+        return None, _end(tracker, Ending("KILLED", "cancelled", "cancelled on request before it started"))
+    return spec, ""
+
+
+def count_attempt(rt: WorkerRuntime, run_id: str) -> int:
+    """Count one more start of ``run_id`` (kept as long as its message can be redelivered); the count."""
+    attempt = int(rt.redis.incr(attempts_key(run_id)))
+    rt.redis.expire(attempts_key(run_id), rt.settings.visibility_timeout_s * 4)
+    return attempt
+
+
+def lost_too_often(attempt: int, max_attempts: int) -> Ending:
+    """The ending of a run started more than ``max_attempts`` times: its workers kept dying."""
+    return Ending("FAILED", "worker_lost", f"its worker was lost {attempt - 1} times (max_attempts={max_attempts}); not retried again")
 
 
 def _end(tracker: MlflowTracker, ending: Ending, checkpoint: Path | None = None) -> str:

@@ -19,15 +19,13 @@ from typing import Any
 
 import torch
 from mlflow.entities import Metric, RunTag
-from mlflow.exceptions import MlflowException
-from pydantic import ValidationError
 
 from models.convnet import build_model
 from models.data import load
-from models.protocol import KIND, TAG, attempts_key, cancel_key
+from models.protocol import KIND, TAG, cancel_key
 from models.study_spec import FloatParam, StudySpec
 from models.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range, lr_search_range
-from workers.execution import LeaseHeld
+from workers.execution import LeaseHeld, admit, count_attempt, lost_too_often
 from workers.lease import Lease
 from workers.outcomes import Cancelled, Ending, TimedOut, classify
 from workers.tracking import MlflowTracker
@@ -144,30 +142,16 @@ def range_curve_figure(spec: LrRangeSpec, result: LrRangeResult) -> Any:
 def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
     """Run one delivery of the range test ``run_id``; its outcome, or ``skipped`` for a duplicate."""
     tracker = MlflowTracker(rt.mlflow, run_id, log_model=False)
-    try:
-        status = tracker.status()
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            log.error("range test %s has no MLflow run; dropping its message", run_id)
-            return "skipped"
-        raise
-    if status in ("FINISHED", "FAILED", "KILLED"):
-        return "skipped"
-    try:
-        spec = LrRangeSpec.model_validate(payload)
-    except ValidationError as exc:
-        return _end(tracker, Ending("FAILED", "error", f"the worker refused the spec: {exc}"))
-    if rt.redis.exists(cancel_key(run_id)):
-        return _end(tracker, Ending("KILLED", "cancelled", "cancelled on request before it started"))
+    spec, outcome = admit(tracker, run_id, payload, LrRangeSpec, rt, "range test")
+    if spec is None:
+        return outcome
     lease = Lease(rt.redis, run_id, rt.settings.lease_ttl_s)
     if not lease.acquire():
         return "skipped"  # another worker runs it; a range test is short and restarts from scratch anyway
     with lease:
-        attempt = int(rt.redis.incr(attempts_key(run_id)))
-        rt.redis.expire(attempts_key(run_id), rt.settings.visibility_timeout_s * 4)
+        attempt = count_attempt(rt, run_id)
         if attempt > rt.settings.max_attempts:
-            reason = f"its worker was lost {attempt - 1} times (max_attempts={rt.settings.max_attempts}); not retried again"
-            return _end(tracker, Ending("FAILED", "worker_lost", reason))
+            return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts))
         tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
         ending, _ = run_and_record(spec, tracker, _context(rt, lambda: bool(rt.redis.exists(cancel_key(run_id)))))
         return _end(tracker, ending)

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from models.budget import StudyBudget
 from models.data import InvalidData, describe
-from models.protocol import TAG, lease_key
+from models.protocol import TAG, TERMINAL_STATUSES, lease_key
 from models.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from models.shapes import InfeasibleSpec, plan_network
 from models.spec import TrialSpec, flatten_params
@@ -50,7 +50,6 @@ __all__ = ["SendStep", "TrialFailed", "execute_step"]
 log = logging.getLogger(__name__)
 # Optuna logs each trial that ends FAIL with a traceback; convtune logs the outcome and reason itself.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 SendStep = Callable[[str, int, str], None]  # (study_id, slot, queue)
 PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible")
 
@@ -121,7 +120,7 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
     record = budget.slot_record(slot)
     if record is not None:
         trial_id, number = record
-        if rt.mlflow.get_run(trial_id).info.status in TERMINAL:
+        if rt.mlflow.get_run(trial_id).info.status in TERMINAL_STATUSES:
             return "done"  # an earlier delivery ran it and died before topping up
         if rt.redis.exists(lease_key(trial_id)):
             # Another worker trains it (a redelivered message), or one that died still holds the

@@ -10,23 +10,13 @@ import torch
 from models.convnet import build_model
 from models.data import InputInfo
 from models.spec import TrialSpec
+from tests.workers.trackers import ListTracker
 from workers.batching import BatchTooLarge, MemoryProbe, largest_fitting, plan_batches
 from workers.outcomes import classify
 from workers.train import TrialContext, make_loss, make_optimizer, run_trial
 
 CPU = torch.device("cpu")
 DIGITS = InputInfo(channels=1, height=8, width=8, num_classes=10)
-
-
-class ListTracker:
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, dict[str, float]]] = []
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.epochs.append((epoch, metrics))
-
-    def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
-    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None: ...
 
 
 def spec(devices: int = 1, **optim: Any) -> TrialSpec:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -12,25 +11,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.spec import TrialSpec
+from tests.workers.trackers import ListTracker
 from workers.parallel import NotEnoughDevices, Parallel, run_data_parallel, run_on_devices
 from workers.train import TrialContext, run_trial
 
 CPU = torch.device("cpu")
 EPOCHS = 3
-
-
-class ListTracker:
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, dict[str, float]]] = []
-        self.summary: list[dict[str, Any]] = []
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.epochs.append((epoch, metrics))
-
-    def log_summary(self, rows: list[dict[str, Any]]) -> None:
-        self.summary = rows
-
-    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None: ...
 
 
 def trial(batch_size: int, devices: int = 1) -> TrialSpec:

@@ -9,22 +9,12 @@ import pytest
 import torch
 
 from models.spec import DivergenceSpec, TrialSpec
+from tests.workers.trackers import ListTracker
 from workers.divergence import DivergenceDetector
 from workers.outcomes import Cancelled, Diverged, classify
 from workers.train import TrialContext, run_trial
 
 CPU = torch.device("cpu")
-
-
-class NullTracker:
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, dict[str, float]]] = []
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.epochs.append((epoch, metrics))
-
-    def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
-    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None: ...
 
 
 def feed(detector: DivergenceDetector, losses: list[float], lr: float = 0.5) -> None:
@@ -103,14 +93,14 @@ def trial(**changes: Any) -> TrialSpec:
 
 
 def test_real_training_at_a_sane_lr_is_not_flagged():
-    tracker = NullTracker()
+    tracker = ListTracker()
     result = run_trial(trial(), tracker, TrialContext(device=CPU, check_every_steps=5))
     assert result.epochs_done == 4
     assert tracker.epochs[-1][1]["train_loss"] < tracker.epochs[0][1]["train_loss"]
 
 
 def test_real_training_at_a_huge_adam_lr_without_norm_rises_and_diverges_in_epoch_one():
-    tracker = NullTracker()
+    tracker = ListTracker()
     with pytest.raises(Diverged, match=r"rose to .*\(epoch 1, .*at lr 10; the learning rate may be too high") as caught:
         run_trial(trial(model={"norm": "none"}, optim={"optimizer": "rmsprop", "lr": 10.0}), tracker, TrialContext(device=CPU, check_every_steps=5))
     assert tracker.epochs == []  # stopped within the first epoch, before it was logged
@@ -129,14 +119,14 @@ def test_real_training_whose_activations_overflow_is_stopped_at_the_first_non_fi
     handle = torch.nn.modules.module.register_module_forward_hook(overflow)
     try:
         with pytest.raises(Diverged, match=r"became nan at step 24 \(epoch 2, step 1 of the epoch\) at lr 0\.003"):
-            run_trial(trial(), NullTracker(), TrialContext(device=CPU, check_every_steps=5, on_epoch_end=lambda e, m: poisoned.append(e)))
+            run_trial(trial(), ListTracker(), TrialContext(device=CPU, check_every_steps=5, on_epoch_end=lambda e, m: poisoned.append(e)))
     finally:
         handle.remove()
 
 
 def test_real_training_that_stalls_at_chance_is_diverged_after_stall_epochs():
     spec = trial(optim={"optimizer": "momentum", "lr": 8.0, "epochs": 6})
-    tracker = NullTracker()
+    tracker = ListTracker()
     with pytest.raises(Diverged, match=r"no progress for 3 epochs .*at lr 8; the learning rate may be too high") as caught:
         run_trial(spec, tracker, TrialContext(device=CPU))
     last = int(caught.value.reason.split("(epochs ")[1].split("-")[1].split(")")[0])
@@ -147,8 +137,8 @@ def test_a_resumed_trial_keeps_its_first_loss(tmp_path: Path):
     checkpoint = tmp_path / "trial.pt"
     seen: list[int] = []
     with pytest.raises(Cancelled):
-        run_trial(trial(), NullTracker(), TrialContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: seen.append(e), should_cancel=lambda: len(seen) >= 2, check_every_steps=10**6))
+        run_trial(trial(), ListTracker(), TrialContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: seen.append(e), should_cancel=lambda: len(seen) >= 2, check_every_steps=10**6))
     state = torch.load(checkpoint, weights_only=True)["divergence"]
     assert state["first_loss"] > 1.5 and state["step"] > 0  # the untrained loss, about ln(10)
-    result = run_trial(trial(), NullTracker(), TrialContext(device=CPU, checkpoint_path=checkpoint))
+    result = run_trial(trial(), ListTracker(), TrialContext(device=CPU, checkpoint_path=checkpoint))
     assert result.epochs_done == 4

@@ -10,6 +10,7 @@ import torch
 
 from models.spec import TrialSpec
 from models.tuning import LrRangeSpec, analyse_range, lr_search_range
+from tests.workers.trackers import ListTracker
 from workers.lr_finder import range_curve_figure, range_test
 from workers.outcomes import Cancelled, Diverged
 from workers.train import TrialContext, run_trial
@@ -23,17 +24,6 @@ TRIAL = TrialSpec.model_validate({
     "optim": {"optimizer": "momentum", "batch_size": 64, "epochs": 8},
     "data": {"name": "digits"},
 })
-
-
-class ListTracker:
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, dict[str, float]]] = []
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.epochs.append((epoch, metrics))
-
-    def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
-    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None: ...
 
 
 @pytest.fixture(scope="module")

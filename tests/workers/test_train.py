@@ -10,28 +10,11 @@ import pytest
 import torch
 
 from models.spec import OptimSpec, TrialSpec
+from tests.workers.trackers import ListTracker
 from workers.outcomes import Cancelled, TimedOut
 from workers.train import OPTIMIZERS, SCHEDULES, TrialContext, make_optimizer, make_scheduler, run_trial
 
 CPU = torch.device("cpu")
-
-
-class ListTracker:
-    """Records what a trial logs, in memory."""
-
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, dict[str, float]]] = []
-        self.summary: list[dict[str, Any]] = []
-        self.result: tuple[Any, torch.Tensor, list] | None = None
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.epochs.append((epoch, metrics))
-
-    def log_summary(self, rows: list[dict[str, Any]]) -> None:
-        self.summary = rows
-
-    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None:
-        self.result = (model, example, history)
 
 
 def spec(**optim: Any) -> TrialSpec:
