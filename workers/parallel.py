@@ -21,6 +21,7 @@ more devices than its worker owns fails at once with outcome ``error`` and a rea
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import subprocess
@@ -39,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from models.spec import TrialSpec
 from workers.outcomes import TrialStopped, classify
 
-__all__ = ["NotEnoughDevices", "Parallel", "PeerStopped", "RankFailed", "run_data_parallel", "run_on_devices", "train_rank"]
+__all__ = ["NotEnoughDevices", "Parallel", "PeerStopped", "RankFailed", "leave_group", "run_data_parallel", "run_on_devices", "train_rank"]
 
 log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -110,6 +111,26 @@ class _NullTracker:
     def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None: ...
 
 
+def leave_group(in_step: bool) -> None:
+    """Leave the data-parallel process group; ``in_step`` when every rank got here at the same point.
+
+    DistributedDataParallel sits in a reference cycle, and its reducer holds the process group:
+    left to the garbage collector, the gloo group could outlive ``destroy_process_group`` and be torn
+    down during interpreter shutdown, which aborts the process (SIGABRT). So collect it first. Then,
+    when every rank is in step (the trial finished or every rank agreed to stop), a barrier keeps a
+    fast rank from closing its connections while another still reads its last collective; a rank
+    that failed alone skips it, since its peers are in another collective or gone.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    try:
+        if in_step:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -152,11 +173,15 @@ def run_data_parallel(spec: TrialSpec, tracker: Any, ctx: Any) -> Any:
             subprocess.Popen([sys.executable, "-m", "workers.parallel", "--rank", str(rank), "--error", f"{tmp}/rank{rank}.json", *common])
             for rank in range(1, world)
         ]
+        in_step = False
         try:
             dist.init_process_group(_backend(device), init_method=init_method, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
             log.info("data-parallel trial on %d %s processes", world, device.type)
-            return run_trial(spec, tracker, replace(ctx, device=device, parallel=Parallel(0, world, device)))
+            result = run_trial(spec, tracker, replace(ctx, device=device, parallel=Parallel(0, world, device)))
+            in_step = True
+            return result
         except TrialStopped:
+            in_step = True  # rank 0 decided the stop and every rank heard it at the same check
             raise
         except Exception as exc:
             failure = _first_failure(Path(tmp), children)
@@ -164,8 +189,7 @@ def run_data_parallel(spec: TrialSpec, tracker: Any, ctx: Any) -> Any:
                 raise failure from exc
             raise
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_group(in_step)
             for child in children:
                 _stop(child, wait_s=30)
 
@@ -213,18 +237,19 @@ def train_rank(
         checkpoint_path=None if checkpoint is None else Path(checkpoint),
         check_every_steps=check_every_steps, parallel=Parallel(rank, world, device),
     )
+    in_step = False
     try:
         run_trial(spec, _NullTracker(), ctx)
+        in_step = True
     except TrialStopped:
-        pass  # every rank reached the same stop; rank 0 reports it
+        in_step = True  # every rank reached the same stop; rank 0 reports it
     except Exception as exc:
         ending = classify(exc)
         if error_path:
             Path(error_path).write_text(json.dumps({"outcome": ending.outcome, "mlflow_status": ending.mlflow_status, "reason": ending.reason}))
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group(in_step)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from models.spec import TrialSpec
 from tests.workers.trackers import ListTracker
-from workers.parallel import NotEnoughDevices, Parallel, run_data_parallel, run_on_devices
+from workers.parallel import NotEnoughDevices, Parallel, leave_group, run_data_parallel, run_on_devices
 from workers.train import TrialContext, run_trial
 
 CPU = torch.device("cpu")
@@ -36,13 +36,15 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
     """One process of the spawned test: train in step with the others, rank 0 writes its curve."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    in_step = False
     try:
         tracker = ListTracker()
         run_trial(trial(batch_size=32, devices=world), tracker, TrialContext(device=CPU, parallel=Parallel(rank, world, CPU), check_every_steps=5))
+        in_step = True
         if rank == 0:
             Path(out).write_text(json.dumps(curve(tracker)))
     finally:
-        dist.destroy_process_group()
+        leave_group(in_step)  # as the worker's ranks leave it
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +90,26 @@ def test_a_failing_rank_writes_its_ending_and_rank_zero_reports_it(tmp_path: Pat
     failure = _first_failure(tmp_path, [subprocess.Popen(["true"])])
     assert isinstance(failure, RankFailed) and (failure.outcome, failure.mlflow_status) == ("invalid_data", "FAILED")
     assert failure.reason.startswith("rank 1 of the data-parallel trial failed: dataset 'npz' needs a data root")
+
+
+def test_leaving_the_group_frees_the_ddp_wrapper_before_the_group(tmp_path: Path):
+    # DDP sits in a reference cycle and its reducer holds the gloo group: freed only at interpreter
+    # exit, the group's teardown aborted a rank (SIGABRT). leave_group collects it while the group lives.
+    import weakref
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+
+    def train_briefly() -> weakref.ref:
+        net = Parallel(0, 1, CPU).wrap(torch.nn.Linear(3, 2))
+        net(torch.randn(4, 3)).sum().backward()
+        return weakref.ref(net)
+
+    import gc
+
+    gc.disable()  # as when the collector has not run yet
+    try:
+        wrapper = train_briefly()  # in a fresh process the cycle keeps it alive past its frame
+        leave_group(in_step=True)
+        assert wrapper() is None and not dist.is_initialized()
+    finally:
+        gc.enable()
