@@ -24,7 +24,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 # Auth is on: set CONVTUNE_AUTH_TOKENS (make entries with `convtune token NAME --scope ...`).
 # The gunicorn config sets up Prometheus' multiprocess mode, so /metrics sums every worker process.
-CMD ["gunicorn", "-c", "python:service.gunicorn_conf", "--workers", "4", "--bind", "0.0.0.0:8000", "service:create_app()"]
+CMD ["gunicorn", "-c", "python:service.api.gunicorn_conf", "--workers", "4", "--bind", "0.0.0.0:8000", "service.api:create_app()"]
 
 FROM base AS worker
 # torch first, on its own layer: it is the big one and changes least.

@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from models.spec import TrialSpec
-from models.tuning import LrRangeSpec, analyse_range
-from workers.lr_finder import range_test
-from workers.outcomes import Diverged
-from workers.train import TrialContext, run_trial
+from models.spec.trial import TrialSpec
+from models.spec.tuning import LrRangeSpec, analyse_range
+from workers.trial.lr_finder import range_test
+from workers.training.outcomes import Diverged
+from workers.training.train import TrialContext, run_trial
 
 CPU = torch.device("cpu")
 SETTINGS = [("adamw", "batch"), ("momentum", "batch"), ("momentum", "none"), ("sgd", "batch"), ("adam", "none")]

@@ -73,7 +73,7 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from service.stack import Stack, StackConfig
+    from service.stack.supervisor import Stack, StackConfig
     from tests.conftest import free_port
 
     home = Path(tempfile.mkdtemp(prefix="convtune-bench-study-"))

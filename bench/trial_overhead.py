@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 SPEC = {"model": {"channels": [32, 64]}, "optim": {"lr": 3e-3, "epochs": 3, "batch_size": 32}, "data": {"name": "digits"}}
 FRESH = f"""
 import torch
-from models.spec import TrialSpec
-from workers.train import TrialContext, run_trial
+from models.spec.trial import TrialSpec
+from workers.training.train import TrialContext, run_trial
 class Null:
     def log_epoch(self, *a): pass
     def log_summary(self, *a): pass
@@ -38,8 +38,8 @@ run_trial(TrialSpec.model_validate({SPEC!r}), Null(), TrialContext(device=torch.
 def bare_warm(repeats: int) -> list[float]:
     import torch
 
-    from models.spec import TrialSpec
-    from workers.train import TrialContext, run_trial
+    from models.spec.trial import TrialSpec
+    from workers.training.train import TrialContext, run_trial
 
     class Null:
         def log_epoch(self, *a: object) -> None: ...
@@ -66,8 +66,8 @@ def bare_fresh(repeats: int) -> list[float]:
 
 
 def through_service(repeats: int) -> list[float]:
-    from service.client import ConvtuneClient
-    from service.stack import Stack, StackConfig
+    from service.cli.client import ConvtuneClient
+    from service.stack.supervisor import Stack, StackConfig
     from tests.conftest import free_port
 
     home = Path(tempfile.mkdtemp(prefix="convtune-bench-"))

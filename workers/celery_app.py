@@ -10,7 +10,7 @@ from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
 from models.logs import configure_logging
-from models.protocol import celery_config
+from models.messages import celery_config
 from workers.settings import WorkerSettings
 
 __all__ = ["app"]

@@ -1,4 +1,4 @@
-"""The Celery task: thin, like a view. Parse, call :func:`workers.execution.execute_trial`, report."""
+"""The Celery task: thin, like a view. Parse, call :func:`workers.trial.execution.execute_trial`, report."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import logging
 from functools import lru_cache
 
 from models.logs import log_context
-from models.protocol import TAG, TASK_LR_FIND, TASK_RUN_TRIAL, TASK_STUDY_STEP
+from models.messages import TASK_LR_FIND, TASK_RUN_TRIAL, TASK_STUDY_STEP
+from models.store.runs import TAG
 from workers.celery_app import app
-from workers.execution import LeaseHeld, WorkerRuntime, execute_trial
-from workers.notify import announce_end
+from workers.trial.execution import LeaseHeld, WorkerRuntime, execute_trial
+from workers.callbacks.announce import announce_end
 from workers.settings import WorkerSettings
 
 __all__ = ["lr_find_task", "run_trial_task", "runtime", "study_step_task"]
@@ -40,8 +41,8 @@ def run_trial_task(self, trial_id: str, spec: dict) -> str:
 
 @app.task(name=TASK_STUDY_STEP, bind=True, max_retries=None)
 def study_step_task(self, study_id: str, slot: int) -> str:
-    """Run one trial of a study, then send the study's next steps (see :mod:`workers.study`)."""
-    from workers.study import execute_step
+    """Run one trial of a study, then send the study's next steps (see :mod:`workers.study.step`)."""
+    from workers.study.step import execute_step
 
     def send(study: str, next_slot: int, queue: str) -> None:
         # kombu retries a blip of the broker; the step holding the slot is the only one that can send it.
@@ -57,8 +58,8 @@ def study_step_task(self, study_id: str, slot: int) -> str:
 
 @app.task(name=TASK_LR_FIND)
 def lr_find_task(run_id: str, spec: dict) -> str:
-    """Run one learning-rate range test; its result is recorded in its MLflow run (see :mod:`workers.lr_finder`)."""
-    from workers.lr_finder import execute_lr_find
+    """Run one learning-rate range test; its result is recorded in its MLflow run (see :mod:`workers.trial.lr_finder`)."""
+    from workers.trial.lr_finder import execute_lr_find
 
     with log_context(trial_id=run_id):
         return execute_lr_find(run_id, spec, runtime())

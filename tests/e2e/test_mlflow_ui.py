@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from service import create_app
-from service.settings import ApiSettings
+from service.api import create_app
+from service.api.settings import ApiSettings
 from tests.conftest import ARTIFACTS, start_worker
 from tests.helpers import tiny_trial
 

@@ -8,8 +8,8 @@ import pytest
 from flask.testing import FlaskClient
 from mlflow.tracking import MlflowClient
 
-from service import create_app
-from service.settings import ApiSettings
+from service.api import create_app
+from service.api.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
 

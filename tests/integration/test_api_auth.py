@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from service import create_app
-from service.auth import hash_token
-from service.settings import ApiSettings, TokenConfig
+from service.api import create_app
+from service.api.auth import hash_token
+from service.api.settings import ApiSettings, TokenConfig
 from tests.helpers import tiny_trial
 
 pytestmark = pytest.mark.integration

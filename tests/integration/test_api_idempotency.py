@@ -71,7 +71,7 @@ def test_without_a_key_each_post_creates_a_trial(client):
 
 
 def test_a_retried_extend_adds_its_trials_once(client, api_settings, worker_env):
-    from service import create_app
+    from service.api import create_app
 
     studies = create_app(api_settings.model_copy(update={"study_storage": worker_env["CONVTUNE_STUDY_STORAGE"]})).test_client()
     study = {"base": tiny_trial(queue="gpu"), "search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, "n_trials": 2}

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 from schemathesis.core.failures import FailureGroup
 
-from service import create_app
-from service.auth import hash_token
-from service.settings import ApiSettings, TokenConfig
+from service.api import create_app
+from service.api.auth import hash_token
+from service.api.settings import ApiSettings, TokenConfig
 
 pytestmark = pytest.mark.integration
 

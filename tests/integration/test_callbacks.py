@@ -51,9 +51,9 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def callback_worker(worker_env: dict[str, str]) -> Iterator[Service]:
-    """The light callback worker (workers.callback_app) with a signing secret and short backoff."""
+    """The light callback worker (workers.callbacks.app) with a signing secret and short backoff."""
     env = {**worker_env, "CONVTUNE_CALLBACK_SECRET": SECRET, "CONVTUNE_CALLBACK_BACKOFF_S": "0.5", "CONVTUNE_CALLBACK_MAX_RETRIES": "3"}
-    argv = [sys.executable, "-m", "celery", "-A", "workers.callback_app", "worker", "-P", "threads", "-c", "2", "-Q", "callbacks",
+    argv = [sys.executable, "-m", "celery", "-A", "workers.callbacks.app", "worker", "-P", "threads", "-c", "2", "-Q", "callbacks",
             "-n", f"callbacks-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     w = Service("callback-worker", argv, env)
     if not wait_for(lambda: " ready." in w.log() or not w.alive(), 60) or not w.alive():
@@ -113,7 +113,7 @@ def test_a_dead_receiver_never_holds_the_worker(client, worker, callback_worker)
 
 
 def test_study_callback_arrives_signed_when_the_study_ends(api_settings, worker, worker_env, callback_worker):
-    from service import create_app
+    from service.api import create_app
 
     receiver = Receiver()
     client = create_app(api_settings.model_copy(update={"study_storage": worker_env["CONVTUNE_STUDY_STORAGE"]})).test_client()

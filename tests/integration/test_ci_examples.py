@@ -32,7 +32,7 @@ def test_ci_files_are_valid_and_run_the_gate(file, schema):
 
 
 def test_the_example_study_is_a_valid_spec():
-    from models.study_spec import StudySpec
+    from models.spec.study import StudySpec
 
     StudySpec.model_validate(yaml.safe_load((CI / "study.yaml").read_text()))
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from service.auth import hash_token
+from service.api.auth import hash_token
 from tests.conftest import Service, free_port, wait_for
 from tests.helpers import tiny_trial
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 SUBMITTER = f"ct_cli_{uuid.uuid4().hex}"
 READER = f"ct_cli_reader_{uuid.uuid4().hex}"
-CLI = [sys.executable, "-c", "from service.cli import main; main()"]
+CLI = [sys.executable, "-c", "from service.cli.main import main; main()"]
 
 
 @pytest.fixture(scope="module")

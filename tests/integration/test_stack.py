@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from service.client import ConvtuneClient
+from service.cli.client import ConvtuneClient
 from tests.conftest import ARTIFACTS, free_port, wait_for
 
 pytestmark = pytest.mark.integration

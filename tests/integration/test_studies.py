@@ -15,8 +15,8 @@ from typing import Any
 import optuna
 import pytest
 
-from models.search import open_storage
-from service import create_app
+from models.store.search import open_storage
+from service.api import create_app
 from tests.conftest import Service, start_worker
 from tests.helpers import tiny_trial
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service import create_app
+from service.api import create_app
 from tests.helpers import tiny_trial, wait_for_trial, write_npz
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from models.protocol import TAG
-from models.spec import TrialSpec
+from models.store.runs import TAG
+from models.spec.trial import TrialSpec
 from tests.conftest import ARTIFACTS, Service, start_worker
 from tests.helpers import wait_for_trial
 
@@ -126,7 +126,7 @@ def test_a_trial_id_is_not_a_range_test(client, worker):
 
 
 def test_out_of_memory_in_training_ends_the_trial_and_the_worker_lives_on(app, api_settings, mlflow_client, worker_env, tmp_path):
-    from workers.execution import WorkerRuntime, execute_trial
+    from workers.trial.execution import WorkerRuntime, execute_trial
     from workers.settings import WorkerSettings
 
     runtime = WorkerRuntime(WorkerSettings(
@@ -193,7 +193,7 @@ def test_auto_batch_through_a_worker_reports_the_batch_it_chose(client, two_devi
 
 @pytest.fixture(scope="module")
 def studies(api_settings, worker_env):
-    from service import create_app
+    from service.api import create_app
 
     return create_app(api_settings.model_copy(update={"study_storage": worker_env["CONVTUNE_STUDY_STORAGE"]})).test_client()
 

@@ -10,9 +10,9 @@ import time
 import pytest
 import redis
 
-from models.protocol import attempts_key
-from models.spec import TrialSpec
-from service.dispatch import TaskSender
+from models.store.keys import attempts_key
+from models.spec.trial import TrialSpec
+from service.api.dispatch import TaskSender
 from tests.conftest import wait_for
 from tests.helpers import tiny_trial, wait_for_trial
 

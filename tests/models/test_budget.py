@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis
 
-from models.budget import StudyBudget
+from models.store.budget import StudyBudget
 
 
 @pytest.fixture()

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.convnet import ACTIVATIONS, NORMS, OUTPUT_ACTIVATIONS, POOLS, ConvBlock, build_model, lookup
-from models.data import InputInfo
-from models.shapes import stage_geometry
-from models.spec import ACTIVATIONS as SPEC_ACTIVATIONS
-from models.spec import DOWNSAMPLING, AsppSpec, ConvNetSpec
-from models.spec import NORMS as SPEC_NORMS
+from models.nets.convnet import ACTIVATIONS, NORMS, OUTPUT_ACTIVATIONS, POOLS, ConvBlock, build_model, lookup
+from models.spec.plan import InputInfo
+from models.spec.plan import stage_geometry
+from models.spec.trial import ACTIVATIONS as SPEC_ACTIVATIONS
+from models.spec.trial import DOWNSAMPLING, AsppSpec, ConvNetSpec
+from models.spec.trial import NORMS as SPEC_NORMS
 
 HEADS: tuple[str, ...] = get_args(ConvNetSpec.model_fields["head"].annotation)
 INPUTS = {"digits": InputInfo(1, 8, 8, 10), "shapes": InputInfo(3, 16, 16, 5)}
@@ -116,7 +116,7 @@ def test_wrong_input_channels_fail_with_the_expected_shape() -> None:
 
 def test_torch_free_modules_do_not_import_torch_sklearn_or_pil() -> None:
     code = (
-        "import models, models.spec, models.shapes, models.data, models.protocol, sys; "
+        "import models, models.spec.trial, models.spec.plan, models.data.sets, models.messages, sys; "
         "heavy = sorted({'torch', 'sklearn', 'PIL'} & set(sys.modules)); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

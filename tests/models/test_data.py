@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import SHAPE_CLASSES, Dataset, InputInfo, InvalidData, describe, load, resolve_data_path
-from models.spec import DataSpec
+from models.spec.plan import InputInfo
+from models.data.sets import SHAPE_CLASSES, Dataset, InvalidData, describe, load, resolve_data_path
+from models.spec.trial import DataSpec
 
 
 def npz_spec(path: str = "set.npz", **kw: Any) -> DataSpec:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.convnet import build_model
-from models.data import InputInfo
-from models.shapes import InfeasibleSpec, plan_network
-from models.spec import DOWNSAMPLING, NORMS, AsppSpec, ConvNetSpec
+from models.nets.convnet import build_model
+from models.spec.plan import InputInfo
+from models.spec.plan import InfeasibleSpec, plan_network
+from models.spec.trial import DOWNSAMPLING, NORMS, AsppSpec, ConvNetSpec
 
 DIGITS = InputInfo(1, 8, 8, 10)
 SHAPES = InputInfo(3, 32, 32, 4)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from models.spec import (
+from models.spec.trial import (
     ACTIVATIONS, DOWNSAMPLING, NORMS, OPTIMIZERS, SCHEDULES, AsppSpec, ConvNetSpec, DataSpec, OptimSpec, TrialSpec,
     flatten_params,
 )

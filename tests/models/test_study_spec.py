@@ -9,8 +9,8 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
-from models.search import decode_params, encode_params, make_pruner, make_sampler, storage_kind, suggest, trial_label
-from models.study_spec import CategoricalParam, StudySpec, apply_params, grid_points
+from models.store.search import decode_params, encode_params, make_pruner, make_sampler, storage_kind, suggest, trial_label
+from models.spec.study import CategoricalParam, StudySpec, apply_params, grid_points
 
 BASE = {"model": {"channels": [8, 16], "convs_per_stage": 1}, "optim": {"epochs": 4}, "data": {"name": "digits"}}
 

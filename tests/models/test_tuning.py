@@ -7,8 +7,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from models.spec import TrialSpec, flatten_params
-from models.tuning import LrRangeSpec, NoSuggestion, analyse_range, centred_average, lr_search_range
+from models.spec.trial import TrialSpec, flatten_params
+from models.spec.tuning import LrRangeSpec, NoSuggestion, analyse_range, centred_average, lr_search_range
 
 
 def valley(spec: LrRangeSpec, bottom_step: int, blow_up_at: int | None = None) -> tuple[list[float], list[float]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.client import ApiProblem, ConvtuneClient, Unreachable
+from service.cli.client import ApiProblem, ConvtuneClient, Unreachable
 
 
 def scripted(answers: list[httpx.Response | Exception], seen: list[httpx.Request]) -> httpx.MockTransport:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from service.follow import EXIT_FAILED, EXIT_OK, EXIT_REQUIREMENT, Outputs, Progress, conclude, describe
-from service.reports import parse_requirement
+from service.cli.follow import EXIT_FAILED, EXIT_OK, EXIT_REQUIREMENT, Outputs, Progress, conclude, describe
+from service.cli.reports import parse_requirement
 
 TRIAL = {"id": "t" * 32, "name": "n", "status": "running", "epochs_done": 2, "epochs": 5, "metrics": {"val_accuracy": 0.91}, "best": {"val_accuracy": {"value": 0.93, "epoch": 1}}}
 

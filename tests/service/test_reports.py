@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from service.reports import check, junit_xml, markdown_summary, parse_requirement
+from service.cli.reports import check, junit_xml, markdown_summary, parse_requirement
 
 TRIAL = {
     "id": "a" * 32, "name": "k3 relu", "status": "succeeded", "outcome": "succeeded", "reason": "trained 3 epochs",

@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 import torch
 
-from models.convnet import build_model
-from models.data import InputInfo
-from models.spec import TrialSpec
+from models.nets.convnet import build_model
+from models.spec.plan import InputInfo
+from models.spec.trial import TrialSpec
 from tests.workers.trackers import ListTracker
-from workers.batching import BatchTooLarge, MemoryProbe, largest_fitting, plan_batches
-from workers.outcomes import classify
-from workers.train import TrialContext, make_loss, make_optimizer, run_trial
+from workers.training.batching import BatchTooLarge, MemoryProbe, largest_fitting, plan_batches
+from workers.training.outcomes import classify
+from workers.training.train import TrialContext, make_loss, make_optimizer, run_trial
 
 CPU = torch.device("cpu")
 DIGITS = InputInfo(channels=1, height=8, width=8, num_classes=10)

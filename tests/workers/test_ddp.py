@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.spec import TrialSpec
+from models.spec.trial import TrialSpec
 from tests.workers.trackers import ListTracker
-from workers.parallel import NotEnoughDevices, Parallel, leave_group, run_data_parallel, run_on_devices
-from workers.train import TrialContext, run_trial
+from workers.training.parallel import NotEnoughDevices, Parallel, leave_group, run_data_parallel, run_on_devices
+from workers.training.train import TrialContext, run_trial
 
 CPU = torch.device("cpu")
 EPOCHS = 3
@@ -80,8 +80,8 @@ def test_a_worker_with_fewer_devices_fails_the_trial_with_a_reason():
 def test_a_failing_rank_writes_its_ending_and_rank_zero_reports_it(tmp_path: Path):
     import subprocess
 
-    from models.data import InvalidData
-    from workers.parallel import RankFailed, _first_failure, train_rank
+    from models.data.sets import InvalidData
+    from workers.training.parallel import RankFailed, _first_failure, train_rank
 
     payload = trial(batch_size=32).model_dump(mode="json") | {"data": {"name": "npz", "path": "missing.npz"}}
     with pytest.raises(InvalidData):  # a rank alone in its group, failing as rank 1 of a trial would

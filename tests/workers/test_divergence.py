@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from models.spec import DivergenceSpec, TrialSpec
+from models.spec.trial import DivergenceSpec, TrialSpec
 from tests.workers.trackers import ListTracker
-from workers.divergence import DivergenceDetector
-from workers.outcomes import Cancelled, Diverged, classify
-from workers.train import TrialContext, run_trial
+from workers.training.divergence import DivergenceDetector
+from workers.training.outcomes import Cancelled, Diverged, classify
+from workers.training.train import TrialContext, run_trial
 
 CPU = torch.device("cpu")
 

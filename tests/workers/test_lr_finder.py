@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from models.spec import TrialSpec
-from models.tuning import LrRangeSpec, analyse_range, lr_search_range
+from models.spec.trial import TrialSpec
+from models.spec.tuning import LrRangeSpec, analyse_range, lr_search_range
 from tests.workers.trackers import ListTracker
-from workers.lr_finder import range_curve_figure, range_test
-from workers.outcomes import Cancelled, Diverged
-from workers.train import TrialContext, run_trial
+from workers.trial.lr_finder import range_curve_figure, range_test
+from workers.training.outcomes import Cancelled, Diverged
+from workers.training.train import TrialContext, run_trial
 
 CPU = torch.device("cpu")
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from models.spec import OptimSpec, TrialSpec
+from models.spec.trial import OptimSpec, TrialSpec
 from tests.workers.trackers import ListTracker
-from workers.outcomes import Cancelled, TimedOut
-from workers.train import OPTIMIZERS, SCHEDULES, TrialContext, make_optimizer, make_scheduler, run_trial
+from workers.training.outcomes import Cancelled, TimedOut
+from workers.training.train import OPTIMIZERS, SCHEDULES, TrialContext, make_optimizer, make_scheduler, run_trial
 
 CPU = torch.device("cpu")
 

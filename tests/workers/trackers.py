@@ -8,7 +8,7 @@ import torch
 
 
 class ListTracker:
-    """Records what a trial logs (the :class:`workers.train.Tracker` protocol), in memory."""
+    """Records what a trial logs (the :class:`workers.training.train.Tracker` protocol), in memory."""
 
     def __init__(self) -> None:
         self.epochs: list[tuple[int, dict[str, float]]] = []

@@ -1,0 +1,29 @@
+"""Redis key names the API and the workers share. Redis only coordinates: nothing here is the only
+copy of what a client submitted (MLflow and the Optuna storage are the records)."""
+
+from __future__ import annotations
+
+__all__ = ["OUTCOME_COUNTS_KEY", "attempts_key", "cancel_key", "lease_key", "study_key"]
+
+# Redis hash: outcome -> how many trials ended with it (for /metrics).
+OUTCOME_COUNTS_KEY = "convtune:stats:trials_by_outcome"
+
+
+def study_key(study_id: str) -> str:
+    """Redis hash of a study's trial slots: budget, parallelism, claimed, in flight, stop reason."""
+    return f"convtune:study:{study_id}"
+
+
+def cancel_key(trial_id: str) -> str:
+    """Redis key whose presence asks the training loop of ``trial_id`` to stop."""
+    return f"convtune:trial:{trial_id}:cancel"
+
+
+def lease_key(trial_id: str) -> str:
+    """Redis key held by the one worker executing ``trial_id`` (renewed while it trains)."""
+    return f"convtune:trial:{trial_id}:lease"
+
+
+def attempts_key(trial_id: str) -> str:
+    """Redis counter of how many times a worker started ``trial_id``."""
+    return f"convtune:trial:{trial_id}:attempts"

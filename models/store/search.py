@@ -1,0 +1,191 @@
+"""Optuna glue the API and the workers share: storages, the space as distributions, samplers, pruners.
+
+Samplers and pruners are not stored by Optuna: every worker step rebuilds them from the study spec
+(:func:`make_sampler`, :func:`make_pruner`). A categorical parameter whose choices are not plain
+scalars (``model.channels: [[16, 32], [32, 64]]``) travels through Optuna as JSON strings and is
+decoded by :func:`decode_params`. This module imports optuna but never torch.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from models.spec.study import CategoricalParam, FloatParam, IntParam, StudySpec, param_values
+
+__all__ = [
+    "USER_ATTR",
+    "decode_params",
+    "encode_params",
+    "make_pruner",
+    "make_sampler",
+    "open_storage",
+    "storage_kind",
+    "suggest",
+    "trial_label",
+]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class USER_ATTR:
+    """Optuna user-attribute keys convtune writes on studies and trials."""
+
+    SPEC = "convtune.spec"  # study: the StudySpec as JSON
+    BUDGET = "convtune.n_trials"  # study: trials to run (grows with /extend)
+    QUEUE = "convtune.queue"  # study: where its steps run
+    STARTED_AT = "convtune.started_at"  # study: epoch seconds its clock (timeout) started, reset by /extend
+    STOPPED = "convtune.stopped"  # study: why no more trials start (cancelled, target reached, timeout)
+    TRIAL_ID = "convtune.trial_id"  # trial: its MLflow child run id
+    OUTCOME = "convtune.outcome"  # trial: convtune's outcome (succeeded, pruned, diverged, ...)
+    REASON = "convtune.reason"
+    EPOCHS = "convtune.epochs_done"
+    DUPLICATE_OF = "convtune.duplicate_of"  # trial: number of the trial whose result it reused
+    SLOT = "convtune.slot"
+
+
+def storage_kind(url: str) -> str:
+    """``journal`` for a file path, else the database's name (``postgresql``)."""
+    return url.split(":", 1)[0].split("+", 1)[0] if "://" in url else "journal"
+
+
+@lru_cache(maxsize=8)
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """A journal file (a path: one host, many processes) or an RDB storage (a database URL: many hosts).
+
+    One per process and URL: the journal storage replays its log incrementally, the RDB storage
+    keeps a connection pool.
+    """
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; convtune ships psycopg 3.
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def distribution(param: FloatParam | IntParam | CategoricalParam) -> optuna.distributions.BaseDistribution:
+    if isinstance(param, FloatParam):
+        return optuna.distributions.FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+    if isinstance(param, IntParam):
+        return optuna.distributions.IntDistribution(param.low, param.high, log=param.log, step=param.step)
+    return optuna.distributions.CategoricalDistribution(_encoded_choices(param))
+
+
+def _encoded_choices(param: CategoricalParam) -> list[Any]:
+    return list(param.choices) if param.scalar else [json.dumps(c, sort_keys=True) for c in param.choices]
+
+
+def encode_params(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Search-space values as Optuna stores them (non-scalar choices as JSON strings)."""
+    out = {}
+    for key, value in params.items():
+        param = spec.search_space[key]
+        out[key] = json.dumps(value, sort_keys=True) if isinstance(param, CategoricalParam) and not param.scalar else value
+    return out
+
+
+def decode_params(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Optuna's stored values back as trial-spec values."""
+    out = {}
+    for key, value in params.items():
+        param = spec.search_space.get(key)
+        out[key] = json.loads(value) if isinstance(param, CategoricalParam) and not param.scalar else value
+    return out
+
+
+def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    """Sample the space in its order, skipping parameters whose condition fails; trial-spec values."""
+    base = spec.base.model_dump(mode="json")
+    values: dict[str, Any] = {}
+    for key, param in spec.search_space.items():
+        if param.when and not all(_current(values, base, path) in allowed for path, allowed in param.when.items()):
+            continue
+        if isinstance(param, FloatParam):
+            values[key] = trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
+        elif isinstance(param, IntParam):
+            values[key] = trial.suggest_int(key, param.low, param.high, log=param.log, step=param.step)
+        else:
+            chosen = trial.suggest_categorical(key, _encoded_choices(param))
+            values[key] = chosen if param.scalar else json.loads(chosen)
+    return values
+
+
+def _current(values: dict[str, Any], base: dict[str, Any], path: str) -> Any:
+    if path in values:
+        return values[path]
+    for part in path.split("."):
+        base = base.get(part) if isinstance(base, dict) else None
+    return base
+
+
+def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded with ``seed`` (the study's seed plus the step's slot, so draws differ)."""
+    s = spec.sampler
+    if s.name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate, group=s.multivariate,
+            constant_liar=spec.parallelism > 1,
+        )
+    if s.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False)
+    if s.name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
+    # random, and grid: a grid's points are all enqueued when the study is created.
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor, min_early_stopping_rate=p.min_early_stopping_rate,
+        )
+    if p.name == "hyperband":
+        searched = spec.search_space.get("optim.epochs")
+        epochs = max(param_values(searched)) if searched else spec.base.optim.epochs
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource or epochs, reduction_factor=p.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+# Short labels of the usual parameters, so a list of runs reads "lr=3e-3 bs=32 k3 maxpool relu".
+_LABELS = {
+    "optim.lr": lambda v: f"lr={_short_float(v)}",
+    "optim.batch_size": lambda v: f"bs={v}",
+    "model.kernel_size": lambda v: f"k{v}",
+    "model.downsample": str,
+    "model.activation": str,
+    "optim.optimizer": str,
+}
+
+
+def trial_label(params: dict[str, Any]) -> str:
+    """A readable name from a trial's sampled parameters, the usual ones first."""
+    ordered = [k for k in _LABELS if k in params] + [k for k in params if k not in _LABELS]
+    parts = []
+    for key in ordered:
+        value = params[key]
+        if key in _LABELS:
+            parts.append(_LABELS[key](value))
+        else:
+            shown = _short_float(value) if isinstance(value, float) else json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else value
+            parts.append(f"{key.rsplit('.', 1)[-1]}={shown}")
+    return " ".join(parts)
+
+
+def _short_float(value: float) -> str:
+    """3e-3, 3.5e-3, 0.25: two significant digits, no exponent padding."""
+    if value == 0 or 1e-2 <= abs(value) < 1e3:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"

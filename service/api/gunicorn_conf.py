@@ -1,0 +1,38 @@
+"""gunicorn settings for the API: ``gunicorn -c python:service.api.gunicorn_conf "service.api:create_app()"``.
+
+Prometheus' multiprocess mode needs ``PROMETHEUS_MULTIPROC_DIR`` set before any worker imports
+prometheus_client, an empty directory at start, and each dead worker's files marked dead; this
+module does all three, so ``/metrics`` sums every worker process. Access lines are logged by the
+app itself as JSON (``convtune.access``), so gunicorn's own access log is off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="convtune-prometheus-"))
+
+accesslog = None
+# Let a long MLflow call finish rather than kill the worker at gunicorn's default 30 s.
+timeout = int(os.environ.get("CONVTUNE_GUNICORN_TIMEOUT", "60"))
+
+
+def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """Start from an empty metrics directory: files of a previous run would be summed in."""
+    path = Path(_dir)
+    if path.exists():
+        for child in path.iterdir():
+            if child.is_file():
+                child.unlink()
+            else:
+                shutil.rmtree(child, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

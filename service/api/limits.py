@@ -1,0 +1,72 @@
+"""Per-token rate limits shared by every API process (flask-limiter on Redis), and submit quotas.
+
+Two limits apply to each token (to the client's address when auth is off), counted across all
+routes and all gunicorn processes in Redis: ``rate_limit`` on every request and
+``submit_rate_limit`` on POSTs. A request past one is a 429 problem with ``Retry-After``. Probes,
+metrics and the documentation are exempt. Quotas on what a token may have waiting
+(:func:`check_queued_quota`) are a 429 too; bounds on a single spec (epochs, trials per study,
+parallelism) are 422s from :func:`check_study_caps` and the dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from flask import Flask, request
+from flask_limiter import ApplicationLimit, Limiter
+from flask_limiter.errors import RateLimitExceeded
+
+from service.api.auth import PUBLIC_ENDPOINTS, current_principal
+from service.api.errors import FieldError, InvalidSpec, TooManyRequests, problem_response
+from service.api.settings import ApiSettings
+
+__all__ = ["check_queued_quota", "check_study_caps", "init_app"]
+
+
+def _limit_key() -> str:
+    principal = current_principal()
+    return f"token:{principal.name}" if principal.name != "anonymous" else f"addr:{request.remote_addr}"
+
+
+def _exempt() -> bool:
+    return request.url_rule is None or request.endpoint in PUBLIC_ENDPOINTS
+
+
+def init_app(app: Flask, settings: ApiSettings) -> Limiter:
+    """Count every request against its token's limits in Redis; answer a breach with 429."""
+    limiter = Limiter(
+        _limit_key, app=app, storage_uri=settings.redis_url, storage_options={"socket_timeout": 3, "socket_connect_timeout": 3},
+        key_prefix="convtune:ratelimit", strategy="moving-window", headers_enabled=True, swallow_errors=True,
+        application_limits=[
+            ApplicationLimit(settings.rate_limit, exempt_when=_exempt, scope="all"),
+            ApplicationLimit(settings.submit_rate_limit, methods=["POST"], exempt_when=_exempt, scope="submit"),
+        ],
+    )
+
+    def too_many(exc: RateLimitExceeded):
+        current = limiter.current_limit
+        retry_after = math.ceil(current.reset_at - time.time()) if current is not None else 1
+        who = current_principal().name
+        return problem_response(TooManyRequests(f"rate limit of {exc.description} reached for '{who}'; retry after {retry_after}s", retry_after_s=retry_after))
+
+    app.register_error_handler(RateLimitExceeded, too_many)
+    return limiter
+
+
+def check_queued_quota(queued: int, settings: ApiSettings) -> None:
+    """Raise 429 when the caller already has ``max_queued_trials_per_token`` trials waiting."""
+    cap = settings.max_queued_trials_per_token
+    if queued >= cap:
+        raise TooManyRequests(f"'{current_principal().name}' already has {queued} queued trials (the cap is {cap}); wait for some to start", retry_after_s=30)
+
+
+def check_study_caps(n_trials: int | None, parallelism: int | None, settings: ApiSettings) -> None:
+    """Raise 422 naming the field when a study asks for more trials or parallelism than allowed."""
+    errors = []
+    if n_trials is not None and n_trials > settings.max_trials_per_study:
+        errors.append(FieldError(field="n_trials", message=f"at most {settings.max_trials_per_study} trials per study are allowed on this service"))
+    if parallelism is not None and parallelism > settings.max_parallelism:
+        errors.append(FieldError(field="parallelism", message=f"at most {settings.max_parallelism} trials of a study may run at once on this service"))
+    if errors:
+        raise InvalidSpec("; ".join(e.message for e in errors), errors=errors)

@@ -1,0 +1,167 @@
+"""``/metrics`` in Prometheus format and one JSON log line per request.
+
+Request counts and latencies are prometheus_client metrics. Under gunicorn (several processes)
+``PROMETHEUS_MULTIPROC_DIR`` is set by ``service.api.gunicorn_conf`` before any worker imports
+prometheus_client, every process writes its samples there, and a scrape of any process sums them
+all (``MultiProcessCollector``). Values that live outside the API are read at scrape time: queue
+depth (Redis list lengths of the Celery queues), trials by outcome (a Redis hash the workers
+increment) and workers per queue (Celery's ``inspect``, cached for a few seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from flask import Flask, Response, g, request
+from flask_openapi3 import APIBlueprint, Tag
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from models.logs import bind, clear, current_ids
+from models.messages import CALLBACK_QUEUE, QUEUES
+from models.store.keys import OUTCOME_COUNTS_KEY
+from service.api.auth import current_principal
+from service.api.settings import ApiSettings
+
+__all__ = ["bp", "init_app"]
+
+log = logging.getLogger("convtune.access")
+bp = APIBlueprint("metrics", __name__, abp_tags=[Tag(name="operations", description="Probes and metrics; no token needed.")])
+# kombu's Redis transport keeps a queue's prioritised messages in sibling lists.
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+WORKERS_CACHE_S = 15.0
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
+
+
+class LiveCollector:
+    """Reads the values that live outside the API when Prometheus scrapes."""
+
+    def __init__(self, redis_client: redis.Redis, celery: Any):
+        self.redis = redis_client
+        self.celery = celery
+        self._workers: tuple[float, dict[str, int]] = (0.0, {})
+        self._lock = threading.Lock()
+
+    def collect(self):
+        depth = GaugeMetricFamily("convtune_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"])
+        outcomes = CounterMetricFamily("convtune_trials_ended", "Trials that ended, by outcome.", labels=["outcome"])
+        try:
+            pipe = self.redis.pipeline()
+            queues = (*QUEUES, CALLBACK_QUEUE)
+            for queue in queues:
+                for suffix in _PRIORITY_SUFFIXES:
+                    pipe.llen(queue + suffix)
+            pipe.hgetall(OUTCOME_COUNTS_KEY)
+            results = pipe.execute()
+            for i, queue in enumerate(queues):
+                depth.add_metric([queue], sum(results[i * 4 : i * 4 + 4]))
+            for outcome, count in sorted(results[-1].items()):
+                outcomes.add_metric([outcome.decode()], int(count))
+        except redis.RedisError:
+            pass  # an empty family: the scrape still answers, convtune_up says the rest
+        yield depth
+        yield outcomes
+        workers = GaugeMetricFamily("convtune_workers", "Celery workers consuming each queue (answering within 1 s).", labels=["queue"])
+        for queue, count in sorted(self.workers().items()):
+            workers.add_metric([queue], count)
+        yield workers
+
+    def workers(self) -> dict[str, int]:
+        with self._lock:
+            at, counts = self._workers
+            if time.monotonic() - at < WORKERS_CACHE_S:
+                return counts
+            counts = {q: 0 for q in (*QUEUES, CALLBACK_QUEUE)}
+            try:
+                replies = self.celery.control.inspect(timeout=1.0).active_queues() or {}
+            except Exception:  # the broker is down: no worker can be reached either
+                replies = {}
+            for queues in replies.values():
+                for queue in queues:
+                    counts[queue["name"]] = counts.get(queue["name"], 0) + 1
+            self._workers = (time.monotonic(), counts)
+            return counts
+
+
+class ApiMetrics:
+    """The API's own metrics, in a registry of this app (multiprocess files under gunicorn)."""
+
+    def __init__(self, live: LiveCollector):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("convtune_http_requests", "HTTP requests answered, by route and status.", ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "convtune_http_request_duration_seconds", "Time to answer a request, by route.", ["method", "route"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.live = live
+
+    def scrape(self) -> bytes:
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry.register(_Forward(self.registry))
+        registry.register(self.live)
+        return generate_latest(registry)
+
+
+class _Forward:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        return self.registry.collect()
+
+
+@bp.get("/metrics", responses={200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+def metrics():
+    """Expose request counts and latency, queue depth, trials by outcome and workers per queue."""
+    from flask import current_app
+
+    return Response(current_app.extensions["convtune.metrics"].scrape(), mimetype=CONTENT_TYPE_LATEST)
+
+
+def init_app(app: Flask, settings: ApiSettings, redis_client: redis.Redis, celery: Any) -> ApiMetrics:
+    """Time and count every request, log it as one line, and serve ``/metrics``."""
+    api_metrics = ApiMetrics(LiveCollector(redis_client, celery))
+    app.extensions["convtune.metrics"] = api_metrics
+
+    def start() -> None:
+        clear()
+        g.started = time.perf_counter()
+        # A caller's X-Request-ID (a short token) is kept, so its logs and ours can be joined.
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        args = request.view_args or {}
+        bind(request_id=g.request_id, trial_id=args.get("trial_id"), study_id=args.get("study_id"))
+
+    def finish(response: Response) -> Response:
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        api_metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        api_metrics.latency.labels(request.method, route).observe(elapsed)
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        if request.endpoint != "metrics.metrics":
+            log.info(
+                "%s %s %s", request.method, request.path, response.status_code,
+                extra={"method": request.method, "route": route, "status": response.status_code, "duration_ms": round(elapsed * 1000, 1),
+                       "principal": current_principal().name, "remote_addr": request.remote_addr, **current_ids()},
+            )
+        return response
+
+    def forget(_exc: BaseException | None) -> None:
+        clear()  # lines logged between requests must not carry the last request's ids
+
+    app.before_request(start)
+    app.after_request(finish)
+    app.teardown_request(forget)
+    return api_metrics

@@ -1,0 +1,260 @@
+"""MLflow as the system of record: trials are runs, their state is the run's status and tags.
+
+The API talks to MLflow only through :class:`RunStore`, which translates MLflow's errors where they
+enter: a run that does not exist is :class:`~service.api.errors.NotFound`, anything else (the server
+down, a timeout) is :class:`~service.api.errors.ServiceUnavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from models.store.runs import EXPERIMENT_KIND, TAG, TERMINAL_STATUSES, client_status
+from models.spec.plan import NetworkPlan
+from models.spec.trial import TrialSpec, flatten_params
+from service.api.errors import BadRequest, NotFound, ServiceUnavailable
+
+__all__ = ["RUN_ID", "RunRecord", "RunStore", "TrialRecord", "status_of"]
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# Client-side status filter -> MLflow search filter.
+STATUS_FILTERS = {
+    "queued": "attributes.status = 'SCHEDULED'",
+    "running": "attributes.status = 'RUNNING'",
+    "succeeded": f"tags.`{TAG.OUTCOME}` = 'succeeded'",
+    "pruned": f"tags.`{TAG.OUTCOME}` = 'pruned'",
+    "failed": "attributes.status = 'FAILED'",
+    "cancelled": "attributes.status = 'KILLED'",
+}
+
+
+def status_of(mlflow_status: str, outcome: str | None) -> str:
+    """The client-facing status of a run (``queued`` ... ``failed``)."""
+    return client_status(mlflow_status, outcome)
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if not ms else datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat()
+
+
+@dataclass
+class RunRecord:
+    """What the API reads back from one MLflow run (a trial's, a study's parent, a range test's)."""
+
+    id: str
+    experiment_id: str
+    mlflow_status: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    start_ms: int | None
+    end_ms: int | None
+
+    @classmethod
+    def from_run(cls, run: Any, **extra: Any) -> Any:
+        """The record of an MLflow ``Run``; ``extra`` fills a subclass's own fields."""
+        return cls(
+            id=run.info.run_id, experiment_id=run.info.experiment_id, mlflow_status=run.info.status,
+            tags=dict(run.data.tags), metrics=dict(run.data.metrics), start_ms=run.info.start_time, end_ms=run.info.end_time, **extra,
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.mlflow_status in TERMINAL_STATUSES
+
+
+@dataclass
+class TrialRecord(RunRecord):
+    """What the API knows of one trial, read back from its MLflow run."""
+
+    @property
+    def outcome(self) -> str | None:
+        return self.tags.get(TAG.OUTCOME)
+
+    @property
+    def status(self) -> str:
+        return status_of(self.mlflow_status, self.outcome)
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        raw = self.tags.get(TAG.SPEC)
+        return json.loads(raw) if raw else None
+
+    def timings(self) -> dict[str, Any]:
+        started = self.tags.get(TAG.STARTED_AT)
+        created, ended = _iso(self.start_ms), _iso(self.end_ms)
+        duration = None
+        if self.end_ms and started:
+            duration = round(self.end_ms / 1000 - datetime.fromisoformat(started).timestamp(), 3)
+        return {"created_at": created, "started_at": started, "ended_at": ended, "run_seconds": duration}
+
+
+class RunStore:
+    """Create, read and end convtune's MLflow runs."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        # Fail fast instead of MLflow's default minutes of retries: the API answers 503 instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient  # ~2 s: paid once per API process
+
+        self.client = MlflowClient(tracking_uri)
+        self.experiment = experiment
+        self._experiment_id: str | None = None
+
+    @contextmanager
+    def _translated(self, run_id: str | None = None) -> Iterator[None]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except MlflowException as exc:
+            if run_id and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise NotFound(f"no trial with id {run_id!r}") from exc
+            if exc.error_code == "INVALID_PARAMETER_VALUE" and "page token" in str(exc).lower():
+                raise BadRequest("page_token is not one this service gave out; start again without it") from exc
+            raise ServiceUnavailable(f"the tracking server (MLflow) did not answer: {_short(exc)}") from exc
+        except OSError as exc:
+            raise ServiceUnavailable(f"the tracking server (MLflow) is unreachable: {_short(exc)}") from exc
+
+    def experiment_id(self) -> str:
+        """The id of convtune's experiment, created (tagged for the training UI) on first use."""
+        if self._experiment_id is None:
+            with self._translated():
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is not None:
+                    self._experiment_id = found.experiment_id
+                else:
+                    self._experiment_id = self._create_experiment()
+        return self._experiment_id
+
+    def _create_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(self.experiment, tags={TAG.EXPERIMENT_KIND: EXPERIMENT_KIND})
+        except MlflowException:  # another API process created it first
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def ping(self) -> None:
+        """Raise ServiceUnavailable unless MLflow answers."""
+        with self._translated():
+            self.client.search_experiments(max_results=1)
+
+    def create_trial(self, spec: TrialSpec, plan: NetworkPlan | None, queue: str, extra_tags: dict[str, str] | None = None) -> str:
+        """Create the trial's run as SCHEDULED, with its params and tags logged once, here."""
+        from mlflow.entities import Param, RunTag
+
+        tags = {
+            TAG.KIND: "trial",
+            TAG.RUN_NAME: spec.display_name(),
+            TAG.SPEC: spec.model_dump_json(),
+            TAG.QUEUE: queue,
+            **({TAG.PARAMS_COUNT: str(plan.params), TAG.FLOPS: str(plan.flops)} if plan else {}),
+            **{f"user.{k}": v for k, v in spec.tags.items()},
+            **(extra_tags or {}),
+        }
+        with self._translated():
+            run = self.client.create_run(self.experiment_id(), run_name=spec.display_name(), tags=tags)
+            run_id = run.info.run_id
+            self.client.update_run(run_id, status="SCHEDULED")
+            params = [Param(k, v) for k, v in flatten_params(spec).items()]
+            # log_batch takes at most 100 params per call.
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[i : i + 100], tags=[RunTag(TAG.ACCEPTED_AT, _now())])
+        return run_id
+
+    def create_run(self, kind: str, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        """Create a SCHEDULED run of another ``kind`` than a trial (an LR range test), params logged once."""
+        from mlflow.entities import Param, RunTag
+
+        with self._translated():
+            run = self.client.create_run(self.experiment_id(), run_name=name, tags={TAG.KIND: kind, TAG.RUN_NAME: name, **tags})
+            run_id = run.info.run_id
+            self.client.update_run(run_id, status="SCHEDULED")
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, max(len(items), 1), 100):
+                self.client.log_batch(run_id, params=items[i : i + 100], tags=[RunTag(TAG.ACCEPTED_AT, _now())])
+        return run_id
+
+    def get_run(self, run_id: str, kind: str, what: str) -> TrialRecord:
+        """The run ``run_id`` of ``kind``; NotFound ("no {what} with id ...") otherwise."""
+        if not RUN_ID.match(run_id):
+            raise NotFound(f"no {what} with id {run_id!r}")
+        try:
+            with self._translated(run_id):
+                run = self.client.get_run(run_id)
+        except NotFound:
+            raise NotFound(f"no {what} with id {run_id!r}") from None
+        if run.data.tags.get(TAG.KIND) != kind:
+            raise NotFound(f"no {what} with id {run_id!r}")
+        return _record(run)
+
+    def get(self, run_id: str) -> TrialRecord:
+        """The trial ``run_id``; NotFound when it is not a convtune trial."""
+        if not RUN_ID.match(run_id):
+            raise NotFound(f"no trial with id {run_id!r}")
+        with self._translated(run_id):
+            run = self.client.get_run(run_id)
+        if run.data.tags.get(TAG.KIND) != "trial":
+            raise NotFound(f"no trial with id {run_id!r}")
+        return _record(run)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        with self._translated(run_id):
+            return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def search(self, *, status: str | None, max_results: int, page_token: str | None) -> tuple[list[TrialRecord], str | None]:
+        """Trials newest first, optionally of one status; returns the page and the next page's token."""
+        from mlflow.entities import ViewType
+
+        filters = [f"tags.`{TAG.KIND}` = 'trial'"]
+        if status:
+            filters.append(STATUS_FILTERS[status])
+        with self._translated():
+            page = self.client.search_runs(
+                [self.experiment_id()], filter_string=" and ".join(filters), run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=max_results, order_by=["attributes.start_time DESC"], page_token=page_token,
+            )
+        return [_record(run) for run in page], page.token
+
+    def count_queued(self, owner: str, cap: int) -> int:
+        """How many trials ``owner`` (an API token's name) has queued, counted up to ``cap``."""
+        filters = f"tags.`{TAG.KIND}` = 'trial' and tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
+        with self._translated():
+            # MLflow returns at most 50,000 runs a page: a cap above that is never reached.
+            return len(self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=min(cap, 50_000)))
+
+    def end(self, run_id: str, status: str, outcome: str, reason: str) -> None:
+        """End a run that no worker is running (failed at accept, cancelled while queued)."""
+        from mlflow.entities import RunTag
+
+        with self._translated(run_id):
+            self.client.log_batch(run_id, tags=[RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason)])
+            self.client.set_terminated(run_id, status=status)
+
+    def run_url(self, record_or_id: TrialRecord | str, ui_url: str) -> str:
+        """The MLflow UI page of a run (the experiment's training view, not its GenAI overview)."""
+        run_id = record_or_id if isinstance(record_or_id, str) else record_or_id.id
+        return f"{ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+
+
+def _record(run: Any) -> TrialRecord:
+    return TrialRecord.from_run(run)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:limit]
+

@@ -1,0 +1,1 @@
+"""/studies: a search over trial specs, run by the workers through Optuna."""

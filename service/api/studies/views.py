@@ -1,0 +1,187 @@
+"""/studies: submit a search over trial specs, follow it, list its trials, cancel or extend it."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import current_app, url_for
+from flask_openapi3 import APIBlueprint, Tag
+
+from models.logs import bind
+from models.store.runs import TAG
+from models.store.search import USER_ATTR, decode_params, storage_kind
+from models.spec.study import StudySpec
+from service.api.auth import check_owner
+from service.api.errors import Problem
+from service.api.idempotency import IdempotencyHeader, idempotent
+from service.api.limits import check_study_caps
+from service.api.studies.dispatch import StudyDispatcher, StudyRecord
+from service.api.studies.schemas import (
+    RegisteredModel,
+    StudyAccepted,
+    StudyBest,
+    StudyExtend,
+    StudyList,
+    StudyListQuery,
+    StudyPath,
+    StudyProgress,
+    StudyPublic,
+    StudyTrial,
+    StudyTrialList,
+    StudyTrialQuery,
+)
+from service.api.wiring import services
+
+__all__ = ["bp", "study_dispatcher"]
+
+bp = APIBlueprint("studies", __name__, url_prefix="/studies", abp_tags=[Tag(name="studies")])
+PROBLEMS = {400: Problem, 413: Problem, 415: Problem, 422: Problem, 503: Problem}
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "fail", "RUNNING": "running", "WAITING": "waiting"}
+
+
+def study_dispatcher() -> StudyDispatcher:
+    """The current app's study dispatcher, built on first use from its collaborators."""
+    built = current_app.extensions.get("convtune.studies")
+    if built is None:
+        s = services()
+        built = current_app.extensions["convtune.studies"] = StudyDispatcher(s.settings, s.runs, s.dispatcher.sender.celery, s.redis)
+    return built
+
+
+@bp.post("", responses={202: StudyAccepted, 409: Problem, **PROBLEMS})
+@idempotent
+def create_study(body: StudySpec, header: IdempotencyHeader):
+    """Submit a study: validated, recorded (MLflow parent run, Optuna study), first trials queued."""
+    s = services()
+    check_study_caps(body.budget, body.parallelism, s.settings)
+    study_id = study_dispatcher().accept(body)
+    bind(study_id=study_id)
+    url = url_for("studies.get_study", study_id=study_id, _external=True)
+    answer = StudyAccepted(
+        id=study_id, state="queued", name=body.display_name(), n_trials=body.budget, parallelism=body.parallelism,
+        queue=body.base.queue or s.settings.default_queue, storage=storage_kind(s.settings.study_storage), url=url,
+        trials_url=url_for("studies.list_study_trials", study_id=study_id, _external=True), mlflow_url=s.runs.run_url(study_id, s.settings.ui_url),
+    )
+    return answer.model_dump(), 202, {"Location": url}
+
+
+@bp.get("", responses={200: StudyList, 400: Problem, 503: Problem})
+def list_studies(query: StudyListQuery):
+    """List studies, newest first, a page at a time."""
+    records, token = study_dispatcher().search(max_results=query.limit, page_token=query.page_token)
+    return StudyList(items=[study_public(r) for r in records], next_page_token=token or None).model_dump()
+
+
+@bp.get("/<study_id>", responses={200: StudyPublic, 404: Problem, 503: Problem})
+def get_study(path: StudyPath):
+    """Show a study: state, trials per outcome, progress, the best trial and its params."""
+    return study_public(study_dispatcher().get(path.study_id)).model_dump()
+
+
+@bp.get("/<study_id>/trials", responses={200: StudyTrialList, 404: Problem, 503: Problem})
+def list_study_trials(path: StudyPath, query: StudyTrialQuery):
+    """List a study's trials in the order they started, with params, outcome, value and epochs."""
+    record = study_dispatcher().get(path.study_id)
+    trials = [t for t in (record.study.get_trials(deepcopy=False) if record.study else []) if query.state is None or STATE_NAMES.get(t.state.name) == query.state]
+    page = trials[query.offset : query.offset + query.limit]
+    return StudyTrialList(items=[_trial(record, t) for t in page], total=len(trials)).model_dump()
+
+
+@bp.post("/<study_id>/cancel", responses={202: StudyPublic, 404: Problem, 409: Problem, 503: Problem})
+def cancel_study(path: StudyPath):
+    """Cancel a study: no more trials start, running ones stop at their next check."""
+    dispatcher = study_dispatcher()
+    record = dispatcher.get(path.study_id)
+    check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
+    dispatcher.cancel(record)
+    return study_public(dispatcher.get(path.study_id)).model_dump(), 202
+
+
+@bp.post("/<study_id>/extend", responses={202: StudyPublic, 404: Problem, 409: Problem, 422: Problem, 503: Problem})
+@idempotent
+def extend_study(path: StudyPath, body: StudyExtend, header: IdempotencyHeader):
+    """Add trials to a running or ended study, trying the given warm-start configurations first."""
+    dispatcher = study_dispatcher()
+    record = dispatcher.get(path.study_id)
+    check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
+    check_study_caps(record.spec.budget + max(body.n_trials, len(body.warm_start)), None, services().settings)
+    dispatcher.extend(record, body.n_trials, body.warm_start)
+    return study_public(dispatcher.get(path.study_id)).model_dump(), 202
+
+
+def study_public(record: StudyRecord) -> StudyPublic:
+    """A study record as the API shows it."""
+    s = services()
+    trials = record.study.get_trials(deepcopy=False) if record.study else []
+    counts: dict[str, int] = {}
+    for t in trials:
+        key = "running" if t.state.name == "RUNNING" else "waiting" if t.state.name == "WAITING" else t.user_attrs.get(USER_ATTR.OUTCOME, STATE_NAMES.get(t.state.name, "other"))
+        counts[key] = counts.get(key, 0) + 1
+    budget = int(record.study.user_attrs.get(USER_ATTR.BUDGET, record.spec.budget)) if record.study else record.spec.budget
+    finished = sum(1 for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL"))
+    started_at = record.study.user_attrs.get(USER_ATTR.STARTED_AT) if record.study else None
+    end_s = record.end_ms / 1000 if record.terminal and record.end_ms else time.time()
+    progress = StudyProgress(
+        finished=finished, running=counts.get("running", 0), n_trials=budget, fraction=round(min(finished / budget, 1.0), 4) if budget else 1.0,
+        epochs_trained=sum(int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)) for t in trials),
+        elapsed_s=round(end_s - float(started_at), 3) if started_at else None, timeout_s=record.spec.timeout_s, stopped=record.stopped or None,
+    )
+    tags = record.tags
+    registered = None
+    if tags.get("convtune.registered_model"):
+        registered = RegisteredModel(name=tags["convtune.registered_model"], version=tags["convtune.registered_version"], alias=tags["convtune.registered_alias"])
+    url = url_for("studies.get_study", study_id=record.id, _external=True)
+    return StudyPublic(
+        id=record.id, name=tags.get(TAG.RUN_NAME), state=record.state, reason=tags.get(TAG.REASON),
+        objective={"metric": record.spec.objective.metric, "direction": record.spec.objective.resolved_direction, "value": record.spec.objective.value},
+        sampler=record.spec.sampler.name, pruner=record.spec.pruner.name, parallelism=record.spec.parallelism, queue=tags.get(TAG.QUEUE),
+        counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record), registered_model=registered,
+        timings={"created_at": _iso(record.start_ms), "ended_at": _iso(record.end_ms) if record.terminal else None},
+        spec=record.spec.model_dump(mode="json"), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
+        mlflow_url=s.runs.run_url(record.id, s.settings.ui_url),
+    )
+
+
+def _diverged_lrs(record: StudyRecord, trials: list[Any]) -> list[float]:
+    """The LR each diverged trial trained at: its sampled optim.lr, else the base's (tuning, issue 4)."""
+    lrs = [float(t.params.get("optim.lr", record.spec.base.optim.lr)) for t in trials if t.user_attrs.get(USER_ATTR.OUTCOME) == "diverged"]
+    return sorted(lrs)
+
+
+def _best(record: StudyRecord) -> StudyBest | None:
+    if record.study is None or not any(t.state.name == "COMPLETE" for t in record.study.get_trials(deepcopy=False)):
+        return None
+    s = services()
+    best = record.study.best_trial
+    if best.user_attrs.get(USER_ATTR.DUPLICATE_OF) is not None:  # show the trial that trained it, not the one that reused it
+        best = record.study.get_trials(deepcopy=False)[int(best.user_attrs[USER_ATTR.DUPLICATE_OF])]
+    trial_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
+    return StudyBest(
+        number=best.number, trial_id=trial_id, value=float(best.value), params=decode_params(record.spec, best.params),
+        mlflow_url=s.runs.run_url(trial_id, s.settings.ui_url) if trial_id else None,
+    )
+
+
+def _trial(record: StudyRecord, t: Any) -> StudyTrial:
+    s = services()
+    trial_id = t.user_attrs.get(USER_ATTR.TRIAL_ID)
+    return StudyTrial(
+        number=t.number, trial_id=trial_id, name=None if trial_id is None else _trial_name(record, t), state=STATE_NAMES.get(t.state.name, t.state.name.lower()),
+        outcome=t.user_attrs.get(USER_ATTR.OUTCOME), reason=t.user_attrs.get(USER_ATTR.REASON), value=t.value,
+        params=decode_params(record.spec, t.params), epochs=int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)), duplicate_of=t.user_attrs.get(USER_ATTR.DUPLICATE_OF),
+        started_at=t.datetime_start.astimezone(timezone.utc).isoformat() if t.datetime_start else None,
+        duration_s=t.duration.total_seconds() if t.duration else None,
+        mlflow_url=s.runs.run_url(trial_id, s.settings.ui_url) if trial_id else None,
+    )
+
+
+def _trial_name(record: StudyRecord, t: Any) -> str:
+    from models.store.search import trial_label
+
+    return f"{trial_label(decode_params(record.spec, t.params))} #{t.number}"
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if not ms else datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat()

@@ -1,0 +1,218 @@
+"""``convtune up``: the local stack (Redis if needed, MLflow, workers, the API) under one supervisor.
+
+Every process is started in its own session and stopped by pid, in reverse order, on Ctrl-C or
+when any of them dies (its log tail is printed then). Logs go to ``HOME/logs/NAME.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import redis
+
+__all__ = ["Process", "Stack", "StackConfig", "api_command", "gpu_count", "worker_commands"]
+
+
+@dataclass
+class StackConfig:
+    home: Path = Path(".convtune")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    mlflow_port: int = 5000
+    api_workers: int = 2
+    cpu_workers: int = 1
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def gpu_count() -> int:
+    """GPUs visible to this host, asked of nvidia-smi so this process never initialises CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def worker_commands(gpus: int, cpu_workers: int, loglevel: str = "INFO") -> list[tuple[str, list[str], dict[str, str]]]:
+    """One Celery worker process per GPU (concurrency 1, queue ``gpu``), or ``cpu_workers`` on a CPU host."""
+    base = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork", "-c", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    # Plus one light worker that delivers callbacks (threads, no torch), so a receiver never holds a GPU.
+    callbacks = ("callbacks", [sys.executable, "-m", "celery", "-A", "workers.callbacks.app", "worker", "-P", "threads", "-c", "4", "--loglevel", loglevel,
+                               "--without-gossip", "--without-mingle", "-Q", "callbacks", "-n", "callbacks@%h"], {"CUDA_VISIBLE_DEVICES": ""})
+    if gpus:
+        return [*((f"gpu{i}", [*base, "-Q", "gpu", "-n", f"gpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(gpus)), callbacks]
+    return [*((f"cpu{i}", [*base, "-Q", "cpu", "-n", f"cpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": ""}) for i in range(cpu_workers)), callbacks]
+
+
+def api_command(bind: str, workers: int) -> list[str]:
+    """gunicorn serving the API, with the settings of ``service.api.gunicorn_conf`` (multiprocess metrics)."""
+    return [sys.executable, "-m", "gunicorn", "-c", "python:service.api.gunicorn_conf", "-w", str(workers), "-b", bind, "service.api:create_app()"]
+
+
+class Stack:
+    """Starts, watches and stops the local stack's processes."""
+
+    def __init__(self, config: StackConfig, say: Callable[[str], None] = print):
+        self.config = config
+        self.say = say
+        self.processes: list[Process] = []
+        (config.home / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        log_path = self.config.home / "logs" / f"{name}.log"
+        log = open(log_path, "ab")
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def env(self) -> dict[str, str]:
+        c = self.config
+        return {
+            "CONVTUNE_REDIS_URL": c.redis_url,
+            "CONVTUNE_MLFLOW_TRACKING_URI": c.mlflow_url,
+            "CONVTUNE_CHECKPOINT_DIR": str((c.home / "checkpoints").resolve()),
+            # The API and every worker must open the same study storage (a journal file on one host).
+            "CONVTUNE_STUDY_STORAGE": os.environ.get("CONVTUNE_STUDY_STORAGE", str((c.home / "studies.journal").resolve())),
+            "CONVTUNE_DEFAULT_QUEUE": "gpu" if gpu_count() else "cpu",
+            # The local stack serves one person on 127.0.0.1: no tokens (the API warns at start-up).
+            "CONVTUNE_AUTH_DISABLED": os.environ.get("CONVTUNE_AUTH_DISABLED", "true"),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+            **c.extra_env,
+        }
+
+    def up(self) -> None:
+        """Start everything and wait until the API is ready; raises RuntimeError naming what failed."""
+        self.ensure_redis()
+        self.start_mlflow()
+        env = self.env()
+        for name, argv, extra in worker_commands(gpu_count(), self.config.cpu_workers):
+            self.start(f"worker-{name}", argv, {**env, **extra})
+        api = api_command(f"{self.config.api_host}:{self.config.api_port}", self.config.api_workers)
+        self.start("api", api, env)
+        self.wait_http("api", f"{self.config.api_url}/readyz", timeout_s=90)
+        self.say(f"API ready at {self.config.api_url}; workers: {', '.join(p.name for p in self.processes if p.name.startswith('worker'))}")
+
+    def ensure_redis(self) -> None:
+        url = urlparse(self.config.redis_url)
+        if _redis_answers(self.config.redis_url):
+            self.say(f"Redis answers at {url.hostname}:{url.port or 6379}")
+            return
+        server = shutil.which("redis-server")
+        if url.hostname not in ("127.0.0.1", "localhost") or server is None:
+            raise RuntimeError(
+                f"no Redis answers at {self.config.redis_url}. Start one (Debian: apt-get install redis-server; "
+                "or docker run -p 6379:6379 redis:7) or point CONVTUNE_REDIS_URL at yours."
+            )
+        port = url.port or 6379
+        self.start("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        if not _wait(lambda: _redis_answers(self.config.redis_url), 15):
+            raise RuntimeError(f"redis-server did not start on port {port}:\n{self.processes[-1].tail()}")
+        self.say(f"started redis-server on port {port}")
+
+    def start_mlflow(self) -> None:
+        c = self.config
+        if _http_ok(f"{c.mlflow_url}/health"):
+            self.say(f"MLflow already answers at {c.mlflow_url}; using it")
+            return
+        home = c.home.resolve()
+        argv = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(c.mlflow_port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"),
+        ]
+        self.start("mlflow", argv, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
+        self.wait_http("mlflow", f"{c.mlflow_url}/health", timeout_s=120)
+        self.say(f"MLflow tracking server and UI at {c.mlflow_url}")
+
+    def wait_http(self, name: str, url: str, timeout_s: float) -> None:
+        if not _wait(lambda: _http_ok(url) or self.dead() is not None, timeout_s) or self.dead() is not None:
+            dead = self.dead()
+            culprit = dead or next(p for p in self.processes if p.name == name)
+            raise RuntimeError(f"{name} did not become ready at {url}; last lines of {culprit.log_path}:\n{culprit.tail()}")
+
+    def dead(self) -> Process | None:
+        """The first process that has exited, if any."""
+        return next((p for p in self.processes if p.popen.poll() is not None), None)
+
+    def down(self, timeout_s: float = 15) -> None:
+        """Stop every process by pid, newest first: SIGTERM to its group, SIGKILL after ``timeout_s``."""
+        for process in reversed(self.processes):
+            if process.popen.poll() is None:
+                _signal_group(process.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in reversed(self.processes):
+            try:
+                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process.popen.pid, signal.SIGKILL)
+                process.popen.wait()
+        self.processes.clear()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

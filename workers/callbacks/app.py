@@ -1,0 +1,27 @@
+"""The callback worker's Celery app: consumes only the ``callbacks`` queue, imports no torch.
+
+Start it with ``convtune worker`` (which runs one next to the training workers), or by hand:
+``celery -A workers.callbacks.app worker -P threads -c 4 -Q callbacks -n callbacks@%h``. Threads
+suit it: a delivery mostly waits on the network, and a slow receiver holds one thread, never a GPU.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import setup_logging
+
+from models.logs import configure_logging
+from models.messages import CALLBACK_QUEUE, celery_config
+from workers.settings import WorkerSettings
+
+__all__ = ["app"]
+
+_settings = WorkerSettings()
+app = Celery("convtune-callbacks", include=["workers.callbacks.delivery"])
+app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s))
+app.conf.task_default_queue = CALLBACK_QUEUE
+
+
+@setup_logging.connect
+def _logging(**_: object) -> None:
+    configure_logging("callbacks", _settings.log_format, _settings.log_level)

@@ -1,0 +1,185 @@
+"""The end of a study: its parent run gets the best trial, the plots, the tables, and a registered model.
+
+Called by the step that leaves nothing in flight (see :mod:`workers.study.step`). The parent run gets:
+
+- metrics ``best_<metric>``, ``best_trial_number``, ``trials_<outcome>`` counts and ``epochs_trained``;
+- params ``best.<path>`` when the study first ends (MLflow params are immutable; after ``/extend``
+  the tags ``convtune.best.<path>``, the metric and ``study/best.json`` follow the new best);
+- ``plots/optimization_history.png``, ``plots/param_importances.png``, ``plots/parallel_coordinate.png``
+  and ``plots/intermediate_values.png`` (Optuna's matplotlib views), ``study/trials.json`` (a table
+  the MLflow UI shows) and ``study/param_importances.json``;
+- with ``register_as``, the best trial's model as a new version of that registered model, aliased.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections import Counter
+from typing import Any
+
+import optuna
+from mlflow.entities import Metric, Param, RunTag
+from optuna.trial import TrialState
+
+from models.store.runs import TAG
+from models.store.search import USER_ATTR, decode_params
+from models.spec.study import StudySpec
+from workers.trial.execution import WorkerRuntime
+from workers.callbacks.announce import announce_study_end
+
+__all__ = ["finish_study", "trial_rows"]
+
+log = logging.getLogger(__name__)
+STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+
+
+def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, stopped: str) -> None:
+    """End the study's parent run with its results; every part is best-effort except the ending itself."""
+    _fail_orphans(stored)
+    trials = stored.get_trials(deepcopy=False)
+    counts = Counter(t.user_attrs.get(USER_ATTR.OUTCOME, STATES.get(t.state, "other")) for t in trials if t.state != TrialState.WAITING)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = _trained(stored, stored.best_trial) if complete else None
+    metric = spec.objective.metric
+    now = int(time.time() * 1000)
+    epochs = sum(int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)) for t in trials)
+    metrics = [Metric(f"trials_{outcome}", n, now, 0) for outcome, n in counts.items()]
+    metrics += [Metric("trials_total", sum(counts.values()), now, 0), Metric("epochs_trained", epochs, now, 0)]
+    tags = [RunTag("convtune.trial_counts", json.dumps(dict(counts)))]
+    if best is not None:
+        metrics += [Metric(f"best_{metric}", float(best.value), now, 0), Metric("best_trial_number", best.number, now, 0)]
+        best_params = decode_params(spec, best.params)
+        tags += [RunTag("convtune.best_trial_id", best.user_attrs.get(USER_ATTR.TRIAL_ID, "")), RunTag("convtune.best_trial_number", str(best.number))]
+        tags += [RunTag(f"convtune.best.{k}", json.dumps(v)) for k, v in best_params.items()]
+    rt.mlflow.log_batch(study_id, metrics=metrics, tags=tags)
+    if best is not None:
+        _log_best_params(rt, study_id, decode_params(spec, best.params))
+        rt.mlflow.log_dict(study_id, {"trial_number": best.number, "trial_id": best.user_attrs.get(USER_ATTR.TRIAL_ID), "value": best.value, "params": decode_params(spec, best.params)}, "study/best.json")
+    _log_artifacts(rt, study_id, stored, spec)
+    registered = _register(rt, study_id, spec, best) if best is not None and spec.register_as else None
+
+    if stopped == "cancelled":
+        status, outcome, reason = "KILLED", "cancelled", "cancelled on request"
+    elif best is None:
+        status, outcome, reason = "FAILED", "error", f"no trial completed ({_count_text(counts)})"
+    else:
+        status, outcome = "FINISHED", "succeeded"
+        reason = f"{sum(counts.values())} trials ({_count_text(counts)}); best {metric} {best.value:.4f} by trial #{best.number}"
+        if stopped in ("target", "timeout"):
+            reason += f"; stopped early: {json.loads(stored.user_attrs.get(USER_ATTR.STOPPED, '{}')).get('reason', stopped)}"
+    if registered:
+        reason += f"; registered as {registered}"
+    rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason)])
+    rt.mlflow.set_terminated(study_id, status=status)
+    log.info("study %s ended %s: %s", study_id, outcome, reason)
+    best_info = None if best is None else {
+        "trial_id": best.user_attrs.get(USER_ATTR.TRIAL_ID), "number": best.number, "value": float(best.value), "params": decode_params(spec, best.params),
+    }
+    announce_study_end(
+        study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), mlflow_status=status, outcome=outcome,
+        reason=reason, best=best_info, counts=dict(counts),
+    )
+
+
+def _trained(stored: optuna.Study, best: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """The trial that trained the best configuration: a duplicate only reused its twin's value (and has no model)."""
+    twin = best.user_attrs.get(USER_ATTR.DUPLICATE_OF)
+    return best if twin is None else stored.get_trials(deepcopy=False)[int(twin)]
+
+
+def _count_text(counts: Counter) -> str:
+    return ", ".join(f"{n} {outcome}" for outcome, n in counts.most_common()) or "none ran"
+
+
+def _fail_orphans(stored: optuna.Study) -> None:
+    """Nothing is in flight: a trial still RUNNING lost its worker before it recorded its slot."""
+    storage = stored._storage
+    for t in stored.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, USER_ATTR.OUTCOME, "worker_lost")
+        storage.set_trial_user_attr(t._trial_id, USER_ATTR.REASON, "its worker was lost before the trial started training")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def _log_best_params(rt: WorkerRuntime, study_id: str, params: dict[str, Any]) -> None:
+    existing = rt.mlflow.get_run(study_id).data.params
+    if any(k.startswith("best.") for k in existing):
+        return  # logged when the study first ended; the tags and best.json carry the current best
+    values = [Param(f"best.{k}", json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    rt.mlflow.log_batch(study_id, params=values)
+
+
+def trial_rows(stored: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
+    """One JSON-ready row per started trial: number, run id, state, outcome, value, epochs, params."""
+    rows = []
+    for t in stored.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            continue
+        row = {
+            "number": t.number, "trial_id": t.user_attrs.get(USER_ATTR.TRIAL_ID), "state": STATES.get(t.state, str(t.state)),
+            "outcome": t.user_attrs.get(USER_ATTR.OUTCOME), "value": t.value, "epochs": t.user_attrs.get(USER_ATTR.EPOCHS, 0),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+        }
+        row.update({f"params.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in decode_params(spec, t.params).items()})
+        rows.append(row)
+    return rows
+
+
+def _log_artifacts(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec: StudySpec) -> None:
+    rows = trial_rows(stored, spec)
+    if rows:
+        keys = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("params."), list(rows[0]).index(k) if k in rows[0] else 99, k))
+        rt.mlflow.log_table(study_id, data={k: [r.get(k) for r in rows] for k in keys}, artifact_file="study/trials.json")
+    try:
+        importances = optuna.importance.get_param_importances(stored)
+        rt.mlflow.log_dict(study_id, importances, "study/param_importances.json")
+    except (ValueError, RuntimeError) as exc:
+        log.info("study %s: no parameter importances: %s", study_id, exc)
+    for name, plot in _plots().items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = plot(stored)
+            figure = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+            figure.set_size_inches(10, 6)
+            figure.tight_layout()
+            rt.mlflow.log_figure(study_id, figure, f"plots/{name}.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+        except Exception as exc:  # noqa: BLE001 - a plot is a bonus: too few trials or one-valued params must not fail the study
+            log.info("study %s: no %s plot: %s", study_id, name, exc)
+
+
+def _plots() -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as views
+
+    return {
+        "optimization_history": views.plot_optimization_history,
+        "param_importances": views.plot_param_importances,
+        "parallel_coordinate": views.plot_parallel_coordinate,
+        "intermediate_values": views.plot_intermediate_values,
+    }
+
+
+def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.trial.FrozenTrial) -> str | None:
+    """Register the best trial's model; the version and alias, or None (and a tag saying why)."""
+    import mlflow
+
+    run_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
+    name, alias = spec.register_as, spec.register_alias
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, "convtune.trial_id": str(run_id)})
+        rt.mlflow.set_registered_model_alias(name, alias, version.version)
+    except Exception as exc:  # noqa: BLE001 - no model logged (log_model off), registry unavailable
+        log.warning("study %s: could not register trial %s's model as %s: %s", study_id, run_id, name, exc)
+        rt.mlflow.set_tag(study_id, "convtune.registration_error", str(exc)[:5000])
+        return None
+    shown = f"{name} version {version.version} (@{alias})"
+    rt.mlflow.log_batch(study_id, tags=[RunTag("convtune.registered_model", name), RunTag("convtune.registered_version", str(version.version)), RunTag("convtune.registered_alias", alias)])
+    return shown

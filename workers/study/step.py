@@ -1,0 +1,346 @@
+"""One step of a study: run one of its trials through Optuna, then keep ``parallelism`` steps in flight.
+
+A step message carries a study id and a *slot* (see :mod:`models.store.budget`). The step loads the
+Optuna study from the shared storage with the sampler and pruner rebuilt from the study spec, and
+runs ``study.optimize(objective, n_trials=1)``: Optuna picks the next enqueued (grid, warm-start)
+or sampled configuration, the objective creates the trial's child MLflow run, trains it through
+:func:`workers.trial.execution.execute_trial` (lease, tracker, checkpoints, outcomes) and reports the
+objective after every epoch so the pruner can stop it. Then the step releases its slot, sends the
+steps the budget allows, and the step that leaves nothing in flight finishes the study
+(:mod:`workers.study.report`). No step waits on another. A step redelivered because its worker
+died resumes the same Optuna trial from its last checkpoint (up to the workers' max_attempts).
+
+How a trial's outcome becomes an Optuna state:
+
+    succeeded                               COMPLETE  its value
+    pruned, diverged, timeout, out_of_memory,
+    infeasible                              PRUNED    the configuration is bad: the sampler learns it
+    cancelled, error, invalid_data,
+    worker_lost                             FAIL      nothing learnt about the configuration
+    duplicate (same params as trial N)      N's state and value, reused, not trained again
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from optuna.trial import TrialState
+from pydantic import ValidationError
+
+from models.store.budget import StudyBudget
+from models.data.sets import InvalidData, describe
+from models.store.keys import lease_key
+from models.store.runs import TAG, TERMINAL_STATUSES
+from models.store.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
+from models.spec.plan import InfeasibleSpec, plan_network
+from models.spec.trial import TrialSpec, flatten_params
+from models.spec.study import StudySpec, apply_params
+from workers.trial.execution import LeaseHeld, WorkerRuntime, execute_trial
+from workers.callbacks.announce import count_outcome
+from workers.training.outcomes import Pruned
+
+__all__ = ["SendStep", "TrialFailed", "execute_step"]
+
+log = logging.getLogger(__name__)
+# Optuna logs each trial that ends FAIL with a traceback; convtune logs the outcome and reason itself.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+SendStep = Callable[[str, int, str], None]  # (study_id, slot, queue)
+PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible")
+
+
+class TrialFailed(Exception):
+    """The trial ended without telling anything about its configuration (Optuna FAIL)."""
+
+
+def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) -> str:
+    """Run the trial of ``slot`` (unless it already ran or the study stops), then top up the study."""
+    budget = StudyBudget(rt.redis, study_id)
+    try:
+        parent = rt.mlflow.get_run(study_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            log.error("study %s has no MLflow run; dropping its step", study_id)
+            return "skipped"
+        raise  # MLflow down: the message is redelivered
+    storage = open_storage(rt.settings.study_storage)
+    try:
+        stored = optuna.load_study(study_name=study_id, storage=storage)
+    except KeyError:
+        reason = f"study {study_id} is not in this worker's {storage_kind(rt.settings.study_storage)} storage: CONVTUNE_STUDY_STORAGE must be the API's"
+        log.error(reason)
+        budget.stop("error")
+        _end_parent(rt, study_id, "FAILED", "error", reason)
+        return "skipped"
+    spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
+    queue = stored.user_attrs[USER_ATTR.QUEUE]
+    if spec.lr_auto is not None:
+        # Tuning (issue 4): one range test for the study, then optim.lr is searched around its result.
+        from workers.trial.lr_finder import LrAutoFailed, with_lr_range
+
+        try:
+            spec = with_lr_range(study_id, spec, stored, rt, should_stop=lambda: budget.stopped() == "cancelled")
+        except LrAutoFailed as exc:
+            if budget.stopped() != "cancelled":  # a cancelled study ends through the usual path below
+                budget.stop("error")
+                _end_parent(rt, study_id, "FAILED", "error", str(exc))
+                budget.top_up(release_slot=slot)  # stopped: this only gives the slot back
+                return "skipped"
+
+    try:
+        outcome = _run_slot(study_id, slot, rt, budget, stored, spec, parent)
+    except LeaseHeld:
+        raise
+    except Exception:  # MLflow or the storage failed mid-trial: the slot is spent, the chain goes on
+        log.exception("study %s: the step of slot %d failed", study_id, slot)
+        outcome = "error"
+    top = budget.top_up(release_slot=slot)
+    if top.in_flight < 0:
+        top = _restore_counters(budget, stored, spec)
+    for next_slot in top.slots:
+        send(study_id, next_slot, queue)
+    if top.idle and top.released:
+        from workers.study.report import finish_study
+
+        try:
+            finish_study(study_id, rt, stored, spec, budget.stopped())
+        except Exception as exc:  # never leave the parent RUNNING with nothing left to end it
+            log.exception("study %s: its results could not be recorded", study_id)
+            _end_parent(rt, study_id, "FAILED", "error", f"the study ended but its results could not be recorded: {exc}")
+    return outcome
+
+
+def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Any) -> str:
+    """Run the slot's trial; ``stopped`` when none starts. Raises LeaseHeld when another delivery runs it."""
+    record = budget.slot_record(slot)
+    if record is not None:
+        trial_id, number = record
+        if rt.mlflow.get_run(trial_id).info.status in TERMINAL_STATUSES:
+            return "done"  # an earlier delivery ran it and died before topping up
+        if rt.redis.exists(lease_key(trial_id)):
+            # Another worker trains it (a redelivered message), or one that died still holds the
+            # lease: the task looks again once it could lapse; then the trial has ended or is lost.
+            raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
+        return _resume_trial(study_id, slot, rt, budget, stored, spec, parent, trial_id, number)
+    if budget.stopped() or parent.info.status in ("KILLED", "FAILED"):
+        return "stopped"
+    started = float(stored.user_attrs.get(USER_ATTR.STARTED_AT, time.time()))
+    if spec.timeout_s is not None and time.time() - started > spec.timeout_s:
+        _stop(budget, stored, "timeout", f"its timeout of {spec.timeout_s:g}s passed; running trials finished")
+        return "stopped"
+    if parent.info.status == "SCHEDULED":
+        rt.mlflow.update_run(study_id, status="RUNNING")
+
+    study = optuna.load_study(
+        study_name=study_id, storage=open_storage(rt.settings.study_storage),
+        sampler=make_sampler(spec, spec.seed + slot), pruner=make_pruner(spec),
+    )
+    objective = StudyObjective(study_id, slot, spec, rt, budget, parent.info.experiment_id, stored.user_attrs[USER_ATTR.QUEUE])
+    study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
+    if spec.target is not None and _target_reached(study, spec):
+        _stop(budget, stored, "target", f"a trial reached the target {spec.objective.metric} {spec.target:g}")
+    return objective.outcome
+
+
+class StudyObjective:
+    """Optuna's objective for one trial: sample, create the child run, train with pruning, map the ending."""
+
+    def __init__(self, study_id: str, slot: int, spec: StudySpec, rt: WorkerRuntime, budget: StudyBudget, experiment_id: str, queue: str):
+        self.study_id, self.slot, self.spec, self.rt, self.budget = study_id, slot, spec, rt, budget
+        self.experiment_id, self.queue = experiment_id, queue
+        self.outcome = "error"
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.spec)
+        trial.set_user_attr(USER_ATTR.SLOT, self.slot)
+        name = f"{trial_label(params)} #{trial.number}"
+        try:
+            trial_spec: TrialSpec | None = apply_params(self.spec.base, params, name=name)
+            problem = None
+        except ValidationError as exc:
+            trial_spec, problem = None, f"the sampled configuration is not a valid trial: {exc.errors(include_url=False)[0]['msg']}"
+        plan, infeasible = None, None
+        if trial_spec is not None:
+            try:
+                info = describe(trial_spec.data, self.rt.settings.data_root)
+                plan = plan_network(trial_spec.model, info) if info else None
+            except InfeasibleSpec as exc:
+                infeasible = f"infeasible architecture: {exc}"
+            except InvalidData as exc:
+                problem = str(exc)
+        trial_id = self._create_run(trial, name, params, trial_spec, plan)
+        trial.set_user_attr(USER_ATTR.TRIAL_ID, trial_id)
+        self.budget.record_slot(self.slot, trial_id, trial.number)
+
+        # The API raises the study's stop flag, then the cancel flags of the trials it finds running:
+        # checked after TRIAL_ID is stored, one of the two always sees the other.
+        if self.budget.stopped() == "cancelled":
+            return self._end(trial, trial_id, "KILLED", "cancelled", "the study was cancelled before this trial started")
+        if problem:
+            return self._end(trial, trial_id, "FAILED", "invalid_data" if trial_spec else "error", problem)
+        twin = _twin(trial)
+        if twin is not None:
+            return self._reuse(trial, trial_id, twin)
+        if infeasible:
+            return self._end(trial, trial_id, "FAILED", "infeasible", infeasible)
+        return self._train(trial, trial_id, trial_spec)
+
+    def _train(self, trial: optuna.Trial, trial_id: str, trial_spec: TrialSpec) -> float:
+        metric, pruner = self.spec.objective.metric, self.spec.pruner.name
+        values: list[float] = []
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+            value = float(metrics[metric])
+            values.append(value)
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {metric} {value:.4f}")
+
+        outcome = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end)
+        reason = self.rt.mlflow.get_run(trial_id).data.tags.get(TAG.REASON, outcome)
+        self._record(trial, outcome, reason, len(values))
+        if outcome == "succeeded" and values:
+            better = max if self.spec.objective.resolved_direction == "maximize" else min
+            return values[-1] if self.spec.objective.value == "last_epoch" else better(values)
+        if outcome in PRUNED_OUTCOMES:
+            raise optuna.TrialPruned(reason)
+        raise TrialFailed(reason)
+
+    def _reuse(self, trial: optuna.Trial, trial_id: str, twin: optuna.trial.FrozenTrial) -> float:
+        """Give this trial its twin's result instead of training the same configuration again."""
+        twin_run = twin.user_attrs.get(USER_ATTR.TRIAL_ID, "?")
+        trial.set_user_attr(USER_ATTR.DUPLICATE_OF, twin.number)
+        if twin.state == TrialState.RUNNING:
+            reason = f"same parameters as trial #{twin.number} (run {twin_run}), still running: not trained twice"
+            self._end_run(trial_id, "FINISHED", "duplicate", reason)
+            self._record(trial, "duplicate", reason, 0)
+            raise TrialFailed(reason)
+        for step, value in sorted(twin.intermediate_values.items()):
+            trial.report(value, step)
+        state = "value" if twin.state == TrialState.COMPLETE else "pruning"
+        reason = f"same parameters as trial #{twin.number} (run {twin_run}): its {state} reused, not trained again"
+        metrics = [Metric(self.spec.objective.metric, twin.value, int(time.time() * 1000), 0)] if twin.value is not None else []
+        self._end_run(trial_id, "FINISHED", "duplicate", reason, metrics)
+        self._record(trial, "duplicate", reason, 0)
+        if twin.state == TrialState.COMPLETE:
+            return float(twin.value)
+        raise optuna.TrialPruned(reason)
+
+    def _end(self, trial: optuna.Trial, trial_id: str, status: str, outcome: str, reason: str) -> float:
+        self._end_run(trial_id, status, outcome, reason)
+        self._record(trial, outcome, reason, 0)
+        if outcome in PRUNED_OUTCOMES:
+            raise optuna.TrialPruned(reason)
+        raise TrialFailed(reason)
+
+    def _record(self, trial: optuna.Trial, outcome: str, reason: str, epochs: int) -> None:
+        self.outcome = outcome
+        count_outcome(self.rt, outcome)
+        for key, value in ((USER_ATTR.OUTCOME, outcome), (USER_ATTR.REASON, reason[:1000]), (USER_ATTR.EPOCHS, epochs)):
+            trial.set_user_attr(key, value)
+
+    def _end_run(self, trial_id: str, status: str, outcome: str, reason: str, metrics: list[Metric] | None = None) -> None:
+        tags = [RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason[:5000]), RunTag(TAG.EPOCHS_DONE, "0")]
+        self.rt.mlflow.log_batch(trial_id, metrics=metrics or [], tags=tags)
+        self.rt.mlflow.set_terminated(trial_id, status=status)
+
+    def _create_run(self, trial: optuna.Trial, name: str, params: dict[str, Any], trial_spec: TrialSpec | None, plan: Any) -> str:
+        """The trial's child run under the study's parent, params logged once, here."""
+        tags = {
+            TAG.KIND: "trial", TAG.RUN_NAME: name, TAG.PARENT: self.study_id, TAG.STUDY_ID: self.study_id,
+            "convtune.study_trial": str(trial.number), TAG.QUEUE: self.queue,
+            **({TAG.SPEC: trial_spec.model_dump_json()} if trial_spec else {}),
+            **({TAG.PARAMS_COUNT: str(plan.params), TAG.FLOPS: str(plan.flops)} if plan else {}),
+            **({f"user.{k}": v for k, v in trial_spec.tags.items()} if trial_spec else {}),
+        }
+        run = self.rt.mlflow.create_run(self.experiment_id, run_name=name, tags=tags)
+        flat = flatten_params(trial_spec) if trial_spec else {k: json.dumps(v) for k, v in params.items()}
+        batch = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(batch), 100):
+            self.rt.mlflow.log_batch(run.info.run_id, params=batch[i : i + 100])
+        return run.info.run_id
+
+
+def _twin(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """An earlier trial of the study with the same parameters whose result can stand for this one."""
+    for other in trial.study.get_trials(deepcopy=False):
+        if other.number == trial.number or other.params != trial.params:
+            continue
+        if other.state in (TrialState.COMPLETE, TrialState.PRUNED) and other.user_attrs.get(USER_ATTR.OUTCOME) != "cancelled":
+            return other
+        if other.state == TrialState.RUNNING:
+            return other
+    return None
+
+
+def _target_reached(study: optuna.Study, spec: StudySpec) -> bool:
+    try:
+        best = study.best_value
+    except ValueError:
+        return False
+    return best >= spec.target if spec.objective.resolved_direction == "maximize" else best <= spec.target  # type: ignore[operator]
+
+
+def _stop(budget: StudyBudget, stored: optuna.Study, why: str, reason: str) -> None:
+    budget.stop(why)
+    stored.set_user_attr(USER_ATTR.STOPPED, json.dumps({"why": why, "reason": reason}))
+
+
+def _resume_trial(
+    study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Any, trial_id: str, number: int,
+) -> str:
+    """A redelivered step whose trial lost its worker: train the same Optuna trial on from its checkpoint.
+
+    ``execute_trial`` counts the attempt (failing it as worker_lost past max_attempts) and resumes
+    from the last epoch's checkpoint; the pruner keeps judging it, and the result is told to Optuna.
+    """
+    study = optuna.load_study(study_name=study_id, storage=open_storage(rt.settings.study_storage), sampler=make_sampler(spec, spec.seed + slot), pruner=make_pruner(spec))
+    optuna_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    raw_spec = rt.mlflow.get_run(trial_id).data.tags.get(TAG.SPEC)
+    if study._storage.get_trial(optuna_id).state != TrialState.RUNNING or raw_spec is None:
+        _fail_lost_trial(rt, stored, trial_id, number)
+        return "worker_lost"
+    log.warning("study %s: trial #%d (%s) lost its worker; resuming it", study_id, number, trial_id)
+    trial = optuna.Trial(study, optuna_id)  # the running trial, rebuilt: report() and should_prune() work on it
+    objective = StudyObjective(study_id, slot, spec, rt, budget, parent.info.experiment_id, stored.user_attrs[USER_ATTR.QUEUE])
+    try:
+        study.tell(trial, objective._train(trial, trial_id, TrialSpec.model_validate_json(raw_spec)))
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    except TrialFailed:
+        study.tell(trial, state=TrialState.FAIL)
+    return objective.outcome
+
+
+def _fail_lost_trial(rt: WorkerRuntime, stored: optuna.Study, trial_id: str, number: int) -> None:
+    """A lost trial that cannot be resumed: fail it (worker_lost), in MLflow and Optuna."""
+    reason = "its worker was lost and the trial could not be resumed"
+    log.warning("study trial %s (#%d): %s", trial_id, number, reason)
+    rt.mlflow.log_batch(trial_id, tags=[RunTag(TAG.OUTCOME, "worker_lost"), RunTag(TAG.REASON, reason)])
+    rt.mlflow.set_terminated(trial_id, status="FAILED")
+    storage = stored._storage
+    optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, number)
+    if storage.get_trial(optuna_id).state == TrialState.RUNNING:
+        storage.set_trial_user_attr(optuna_id, USER_ATTR.OUTCOME, "worker_lost")
+        storage.set_trial_user_attr(optuna_id, USER_ATTR.REASON, reason)
+        storage.set_trial_state_values(optuna_id, TrialState.FAIL)
+
+
+def _restore_counters(budget: StudyBudget, stored: optuna.Study, spec: StudySpec) -> Any:
+    """Redis lost the study's counters: rebuild them from the Optuna storage, then top up."""
+    started = sum(1 for t in stored.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+    stopped = json.loads(stored.user_attrs.get(USER_ATTR.STOPPED, "{}")).get("why", "")
+    log.warning("study %s: its counters were lost; restoring them from the Optuna storage (%d trials started)", stored.study_name, started)
+    budget.open(int(stored.user_attrs[USER_ATTR.BUDGET]), spec.parallelism, claimed=started, stopped=stopped)
+    return budget.top_up()
+
+
+def _end_parent(rt: WorkerRuntime, study_id: str, status: str, outcome: str, reason: str) -> None:
+    rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason[:5000])])
+    rt.mlflow.set_terminated(study_id, status=status)

@@ -1,0 +1,342 @@
+"""Training one trial: ``run_trial(spec, tracker, ctx) -> TrialResult``, read top to bottom.
+
+Data lives in memory as tensors (on the GPU when there is one) and is batched by index: the data
+sets are small and a DataLoader's worker processes would cost more than they save. Every epoch
+ends with an evaluation, one batched metrics call to the tracker and a checkpoint, so a trial
+redelivered after its worker died resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.nets.convnet import build_model
+from models.data.sets import load
+from models.spec.plan import plan_network
+from models.spec.trial import OptimSpec, TrialSpec
+from workers.training.batching import BatchPlan, MemoryProbe, plan_batches
+from workers.training.divergence import DivergenceDetector
+from workers.training.outcomes import Cancelled, TimedOut, TrialStopped
+
+__all__ = ["Tracker", "TrialContext", "TrialResult", "confusion_matrix", "evaluate", "resolve_batches", "run_trial", "train_one_epoch"]
+
+
+class Tracker(Protocol):
+    """Where a trial's results go (MLflow in the worker, a list in tests)."""
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
+    def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None: ...
+
+
+@dataclass
+class TrialContext:
+    """What a worker gives a trial besides its spec."""
+
+    device: torch.device
+    data_root: Path | None = None
+    checkpoint_path: Path | None = None
+    should_cancel: Callable[[], bool] = lambda: False
+    check_every_steps: int = 50
+    # Called after every epoch with (epoch, metrics); a study's pruner raises Pruned from here.
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    # Called once the batches are resolved, with tags naming them (batch size, accumulation, effective LR).
+    on_setup: Callable[[dict[str, str]], None] | None = None
+    # What batch_size 'auto' may use on the CPU (a GPU's limit is its own memory).
+    cpu_memory_limit_bytes: int = 2 * 2**30
+    gpu_memory_fraction: float = 0.9
+    # Set on every rank of a data-parallel trial (workers.training.parallel); None trains in this process alone.
+    parallel: Any = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TrialResult:
+    epochs_done: int
+    metrics: dict[str, float]
+    best_val_accuracy: float
+    best_epoch: int
+    history: list[dict[str, float]]
+    # Of the final model on the validation set: confusion[true][predicted] counts.
+    confusion: list[list[int]] | None = None
+    class_names: list[str] | None = None
+    batches: BatchPlan | None = None
+
+
+def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrialContext) -> TrialResult:
+    """Train ``spec`` to the end of its epochs and log everything to ``tracker``."""
+    data = load(spec.data, ctx.data_root)
+    x_train, y_train, x_val, y_val = (torch.from_numpy(a).to(ctx.device) for a in (data.x_train, data.y_train, data.x_val, data.y_val))
+    loss_fn = make_loss(spec.model.head, data.info.num_classes)
+    batches = resolve_batches(spec, data.info, loss_fn, x_train, y_train, ctx)
+    optim = spec.optim.model_copy(update={"lr": batches.lr})
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.info).to(ctx.device)
+    net = model if ctx.parallel is None else ctx.parallel.wrap(model)
+    model = getattr(net, "module", net)  # the bare network: checkpoints, evaluation, the logged model
+    steps_per_epoch = math.ceil(len(x_train) / batches.effective)
+    optimizer = make_optimizer(net.parameters(), optim)
+    scheduler = make_scheduler(optimizer, optim, steps_per_epoch)
+
+    history: list[dict[str, float]] = []
+    guard = _Guard(spec, ctx)
+    start_epoch = 1 + restore_checkpoint(ctx.checkpoint_path, model, optimizer, scheduler, history, guard.divergence)
+    if start_epoch == 1:
+        tracker.log_summary(plan_network(spec.model, data.info).summary())
+    if ctx.on_setup is not None:
+        ctx.on_setup(batches.tags())
+
+    for epoch in range(start_epoch, spec.optim.epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(spec.seed * 10_007 + epoch))
+        guard.divergence.start_epoch(epoch)
+        train_loss = train_one_epoch(
+            net, optimizer, scheduler, loss_fn, x_train, y_train, order.to(ctx.device), batches.batch_size, spec.optim.grad_clip, guard,
+            accumulate=batches.accumulate, parallel=ctx.parallel,
+        )
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_accuracy = evaluate(model, loss_fn, x_val, y_val)
+        metrics = {
+            "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
+            "samples_per_second": len(x_train) / max(train_seconds, 1e-9),
+        }
+        history.append(metrics)
+        tracker.log_epoch(epoch, metrics)
+        guard.divergence.end_epoch(epoch, train_loss, metrics["lr"])
+        if ctx.parallel is None or ctx.parallel.rank == 0:
+            save_checkpoint(ctx.checkpoint_path, epoch, model, optimizer, scheduler, history, guard.divergence)
+        stop = None
+        if ctx.on_epoch_end is not None:
+            try:
+                ctx.on_epoch_end(epoch, metrics)
+            except TrialStopped as exc:  # every rank of a data-parallel trial must hear of it first
+                stop = exc
+        guard.check_epoch(epoch, stop)
+
+    tracker.log_result(model, x_val[:2], history)  # batch > 1: the exported model keeps a dynamic batch
+    best_epoch, best = max(enumerate(history, start=1), key=lambda em: em[1]["val_accuracy"])
+    confusion = confusion_matrix(model, x_val, y_val, data.info.num_classes)
+    return TrialResult(len(history), history[-1], best["val_accuracy"], best_epoch, history, confusion, data.class_names, batches)
+
+
+def resolve_batches(
+    spec: TrialSpec, info: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor, y: torch.Tensor, ctx: TrialContext,
+) -> BatchPlan:
+    """Batch size (probed for 'auto'), gradient accumulation and the scaled LR; the same on every rank."""
+    probe = None
+    if spec.optim.batch_size == "auto":
+        probe = MemoryProbe(
+            lambda: build_model(spec.model, info), lambda m: make_optimizer(m.parameters(), spec.optim), loss_fn, x, y,
+            ctx.device, ctx.cpu_memory_limit_bytes, ctx.gpu_memory_fraction,
+        )
+    batches = plan_batches(spec, len(x), probe)
+    if ctx.parallel is not None and probe is not None:
+        # Ranks may probe differently (other GPUs, other free memory): all take the smallest.
+        smallest = ctx.parallel.smallest(batches.batch_size)
+        if smallest != batches.batch_size:
+            batches = plan_batches(spec, len(x), lambda b: b <= smallest)
+    return batches
+
+
+def train_one_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_size: int, grad_clip: float | None, guard: _Guard,
+    accumulate: int = 1, parallel: Any = None,
+) -> float:
+    """One pass over ``x`` in the given ``order``; the mean training loss.
+
+    Each optimizer step takes ``batch_size x accumulate x ranks`` samples of ``order``: this rank's
+    slice of them, in ``accumulate`` passes whose gradients add up to that of their mean loss.
+    """
+    model.train()
+    world = 1 if parallel is None else parallel.world
+    total, seen = torch.zeros((), device=x.device), 0
+    per_step = batch_size * accumulate * world
+    for step, start in enumerate(range(0, len(order), per_step)):
+        idx = order[start : start + per_step]
+        if len(idx) < 2 * world and seen:
+            break  # a lone last sample would break batch norm's statistics
+        local = idx if parallel is None else parallel.shard(idx)
+        passes = local.tensor_split(max(1, min(math.ceil(len(local) / batch_size), len(local) // 2)))
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=x.device)
+        for i, part in enumerate(passes):
+            # DDP averages gradients over the ranks once per optimizer step, on the last pass.
+            quiet = model.no_sync() if parallel is not None and i < len(passes) - 1 else nullcontext()
+            with quiet:
+                logits = model(x[part])  # (b, K)
+                loss = loss_fn(logits, y[part])
+                (loss * (len(part) / len(local))).backward()
+            step_loss += loss.detach() * len(part)
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        total += step_loss
+        seen += len(local)
+        guard.check_step(step, step_loss / len(local), lr)
+    if parallel is not None:
+        total, seen = parallel.total(torch.tensor([float(total), float(seen)])).tolist()  # the mean over every rank's samples
+    return float(total) / max(seen, 1)
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, chunk: int = 1024) -> list[list[int]]:
+    """Counts of (true class, predicted class) of ``model`` on ``(x, y)``: rows are true classes."""
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=x.device)
+    for start in range(0, len(x), chunk):
+        predicted = model(x[start : start + chunk]).argmax(dim=1)
+        counts += torch.bincount(y[start : start + chunk] * num_classes + predicted, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``(x, y)``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), chunk):
+        logits = model(x[start : start + chunk])  # (B, K)
+        target = y[start : start + chunk]
+        loss_sum += float(loss_fn(logits, target)) * len(target)
+        correct += int((logits.argmax(dim=1) == target).sum())
+    return loss_sum / len(x), correct / len(x)
+
+
+def make_loss(head: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy on logits; for a sigmoid head, per-class binary cross-entropy on the same logits."""
+    if head == "sigmoid":
+        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, F.one_hot(y, num_classes).to(logits.dtype))
+    return F.cross_entropy
+
+
+OPTIMIZERS: dict[str, Callable[[Any, OptimSpec], torch.optim.Optimizer]] = {
+    "sgd": lambda p, o: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay),
+    "momentum": lambda p, o: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay, momentum=_or(o.momentum, 0.9)),
+    "nesterov": lambda p, o: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay, momentum=_or(o.momentum, 0.9), nesterov=True),
+    "adam": lambda p, o: torch.optim.Adam(p, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas or (0.9, 0.999)),
+    "adamw": lambda p, o: torch.optim.AdamW(p, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas or (0.9, 0.999)),
+    "rmsprop": lambda p, o: torch.optim.RMSprop(p, lr=o.lr, weight_decay=o.weight_decay, momentum=_or(o.momentum, 0.0)),
+}
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def make_optimizer(params: Any, optim: OptimSpec) -> torch.optim.Optimizer:
+    return OPTIMIZERS[optim.optimizer](params, optim)
+
+
+# Each schedule is the LR multiplier at a (fractional) epoch t after warm-up, over `span` epochs.
+SCHEDULES: dict[str, Callable[[float, float, OptimSpec], float]] = {
+    "none": lambda t, span, o: 1.0,
+    "step": lambda t, span, o: o.gamma ** math.floor(t / o.step_size),
+    "exponential": lambda t, span, o: o.gamma ** math.floor(t),
+    "cosine": lambda t, span, o: 0.5 * (1.0 + math.cos(math.pi * min(t / span, 1.0))),
+}
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec, steps_per_epoch: int) -> Any:
+    """A per-step scheduler: linear warm-up from lr/100, then the spec's schedule."""
+    total_steps = optim.epochs * steps_per_epoch
+    if optim.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total_steps)
+    decay = SCHEDULES[optim.schedule]
+    span = float(optim.epochs - optim.warmup_epochs)
+
+    def factor(step: int) -> float:
+        t = step / steps_per_epoch
+        if t < optim.warmup_epochs:
+            return 0.01 + 0.99 * t / optim.warmup_epochs
+        return decay(t - optim.warmup_epochs, span, optim)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Guard:
+    """Cooperative stops: the cancel flag every N steps and each epoch, the time limit likewise, and
+    the divergence detector on every step's loss. In a data-parallel trial rank 0 decides the first
+    two and tells the other ranks at each check; divergence every rank judges alike."""
+
+    def __init__(self, spec: TrialSpec, ctx: TrialContext):
+        self.limit_s = spec.time_limit_s
+        self.ctx = ctx
+        reduce = None if ctx.parallel is None else ctx.parallel.mean
+        self.divergence = DivergenceDetector(spec.divergence, ctx.check_every_steps, reduce)
+
+    def check_step(self, step: int, loss: torch.Tensor | None = None, lr: float = float("nan")) -> None:
+        if loss is not None:
+            self.divergence.observe(loss, lr)
+        if step and step % self.ctx.check_every_steps == 0:
+            self._check(f"at step {step}")
+
+    def check_epoch(self, epoch: int, stop: TrialStopped | None = None) -> None:
+        self._check(f"after epoch {epoch}", stop)
+
+    def _check(self, where: str, stop: TrialStopped | None = None) -> None:
+        parallel = self.ctx.parallel
+        if stop is None and (parallel is None or parallel.rank == 0):
+            stop = self._own_stop(where)
+        if parallel is not None:
+            stop = parallel.agree(stop)
+        if stop is not None:
+            raise stop
+
+    def _own_stop(self, where: str) -> TrialStopped | None:
+        if self.ctx.should_cancel():
+            return Cancelled(f"cancelled on request, {where}")
+        elapsed = time.monotonic() - self.ctx.started
+        if self.limit_s is not None and elapsed > self.limit_s:
+            return TimedOut(f"ran {elapsed:.1f}s, past its time_limit_s of {self.limit_s:g}s, {where}")
+        return None
+
+
+def save_checkpoint(
+    path: Path | None, epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, history: list[dict[str, float]],
+    divergence: DivergenceDetector | None = None,
+) -> None:
+    """Write the state after ``epoch`` atomically, so a crash mid-write leaves the previous one."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}
+    if divergence is not None:
+        state["divergence"] = divergence.state_dict()
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def restore_checkpoint(
+    path: Path | None, model: nn.Module, optimizer: Any, scheduler: Any, history: list[dict[str, float]],
+    divergence: DivergenceDetector | None = None,
+) -> int:
+    """Load the last checkpoint into the given objects; the epoch it ended (0 when none)."""
+    if path is None or not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    history.extend(state["history"])
+    if divergence is not None and "divergence" in state:
+        # The first loss stays the untrained one: judged against a resumed, low loss, noise would look like a blow-up.
+        divergence.load_state_dict(state["divergence"])
+    return int(state["epoch"])
+
