@@ -18,9 +18,9 @@ import torch
 
 from models.spec.trial import TrialSpec
 from models.spec.tuning import LrRangeSpec, analyse_range
-from workers.trial.lr_finder import range_test
 from workers.training.outcomes import Diverged
-from workers.training.train import TrialContext, run_trial
+from workers.training.range_test import range_test
+from workers.training.train import TrainingContext, run_trial
 
 CPU = torch.device("cpu")
 SETTINGS = [("adamw", "batch"), ("momentum", "batch"), ("momentum", "none"), ("sgd", "batch"), ("adam", "none")]
@@ -35,7 +35,7 @@ class _Quiet:
 def best_accuracy(trial: TrialSpec, lr: float) -> str:
     spec = trial.model_copy(update={"optim": trial.optim.model_copy(update={"lr": lr})})
     try:
-        return f"{run_trial(spec, _Quiet(), TrialContext(device=CPU)).best_val_accuracy:.3f}"
+        return f"{run_trial(spec, _Quiet(), TrainingContext(device=CPU)).best_val_accuracy:.3f}"
     except Diverged:
         return "diverged"
 
@@ -50,7 +50,7 @@ def main() -> None:
             "optim": {"optimizer": optimizer, "batch_size": 64, "epochs": 8},
         })
         spec = LrRangeSpec(trial=trial)
-        curve, reason = range_test(spec, TrialContext(device=CPU))
+        curve, reason = range_test(spec, TrainingContext(device=CPU))
         result = analyse_range(spec, curve.lrs, curve.losses, reason)
         a10, a3 = best_accuracy(trial, result.largest_stable_lr / 10), best_accuracy(trial, result.largest_stable_lr / 3)
         high = best_accuracy(trial, result.largest_stable_lr * 10)

@@ -26,12 +26,12 @@ SPEC = {"model": {"channels": [32, 64]}, "optim": {"lr": 3e-3, "epochs": 3, "bat
 FRESH = f"""
 import torch
 from models.spec.trial import TrialSpec
-from workers.training.train import TrialContext, run_trial
+from workers.training.train import TrainingContext, run_trial
 class Null:
     def log_epoch(self, *a): pass
     def log_summary(self, *a): pass
     def log_result(self, *a): pass
-run_trial(TrialSpec.model_validate({SPEC!r}), Null(), TrialContext(device=torch.device("cpu")))
+run_trial(TrialSpec.model_validate({SPEC!r}), Null(), TrainingContext(device=torch.device("cpu")))
 """
 
 
@@ -39,7 +39,7 @@ def bare_warm(repeats: int) -> list[float]:
     import torch
 
     from models.spec.trial import TrialSpec
-    from workers.training.train import TrialContext, run_trial
+    from workers.training.train import TrainingContext, run_trial
 
     class Null:
         def log_epoch(self, *a: object) -> None: ...
@@ -47,11 +47,11 @@ def bare_warm(repeats: int) -> list[float]:
         def log_result(self, *a: object) -> None: ...
 
     spec = TrialSpec.model_validate(SPEC)
-    run_trial(spec, Null(), TrialContext(device=torch.device("cpu")))  # warm-up, as a worker does at start
+    run_trial(spec, Null(), TrainingContext(device=torch.device("cpu")))  # warm-up, as a worker does at start
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run_trial(spec, Null(), TrialContext(device=torch.device("cpu")))
+        run_trial(spec, Null(), TrainingContext(device=torch.device("cpu")))
         times.append(time.perf_counter() - t0)
     return times
 
@@ -66,7 +66,7 @@ def bare_fresh(repeats: int) -> list[float]:
 
 
 def through_service(repeats: int) -> list[float]:
-    from service.cli.client import ConvtuneClient
+    from service.client import ConvtuneClient
     from service.stack.supervisor import Stack, StackConfig
     from tests.conftest import free_port
 

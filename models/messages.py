@@ -1,12 +1,25 @@
-"""The messages between the API and the workers: Celery task names, queues and settings.
+"""The messages between the API and the workers: one pydantic model per task kind, and :func:`send`.
 
 Both sides import this torch-free module instead of each other, so neither process needs the
-other's code to agree on the wire format.
+other's code to agree on the wire format. Every message travels as JSON in one keyword argument,
+``message``; each task parses it back with its model (``TrialMessage.model_validate(message)``).
+The task id is derived from the message, so sending the same message twice (a retry, the
+reconciler) names the same work.
 """
 
 from __future__ import annotations
 
-__all__ = ["CALLBACK_QUEUE", "QUEUES", "TASK_DELIVER_CALLBACK", "TASK_LR_FIND", "TASK_RUN_TRIAL", "TASK_STUDY_STEP", "celery_config"]
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = [
+    "CALLBACK_QUEUE", "QUEUES", "TASK_DELIVER_CALLBACK", "TASK_LR_FIND", "TASK_RUN_TRIAL", "TASK_STUDY_STEP",
+    "CallbackMessage", "Message", "NotSent", "RangeTestMessage", "StudyStepMessage", "TrialMessage", "celery_config", "send",
+]
 
 TASK_RUN_TRIAL = "convtune.run_trial"
 # A learning-rate range test (workers.trial.lr_finder); its MLflow run is tagged TAG.KIND = KIND.LR_FINDER.
@@ -18,6 +31,76 @@ TASK_STUDY_STEP = "convtune.study_step"
 TASK_DELIVER_CALLBACK = "convtune.deliver_callback"
 CALLBACK_QUEUE = "callbacks"
 QUEUES = ("gpu", "cpu")
+
+
+class NotSent(Exception):
+    """The broker did not take the message (Redis down, stalled or refusing)."""
+
+
+class Message(BaseModel):
+    """A task's payload; ``task`` names the Celery task that consumes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    task: ClassVar[str]
+
+    @property
+    def task_id(self) -> str | None:
+        return None
+
+
+class TrialMessage(Message):
+    """Train one trial. ``spec`` is the TrialSpec as JSON: the worker validates it again."""
+
+    task: ClassVar[str] = TASK_RUN_TRIAL
+    trial_id: str
+    spec: dict[str, Any]
+
+    @property
+    def task_id(self) -> str:
+        return self.trial_id
+
+
+class RangeTestMessage(Message):
+    """Run one LR range test. ``spec`` is the LrRangeSpec as JSON."""
+
+    task: ClassVar[str] = TASK_LR_FIND
+    run_id: str
+    spec: dict[str, Any]
+
+    @property
+    def task_id(self) -> str:
+        return self.run_id
+
+
+class StudyStepMessage(Message):
+    """Run the trial of one of a study's slots (models.store.budget), then send the next steps."""
+
+    task: ClassVar[str] = TASK_STUDY_STEP
+    study_id: str
+    slot: int
+
+    @property
+    def task_id(self) -> str:
+        return f"{self.study_id}-{self.slot}"
+
+
+class CallbackMessage(Message):
+    """POST ``event`` (models.callbacks), signed, to ``url``."""
+
+    task: ClassVar[str] = TASK_DELIVER_CALLBACK
+    url: str
+    event: dict[str, Any]
+
+
+def send(celery: Celery, message: Message, queue: str) -> None:
+    """Publish ``message`` on ``queue``; raises NotSent when the broker does not take it.
+
+    Sends once (no kombu retry loop): the caller decides whether to answer 503 or to retry later.
+    """
+    try:
+        celery.send_task(message.task, kwargs={"message": message.model_dump(mode="json")}, queue=queue, task_id=message.task_id, retry=False)
+    except Exception as exc:  # kombu OperationalError, redis ConnectionError/TimeoutError, OSError...
+        raise NotSent(f"the broker (Redis) did not take the {message.task} message: {exc}") from exc
 
 
 def celery_config(broker_url: str, visibility_timeout_s: int) -> dict:

@@ -1,7 +1,8 @@
 """The workers' Celery app: JSON only, late acks, prefetch of one, queues ``gpu`` and ``cpu``.
 
 Start workers with ``convtune worker`` (one process per visible GPU), or by hand:
-``celery -A workers.celery_app worker -P prefork -c 1 -Q cpu -n cpu0@%h``.
+``celery -A workers.celery_app worker -P prefork -c 1 -Q cpu -n cpu0@%h``. The tasks live in
+:mod:`workers.tasks` (named in ``include``, loaded by the worker, not imported here).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from celery.signals import setup_logging, worker_process_init
 
 from models.logs import configure_logging
 from models.messages import celery_config
+from workers.runtime import runtime
 from workers.settings import WorkerSettings
 
 __all__ = ["app"]
@@ -29,6 +31,4 @@ def _logging(**_: object) -> None:
 @worker_process_init.connect
 def _warm_up(**_: object) -> None:
     """Pay the one-off costs (torch, the first optimizer, MLflow) once per process, not per trial."""
-    from workers.tasks import runtime
-
     runtime().warm_up()

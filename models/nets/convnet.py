@@ -2,7 +2,7 @@
 
 The architecture, its layer names and its arithmetic are documented in :mod:`models.spec.plan`, which
 sizes it without torch; :func:`build_model` plans first, so an infeasible spec raises
-:class:`~models.spec.plan.InfeasibleSpec` before any module is built.
+:class:`~models.spec.plan.InfeasibleArchitecture` before any module is built.
 
 Layer options are name -> class tables (:data:`ACTIVATIONS`, :data:`NORMS`, :data:`POOLS`), one entry
 per value the spec allows; a name missing from a table fails with the list of known names.
@@ -23,8 +23,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from models.spec.plan import InputInfo
-from models.spec.plan import conv_has_bias, plan_network, stage_geometry
+from models.spec.plan import InputInfo, conv_has_bias, plan_network, stage_geometry
 from models.spec.trial import ConvNetSpec
 
 __all__ = ["ACTIVATIONS", "NORMS", "OUTPUT_ACTIVATIONS", "POOLS", "ASPP", "ConvBlock", "ConvNet", "Stage", "build_model", "lookup"]
@@ -148,6 +147,6 @@ class ConvNet(nn.Module):
 
 
 def build_model(model: ConvNetSpec, inp: InputInfo) -> ConvNet:
-    """Build the network for ``model`` on ``inp``; raises InfeasibleSpec (from the plan) before building."""
+    """Build the network for ``model`` on ``inp``; raises InfeasibleArchitecture (from the plan) before building."""
     plan_network(model, inp)
     return ConvNet(model, inp)

@@ -27,12 +27,16 @@ This module must not import torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from models.spec.trial import ConvNetSpec
+from models.spec.trial import ConvNetSpec, DataSpec
 
-__all__ = ["InfeasibleSpec", "LayerPlan", "NetworkPlan", "StageGeometry", "conv_has_bias", "plan_network", "stage_geometry"]
+__all__ = [
+    "InfeasibleArchitecture", "InputInfo", "LayerPlan", "NetworkPlan", "StageGeometry",
+    "builtin_input", "conv_has_bias", "plan_network", "stage_geometry",
+]
 
 Shape = tuple[int, int, int]  # (C, H, W)
 
@@ -47,7 +51,20 @@ class InputInfo:
     num_classes: int
 
 
-class InfeasibleSpec(ValueError):
+def builtin_input(data: DataSpec) -> InputInfo | None:
+    """The input of a built-in data set, known from the spec alone; None for file data, which must be read.
+
+    ``models.data.sets.describe`` sizes file data (it needs the data root and numpy); for the
+    built-ins it must agree with this.
+    """
+    if data.name == "digits":
+        return InputInfo(channels=1, height=8, width=8, num_classes=10)  # scikit-learn's 8x8 digits
+    if data.name == "shapes":
+        return InputInfo(channels=3, height=data.image_size, width=data.image_size, num_classes=data.num_classes)
+    return None
+
+
+class InfeasibleArchitecture(ValueError):
     """The architecture cannot run on its input; ``layer`` is where, ``field`` the spec field to change."""
 
     def __init__(self, layer: str, field: str, reason: str):
@@ -134,12 +151,12 @@ def _conv_block(
     name: str, in_shape: Shape, out_channels: int, kernel: int, norm: str, *,
     stride: int = 1, dilation: int = 1, blame: str = "model.kernel_size", advice: str = "",
 ) -> LayerPlan:
-    """Plan a ConvBlock (conv, norm, activation); InfeasibleSpec when the kernel outspans its input."""
+    """Plan a ConvBlock (conv, norm, activation); InfeasibleArchitecture when the kernel outspans its input."""
     c, h, w = in_shape
     extent = dilation * (kernel - 1) + 1
     if extent > h or extent > w:
         what = f"the {kernel}x{kernel} kernel" + (f" dilated by {dilation} spans {extent}x{extent} and" if dilation > 1 else "")
-        raise InfeasibleSpec(name, blame, f"{what} is larger than its {_size(in_shape)} input{advice}")
+        raise InfeasibleArchitecture(name, blame, f"{what} is larger than its {_size(in_shape)} input{advice}")
     pad = dilation * (kernel // 2)
     out_h = (h + 2 * pad - extent) // stride + 1
     out_w = (w + 2 * pad - extent) // stride + 1
@@ -150,10 +167,10 @@ def _conv_block(
 
 
 def _pool(name: str, kind: str, in_shape: Shape) -> LayerPlan:
-    """Plan a 2x2, stride 2 pool; InfeasibleSpec when the map would shrink below 1x1."""
+    """Plan a 2x2, stride 2 pool; InfeasibleArchitecture when the map would shrink below 1x1."""
     c, h, w = in_shape
     if h < 2 or w < 2:
-        raise InfeasibleSpec(
+        raise InfeasibleArchitecture(
             name, "model.channels",
             f"a 2x2 {kind.replace('pool', ' pool')} would shrink the {_size(in_shape)} map below 1x1; "
             "use fewer stages or downsample='dilation'",
@@ -192,7 +209,7 @@ def _aspp(model: ConvNetSpec, in_shape: Shape) -> LayerPlan:
     if 2 * widest + 1 > min(h, w):
         largest_ok = (min(h, w) - 1) // 2
         advice = f"use rates up to {largest_ok}" if largest_ok else "a 3x3 branch needs at least a 3x3 map; drop ASPP or downsample less"
-        raise InfeasibleSpec(
+        raise InfeasibleArchitecture(
             "features.aspp", "model.aspp.rates",
             f"the 3x3 branch with rate {widest} spans {2 * widest + 1}x{2 * widest + 1}, larger than its "
             f"{_size(in_shape)} input; {advice}",
@@ -211,7 +228,7 @@ def _aspp(model: ConvNetSpec, in_shape: Shape) -> LayerPlan:
 
 
 def plan_network(model: ConvNetSpec, inp: InputInfo) -> NetworkPlan:
-    """Plan every layer of ``model`` on ``inp``; raise InfeasibleSpec naming the first layer that cannot run."""
+    """Plan every layer of ``model`` on ``inp``; raise InfeasibleArchitecture naming the first layer that cannot run."""
     layers = _stages(model, (inp.channels, inp.height, inp.width))
     if model.aspp is not None:
         layers.append(_aspp(model, layers[-1].out_shape))

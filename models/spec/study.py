@@ -1,153 +1,41 @@
 """The study spec: a base trial spec, a search space over its fields, a sampler, a pruner, a budget.
 
 It is the body of ``POST /studies``, is stored with the study in its Optuna storage (as JSON) and is
-re-validated by every worker step. Search-space keys are dotted :class:`~models.spec.trial.TrialSpec`
-paths (``"optim.lr"``, ``"model.kernel_size"``); validation checks each path exists, that every
-value the space can produce passes the trial spec's own bounds and validators, and, when the
-input's shape is known here, that every value is feasible with at least one combination of the
-others. Errors name the field (``search_space.optim.lr.high``). This module must not import torch.
+re-validated by every worker step. The search space and its checks are :mod:`models.spec.space`'s:
+validation checks each path exists and may be searched, that every value the space can produce
+passes the trial spec's own bounds and validators, and, when the input's shape is known here (the
+built-in data sets), that every value is feasible with at least one combination of the others.
+Errors name the field (``search_space.optim.lr.high``). This module must not import torch.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    HttpUrl,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BeforeValidator, Field, HttpUrl, ValidationError, ValidationInfo, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from models.spec.base import Spec
+from models.spec.plan import builtin_input
+from models.spec.space import (
+    GRID_LIMIT,
+    FloatParam,
+    JsonValue,
+    Problems,
+    SearchParam,
+    combination_problems,
+    grid_points,
+    param_values,
+    path_problems,
+    value_problems,
+)
 from models.spec.trial import TrialSpec
 from models.spec.tuning import LrAutoSpec
 
-__all__ = [
-    "CategoricalParam",
-    "FloatParam",
-    "IntParam",
-    "ObjectiveSpec",
-    "PrunerSpec",
-    "SamplerSpec",
-    "SearchParam",
-    "StudySpec",
-    "apply_params",
-    "grid_points",
-    "param_values",
-]
-
-# Paths a study cannot search: what names, files and routes a trial, and the data (a study compares
-# trials on one data set, or its objective values would not be comparable).
-FORBIDDEN_PREFIXES = ("name", "tags", "queue", "data")
-MAX_ENUMERATED = 64  # int ranges up to this many values are checked value by value
-MAX_COMBINATIONS = 4096  # corner combinations checked for validity and feasibility
-JsonValue = Any
+__all__ = ["ObjectiveSpec", "PrunerSpec", "SamplerSpec", "StudySpec"]
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Condition = dict[Annotated[str, Field(min_length=1, max_length=100)], Annotated[list[JsonValue], Field(min_length=1, max_length=64)]]
-WHEN_DESCRIPTION = (
-    "Sample this parameter only when every named path (an earlier search-space key or a base field) has one of "
-    "the listed values, e.g. {\"optim.optimizer\": [\"momentum\", \"nesterov\"]} for optim.momentum."
-)
-
-
-class FloatParam(_Spec):
-    """A real-valued range; ``log`` samples uniformly in log space (learning rates)."""
-
-    type: Literal["float"] = "float"
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = Field(default=None, gt=0, description="Discretise the range (not with log).")
-    when: Condition | None = Field(default=None, description=WHEN_DESCRIPTION)
-
-    @model_validator(mode="after")
-    def _range(self) -> FloatParam:
-        _check_range(self.low, self.high, self.log, self.step)
-        if self.log and self.step is not None:
-            raise ValueError("a float range is either log-scaled or stepped, not both")
-        if self.step is not None and not _multiple(self.high - self.low, self.step):
-            raise ValueError(f"high - low ({self.high - self.low:g}) must be a multiple of step ({self.step:g})")
-        return self
-
-
-class IntParam(_Spec):
-    """An integer range, every ``step``-th value from ``low`` to ``high`` included."""
-
-    type: Literal["int"] = "int"
-    low: int
-    high: int
-    step: int = Field(default=1, ge=1)
-    log: bool = False
-    when: Condition | None = Field(default=None, description=WHEN_DESCRIPTION)
-
-    @model_validator(mode="after")
-    def _range(self) -> IntParam:
-        _check_range(self.low, self.high, self.log, None)
-        if self.log and self.step != 1:
-            raise ValueError("a log-scaled int range takes no step")
-        if (self.high - self.low) % self.step:
-            raise ValueError(f"high - low ({self.high - self.low}) must be a multiple of step ({self.step})")
-        return self
-
-
-class CategoricalParam(_Spec):
-    """A choice among values (any JSON value the field accepts: names, numbers, lists, objects, null)."""
-
-    type: Literal["categorical"] = "categorical"
-    choices: list[JsonValue] = Field(min_length=1, max_length=64)
-    when: Condition | None = Field(default=None, description=WHEN_DESCRIPTION)
-
-    @field_validator("choices")
-    @classmethod
-    def _distinct(cls, choices: list[Any]) -> list[Any]:
-        encoded = [json.dumps(c, sort_keys=True) for c in choices]
-        if len(set(encoded)) != len(encoded):
-            raise ValueError("choices must be distinct")
-        return choices
-
-    @property
-    def scalar(self) -> bool:
-        """Whether Optuna can store the choices as they are (else they travel as JSON strings)."""
-        return all(c is None or isinstance(c, (str, int, float, bool)) for c in self.choices)
-
-
-def _list_is_categorical(value: Any) -> Any:
-    # Shorthand: "model.activation": ["relu", "gelu"] is a categorical parameter.
-    return {"type": "categorical", "choices": value} if isinstance(value, list) else value
-
-
-SearchParam = Annotated[
-    Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")], BeforeValidator(_list_is_categorical),
-]
-
-
-def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
-    if not low < high:
-        raise ValueError(f"low ({low:g}) must be below high ({high:g}); use a single choice for a fixed value")
-    if log and low <= 0:
-        raise ValueError(f"a log-scaled range needs low > 0, got {low:g}")
-
-
-def _multiple(span: float, step: float) -> bool:
-    ratio = span / step
-    return abs(ratio - round(ratio)) < 1e-6 * max(1.0, ratio)
-
-
-class ObjectiveSpec(_Spec):
+class ObjectiveSpec(Spec):
     """What a study optimises: a per-epoch metric, its direction, and which epoch's value counts."""
 
     metric: Literal["val_accuracy", "val_loss", "train_loss"] = "val_accuracy"
@@ -161,7 +49,7 @@ class ObjectiveSpec(_Spec):
         return self.direction or ("maximize" if self.metric == "val_accuracy" else "minimize")
 
 
-class SamplerSpec(_Spec):
+class SamplerSpec(Spec):
     """Optuna's sampler. ``grid`` enqueues every point of the space (which must then be enumerable)."""
 
     name: Literal["tpe", "random", "grid", "cmaes", "gp"] = "tpe"
@@ -169,7 +57,7 @@ class SamplerSpec(_Spec):
     multivariate: bool = Field(default=False, description="TPE only: model the parameters jointly.")
 
 
-class PrunerSpec(_Spec):
+class PrunerSpec(Spec):
     """Optuna's pruner, judging each trial on its objective after every epoch."""
 
     name: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
@@ -185,7 +73,7 @@ def _name_is_sampler(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
-class StudySpec(_Spec):
+class StudySpec(Spec):
     """A search over trial specs: what varies, how it is sampled and pruned, and the budget."""
 
     name: str | None = Field(default=None, max_length=200, description="A human name for the study's parent run.")
@@ -242,25 +130,21 @@ class StudySpec(_Spec):
         elif self.lr_auto is not None and self.sampler.name == "grid":
             problem = ("lr_auto",), "a grid cannot search the continuous learning-rate range of lr_auto: use another sampler"
         if problem:
-            error = PydanticCustomError("invalid_study", problem[1])
-            raise ValidationError.from_exception_data("StudySpec", [InitErrorDetails(type=error, loc=problem[0], input=None)])
+            raise _invalid([problem])
         return self
 
     @model_validator(mode="after")
     def _check_space(self, info: ValidationInfo) -> StudySpec:
-        from models.data.sets import describe
-
         if info.context and info.context.get("stored"):
             return self  # read back from the study's storage: checked when it was submitted (up to ~0.5 s for big spaces)
-
-        from models.spec.space import space_problems
-
-        problems = space_problems(self, describe(self.base.data, None))
+        # The checks of models.spec.space, with the budget's between the values' and the (slowest) combinations'.
+        problems = path_problems(self)
+        if not problems:
+            problems = value_problems(self) + _budget_problems(self)
+        if not problems:
+            problems = combination_problems(self, builtin_input(self.base.data))
         if problems:
-            raise ValidationError.from_exception_data(
-                "StudySpec",
-                [InitErrorDetails(type=PydanticCustomError("invalid_study", message), loc=loc, input=None) for loc, message in problems],
-            )
+            raise _invalid(problems)
         return self
 
     def display_name(self) -> str:
@@ -270,106 +154,38 @@ class StudySpec(_Spec):
         return f"study {self.sampler.name}/{self.pruner.name}: {keys}"
 
 
-# --- paths and values -------------------------------------------------------------------------------
+def _invalid(problems: Problems) -> ValidationError:
+    """One validation error per problem, each at its location (a 422 naming the fields)."""
+    return ValidationError.from_exception_data(
+        "StudySpec",
+        [InitErrorDetails(type=PydanticCustomError("invalid_study", message), loc=loc, input=None) for loc, message in problems],
+    )
 
 
-def param_values(param: FloatParam | IntParam | CategoricalParam, *, corners_only: bool = False) -> list[Any]:
-    """Values to check: every choice; every int when few (else the ends); a float range's ends."""
-    if isinstance(param, CategoricalParam):
-        return list(param.choices)
-    if isinstance(param, IntParam):
-        count = (param.high - param.low) // param.step + 1
-        if count <= MAX_ENUMERATED and not corners_only:
-            return list(range(param.low, param.high + 1, param.step))
-        return [param.low, param.high]
-    return [param.low, param.high]
+def _budget_problems(spec: StudySpec) -> Problems:
+    """A grid that cannot be enumerated or is smaller than n_trials; pruner resources beyond the trials' epochs."""
+    problems: Problems = []
+    if spec.sampler.name == "grid":
+        not_enumerable = [k for k, p in spec.search_space.items() if isinstance(p, FloatParam) and p.step is None]
+        if not_enumerable:
+            return [(("search_space", not_enumerable[0]), "a grid needs choices or a stepped range, not a continuous float range")]
+        size = len(grid_points(spec))
+        if size > GRID_LIMIT:
+            problems.append((("search_space",), f"the grid has more than {GRID_LIMIT:,} points; narrow it or use another sampler"))
+        elif spec.n_trials is not None and spec.n_trials > size:
+            problems.append((("n_trials",), f"the grid has {size} points; n_trials cannot exceed it"))
+    epochs = _max_epochs(spec)
+    if spec.pruner.name == "hyperband" and spec.pruner.max_resource is not None and spec.pruner.max_resource > epochs:
+        problems.append((("pruner", "max_resource"), f"max_resource ({spec.pruner.max_resource}) is more than the {epochs} epochs a trial trains"))
+    # Only a min_resource the client chose: the default pruner on one-epoch trials just never prunes.
+    if spec.pruner.name in ("hyperband", "successive_halving") and "min_resource" in spec.pruner.model_fields_set and spec.pruner.min_resource >= epochs:
+        problems.append((("pruner", "min_resource"), f"min_resource ({spec.pruner.min_resource}) leaves nothing to prune in {epochs}-epoch trials"))
+    return problems
 
 
-def _set_path(target: dict[str, Any], path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for part in parents:
-        child = target.get(part)
-        if not isinstance(child, dict):
-            child = target[part] = {}
-        target = child
-    target[leaf] = value
-
-
-def _get_path(source: dict[str, Any], path: str) -> Any:
-    for part in path.split("."):
-        if not isinstance(source, dict):
-            return None
-        source = source.get(part)
-    return source
-
-
-def apply_params(base: TrialSpec, params: dict[str, Any], *, name: str | None = None) -> TrialSpec:
-    """The trial spec ``base`` becomes with ``params`` (path -> value) set; raises ValidationError."""
-    data = base.model_dump(mode="json", exclude_unset=False)
-    for path, value in params.items():
-        _set_path(data, path, value)
-    if name is not None:
-        data["name"] = name
-    return TrialSpec.model_validate(data)
-
-
-def _condition_met(when: Condition | None, assigned: dict[str, Any], base: dict[str, Any]) -> bool:
-    if not when:
-        return True
-    return all((assigned[p] if p in assigned else _get_path(base, p)) in allowed for p, allowed in when.items())
-
-
-def _assignments(spec: StudySpec, values: dict[str, Sequence[Any]]) -> Iterator[dict[str, Any]]:
-    """Every assignment of the given values, in space order, leaving out parameters whose condition fails."""
-    base = spec.base.model_dump(mode="json")
-    keys = list(spec.search_space)
-
-    def walk(i: int, assigned: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        if i == len(keys):
-            yield dict(assigned)
-            return
-        key = keys[i]
-        if not _condition_met(spec.search_space[key].when, assigned, base):
-            yield from walk(i + 1, assigned)
-            return
-        for value in values[key]:
-            assigned[key] = value
-            yield from walk(i + 1, assigned)
-            del assigned[key]
-
-    return walk(0, {})
-
-
-def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
-    """Every point of an enumerable space (choices, int ranges, stepped float ranges), in space order."""
-    values: dict[str, Sequence[Any]] = {}
-    for key, param in spec.search_space.items():
-        if isinstance(param, FloatParam):
-            if param.step is None:
-                return []
-            values[key] = _Steps(param.low, param.step, round((param.high - param.low) / param.step) + 1)
-        elif isinstance(param, IntParam):
-            values[key] = range(param.low, param.high + 1, param.step)  # lazy: a range may be huge
-        else:
-            values[key] = list(param.choices)
-    return list(itertools.islice(_assignments(spec, values), 10_001))
-
-
-class _Steps(Sequence):
-    """The values of a stepped float range, computed on demand (a range may be huge)."""
-
-    def __init__(self, low: float, step: float, count: int):
-        self.low, self.step, self.count = low, step, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.count))]
-        if not 0 <= i < self.count:
-            raise IndexError(i)
-        return round(self.low + i * self.step, 12)
+def _max_epochs(spec: StudySpec) -> int:
+    param = spec.search_space.get("optim.epochs")
+    return max(param_values(param)) if param is not None else spec.base.optim.epochs
 
 
 def _short_key(path: str) -> str:

@@ -11,11 +11,14 @@ import json
 import posixpath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import Field, HttpUrl, field_validator, model_validator
+
+from models.spec.base import Spec
 
 __all__ = [
     "ACTIVATIONS",
     "DOWNSAMPLING",
+    "NON_HYPERPARAMETERS",
     "NORMS",
     "OPTIMIZERS",
     "SCHEDULES",
@@ -36,6 +39,10 @@ SCHEDULES = ("none", "step", "cosine", "onecycle", "exponential")
 BUILTIN_DATASETS = ("digits", "shapes")
 FILE_DATASETS = ("npz", "folder")
 
+# TrialSpec fields that say what a run is called, where it runs and whom it tells, not how it trains:
+# they are not MLflow params (flatten_params) and a study cannot search them (models.spec.space).
+NON_HYPERPARAMETERS = ("name", "tags", "queue", "callback_url")
+
 # Optimizers that take a momentum term, and those that take Adam's betas.
 MOMENTUM_OPTIMIZERS = ("momentum", "nesterov", "rmsprop")
 BETAS_OPTIMIZERS = ("adam", "adamw")
@@ -48,11 +55,7 @@ Schedule = Literal["none", "step", "cosine", "onecycle", "exponential"]
 Channels = Annotated[int, Field(ge=1, le=2048)]
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AsppSpec(_Spec):
+class AsppSpec(Spec):
     """Atrous Spatial Pyramid Pooling after the last stage (DeepLab's ASPP, without image pooling).
 
     One 1x1 branch plus one 3x3 branch per dilation rate, run in parallel on the same map,
@@ -73,7 +76,7 @@ class AsppSpec(_Spec):
         return rates
 
 
-class ConvNetSpec(_Spec):
+class ConvNetSpec(Spec):
     """The architecture: conv stages, how they downsample, and the output head."""
 
     channels: list[Channels] = Field(
@@ -117,7 +120,7 @@ class ConvNetSpec(_Spec):
         return self
 
 
-class OptimSpec(_Spec):
+class OptimSpec(Spec):
     """How the network is optimised: optimizer, learning rate and its schedule, batch, epochs."""
 
     optimizer: Optimizer = "adamw"
@@ -177,7 +180,7 @@ class OptimSpec(_Spec):
         return batch_size
 
 
-class DataSpec(_Spec):
+class DataSpec(Spec):
     """Where the images come from and how they are split.
 
     Built-ins need no files: ``digits`` (scikit-learn's 8x8 digits, 1 channel, 10 classes) and
@@ -216,7 +219,7 @@ class DataSpec(_Spec):
         return self
 
 
-class DivergenceSpec(_Spec):
+class DivergenceSpec(Spec):
     """When the training loop ends a trial as ``diverged`` (docs/tuning.md has the rules).
 
     A loss that is NaN or infinite ends it at once. So does a smoothed loss (an exponential moving
@@ -233,7 +236,7 @@ class DivergenceSpec(_Spec):
     min_progress: float = Field(default=0.02, gt=0.0, lt=1.0, description="Fraction of the first loss an epoch's mean loss must have shed to count as progress.")
 
 
-class TrialSpec(_Spec):
+class TrialSpec(Spec):
     """One training run: architecture, optimisation, data and budget."""
 
     model: ConvNetSpec = Field(default_factory=ConvNetSpec)
@@ -278,7 +281,7 @@ class TrialSpec(_Spec):
 
 
 def flatten_params(spec: TrialSpec) -> dict[str, str]:
-    """Flatten a spec into dotted MLflow params (``optim.lr``), skipping name, tags and callback_url.
+    """Flatten a spec into dotted MLflow params (``optim.lr``), skipping the :data:`NON_HYPERPARAMETERS`.
 
     Lists and nested values are JSON-encoded; MLflow params are strings of at most 6,000 chars.
     """
@@ -293,5 +296,5 @@ def flatten_params(spec: TrialSpec) -> dict[str, str]:
         else:
             flat[prefix] = "None" if value is None else str(value)
 
-    walk("", spec.model_dump(mode="json", exclude={"name", "tags", "callback_url"}))
+    walk("", spec.model_dump(mode="json", exclude=set(NON_HYPERPARAMETERS)))
     return flat

@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from models.spec.base import Spec
 from models.spec.trial import TrialSpec
 
 __all__ = [
@@ -43,10 +44,8 @@ __all__ = [
 SUGGESTION_DIVISOR = 3.0
 
 
-class RangeTestSettings(BaseModel):
+class RangeTestSettings(Spec):
     """How a range test sweeps the learning rate and when it stops."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     start_lr: float = Field(default=1e-6, gt=0.0, le=1.0, description="The LR of the first step.")
     end_lr: float = Field(default=10.0, gt=0.0, le=1000.0, description="The LR of the last step, if the loss has not blown up by then.")

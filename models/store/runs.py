@@ -1,14 +1,38 @@
-"""A convtune run's life in MLflow: its kinds, its tags, its statuses and how each maps to a client's.
+"""A convtune run's life in MLflow: what it is, its tags, its statuses, how it is created and ended.
 
 A trial's id *is* its MLflow run id; a study's is its parent run's; a range test's is its own run's.
-Every run is created SCHEDULED with its tags here, and ended here with exactly one outcome and reason.
+Every site that creates or ends one of them calls this module, so every run is created the same
+way (SCHEDULED, its tags and params logged once, at creation) and ends the same way (exactly one
+``convtune.outcome`` and ``convtune.reason``, then its terminal MLflow status):
+
+    client status   MLflow status   outcome tag
+    queued          SCHEDULED       -
+    running         RUNNING         -
+    succeeded       FINISHED        succeeded (or duplicate: a study trial that reused a twin's result)
+    pruned          FINISHED        pruned
+    failed          FAILED          diverged, timeout, out_of_memory, invalid_data, infeasible, worker_lost, error
+    cancelled       KILLED          cancelled
+
+The functions take an ``MlflowClient``; the API translates MLflow's errors where it calls them
+(:mod:`service.api.runs`), the workers let them propagate so the message is retried.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status"]
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from models.spec.plan import NetworkPlan
+    from models.spec.trial import TrialSpec
+
+__all__ = [
+    "EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status", "create_run", "end_run",
+    "reopen_run", "start_run", "study_state", "trial_tags",
+]
 
 # Every ended trial carries exactly one outcome; 'succeeded' is the only good one.
 TrialOutcome = Literal[
@@ -20,6 +44,8 @@ TrialOutcome = Literal[
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 EXPERIMENT_KIND = "custom_model_development"
+# MLflow caps a tag value at 8,000 characters and a reason need not be longer than this.
+MAX_REASON = 5000
 
 
 class KIND:
@@ -31,26 +57,51 @@ class KIND:
 
 
 class TAG:
-    """MLflow tag keys convtune writes on runs."""
+    """MLflow tag keys convtune writes on runs (every ``convtune.*`` key is here)."""
 
     KIND = "convtune.kind"  # "trial", "study" or "lr_finder" (see KIND)
     OUTCOME = "convtune.outcome"
     REASON = "convtune.reason"
-    SPEC = "convtune.spec"  # the validated TrialSpec as JSON
+    SPEC = "convtune.spec"  # the validated TrialSpec (or LrRangeSpec) as JSON
+    OWNER = "convtune.owner"  # the name of the API token that submitted it
     PARAMS_COUNT = "convtune.params_count"
     FLOPS = "convtune.flops_per_sample"
     QUEUE = "convtune.queue"
     ATTEMPTS = "convtune.attempts"
     EPOCHS_DONE = "convtune.epochs_done"
     DEVICE = "convtune.device"
-    STUDY_ID = "convtune.study_id"
     ACCEPTED_AT = "convtune.accepted_at"  # ISO time the API accepted it
     STARTED_AT = "convtune.started_at"  # ISO time a worker first started it
+    # What a worker resolved before training (workers.training.batching.BatchPlan).
+    BATCH_SIZE = "convtune.batch_size"
+    ACCUMULATE_STEPS = "convtune.accumulate_steps"
+    EFFECTIVE_BATCH_SIZE = "convtune.effective_batch_size"
+    LR_EFFECTIVE = "convtune.lr_effective"
+    BATCH_PROBE = "convtune.batch_probe"
+    # A trial of a study.
+    STUDY_ID = "convtune.study_id"
+    STUDY_TRIAL = "convtune.study_trial"  # its Optuna trial number
+    # A study's parent run.
+    N_TRIALS = "convtune.n_trials"
+    STUDY_STORAGE = "convtune.study_storage"
+    STUDY_SPEC = "convtune.study_spec"  # the StudySpec as JSON, when it fits in a tag (else the study/spec.json artifact)
+    TRIAL_COUNTS = "convtune.trial_counts"
+    BEST_TRIAL_ID = "convtune.best_trial_id"
+    BEST_TRIAL_NUMBER = "convtune.best_trial_number"
+    BEST_PREFIX = "convtune.best."  # + a searched path: the best trial's value of it
+    REGISTERED_MODEL = "convtune.registered_model"
+    REGISTERED_VERSION = "convtune.registered_version"
+    REGISTERED_ALIAS = "convtune.registered_alias"
+    REGISTRATION_ERROR = "convtune.registration_error"
+    LR_AUTO_RANGE = "convtune.lr_auto.range"
+    LR_AUTO_TEST_ID = "convtune.lr_auto.test_id"
+    # A registered model version: the trial it came from.
+    TRIAL_ID = "convtune.trial_id"
     # An LR range test's result and progress (workers.trial.lr_finder).
     SUGGESTED_LR = "convtune.suggested_lr"
     LARGEST_STABLE_LR = "convtune.largest_stable_lr"
     STEPS_DONE = "convtune.steps_done"
-    OWNER = "convtune.owner"  # the name of the API token that submitted it
+    # MLflow's own.
     RUN_NAME = "mlflow.runName"
     PARENT = "mlflow.parentRunId"
     EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -64,3 +115,87 @@ def client_status(mlflow_status: str, outcome: str | None) -> str:
     if mlflow_status == "FINISHED":
         return "pruned" if outcome == "pruned" else "succeeded"
     return "failed"
+
+
+def study_state(mlflow_status: str, stopped: str = "") -> str:
+    """The state a client sees of a study (its parent run's status; ``cancelling`` while its last trials stop)."""
+    if mlflow_status in ("SCHEDULED", "RUNNING") and stopped == "cancelled":
+        return "cancelling"
+    return {"SCHEDULED": "queued", "RUNNING": "running", "FINISHED": "succeeded", "KILLED": "cancelled"}.get(mlflow_status, "failed")
+
+
+def trial_tags(spec: TrialSpec, plan: NetworkPlan | None, queue: str, **extra: str) -> dict[str, str]:
+    """The tags a trial's run is created with, by the API or by a study's step (``extra``: owner, study...)."""
+    return {
+        TAG.KIND: KIND.TRIAL,
+        TAG.SPEC: spec.model_dump_json(),
+        TAG.QUEUE: queue,
+        **({TAG.PARAMS_COUNT: str(plan.params), TAG.FLOPS: str(plan.flops)} if plan else {}),
+        **{f"user.{k}": v for k, v in spec.tags.items()},
+        **extra,
+    }
+
+
+def create_run(
+    client: MlflowClient, experiment_id: str, *, name: str, tags: Mapping[str, str], params: Mapping[str, str] | None = None,
+) -> str:
+    """Create a run SCHEDULED, with its name, ``tags`` (``TAG.KIND`` among them) and ``params`` logged once; its id."""
+    from mlflow.entities import Param, RunTag
+
+    assert TAG.KIND in tags, "every convtune run says what it is"
+    run = client.create_run(experiment_id, run_name=name, tags={TAG.RUN_NAME: name, **tags})
+    run_id = run.info.run_id
+    client.update_run(run_id, status="SCHEDULED")
+    items = [Param(k, v) for k, v in (params or {}).items()]
+    accepted = [RunTag(TAG.ACCEPTED_AT, _now())]
+    for i in range(0, max(len(items), 1), 100):  # log_batch takes at most 100 params a call
+        client.log_batch(run_id, params=items[i : i + 100], tags=accepted if i == 0 else [])
+    return run_id
+
+
+def start_run(client: MlflowClient, run_id: str, tags: Mapping[str, str] | None = None, *, first: bool = True) -> None:
+    """Mark the run RUNNING (``first``: a worker's first start, which stamps ``TAG.STARTED_AT``)."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, v) for k, v in (tags or {}).items()]
+    if first:
+        items.append(RunTag(TAG.STARTED_AT, _now()))
+    if items:
+        client.log_batch(run_id, tags=items)
+    client.update_run(run_id, status="RUNNING")
+
+
+def end_run(
+    client: MlflowClient, run_id: str, status: str, outcome: str, reason: str, *,
+    metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None,
+) -> None:
+    """End the run with its terminal ``status`` and exactly one ``outcome`` and ``reason`` (plus final metrics/tags)."""
+    from mlflow.entities import Metric, RunTag
+
+    assert status in TERMINAL_STATUSES, f"{status} is not how a run ends"
+    now = _millis()
+    batch = [RunTag(k, v) for k, v in (tags or {}).items()] + [RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason[:MAX_REASON])]
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()], tags=batch)
+    client.set_terminated(run_id, status=status)
+
+
+def reopen_run(client: MlflowClient, run_id: str, tags: Mapping[str, str] | None = None) -> None:
+    """Make an ended run RUNNING again, its outcome and reason removed (a study extended after it ended)."""
+    from mlflow.exceptions import MlflowException
+
+    for key in (TAG.OUTCOME, TAG.REASON):
+        try:
+            client.delete_tag(run_id, key)
+        except MlflowException:
+            pass  # absent already
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.update_run(run_id, status="RUNNING")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _millis() -> int:
+    return int(datetime.now(timezone.utc).timestamp() * 1000)

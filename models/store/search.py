@@ -15,9 +15,11 @@ from typing import Any
 
 import optuna
 
-from models.spec.study import CategoricalParam, FloatParam, IntParam, StudySpec, param_values
+from models.spec.space import CategoricalParam, FloatParam, IntParam, param_values
+from models.spec.study import StudySpec
 
 __all__ = [
+    "TRIAL_STATES",
     "USER_ATTR",
     "decode_params",
     "encode_params",
@@ -30,6 +32,10 @@ __all__ = [
 ]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# Optuna trial states (TrialState names) as convtune shows them.
+TRIAL_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "fail", "RUNNING": "running", "WAITING": "waiting"}
 
 
 class USER_ATTR:

@@ -43,7 +43,7 @@ def create_app(settings: ApiSettings | None = None) -> OpenAPI:
     errors.init_app(app)
     built = wiring.init_app(app, settings)
     # before_request hooks run in this order: time and log, authenticate, rate-limit, check the body.
-    observability.init_app(app, settings, built.redis, built.dispatcher.sender.celery)
+    observability.init_app(app, settings, built.redis, built.celery)
     auth.init_app(app, settings)
     limits.init_app(app, settings)
     app.before_request(_require_json_body)

@@ -12,10 +12,11 @@ import logging
 import redis
 
 from models.callbacks import trial_ended_event
-from models.messages import CALLBACK_QUEUE, TASK_DELIVER_CALLBACK
+from models.messages import CALLBACK_QUEUE, CallbackMessage
 from models.store.keys import OUTCOME_COUNTS_KEY
 from models.store.runs import TAG
-from service.api.runs import TrialRecord
+from service.api.errors import ServiceUnavailable
+from service.api.runs import RunRecord
 from service.api.wiring import services
 
 __all__ = ["notify_ended_by_api"]
@@ -23,14 +24,14 @@ __all__ = ["notify_ended_by_api"]
 log = logging.getLogger(__name__)
 
 
-def notify_ended_by_api(record: TrialRecord) -> None:
+def notify_ended_by_api(record: RunRecord) -> None:
     """Count the ending for /metrics and queue the trial's callback, if it has one; never raises."""
     s = services()
     try:
         s.redis.hincrby(OUTCOME_COUNTS_KEY, record.outcome or "error", 1)
     except redis.RedisError as exc:
         log.warning("could not count the ending of trial %s: %s", record.id, exc)
-    url = (record.spec or {}).get("callback_url")
+    url = (record.submitted_spec or {}).get("callback_url")
     if not url:
         return
     event = trial_ended_event(
@@ -38,6 +39,6 @@ def notify_ended_by_api(record: TrialRecord) -> None:
         reason=record.tags.get(TAG.REASON, ""), metrics=record.metrics, study_id=record.tags.get(TAG.STUDY_ID),
     )
     try:
-        s.dispatcher.sender.celery.send_task(TASK_DELIVER_CALLBACK, kwargs={"url": url, "event": event}, queue=CALLBACK_QUEUE, retry=False)
-    except Exception as exc:  # the trial is cancelled all the same; say why its callback will not come
+        s.send(CallbackMessage(url=url, event=event), CALLBACK_QUEUE)
+    except ServiceUnavailable as exc:  # the trial is cancelled all the same; say why its callback will not come
         log.error("trial %s: its callback could not be queued: %s", record.id, exc)

@@ -6,12 +6,13 @@ import redis
 from flask_openapi3 import APIBlueprint, Tag
 
 from service.api.errors import ServiceUnavailable
+from service.api.openapi import PUBLIC_ERRORS
 from service.api.schemas import Health
 from service.api.wiring import services
 
 __all__ = ["bp"]
 
-bp = APIBlueprint("health", __name__, abp_tags=[Tag(name="health")])
+bp = APIBlueprint("health", __name__, abp_tags=[Tag(name="health")], abp_responses=PUBLIC_ERRORS)
 
 
 @bp.get("/healthz", responses={200: Health})

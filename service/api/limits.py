@@ -5,7 +5,7 @@ routes and all gunicorn processes in Redis: ``rate_limit`` on every request and
 ``submit_rate_limit`` on POSTs. A request past one is a 429 problem with ``Retry-After``. Probes,
 metrics and the documentation are exempt. Quotas on what a token may have waiting
 (:func:`check_queued_quota`) are a 429 too; bounds on a single spec (epochs, trials per study,
-parallelism) are 422s from :func:`check_study_caps` and the dispatcher.
+parallelism) are 422s from :func:`check_study_caps` and :mod:`service.api.admission`.
 """
 
 from __future__ import annotations

@@ -16,22 +16,25 @@ from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
 from models.logs import bind
-from models.messages import TASK_LR_FIND
-from models.store.runs import KIND, TAG
+from models.messages import RangeTestMessage
 from models.spec.trial import flatten_params
 from models.spec.tuning import LrRangeSpec
+from models.store.runs import KIND, TAG
+from service.api.admission import admit_trial
 from service.api.auth import check_owner, current_principal
-from service.api.dispatch import check_feasible
-from service.api.errors import Conflict, Problem, ServiceUnavailable
+from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
-from service.api.runs import TrialRecord
+from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
+from service.api.runs import RunRecord
 from service.api.schemas import Status
+from service.api.trials import request_cancel
 from service.api.wiring import services
 
 __all__ = ["LrFinderAccepted", "LrFinderPublic", "bp"]
 
-bp = APIBlueprint("lr_finder", __name__, url_prefix="/lr-finder", abp_tags=[Tag(name="lr-finder")])
-PROBLEMS = {400: Problem, 413: Problem, 415: Problem, 422: Problem, 503: Problem}
+bp = APIBlueprint(
+    "lr_finder", __name__, url_prefix="/lr-finder", abp_tags=[Tag(name="lr-finder")], abp_security=BEARER, abp_responses=PROTECTED_ERRORS,
+)
 WHAT = "LR range test"
 
 
@@ -81,24 +84,24 @@ class LrFinderPublic(BaseModel):
     mlflow_url: str
 
 
-@bp.post("", responses={202: LrFinderAccepted, 409: Problem, **PROBLEMS})
+@bp.post("", responses={202: LrFinderAccepted, **problems(400, 409, 413, 415, 503)})
 @idempotent
 def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     """Submit a learning-rate range test of a trial spec; its URL gives the suggested and largest stable LR."""
     s = services()
-    check_feasible(body.trial, s.settings.data_root)
+    admit_trial(body.trial, s.settings, field_prefix="trial.")
     queue = body.trial.queue or s.settings.default_queue
     o = body.trial.optim
     name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
     params = {**flatten_params(body.trial), **{f"lr_finder.{k}": str(v) for k, v in body.model_dump(exclude={"trial"}).items()}}
     tags = {
-        TAG.SPEC: body.model_dump_json(), TAG.QUEUE: queue, TAG.OWNER: current_principal().name,
+        TAG.KIND: KIND.LR_FINDER, TAG.SPEC: body.model_dump_json(), TAG.QUEUE: queue, TAG.OWNER: current_principal().name,
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
-    test_id = s.runs.create_run(KIND.LR_FINDER, name, params, tags)
+    test_id = s.runs.create(name, tags, params)
     bind(trial_id=test_id)
     try:
-        s.dispatcher.sender.send(TASK_LR_FIND, {"run_id": test_id, "spec": body.model_dump(mode="json")}, queue, test_id, WHAT)
+        s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
         s.runs.end(test_id, "FAILED", "error", f"not dispatched: {exc.detail}")
         raise
@@ -107,14 +110,14 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     return answer.model_dump(), 202, {"Location": url}
 
 
-@bp.get("/<test_id>", responses={200: LrFinderPublic, 404: Problem, 503: Problem})
+@bp.get("/<test_id>", responses={200: LrFinderPublic, **problems(404, 503)})
 def get_range_test(path: LrFinderPath, query: LrFinderQuery):
     """Show a range test: status, the suggested and largest stable LR, the curve."""
     s = services()
     return range_test_public(s.runs.get_run(path.test_id, KIND.LR_FINDER, WHAT), with_curve=query.curve).model_dump()
 
 
-@bp.post("/<test_id>/cancel", responses={202: LrFinderPublic, 403: Problem, 404: Problem, 409: Problem, 503: Problem})
+@bp.post("/<test_id>/cancel", responses={202: LrFinderPublic, **problems(404, 409, 503)})
 def cancel_range_test(path: LrFinderPath):
     """Cancel a queued or running range test; a running one stops within N steps."""
     s = services()
@@ -122,16 +125,16 @@ def cancel_range_test(path: LrFinderPath):
     check_owner(record.tags.get(TAG.OWNER), f"{WHAT} {record.id}")
     if record.terminal:
         raise Conflict(f"{WHAT} {record.id} has already ended ({record.status}); there is nothing to cancel")
-    s.dispatcher.request_cancel(record.id, was_queued=record.mlflow_status == "SCHEDULED")
+    request_cancel(s, record.id, was_queued=record.mlflow_status == "SCHEDULED")
     return range_test_public(s.runs.get_run(record.id, KIND.LR_FINDER, WHAT), with_curve=False).model_dump(), 202
 
 
-def range_test_public(record: TrialRecord, with_curve: bool = True) -> LrFinderPublic:
+def range_test_public(record: RunRecord, with_curve: bool = True) -> LrFinderPublic:
     """A range test's run as the API shows it; the curve costs three MLflow calls."""
     from models.spec.tuning import lr_search_range
 
     s = services()
-    spec = record.spec or {}
+    spec = record.submitted_spec or {}
     suggested, largest = _float(record.tags.get(TAG.SUGGESTED_LR)), _float(record.tags.get(TAG.LARGEST_STABLE_LR))
     search = lr_search_range(suggested, largest) if suggested is not None and largest is not None else None
     curve = None

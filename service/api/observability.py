@@ -1,11 +1,16 @@
 """``/metrics`` in Prometheus format and one JSON log line per request.
 
-Request counts and latencies are prometheus_client metrics. Under gunicorn (several processes)
-``PROMETHEUS_MULTIPROC_DIR`` is set by ``service.api.gunicorn_conf`` before any worker imports
-prometheus_client, every process writes its samples there, and a scrape of any process sums them
-all (``MultiProcessCollector``). Values that live outside the API are read at scrape time: queue
-depth (Redis list lengths of the Celery queues), trials by outcome (a Redis hash the workers
-increment) and workers per queue (Celery's ``inspect``, cached for a few seconds).
+Request counts and latencies are prometheus-flask-exporter's default metrics, grouped by the URL
+rule a request matched (``route="/trials/<trial_id>"``, never the raw path) and its status:
+``convtune_http_request_duration_seconds{method,route,status}`` (a histogram; its ``_count`` is
+the requests per route and status), ``convtune_http_request_total{method,status}`` and
+``convtune_http_request_exceptions_total``. Scrapes of ``/metrics`` are not counted. Under
+gunicorn (several processes) ``PROMETHEUS_MULTIPROC_DIR`` is set by ``service.api.gunicorn_conf``
+before any worker imports prometheus_client, every process writes its samples there, and a scrape
+of any process sums them all (``MultiProcessCollector``). Values that live outside the API are
+read at scrape time by :class:`LiveCollector`: queue depth (Redis list lengths of the Celery
+queues), trials by outcome (a Redis hash the workers increment) and workers per queue (Celery's
+``inspect``, cached for a few seconds).
 """
 
 from __future__ import annotations
@@ -19,21 +24,26 @@ import uuid
 from typing import Any
 
 import redis
-from flask import Flask, Response, g, request
+from flask import Flask, Request, Response, current_app, g, request
 from flask_openapi3 import APIBlueprint, Tag
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_flask_exporter import PrometheusMetrics
 
 from models.logs import bind, clear, current_ids
 from models.messages import CALLBACK_QUEUE, QUEUES
 from models.store.keys import OUTCOME_COUNTS_KEY
 from service.api.auth import current_principal
+from service.api.openapi import PUBLIC_ERRORS
 from service.api.settings import ApiSettings
 
 __all__ = ["bp", "init_app"]
 
 log = logging.getLogger("convtune.access")
-bp = APIBlueprint("metrics", __name__, abp_tags=[Tag(name="operations", description="Probes and metrics; no token needed.")])
+bp = APIBlueprint(
+    "metrics", __name__, abp_tags=[Tag(name="operations", description="Probes and metrics; no token needed.")], abp_responses=PUBLIC_ERRORS,
+)
 # kombu's Redis transport keeps a queue's prioritised messages in sibling lists.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 WORKERS_CACHE_S = 15.0
@@ -90,49 +100,47 @@ class LiveCollector:
             return counts
 
 
-class ApiMetrics:
-    """The API's own metrics, in a registry of this app (multiprocess files under gunicorn)."""
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-    def __init__(self, live: LiveCollector):
-        self.registry = CollectorRegistry()
-        self.requests = Counter("convtune_http_requests", "HTTP requests answered, by route and status.", ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram(
-            "convtune_http_request_duration_seconds", "Time to answer a request, by route.", ["method", "route"], registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+
+def route(req: Request) -> str:
+    """The URL rule a request matched; the exporter names its label after this function."""
+    return req.url_rule.rule if req.url_rule is not None else "<unmatched>"
+
+
+class ApiMetrics:
+    """The exporter's request metrics of this app, and the live values, scraped together."""
+
+    def __init__(self, app: Flask, live: LiveCollector):
+        # A registry per app: tests build several apps in one process. The exporter's own endpoint
+        # is off (path=None): /metrics is a documented, public route of this module's blueprint.
+        self.requests = PrometheusMetrics(
+            app, path=None, registry=CollectorRegistry(), defaults_prefix="convtune", group_by=route, buckets=LATENCY_BUCKETS,
         )
         self.live = live
 
     def scrape(self) -> bytes:
+        """Every process's request metrics (or this one's, outside gunicorn) and the live values, read now."""
         registry = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
-            multiprocess.MultiProcessCollector(registry)
+            # As the exporter's generate_metrics does: the files of every worker, this one's included.
+            MultiProcessCollector(registry)
         else:
-            registry.register(_Forward(self.registry))
+            registry.register(self.requests.registry)
         registry.register(self.live)
         return generate_latest(registry)
 
 
-class _Forward:
-    def __init__(self, registry: CollectorRegistry):
-        self.registry = registry
-
-    def collect(self):
-        return self.registry.collect()
-
-
 @bp.get("/metrics", responses={200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+@PrometheusMetrics.do_not_track()
 def metrics():
     """Expose request counts and latency, queue depth, trials by outcome and workers per queue."""
-    from flask import current_app
-
-    return Response(current_app.extensions["convtune.metrics"].scrape(), mimetype=CONTENT_TYPE_LATEST)
+    return Response(current_app.extensions["convtune.metrics"].scrape(), content_type=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask, settings: ApiSettings, redis_client: redis.Redis, celery: Any) -> ApiMetrics:
-    """Time and count every request, log it as one line, and serve ``/metrics``."""
-    api_metrics = ApiMetrics(LiveCollector(redis_client, celery))
+    """Count and time every request (the exporter), log it as one line, and serve ``/metrics``."""
+    api_metrics = ApiMetrics(app, LiveCollector(redis_client, celery))
     app.extensions["convtune.metrics"] = api_metrics
 
     def start() -> None:
@@ -146,14 +154,11 @@ def init_app(app: Flask, settings: ApiSettings, redis_client: redis.Redis, celer
 
     def finish(response: Response) -> Response:
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        api_metrics.requests.labels(request.method, route, str(response.status_code)).inc()
-        api_metrics.latency.labels(request.method, route).observe(elapsed)
         response.headers["X-Request-ID"] = g.get("request_id", "")
         if request.endpoint != "metrics.metrics":
             log.info(
                 "%s %s %s", request.method, request.path, response.status_code,
-                extra={"method": request.method, "route": route, "status": response.status_code, "duration_ms": round(elapsed * 1000, 1),
+                extra={"method": request.method, "route": route(request), "status": response.status_code, "duration_ms": round(elapsed * 1000, 1),
                        "principal": current_principal().name, "remote_addr": request.remote_addr, **current_ids()},
             )
         return response

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from models.store.runs import EXPERIMENT_KIND, TAG, TERMINAL_STATUSES, client_status
-from models.spec.plan import NetworkPlan
-from models.spec.trial import TrialSpec, flatten_params
+from models.store import runs
+from models.store.runs import EXPERIMENT_KIND, KIND, TAG, TERMINAL_STATUSES, client_status
 from service.api.errors import BadRequest, NotFound, ServiceUnavailable
 
-__all__ = ["RUN_ID", "RunRecord", "RunStore", "TrialRecord", "status_of"]
+__all__ = ["RUN_ID", "RunRecord", "RunStore"]
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Client-side status filter -> MLflow search filter.
@@ -33,11 +32,6 @@ STATUS_FILTERS = {
     "failed": "attributes.status = 'FAILED'",
     "cancelled": "attributes.status = 'KILLED'",
 }
-
-
-def status_of(mlflow_status: str, outcome: str | None) -> str:
-    """The client-facing status of a run (``queued`` ... ``failed``)."""
-    return client_status(mlflow_status, outcome)
 
 
 def _iso(ms: int | None) -> str | None:
@@ -68,21 +62,18 @@ class RunRecord:
     def terminal(self) -> bool:
         return self.mlflow_status in TERMINAL_STATUSES
 
-
-@dataclass
-class TrialRecord(RunRecord):
-    """What the API knows of one trial, read back from its MLflow run."""
-
     @property
     def outcome(self) -> str | None:
         return self.tags.get(TAG.OUTCOME)
 
     @property
     def status(self) -> str:
-        return status_of(self.mlflow_status, self.outcome)
+        """The client-facing status (``queued`` ... ``failed``)."""
+        return client_status(self.mlflow_status, self.outcome)
 
     @property
-    def spec(self) -> dict[str, Any] | None:
+    def submitted_spec(self) -> dict[str, Any] | None:
+        """The spec as submitted (JSON), from its tag; a study record holds its validated StudySpec as ``spec``."""
         raw = self.tags.get(TAG.SPEC)
         return json.loads(raw) if raw else None
 
@@ -110,14 +101,15 @@ class RunStore:
         self._experiment_id: str | None = None
 
     @contextmanager
-    def _translated(self, run_id: str | None = None) -> Iterator[None]:
+    def translated(self, run_id: str | None = None, what: str = "trial") -> Iterator[None]:
+        """Translate MLflow's errors inside the block: NotFound ("no {what} with id ...") or ServiceUnavailable."""
         from mlflow.exceptions import MlflowException
 
         try:
             yield
         except MlflowException as exc:
             if run_id and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise NotFound(f"no trial with id {run_id!r}") from exc
+                raise NotFound(f"no {what} with id {run_id!r}") from exc
             if exc.error_code == "INVALID_PARAMETER_VALUE" and "page token" in str(exc).lower():
                 raise BadRequest("page_token is not one this service gave out; start again without it") from exc
             raise ServiceUnavailable(f"the tracking server (MLflow) did not answer: {_short(exc)}") from exc
@@ -127,7 +119,7 @@ class RunStore:
     def experiment_id(self) -> str:
         """The id of convtune's experiment, created (tagged for the training UI) on first use."""
         if self._experiment_id is None:
-            with self._translated():
+            with self.translated():
                 found = self.client.get_experiment_by_name(self.experiment)
                 if found is not None:
                     self._experiment_id = found.experiment_id
@@ -145,113 +137,62 @@ class RunStore:
 
     def ping(self) -> None:
         """Raise ServiceUnavailable unless MLflow answers."""
-        with self._translated():
+        with self.translated():
             self.client.search_experiments(max_results=1)
 
-    def create_trial(self, spec: TrialSpec, plan: NetworkPlan | None, queue: str, extra_tags: dict[str, str] | None = None) -> str:
-        """Create the trial's run as SCHEDULED, with its params and tags logged once, here."""
-        from mlflow.entities import Param, RunTag
+    def create(self, name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        """Create a SCHEDULED run (its kind among ``tags``), params logged once, here (models.store.runs)."""
+        with self.translated():
+            return runs.create_run(self.client, self.experiment_id(), name=name, tags=tags, params=params)
 
-        tags = {
-            TAG.KIND: "trial",
-            TAG.RUN_NAME: spec.display_name(),
-            TAG.SPEC: spec.model_dump_json(),
-            TAG.QUEUE: queue,
-            **({TAG.PARAMS_COUNT: str(plan.params), TAG.FLOPS: str(plan.flops)} if plan else {}),
-            **{f"user.{k}": v for k, v in spec.tags.items()},
-            **(extra_tags or {}),
-        }
-        with self._translated():
-            run = self.client.create_run(self.experiment_id(), run_name=spec.display_name(), tags=tags)
-            run_id = run.info.run_id
-            self.client.update_run(run_id, status="SCHEDULED")
-            params = [Param(k, v) for k, v in flatten_params(spec).items()]
-            # log_batch takes at most 100 params per call.
-            for i in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[i : i + 100], tags=[RunTag(TAG.ACCEPTED_AT, _now())])
-        return run_id
-
-    def create_run(self, kind: str, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
-        """Create a SCHEDULED run of another ``kind`` than a trial (an LR range test), params logged once."""
-        from mlflow.entities import Param, RunTag
-
-        with self._translated():
-            run = self.client.create_run(self.experiment_id(), run_name=name, tags={TAG.KIND: kind, TAG.RUN_NAME: name, **tags})
-            run_id = run.info.run_id
-            self.client.update_run(run_id, status="SCHEDULED")
-            items = [Param(k, v) for k, v in params.items()]
-            for i in range(0, max(len(items), 1), 100):
-                self.client.log_batch(run_id, params=items[i : i + 100], tags=[RunTag(TAG.ACCEPTED_AT, _now())])
-        return run_id
-
-    def get_run(self, run_id: str, kind: str, what: str) -> TrialRecord:
+    def get_run(self, run_id: str, kind: str, what: str) -> RunRecord:
         """The run ``run_id`` of ``kind``; NotFound ("no {what} with id ...") otherwise."""
         if not RUN_ID.match(run_id):
             raise NotFound(f"no {what} with id {run_id!r}")
-        try:
-            with self._translated(run_id):
-                run = self.client.get_run(run_id)
-        except NotFound:
-            raise NotFound(f"no {what} with id {run_id!r}") from None
+        with self.translated(run_id, what):
+            run = self.client.get_run(run_id)
         if run.data.tags.get(TAG.KIND) != kind:
             raise NotFound(f"no {what} with id {run_id!r}")
-        return _record(run)
+        return RunRecord.from_run(run)
 
-    def get(self, run_id: str) -> TrialRecord:
+    def get(self, run_id: str) -> RunRecord:
         """The trial ``run_id``; NotFound when it is not a convtune trial."""
-        if not RUN_ID.match(run_id):
-            raise NotFound(f"no trial with id {run_id!r}")
-        with self._translated(run_id):
-            run = self.client.get_run(run_id)
-        if run.data.tags.get(TAG.KIND) != "trial":
-            raise NotFound(f"no trial with id {run_id!r}")
-        return _record(run)
+        return self.get_run(run_id, KIND.TRIAL, "trial")
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        with self._translated(run_id):
+        with self.translated(run_id):
             return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
-    def search(self, *, status: str | None, max_results: int, page_token: str | None) -> tuple[list[TrialRecord], str | None]:
+    def search(self, *, status: str | None, max_results: int, page_token: str | None) -> tuple[list[RunRecord], str | None]:
         """Trials newest first, optionally of one status; returns the page and the next page's token."""
         from mlflow.entities import ViewType
 
         filters = [f"tags.`{TAG.KIND}` = 'trial'"]
         if status:
             filters.append(STATUS_FILTERS[status])
-        with self._translated():
+        with self.translated():
             page = self.client.search_runs(
                 [self.experiment_id()], filter_string=" and ".join(filters), run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=max_results, order_by=["attributes.start_time DESC"], page_token=page_token,
             )
-        return [_record(run) for run in page], page.token
+        return [RunRecord.from_run(run) for run in page], page.token
 
     def count_queued(self, owner: str, cap: int) -> int:
         """How many trials ``owner`` (an API token's name) has queued, counted up to ``cap``."""
         filters = f"tags.`{TAG.KIND}` = 'trial' and tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
-        with self._translated():
+        with self.translated():
             # MLflow returns at most 50,000 runs a page: a cap above that is never reached.
             return len(self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=min(cap, 50_000)))
 
     def end(self, run_id: str, status: str, outcome: str, reason: str) -> None:
         """End a run that no worker is running (failed at accept, cancelled while queued)."""
-        from mlflow.entities import RunTag
+        with self.translated(run_id):
+            runs.end_run(self.client, run_id, status, outcome, reason)
 
-        with self._translated(run_id):
-            self.client.log_batch(run_id, tags=[RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason)])
-            self.client.set_terminated(run_id, status=status)
-
-    def run_url(self, record_or_id: TrialRecord | str, ui_url: str) -> str:
+    def run_url(self, record_or_id: RunRecord | str, ui_url: str) -> str:
         """The MLflow UI page of a run (the experiment's training view, not its GenAI overview)."""
         run_id = record_or_id if isinstance(record_or_id, str) else record_or_id.id
         return f"{ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
-
-
-def _record(run: Any) -> TrialRecord:
-    return TrialRecord.from_run(run)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -1,36 +1,54 @@
-"""/trials: submit a training run, follow it, list them, cancel one."""
+"""/trials: submit a training run, follow it, list them, cancel one.
+
+Accepting is the contract of DESIGN decision 3, in this order: check the spec (admission), create
+its MLflow run SCHEDULED with params and tags (the trial's id is the run's id), then send its
+message. A message the broker does not take ends the run as failed before the client hears 503:
+nothing is half-accepted.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
+import redis
 from flask import url_for
 from flask_openapi3 import APIBlueprint, Tag
 
 from models.logs import bind
-from models.store.runs import TAG
-from models.spec.trial import TrialSpec
+from models.messages import TrialMessage
+from models.spec.plan import NetworkPlan
+from models.spec.trial import TrialSpec, flatten_params
+from models.store.keys import cancel_key
+from models.store.runs import TAG, trial_tags
+from service.api.admission import admit_trial
 from service.api.auth import check_owner, current_principal
 from service.api.callbacks import notify_ended_by_api
-from service.api.errors import Conflict, Problem
+from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
 from service.api.limits import check_queued_quota
-from service.api.runs import TrialRecord
+from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
+from service.api.runs import RunRecord
 from service.api.schemas import BestMetric, TrialAccepted, TrialList, TrialListQuery, TrialPath, TrialPublic
-from service.api.wiring import services
+from service.api.wiring import Services, services
 
-__all__ = ["bp", "trial_public"]
+__all__ = ["Accepted", "accept_trial", "bp", "request_cancel", "trial_public"]
 
-bp = APIBlueprint("trials", __name__, url_prefix="/trials", abp_tags=[Tag(name="trials")])
-PROBLEMS = {400: Problem, 413: Problem, 415: Problem, 422: Problem, 503: Problem}
+log = logging.getLogger(__name__)
+
+bp = APIBlueprint(
+    "trials", __name__, url_prefix="/trials", abp_tags=[Tag(name="trials")], abp_security=BEARER, abp_responses=PROTECTED_ERRORS,
+)
 
 
-@bp.post("", responses={202: TrialAccepted, 409: Problem, **PROBLEMS})
+@bp.post("", responses={202: TrialAccepted, **problems(400, 409, 413, 415, 503)})
 @idempotent
 def create_trial(body: TrialSpec, header: IdempotencyHeader):
     """Submit a trial: validated, sized, recorded in MLflow, then queued for a worker."""
     s = services()
     owner = current_principal().name
     check_queued_quota(s.runs.count_queued(owner, s.settings.max_queued_trials_per_token), s.settings)
-    accepted = s.dispatcher.accept(body, extra_tags={TAG.OWNER: owner})
+    accepted = accept_trial(s, body, owner)
     bind(trial_id=accepted.trial_id)
     url = url_for("trials.get_trial", trial_id=accepted.trial_id, _external=True)
     answer = TrialAccepted(
@@ -42,7 +60,7 @@ def create_trial(body: TrialSpec, header: IdempotencyHeader):
     return answer.model_dump(), 202, {"Location": url}
 
 
-@bp.get("", responses={200: TrialList, 400: Problem, 503: Problem})
+@bp.get("", responses={200: TrialList, **problems(400, 503)})
 def list_trials(query: TrialListQuery):
     """List trials, newest first, a page at a time, optionally of one status."""
     s = services()
@@ -50,13 +68,13 @@ def list_trials(query: TrialListQuery):
     return TrialList(items=[trial_public(r, with_history=False) for r in records], next_page_token=token or None).model_dump()
 
 
-@bp.get("/<trial_id>", responses={200: TrialPublic, 404: Problem, 503: Problem})
+@bp.get("/<trial_id>", responses={200: TrialPublic, **problems(404, 503)})
 def get_trial(path: TrialPath):
     """Show a trial: status, outcome and reason, latest and best metrics, timings."""
     return trial_public(services().runs.get(path.trial_id)).model_dump()
 
 
-@bp.post("/<trial_id>/cancel", responses={202: TrialPublic, 404: Problem, 409: Problem, 503: Problem})
+@bp.post("/<trial_id>/cancel", responses={202: TrialPublic, **problems(404, 409, 503)})
 def cancel_trial(path: TrialPath):
     """Cancel a queued or running trial; a running one stops at its next check (within N steps)."""
     s = services()
@@ -65,17 +83,50 @@ def cancel_trial(path: TrialPath):
     if record.terminal:
         raise Conflict(f"trial {record.id} has already ended ({record.status}); there is nothing to cancel")
     was_queued = record.mlflow_status == "SCHEDULED"
-    s.dispatcher.request_cancel(record.id, was_queued=was_queued)
+    request_cancel(s, record.id, was_queued=was_queued)
     ended = s.runs.get(record.id)
     if was_queued:  # no worker will run it, so no worker will call its callback back
         notify_ended_by_api(ended)
     return trial_public(ended).model_dump(), 202
 
 
-def trial_public(record: TrialRecord, with_history: bool = True) -> TrialPublic:
+@dataclass
+class Accepted:
+    trial_id: str
+    queue: str
+    plan: NetworkPlan | None
+
+
+def accept_trial(s: Services, spec: TrialSpec, owner: str) -> Accepted:
+    """Check, record (the SCHEDULED run), send; a message not sent ends the run failed and raises 503."""
+    plan = admit_trial(spec, s.settings)
+    queue = spec.queue or s.settings.default_queue
+    trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, **{TAG.OWNER: owner}), flatten_params(spec))
+    try:
+        s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
+    except ServiceUnavailable as exc:
+        log.warning("trial %s not sent, marking it failed: %s", trial_id, exc.detail)
+        s.runs.end(trial_id, "FAILED", "error", f"not dispatched: {exc.detail}")
+        raise
+    log.info("trial %s accepted on queue %s", trial_id, queue)
+    return Accepted(trial_id, queue, plan)
+
+
+def request_cancel(s: Services, run_id: str, was_queued: bool) -> None:
+    """Raise the cancel flag the training loop checks; end a run no worker has started yet."""
+    try:
+        s.redis.set(cancel_key(run_id), "1", ex=s.settings.visibility_timeout_s * 2)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
+    if was_queued:
+        # The worker that later receives the message sees the ended run and skips it.
+        s.runs.end(run_id, "KILLED", "cancelled", "cancelled on request before it started")
+
+
+def trial_public(record: RunRecord, with_history: bool = True) -> TrialPublic:
     """A trial record as the API shows it; ``with_history`` reads the best epochs (one more MLflow call each)."""
     s = services()
-    spec = record.spec or {}
+    spec = record.submitted_spec or {}
     best: dict[str, BestMetric] = {}
     if with_history:
         for key, better in (("val_accuracy", max), ("val_loss", min)):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
+from celery import Celery
 from flask import Flask, current_app
 
-from service.api.dispatch import Dispatcher, TaskSender
+from models.messages import Message, NotSent, celery_config, send
+from service.api.errors import ServiceUnavailable
 from service.api.runs import RunStore
 from service.api.settings import ApiSettings
 
@@ -19,15 +21,23 @@ class Services:
     settings: ApiSettings
     runs: RunStore
     redis: redis.Redis
-    dispatcher: Dispatcher
+    celery: Celery  # used only to send
+
+    def send(self, message: Message, queue: str) -> None:
+        """Publish ``message``; ServiceUnavailable (503) when the broker does not take it."""
+        try:
+            send(self.celery, message, queue)
+        except NotSent as exc:
+            raise ServiceUnavailable(str(exc)) from exc
 
 
 def init_app(app: Flask, settings: ApiSettings) -> Services:
     """Build the MLflow store, the Redis client and the Celery sender for ``app``."""
     runs = RunStore(settings.mlflow_tracking_uri, settings.experiment)
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
-    dispatcher = Dispatcher(settings, runs, TaskSender(settings), redis_client)
-    app.extensions["convtune"] = built = Services(settings, runs, redis_client, dispatcher)
+    celery = Celery("convtune-api", set_as_current=False)
+    celery.conf.update(celery_config(settings.redis_url, settings.visibility_timeout_s))
+    app.extensions["convtune"] = built = Services(settings, runs, redis_client, celery)
     return built
 
 

@@ -12,11 +12,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from service.cli.reports import Check, Requirement, check, checks_as_dicts, junit_xml, markdown_summary
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["EXIT_CODES", "Outputs", "Progress", "conclude"]
 
@@ -56,7 +59,7 @@ class Progress:
         self._rich: Any = None
         self._task: Any = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         if self.tty:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.cli.client import TERMINAL_STATUSES, ConvtuneClient
+from service.client import FINAL_STATUSES, ConvtuneClient
 
 __all__ = ["DEMO_TRIALS", "run_demo"]
 
@@ -41,7 +41,7 @@ def run_demo(client: ConvtuneClient, console: Console | None = None, trials: lis
                 acc = trial["metrics"].get("val_accuracy")
                 state = trial["status"] + (f"  val_acc {acc:.3f}" if acc is not None else "")
                 progress.update(bar, total=trial["epochs"], completed=trial["epochs_done"], state=state)
-                if trial["status"] in TERMINAL_STATUSES:
+                if trial["status"] in FINAL_STATUSES:
                     finished[trial_id] = trial
             time.sleep(0.5)
     results = [finished[a["id"]] for a in accepted]

@@ -1,16 +1,21 @@
 """``convtune up``: the local stack (Redis if needed, MLflow, workers, the API) under one supervisor.
 
-Every process is started in its own session and stopped by pid, in reverse order, on Ctrl-C or
-when any of them dies (its log tail is printed then). Logs go to ``HOME/logs/NAME.log``.
+Every process is started in its own session and stopped by pid, in reverse order, on SIGINT (Ctrl-C)
+or SIGTERM, or when any of them dies (its log tail is printed then). On Linux each one is also tied to
+the supervisor's life: if the supervisor is killed outright (SIGKILL, OOM), the kernel sends every
+child SIGTERM, so no stale worker lives on to take the next stack's trials. Logs go to
+``HOME/logs/NAME.log``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +25,12 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
-__all__ = ["Process", "Stack", "StackConfig", "api_command", "gpu_count", "worker_commands"]
+__all__ = ["STOP_SIGNALS", "Process", "Stack", "StackConfig", "api_command", "gpu_count", "stop_on_signals", "worker_commands"]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# prctl(2) option: the signal a process gets when the thread that forked it exits (Linux only).
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 @dataclass
@@ -86,6 +96,45 @@ def api_command(bind: str, workers: int) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "-c", "python:service.api.gunicorn_conf", "-w", str(workers), "-b", bind, "service.api:create_app()"]
 
 
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt, so that either one stops the stack cleanly.
+
+    Call it from the main thread before starting the stack. Both are installed explicitly: started
+    from a script's background job (``convtune up &``), this process inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler of its own. After the first signal both are
+    ignored, so a second Ctrl-C cannot cut :meth:`Stack.down` short (it escalates to SIGKILL itself).
+    """
+
+    def stop(signum: int, _frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
+def _die_with_supervisor() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when this process dies; None off Linux.
+
+    SIGTERM rather than SIGKILL: each child stops its own children on SIGTERM (gunicorn its workers,
+    Celery its pool, ``mlflow server`` its uvicorn), which a SIGKILLed child could not do.
+    """
+    if _LIBC is None:
+        return None
+    libc, supervisor = _LIBC, os.getpid()
+    # prctl(int option, unsigned long arg2, ...): built here, so the child only makes the call.
+    args = (ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGTERM), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+    def in_child() -> None:
+        # Runs in the child between fork and exec; the setting survives exec.
+        libc.prctl(*args)
+        if os.getppid() != supervisor:  # the supervisor died before the line above took effect
+            os._exit(1)
+
+    return in_child
+
+
 class Stack:
     """Starts, watches and stops the local stack's processes."""
 
@@ -96,10 +145,16 @@ class Stack:
         (config.home / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        """Start one process in its own session (so :meth:`down` can stop its whole group by pid), tied to this one's life."""
+        # The parent-death signal fires when the *thread* that forked the child exits, not the process.
+        # `convtune up` runs no other thread while it starts processes, which also keeps preexec_fn safe.
+        assert threading.current_thread() is threading.main_thread(), "start the stack's processes from the main thread"
         log_path = self.config.home / "logs" / f"{name}.log"
-        log = open(log_path, "ab")
-        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
-        log.close()
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+                preexec_fn=_die_with_supervisor(),  # noqa: PLW1509 - main thread, no other threads (above)
+            )
         process = Process(name, popen, log_path)
         self.processes.append(process)
         return process
@@ -172,6 +227,12 @@ class Stack:
     def dead(self) -> Process | None:
         """The first process that has exited, if any."""
         return next((p for p in self.processes if p.popen.poll() is not None), None)
+
+    def watch(self, poll_s: float = 1.0) -> Process:
+        """Block until one of the processes exits; that process. A stop signal interrupts the wait."""
+        while (dead := self.dead()) is None:
+            time.sleep(poll_s)
+        return dead
 
     def down(self, timeout_s: float = 15) -> None:
         """Stop every process by pid, newest first: SIGTERM to its group, SIGKILL after ``timeout_s``."""

@@ -80,8 +80,10 @@ def test_epochs_over_the_cap_is_422_naming_the_field(api_settings):
 def test_metrics_count_requests_by_route_and_status_and_read_queues(client, app):
     client.get("/trials/0123456789abcdef0123456789abcdef")
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'convtune_http_requests_total{method="GET",route="/trials/<trial_id>",status="404"}' in text
+    # prometheus-flask-exporter's histogram, by URL rule and status; its _count is the requests answered
+    assert 'convtune_http_request_duration_seconds_count{method="GET",route="/trials/<trial_id>",status="404"}' in text
     assert "convtune_http_request_duration_seconds_bucket" in text
+    assert 'convtune_http_request_total{method="GET",status="404"}' in text
     for queue in ("gpu", "cpu", "callbacks"):
         assert f'convtune_queue_depth{{queue="{queue}"}}' in text
         assert f'convtune_workers{{queue="{queue}"}}' in text

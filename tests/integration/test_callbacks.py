@@ -22,9 +22,9 @@ SECRET = "test-callback-secret"
 
 
 class Receiver:
-    """A local HTTP server that records every POST; answers 503 to the first ``fail_first`` of them."""
+    """A local HTTP server that records every POST; answers ``fail_with`` (503) to the first ``fail_first`` of them."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, fail_with: int = 503):
         self.received: queue.Queue[tuple[dict[str, str], bytes, int]] = queue.Queue()
         self.fail_first = fail_first
         receiver = self
@@ -32,7 +32,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 503 if receiver.fail_first > 0 else 204
+                status = fail_with if receiver.fail_first > 0 else 204
                 receiver.fail_first -= 1
                 receiver.received.put((dict(self.headers), body, status))
                 self.send_response(status)
@@ -49,10 +49,20 @@ class Receiver:
         return self.received.get(timeout=timeout_s)
 
 
+def cancel_a_queued_trial(client, callback_url: str) -> str:
+    """Submit a trial no worker takes (no gpu worker here) and cancel it: the API sends its callback."""
+    response = client.post("/trials", json=tiny_trial(queue="gpu", callback_url=callback_url))
+    assert response.status_code == 202, response.get_json()
+    trial_id = response.get_json()["id"]
+    assert client.post(f"/trials/{trial_id}/cancel").status_code == 202
+    return trial_id
+
+
 @pytest.fixture(scope="module")
 def callback_worker(worker_env: dict[str, str]) -> Iterator[Service]:
     """The light callback worker (workers.callbacks.app) with a signing secret and short backoff."""
-    env = {**worker_env, "CONVTUNE_CALLBACK_SECRET": SECRET, "CONVTUNE_CALLBACK_BACKOFF_S": "0.5", "CONVTUNE_CALLBACK_MAX_RETRIES": "3"}
+    # Celery's backoff counts whole seconds: 1 s is the shortest (retry n waits 0 to 2**n s).
+    env = {**worker_env, "CONVTUNE_CALLBACK_SECRET": SECRET, "CONVTUNE_CALLBACK_BACKOFF_S": "1", "CONVTUNE_CALLBACK_MAX_RETRIES": "3"}
     argv = [sys.executable, "-m", "celery", "-A", "workers.callbacks.app", "worker", "-P", "threads", "-c", "2", "-Q", "callbacks",
             "-n", f"callbacks-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     w = Service("callback-worker", argv, env)
@@ -92,13 +102,31 @@ def test_callback_arrives_signed_when_the_trial_ends_and_is_retried(client, work
 
 def test_cancelling_a_queued_trial_calls_back_from_the_api(client, callback_worker):
     receiver = Receiver()
-    response = client.post("/trials", json=tiny_trial(queue="gpu", callback_url=receiver.url))  # no gpu worker: stays queued
-    trial_id = response.get_json()["id"]
-    assert client.post(f"/trials/{trial_id}/cancel").status_code == 202
+    trial_id = cancel_a_queued_trial(client, receiver.url)
     headers, body, status = receiver.next()
     event = json.loads(body)
     assert event["trial"]["id"] == trial_id and event["trial"]["status"] == "cancelled"
     assert verify_signature(SECRET, headers[SIGNATURE_HEADER], body)
+
+
+def test_a_failing_receiver_gets_the_first_delivery_and_max_retries_then_is_given_up(client, callback_worker):
+    receiver = Receiver(fail_first=1000)
+    cancel_a_queued_trial(client, receiver.url)
+    attempts = [receiver.next(timeout_s=30) for _ in range(1 + 3)]  # CONVTUNE_CALLBACK_MAX_RETRIES=3, backoff 1s, 2s, 4s at most
+    assert [status for _, _, status in attempts] == [503] * 4
+    assert len({headers["X-Convtune-Delivery"] for headers, _, _ in attempts}) == 1  # one event, retried
+    assert wait_for(lambda: "given up after 4 attempts" in callback_worker.log(), 10), callback_worker.log()[-3000:]
+    with pytest.raises(queue.Empty):
+        receiver.next(timeout_s=3)
+
+
+def test_a_receiver_that_refuses_the_event_is_not_retried(client, callback_worker):
+    receiver = Receiver(fail_first=1000, fail_with=410)
+    cancel_a_queued_trial(client, receiver.url)
+    assert receiver.next()[2] == 410
+    assert wait_for(lambda: "refused with 410" in callback_worker.log(), 10), callback_worker.log()[-3000:]
+    with pytest.raises(queue.Empty):
+        receiver.next(timeout_s=3)  # a retry would come within 1 s
 
 
 def test_a_dead_receiver_never_holds_the_worker(client, worker, callback_worker):

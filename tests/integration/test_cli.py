@@ -189,7 +189,7 @@ def test_metrics_sum_every_gunicorn_process(api_url):
 
     def count() -> float:
         text = httpx.get(f"{api_url}{route}", timeout=10).text
-        line = next((ln for ln in text.splitlines() if ln.startswith('convtune_http_requests_total{') and 'route="/trials/<trial_id>"' in ln and 'status="404"' in ln), None)
+        line = next((ln for ln in text.splitlines() if ln.startswith('convtune_http_request_duration_seconds_count{') and 'route="/trials/<trial_id>"' in ln and 'status="404"' in ln), None)
         return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
     before = count()

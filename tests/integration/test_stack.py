@@ -1,4 +1,5 @@
-"""`convtune up` brings the whole local stack up, serves a trial, and Ctrl-C stops every process."""
+"""`convtune up` brings the whole local stack up, serves a trial, and Ctrl-C stops every process,
+also when it runs as a script's background job (SIGINT inherited ignored)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import httpx
 import pytest
 import redis
 
-from service.cli.client import ConvtuneClient
+from service.client import ConvtuneClient
 from tests.conftest import ARTIFACTS, free_port, wait_for
+from tests.service.test_stack_signals import IGNORING_SIGINT
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +58,11 @@ def test_up_serves_a_trial_and_ctrl_c_stops_everything(tmp_path: Path, redis_url
     log_path = ARTIFACTS / "convtune-up.log"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CONVTUNE_REDIS_URL": redis_url, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # Started as `convtune up &` in a CI script starts it: with SIGINT ignored, which Python leaves ignored
+    # unless the supervisor installs its own handler.
+    convtune = [str(Path(sys.executable).parent / "convtune"), "up", "--home", str(home), "--api-port", str(api_port), "--mlflow-port", str(mlflow_port)]
     with open(log_path, "wb") as log:
-        up = subprocess.Popen(
-            [str(Path(sys.executable).parent / "convtune"), "up", "--home", str(home), "--api-port", str(api_port), "--mlflow-port", str(mlflow_port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
+        up = subprocess.Popen([sys.executable, "-c", IGNORING_SIGINT, *convtune], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     api = f"http://127.0.0.1:{api_port}"
     try:
         def ready() -> bool:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from models.store.runs import TAG
 from models.spec.trial import TrialSpec
+from models.store.runs import TAG
 from tests.conftest import ARTIFACTS, Service, start_worker
 from tests.helpers import wait_for_trial
 
@@ -126,8 +126,11 @@ def test_a_trial_id_is_not_a_range_test(client, worker):
 
 
 def test_out_of_memory_in_training_ends_the_trial_and_the_worker_lives_on(app, api_settings, mlflow_client, worker_env, tmp_path):
-    from workers.trial.execution import WorkerRuntime, execute_trial
+    from models.spec.trial import flatten_params
+    from models.store.runs import trial_tags
+    from workers.runtime import WorkerRuntime
     from workers.settings import WorkerSettings
+    from workers.trial.execution import execute_trial
 
     runtime = WorkerRuntime(WorkerSettings(
         redis_url=worker_env["CONVTUNE_REDIS_URL"], mlflow_tracking_uri=worker_env["CONVTUNE_MLFLOW_TRACKING_URI"],
@@ -139,13 +142,13 @@ def test_out_of_memory_in_training_ends_the_trial_and_the_worker_lives_on(app, a
         (MemoryError("Unable to allocate 3.1 GiB for an array"), "MemoryError: Unable to allocate"),
     ):
         spec = TrialSpec.model_validate(with_lr(0.01))
-        trial_id = runs.create_trial(spec, None, "cpu")
+        trial_id = runs.create(spec.display_name(), trial_tags(spec, None, "cpu"), flatten_params(spec))
 
         def fail(epoch: int, metrics: dict[str, float], error: BaseException = error) -> None:
             raise error  # as if the second epoch's step had run out of memory
 
-        outcome = execute_trial(trial_id, spec.model_dump(mode="json"), runtime, on_epoch_end=fail)
-        assert outcome == "out_of_memory"
+        ending = execute_trial(trial_id, spec.model_dump(mode="json"), runtime, on_epoch_end=fail)
+        assert ending is not None and ending.outcome == "out_of_memory"
         run = mlflow_client.get_run(trial_id)
         assert run.info.status == "FAILED" and run.data.tags[TAG.OUTCOME] == "out_of_memory"
         assert fragment in run.data.tags[TAG.REASON] and "try a smaller batch_size" in run.data.tags[TAG.REASON]

@@ -10,9 +10,9 @@ import time
 import pytest
 import redis
 
-from models.store.keys import attempts_key
+from models.messages import TrialMessage
 from models.spec.trial import TrialSpec
-from service.api.dispatch import TaskSender
+from models.store.keys import attempts_key
 from tests.conftest import wait_for
 from tests.helpers import tiny_trial, wait_for_trial
 
@@ -23,10 +23,15 @@ def _steps(mlflow_client, run_id: str, key: str = "val_loss") -> list[int]:
     return sorted(m.step for m in mlflow_client.get_metric_history(run_id, key))
 
 
-def test_a_message_delivered_twice_trains_once(client, worker, api_settings, mlflow_client):
+def resend(app, trial_id: str, spec: dict) -> None:
+    """Send a trial's message again, as Redis does when a visibility timeout lapses."""
+    app.extensions["convtune"].send(TrialMessage(trial_id=trial_id, spec=TrialSpec.model_validate(spec).model_dump(mode="json")), "cpu")
+
+
+def test_a_message_delivered_twice_trains_once(app, client, worker, mlflow_client):
     accepted = client.post("/trials", json=tiny_trial(optim={"epochs": 3})).get_json()
     # What Redis does when a visibility timeout lapses: the same message, again.
-    TaskSender(api_settings).send_trial(accepted["id"], TrialSpec.model_validate(tiny_trial(optim={"epochs": 3})), "cpu")
+    resend(app, accepted["id"], tiny_trial(optim={"epochs": 3}))
     trial = wait_for_trial(client, accepted["id"])
     assert trial["status"] == "succeeded"
     assert wait_for(lambda: "duplicate delivery skipped" in worker.log() or "being trained by another worker" in worker.log(), 30), worker.log()[-2000:]
@@ -53,11 +58,11 @@ def test_a_trial_whose_worker_process_dies_resumes_from_its_checkpoint(client, w
     assert "resuming from its last checkpoint" in worker.log()
 
 
-def test_a_trial_that_keeps_losing_its_worker_fails_as_worker_lost(client, worker, api_settings, redis_url):
+def test_a_trial_that_keeps_losing_its_worker_fails_as_worker_lost(app, client, worker, redis_url):
     # Queue it where no worker listens, record three lost attempts, then deliver it.
     accepted = client.post("/trials", json=tiny_trial(queue="gpu")).get_json()
     redis.Redis.from_url(redis_url).set(attempts_key(accepted["id"]), 3)
-    TaskSender(api_settings).send_trial(accepted["id"], TrialSpec.model_validate(tiny_trial()), "cpu")
+    resend(app, accepted["id"], tiny_trial())
     trial = wait_for_trial(client, accepted["id"])
     assert trial["status"] == "failed" and trial["outcome"] == "worker_lost"
     assert "lost 3 times" in trial["reason"]

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from models.nets.convnet import ACTIVATIONS, NORMS, OUTPUT_ACTIVATIONS, POOLS, ConvBlock, build_model, lookup
-from models.spec.plan import InputInfo
-from models.spec.plan import stage_geometry
+from models.spec.plan import InputInfo, stage_geometry
 from models.spec.trial import ACTIVATIONS as SPEC_ACTIVATIONS
 from models.spec.trial import DOWNSAMPLING, AsppSpec, ConvNetSpec
 from models.spec.trial import NORMS as SPEC_NORMS

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.spec.plan import InputInfo
 from models.data.sets import SHAPE_CLASSES, Dataset, InvalidData, describe, load, resolve_data_path
+from models.spec.plan import InputInfo
 from models.spec.trial import DataSpec
 
 

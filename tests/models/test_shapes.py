@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.data.sets import describe
 from models.nets.convnet import build_model
-from models.spec.plan import InputInfo
-from models.spec.plan import InfeasibleSpec, plan_network
-from models.spec.trial import DOWNSAMPLING, NORMS, AsppSpec, ConvNetSpec
+from models.spec.plan import InfeasibleArchitecture, InputInfo, builtin_input, plan_network
+from models.spec.trial import DOWNSAMPLING, NORMS, AsppSpec, ConvNetSpec, DataSpec
 
 DIGITS = InputInfo(1, 8, 8, 10)
 SHAPES = InputInfo(3, 32, 32, 4)
@@ -117,12 +117,12 @@ def test_plan_summary_rows_are_json_ready() -> None:
 def test_infeasible_spec_names_layer_field_and_sizes(
     spec: ConvNetSpec, inp: InputInfo, layer: str, field: str, words: str,
 ) -> None:
-    with pytest.raises(InfeasibleSpec) as info:
+    with pytest.raises(InfeasibleArchitecture) as info:
         plan_network(spec, inp)
     assert (info.value.layer, info.value.field) == (layer, field)
     assert str(info.value).startswith(f"{layer}: ")
     assert words in str(info.value)
-    with pytest.raises(InfeasibleSpec):
+    with pytest.raises(InfeasibleArchitecture):
         build_model(spec, inp)  # the builder checks the plan before building anything
 
 
@@ -131,3 +131,13 @@ def test_stride_never_shrinks_below_one_pixel() -> None:
     assert [layer.out_shape[1:] for layer in plan.layers if layer.name.endswith("conv1")] == [
         (8, 8), (4, 4), (2, 2), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1),
     ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [DataSpec(name="digits"), DataSpec(name="shapes"), DataSpec(name="shapes", image_size=8, num_classes=8), DataSpec(name="npz", path="a.npz")],
+    ids=["digits", "shapes", "shapes-8px-8-classes", "npz"],
+)
+def test_the_contract_knows_the_built_in_inputs_as_the_data_readers_do(data: DataSpec) -> None:
+    # The study spec checks feasibility with builtin_input (no numpy in the contract); the workers train on describe's.
+    assert builtin_input(data) == describe(data, None)

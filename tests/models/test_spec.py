@@ -9,7 +9,17 @@ import pytest
 from pydantic import ValidationError
 
 from models.spec.trial import (
-    ACTIVATIONS, DOWNSAMPLING, NORMS, OPTIMIZERS, SCHEDULES, AsppSpec, ConvNetSpec, DataSpec, OptimSpec, TrialSpec,
+    ACTIVATIONS,
+    DOWNSAMPLING,
+    NON_HYPERPARAMETERS,
+    NORMS,
+    OPTIMIZERS,
+    SCHEDULES,
+    AsppSpec,
+    ConvNetSpec,
+    DataSpec,
+    OptimSpec,
+    TrialSpec,
     flatten_params,
 )
 
@@ -244,15 +254,19 @@ def _parse_param(text: str) -> Any:
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_flatten_params_round_trips_everything_but_name_and_tags(spec: TrialSpec) -> None:
+def test_flatten_params_round_trips_every_hyperparameter(spec: TrialSpec) -> None:
     flat = flatten_params(spec)
     assert all(isinstance(k, str) and isinstance(v, str) and len(v) <= 6000 for k, v in flat.items())
-    assert not any(k.split(".")[0] in ("name", "tags") for k in flat)
+    assert not any(k.split(".")[0] in NON_HYPERPARAMETERS for k in flat)
     nested: dict[str, Any] = {}
     for key, text in flat.items():
         nested = merge(nested, nest(tuple(key.split(".")), _parse_param(text)))
     rebuilt = TrialSpec.model_validate(nested)
-    assert rebuilt == spec.model_copy(update={"name": None, "tags": {}})
+    assert rebuilt == spec.model_copy(update={field: TrialSpec.model_fields[field].get_default(call_default_factory=True) for field in NON_HYPERPARAMETERS})
+
+
+def test_the_non_hyperparameters_are_trial_spec_fields() -> None:
+    assert set(NON_HYPERPARAMETERS) <= set(TrialSpec.model_fields)
 
 
 def test_flatten_params_names_nested_fields_with_dots() -> None:

@@ -9,8 +9,10 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
+from models.spec.space import CategoricalParam, apply_params, grid_points
+from models.spec.study import StudySpec
+from models.spec.trial import NON_HYPERPARAMETERS, TrialSpec, flatten_params
 from models.store.search import decode_params, encode_params, make_pruner, make_sampler, storage_kind, suggest, trial_label
-from models.spec.study import CategoricalParam, StudySpec, apply_params, grid_points
 
 BASE = {"model": {"channels": [8, 16], "convs_per_stage": 1}, "optim": {"epochs": 4}, "data": {"name": "digits"}}
 
@@ -48,6 +50,8 @@ def test_shorthands_a_list_is_a_choice_and_a_name_is_a_sampler_or_pruner() -> No
         pytest.param({"search_space": {"optim.lrr": [1e-3]}}, "search_space.optim.lrr", "optim has no field 'lrr'", id="unknown-field"),
         pytest.param({"search_space": {"nope.lr": [1e-3]}}, "search_space.nope.lr", "the trial spec has no field 'nope'", id="unknown-section"),
         pytest.param({"search_space": {"data.val_fraction": [0.1, 0.2]}}, "search_space.data.val_fraction", "cannot be searched", id="data-is-fixed"),
+        pytest.param({"search_space": {"callback_url": ["https://a.example/hook", "https://b.example/hook"]}}, "search_space.callback_url", "not a hyperparameter", id="callback-url-is-not-a-hyperparameter"),
+        pytest.param({"search_space": {"queue": ["cpu", "gpu"]}}, "search_space.queue", "not a hyperparameter", id="queue-is-not-a-hyperparameter"),
         pytest.param({"search_space": {"model.activation": {"type": "float", "low": 0, "high": 1}}}, "search_space.model.activation", "not a number", id="range-on-choice-field"),
         pytest.param({"search_space": {"model.kernel_size": {"type": "float", "low": 1, "high": 3}}}, "search_space.model.kernel_size.type", "integer field", id="float-range-on-int"),
         pytest.param({"search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 20}}}, "search_space.optim.lr.high", "less than or equal to 10", id="above-bound"),
@@ -74,6 +78,21 @@ def test_invalid_spaces_name_the_field(fields: dict[str, Any], field: str, fragm
     errors = errors_of(**fields)
     assert field in errors, errors
     assert fragment in errors[field], errors[field]
+
+
+@pytest.mark.parametrize("field", NON_HYPERPARAMETERS)
+def test_no_field_that_is_not_an_mlflow_param_can_be_searched(field: str) -> None:
+    errors = errors_of(search_space={field: [None, "x"]})
+    assert list(errors) == [f"search_space.{field}"] and "cannot be searched" in errors[f"search_space.{field}"], errors
+    assert field not in flatten_params(TrialSpec())
+
+
+def test_searching_callback_url_is_a_422_naming_the_field() -> None:
+    with pytest.raises(ValidationError) as caught:
+        study(search_space={"callback_url": ["https://a.example/hook"]})
+    [error] = caught.value.errors(include_url=False)
+    assert error["loc"] == ("search_space", "callback_url") and error["type"] == "invalid_study"
+    assert "'callback_url' cannot be searched: it is not a hyperparameter" in error["msg"]
 
 
 def test_a_conditional_parameter_is_valid_only_under_its_condition() -> None:

@@ -7,8 +7,8 @@ import json
 from click.testing import CliRunner
 
 from service.api.auth import Principal, TokenAuth, hash_token, new_token, required_scope
-from service.cli.main import main
 from service.api.settings import ApiSettings, TokenConfig
+from service.cli.main import main
 
 
 def test_only_a_configured_token_authenticates_and_only_its_hash_is_kept():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.cli.client import ApiProblem, ConvtuneClient, Unreachable
+from service.client import ApiProblem, ConvtuneClient, Unreachable
 
 
 def scripted(answers: list[httpx.Response | Exception], seen: list[httpx.Request]) -> httpx.MockTransport:
@@ -61,10 +61,21 @@ def test_connection_failures_are_retried_then_unreachable():
     seen: list[httpx.Request] = []
     refused = httpx.ConnectError("refused")
     client, slept = client_with([refused, httpx.Response(200, json={"status": "ok"})], seen)
-    assert client.ready() == {"status": "ok"} and len(slept) == 1
-    client, _ = client_with([refused, refused], [], retries=1)
-    with pytest.raises(Unreachable):
+    assert client.ready() == {"status": "ok"} and slept == [0.5]
+    client, slept = client_with([refused] * 4, [], retries=3)
+    with pytest.raises(Unreachable) as raised:
         client.ready()
+    assert slept == [0.5, 1.0, 2.0] and isinstance(raised.value.__cause__, httpx.ConnectError)
+
+
+def test_without_retry_after_busy_answers_back_off_exponentially_and_zero_retries_means_one_call():
+    seen: list[httpx.Request] = []
+    client, slept = client_with([problem(503), problem(429, **{"Retry-After": "soon"}), httpx.Response(200, json={"id": "t1"})], seen)
+    assert client.get_trial("t1") == {"id": "t1"} and slept == [1.0, 2.0]
+    client, slept = client_with([problem(503)], seen, retries=0)
+    with pytest.raises(ApiProblem):
+        client.get_trial("t1")
+    assert slept == []
 
 
 def test_a_given_idempotency_key_is_sent_as_is():

@@ -11,7 +11,7 @@ import service
 from service.api import create_app
 from service.api.settings import ApiSettings
 app = create_app(ApiSettings(redis_url="redis://127.0.0.1:1/0", mlflow_tracking_uri="http://127.0.0.1:1", auth_disabled=True))
-import service.cli.main, service.cli.client, service.stack.supervisor, service.stack.demo
+import service.cli.main, service.client, service.stack.supervisor, service.stack.demo
 client = app.test_client()
 client.post("/trials", json={"model": {"kernel_size": 4}})  # validation and sizing run too
 client.post("/trials", json={"model": {"kernel_size": 27}})

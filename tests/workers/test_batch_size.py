@@ -11,9 +11,9 @@ from models.nets.convnet import build_model
 from models.spec.plan import InputInfo
 from models.spec.trial import TrialSpec
 from tests.workers.trackers import ListTracker
-from workers.training.batching import BatchTooLarge, MemoryProbe, largest_fitting, plan_batches
+from workers.training.batching import BatchPlan, BatchTooLarge, MemoryProbe, largest_fitting, plan_batches
 from workers.training.outcomes import classify
-from workers.training.train import TrialContext, make_loss, make_optimizer, run_trial
+from workers.training.train import TrainingContext, make_loss, make_optimizer, run_trial
 
 CPU = torch.device("cpu")
 DIGITS = InputInfo(channels=1, height=8, width=8, num_classes=10)
@@ -97,11 +97,11 @@ def test_probe_backs_off_on_an_out_of_memory_error():
 
 
 def test_auto_batch_on_real_training_reports_what_it_chose():
-    tags: dict[str, str] = {}
-    result = run_trial(spec(batch_size="auto"), ListTracker(), TrialContext(device=CPU, cpu_memory_limit_bytes=12 * 2**20, on_setup=tags.update))
-    chosen = int(tags["convtune.batch_size"])
+    told: list[BatchPlan] = []
+    result = run_trial(spec(batch_size="auto"), ListTracker(), TrainingContext(device=CPU, cpu_memory_limit_bytes=12 * 2**20, on_setup=told.append))
+    chosen = told[0].batch_size
     assert chosen in (64, 128, 256, 512) and chosen == result.batches.batch_size
-    assert tags["convtune.effective_batch_size"] == str(chosen) and "probed from 2 up to 1024" in tags["convtune.batch_probe"]
+    assert told[0].effective == chosen and "probed from 2 up to 1024" in told[0].note
 
 
 def test_gradient_accumulation_follows_the_curve_of_the_large_batch():
@@ -109,7 +109,7 @@ def test_gradient_accumulation_follows_the_curve_of_the_large_batch():
     def curve(**optim: Any) -> list[float]:
         trial = TrialSpec.model_validate({"model": {"channels": [8, 16], "convs_per_stage": 1, "norm": "group", "norm_groups": 4}, "optim": {"lr": 0.01, "epochs": 3, **optim}})
         tracker = ListTracker()
-        run_trial(trial, tracker, TrialContext(device=CPU))
+        run_trial(trial, tracker, TrainingContext(device=CPU))
         return [m["train_loss"] for _, m in tracker.epochs] + [m["val_loss"] for _, m in tracker.epochs]
 
     assert curve(batch_size=16, effective_batch_size=64) == pytest.approx(curve(batch_size=64), rel=1e-4)
@@ -118,5 +118,5 @@ def test_gradient_accumulation_follows_the_curve_of_the_large_batch():
 def test_lr_scaling_is_applied_to_the_optimizer():
     tracker = ListTracker()
     trial = spec(batch_size=16, effective_batch_size=64, lr_scaling="linear", reference_batch_size=16)
-    run_trial(trial, tracker, TrialContext(device=CPU))
+    run_trial(trial, tracker, TrainingContext(device=CPU))
     assert tracker.epochs[0][1]["lr"] == pytest.approx(0.04)

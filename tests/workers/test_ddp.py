@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import subprocess
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -10,10 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from models.data.sets import InvalidData
 from models.spec.trial import TrialSpec
 from tests.workers.trackers import ListTracker
-from workers.training.parallel import NotEnoughDevices, Parallel, leave_group, run_data_parallel, run_on_devices
-from workers.training.train import TrialContext, run_trial
+from workers.training.batching import BatchPlan
+from workers.training.devices import _first_failure, train_data_parallel, train_on_devices, train_rank
+from workers.training.parallel import NotEnoughDevices, Parallel, RankFailed, leave_group
+from workers.training.train import TrainingContext, run_trial
 
 CPU = torch.device("cpu")
 EPOCHS = 3
@@ -39,7 +46,7 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
     in_step = False
     try:
         tracker = ListTracker()
-        run_trial(trial(batch_size=32, devices=world), tracker, TrialContext(device=CPU, parallel=Parallel(rank, world, CPU), check_every_steps=5))
+        run_trial(trial(batch_size=32, devices=world), tracker, TrainingContext(device=CPU, parallel=Parallel(rank, world, CPU), check_every_steps=5))
         in_step = True
         if rank == 0:
             Path(out).write_text(json.dumps(curve(tracker)))
@@ -50,7 +57,7 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def one_process() -> list[float]:
     tracker = ListTracker()
-    run_trial(trial(batch_size=64), tracker, TrialContext(device=CPU, check_every_steps=5))
+    run_trial(trial(batch_size=64), tracker, TrainingContext(device=CPU, check_every_steps=5))
     return curve(tracker)
 
 
@@ -62,27 +69,22 @@ def test_two_spawned_processes_follow_the_one_process_curve(tmp_path: Path, one_
 
 def test_worker_path_trains_as_rank_zero_with_a_spawned_rank_one(tmp_path: Path, one_process: list[float]):
     tracker = ListTracker()
-    tags: dict[str, str] = {}
-    ctx = TrialContext(device=CPU, check_every_steps=5, checkpoint_path=tmp_path / "trial.pt", on_setup=tags.update)
-    result = run_data_parallel(trial(batch_size=32, devices=2), tracker, ctx)
+    told: list[BatchPlan] = []
+    ctx = TrainingContext(device=CPU, check_every_steps=5, checkpoint_path=tmp_path / "trial.pt", on_setup=told.append)
+    result = train_data_parallel(trial(batch_size=32, devices=2), tracker, ctx)
     assert curve(tracker) == pytest.approx(one_process, rel=1e-3)
     assert result.epochs_done == EPOCHS and tracker.summary  # rank 0 logs as a one-process trial does
-    assert tags["convtune.effective_batch_size"] == "64" and tags["convtune.batch_size"] == "32"
+    assert (told[0].effective, told[0].batch_size) == (64, 32)
     assert not dist.is_initialized()  # the worker process can run its next trial
 
 
 def test_a_worker_with_fewer_devices_fails_the_trial_with_a_reason():
     with pytest.raises(NotEnoughDevices, match="asks for devices=2, and this worker owns 1 CPU processes") as caught:
-        run_on_devices(trial(batch_size=32, devices=2), ListTracker(), TrialContext(device=CPU), owned=1)
+        train_on_devices(trial(batch_size=32, devices=2), ListTracker(), TrainingContext(device=CPU), owned=1)
     assert caught.value.outcome == "error"
 
 
 def test_a_failing_rank_writes_its_ending_and_rank_zero_reports_it(tmp_path: Path):
-    import subprocess
-
-    from models.data.sets import InvalidData
-    from workers.training.parallel import RankFailed, _first_failure, train_rank
-
     payload = trial(batch_size=32).model_dump(mode="json") | {"data": {"name": "npz", "path": "missing.npz"}}
     with pytest.raises(InvalidData):  # a rank alone in its group, failing as rank 1 of a trial would
         train_rank(0, 1, f"file://{tmp_path / 'rendezvous'}", payload, "cpu", None, None, 5, str(tmp_path / "rank1.json"))
@@ -95,16 +97,12 @@ def test_a_failing_rank_writes_its_ending_and_rank_zero_reports_it(tmp_path: Pat
 def test_leaving_the_group_frees_the_ddp_wrapper_before_the_group(tmp_path: Path):
     # DDP sits in a reference cycle and its reducer holds the gloo group: freed only at interpreter
     # exit, the group's teardown aborted a rank (SIGABRT). leave_group collects it while the group lives.
-    import weakref
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
 
     def train_briefly() -> weakref.ref:
         net = Parallel(0, 1, CPU).wrap(torch.nn.Linear(3, 2))
         net(torch.randn(4, 3)).sum().backward()
         return weakref.ref(net)
-
-    import gc
 
     gc.disable()  # as when the collector has not run yet
     try:
@@ -113,3 +111,11 @@ def test_leaving_the_group_frees_the_ddp_wrapper_before_the_group(tmp_path: Path
         assert wrapper() is None and not dist.is_initialized()
     finally:
         gc.enable()
+
+
+def test_the_collectives_know_nothing_of_the_loop():
+    # The loop holds a Parallel on every rank: it imports the collectives, never the other way round.
+    probe = "import sys, workers.training.parallel; print(' '.join(sorted(m for m in sys.modules if m.startswith('workers'))))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert "workers.training.parallel" in loaded
+    assert not {"workers.training.train", "workers.training.devices"} & set(loaded), loaded

@@ -12,7 +12,7 @@ from models.spec.trial import DivergenceSpec, TrialSpec
 from tests.workers.trackers import ListTracker
 from workers.training.divergence import DivergenceDetector
 from workers.training.outcomes import Cancelled, Diverged, classify
-from workers.training.train import TrialContext, run_trial
+from workers.training.train import TrainingContext, run_trial
 
 CPU = torch.device("cpu")
 
@@ -94,7 +94,7 @@ def trial(**changes: Any) -> TrialSpec:
 
 def test_real_training_at_a_sane_lr_is_not_flagged():
     tracker = ListTracker()
-    result = run_trial(trial(), tracker, TrialContext(device=CPU, check_every_steps=5))
+    result = run_trial(trial(), tracker, TrainingContext(device=CPU, check_every_steps=5))
     assert result.epochs_done == 4
     assert tracker.epochs[-1][1]["train_loss"] < tracker.epochs[0][1]["train_loss"]
 
@@ -102,7 +102,7 @@ def test_real_training_at_a_sane_lr_is_not_flagged():
 def test_real_training_at_a_huge_adam_lr_without_norm_rises_and_diverges_in_epoch_one():
     tracker = ListTracker()
     with pytest.raises(Diverged, match=r"rose to .*\(epoch 1, .*at lr 10; the learning rate may be too high") as caught:
-        run_trial(trial(model={"norm": "none"}, optim={"optimizer": "rmsprop", "lr": 10.0}), tracker, TrialContext(device=CPU, check_every_steps=5))
+        run_trial(trial(model={"norm": "none"}, optim={"optimizer": "rmsprop", "lr": 10.0}), tracker, TrainingContext(device=CPU, check_every_steps=5))
     assert tracker.epochs == []  # stopped within the first epoch, before it was logged
     ending = classify(caught.value)
     assert (ending.mlflow_status, ending.outcome) == ("FAILED", "diverged")
@@ -119,7 +119,7 @@ def test_real_training_whose_activations_overflow_is_stopped_at_the_first_non_fi
     handle = torch.nn.modules.module.register_module_forward_hook(overflow)
     try:
         with pytest.raises(Diverged, match=r"became nan at step 24 \(epoch 2, step 1 of the epoch\) at lr 0\.003"):
-            run_trial(trial(), ListTracker(), TrialContext(device=CPU, check_every_steps=5, on_epoch_end=lambda e, m: poisoned.append(e)))
+            run_trial(trial(), ListTracker(), TrainingContext(device=CPU, check_every_steps=5, on_epoch_end=lambda e, m: poisoned.append(e)))
     finally:
         handle.remove()
 
@@ -128,7 +128,7 @@ def test_real_training_that_stalls_at_chance_is_diverged_after_stall_epochs():
     spec = trial(optim={"optimizer": "momentum", "lr": 8.0, "epochs": 6})
     tracker = ListTracker()
     with pytest.raises(Diverged, match=r"no progress for 3 epochs .*at lr 8; the learning rate may be too high") as caught:
-        run_trial(spec, tracker, TrialContext(device=CPU))
+        run_trial(spec, tracker, TrainingContext(device=CPU))
     last = int(caught.value.reason.split("(epochs ")[1].split("-")[1].split(")")[0])
     assert [e for e, _ in tracker.epochs] == list(range(1, last + 1))  # the epochs it judged were logged
 
@@ -137,8 +137,8 @@ def test_a_resumed_trial_keeps_its_first_loss(tmp_path: Path):
     checkpoint = tmp_path / "trial.pt"
     seen: list[int] = []
     with pytest.raises(Cancelled):
-        run_trial(trial(), ListTracker(), TrialContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: seen.append(e), should_cancel=lambda: len(seen) >= 2, check_every_steps=10**6))
+        run_trial(trial(), ListTracker(), TrainingContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: seen.append(e), should_cancel=lambda: len(seen) >= 2, check_every_steps=10**6))
     state = torch.load(checkpoint, weights_only=True)["divergence"]
     assert state["first_loss"] > 1.5 and state["step"] > 0  # the untrained loss, about ln(10)
-    result = run_trial(trial(), ListTracker(), TrialContext(device=CPU, checkpoint_path=checkpoint))
+    result = run_trial(trial(), ListTracker(), TrainingContext(device=CPU, checkpoint_path=checkpoint))
     assert result.epochs_done == 4

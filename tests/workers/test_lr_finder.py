@@ -11,9 +11,10 @@ import torch
 from models.spec.trial import TrialSpec
 from models.spec.tuning import LrRangeSpec, analyse_range, lr_search_range
 from tests.workers.trackers import ListTracker
-from workers.trial.lr_finder import range_curve_figure, range_test
 from workers.training.outcomes import Cancelled, Diverged
-from workers.training.train import TrialContext, run_trial
+from workers.training.range_test import range_test
+from workers.training.train import TrainingContext, run_trial
+from workers.trial.lr_finder import range_curve_figure
 
 CPU = torch.device("cpu")
 
@@ -29,7 +30,7 @@ TRIAL = TrialSpec.model_validate({
 @pytest.fixture(scope="module")
 def found() -> tuple[LrRangeSpec, Any]:
     spec = LrRangeSpec(trial=TRIAL)
-    curve, reason = range_test(spec, TrialContext(device=CPU))
+    curve, reason = range_test(spec, TrainingContext(device=CPU))
     return spec, analyse_range(spec, curve.lrs, curve.losses, reason)
 
 
@@ -51,7 +52,7 @@ def test_range_test_grows_the_lr_exponentially_and_reads_both_lrs(found):
 
 def test_training_at_the_suggested_lr_reaches_095(found):
     _, result = found
-    trained = run_trial(at_lr(result.suggested_lr), ListTracker(), TrialContext(device=CPU))
+    trained = run_trial(at_lr(result.suggested_lr), ListTracker(), TrainingContext(device=CPU))
     assert trained.best_val_accuracy >= 0.95, (result.suggested_lr, trained.history)
 
 
@@ -59,7 +60,7 @@ def test_training_at_ten_times_the_largest_stable_lr_is_detected_as_diverged(fou
     _, result = found
     tracker = ListTracker()
     with pytest.raises(Diverged, match="the learning rate may be too high") as caught:
-        run_trial(at_lr(10 * result.largest_stable_lr), tracker, TrialContext(device=CPU))
+        run_trial(at_lr(10 * result.largest_stable_lr), tracker, TrainingContext(device=CPU))
     assert f"at lr {10 * result.largest_stable_lr:.3g}" in caught.value.reason
     assert len(tracker.epochs) < TRIAL.optim.epochs  # stopped early
 
@@ -72,7 +73,7 @@ def test_search_range_is_centred_on_the_suggestion_and_capped(found):
 
 def test_range_test_stops_early_once_the_loss_blows_up():
     spec = LrRangeSpec(trial=TRIAL.model_copy(update={"model": TRIAL.model.model_copy(update={"norm": "none"}), "optim": TRIAL.optim.model_copy(update={"optimizer": "rmsprop"})}), steps=100)
-    curve, reason = range_test(spec, TrialContext(device=CPU))
+    curve, reason = range_test(spec, TrainingContext(device=CPU))
     assert len(curve.losses) < 100 and ("passed 4x its lowest" in reason or "became" in reason)
     result = analyse_range(spec, curve.lrs, curve.losses, reason)
     assert result.stopped_early and result.largest_stable_lr < curve.lrs[-1]
@@ -81,7 +82,7 @@ def test_range_test_stops_early_once_the_loss_blows_up():
 def test_range_test_is_cancelled_cooperatively():
     calls: list[int] = []
     with pytest.raises(Cancelled, match="at step 10"):
-        range_test(LrRangeSpec(trial=TRIAL, steps=50), TrialContext(device=CPU, check_every_steps=10, should_cancel=lambda: bool(calls.append(1)) or True))
+        range_test(LrRangeSpec(trial=TRIAL, steps=50), TrainingContext(device=CPU, check_every_steps=10, should_cancel=lambda: bool(calls.append(1)) or True))
 
 
 def test_curve_plot_marks_both_lrs(found):

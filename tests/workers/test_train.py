@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,18 @@ import torch
 
 from models.spec.trial import OptimSpec, TrialSpec
 from tests.workers.trackers import ListTracker
+from workers.training.divergence import DivergenceDetector
 from workers.training.outcomes import Cancelled, TimedOut
-from workers.training.train import OPTIMIZERS, SCHEDULES, TrialContext, make_optimizer, make_scheduler, run_trial
+from workers.training.train import (
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainingContext,
+    make_optimizer,
+    make_scheduler,
+    restore_checkpoint,
+    run_trial,
+    save_checkpoint,
+)
 
 CPU = torch.device("cpu")
 
@@ -23,7 +34,7 @@ def spec(**optim: Any) -> TrialSpec:
 
 def test_digits_reaches_090_validation_accuracy_in_a_few_cpu_epochs():
     tracker = ListTracker()
-    result = run_trial(spec(epochs=4), tracker, TrialContext(device=CPU))
+    result = run_trial(spec(epochs=4), tracker, TrainingContext(device=CPU))
     assert result.best_val_accuracy >= 0.90
     assert [e for e, _ in tracker.epochs] == [1, 2, 3, 4]
     assert set(tracker.epochs[0][1]) == {"train_loss", "val_loss", "val_accuracy", "lr", "epoch_seconds", "samples_per_second"}
@@ -34,8 +45,8 @@ def test_digits_reaches_090_validation_accuracy_in_a_few_cpu_epochs():
 
 def test_same_seed_same_curve():
     a, b = ListTracker(), ListTracker()
-    run_trial(spec(epochs=2), a, TrialContext(device=CPU))
-    run_trial(spec(epochs=2), b, TrialContext(device=CPU))
+    run_trial(spec(epochs=2), a, TrainingContext(device=CPU))
+    run_trial(spec(epochs=2), b, TrainingContext(device=CPU))
     assert [m["val_loss"] for _, m in a.epochs] == pytest.approx([m["val_loss"] for _, m in b.epochs])
 
 
@@ -48,13 +59,13 @@ def test_cancel_flag_stops_within_the_check_interval():
 
     # Checked at steps 5 and 10: the flag raised between them stops the trial at step 10.
     with pytest.raises(Cancelled, match="cancelled on request, at step 10"):
-        run_trial(spec(epochs=50, batch_size=16), ListTracker(), TrialContext(device=CPU, should_cancel=should_cancel, check_every_steps=5))
+        run_trial(spec(epochs=50, batch_size=16), ListTracker(), TrainingContext(device=CPU, should_cancel=should_cancel, check_every_steps=5))
 
 
 def test_time_limit_ends_the_trial_as_timeout():
     trial = spec(epochs=500).model_copy(update={"time_limit_s": 0.5})
     with pytest.raises(TimedOut, match="past its time_limit_s of 0.5s"):
-        run_trial(trial, ListTracker(), TrialContext(device=CPU))
+        run_trial(trial, ListTracker(), TrainingContext(device=CPU))
 
 
 def test_resumes_from_its_last_checkpoint(tmp_path: Path):
@@ -63,11 +74,11 @@ def test_resumes_from_its_last_checkpoint(tmp_path: Path):
     with pytest.raises(Cancelled):
         # Cancelled after the second epoch's check: the checkpoint holds epoch 2.
         epochs_seen = []
-        run_trial(spec(epochs=4), first, TrialContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: epochs_seen.append(e), should_cancel=lambda: len(epochs_seen) >= 2, check_every_steps=10**6))
+        run_trial(spec(epochs=4), first, TrainingContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: epochs_seen.append(e), should_cancel=lambda: len(epochs_seen) >= 2, check_every_steps=10**6))
     assert [e for e, _ in first.epochs] == [1, 2] and checkpoint.exists()
 
     resumed = ListTracker()
-    result = run_trial(spec(epochs=4), resumed, TrialContext(device=CPU, checkpoint_path=checkpoint))
+    result = run_trial(spec(epochs=4), resumed, TrainingContext(device=CPU, checkpoint_path=checkpoint))
     assert [e for e, _ in resumed.epochs] == [3, 4]
     assert result.epochs_done == 4 and len(result.history) == 4
     assert resumed.summary == []  # logged by the first attempt only
@@ -76,7 +87,7 @@ def test_resumes_from_its_last_checkpoint(tmp_path: Path):
 def test_sigmoid_head_trains_with_per_class_bce():
     trial = TrialSpec.model_validate({"model": {"channels": [16, 32], "head": "sigmoid"}, "optim": {"lr": 3e-3, "epochs": 3}})
     tracker = ListTracker()
-    result = run_trial(trial, tracker, TrialContext(device=CPU))
+    result = run_trial(trial, tracker, TrainingContext(device=CPU))
     assert result.best_val_accuracy >= 0.85
     model = tracker.result[0]
     probabilities = model.output_activation(model(torch.zeros(2, 1, 8, 8)))
@@ -114,3 +125,56 @@ def test_schedules_follow_their_definitions():
     assert warm[0] == pytest.approx(0.01) and warm[:4] == sorted(warm[:4]) and warm[4:] == [1.0] * 4
     onecycle = _lrs(OptimSpec(lr=1.0, epochs=4, schedule="onecycle"))
     assert max(onecycle) == pytest.approx(1.0, rel=0.05) and onecycle[0] < 0.1 and onecycle[-1] < 0.01
+
+
+def _formula(optim: OptimSpec, steps_per_epoch: int) -> list[float]:
+    """The per-step LRs as the hand-written LambdaLR defined them before torch's schedulers took over."""
+    decay = {
+        "none": lambda t, span: 1.0,
+        "step": lambda t, span: optim.gamma ** math.floor(t / optim.step_size),
+        "exponential": lambda t, span: optim.gamma ** math.floor(t),
+        "cosine": lambda t, span: 0.5 * (1.0 + math.cos(math.pi * min(t / span, 1.0))),
+    }[optim.schedule]
+    lrs = []
+    for step in range(optim.epochs * steps_per_epoch):
+        t = step / steps_per_epoch
+        if t < optim.warmup_epochs:
+            lrs.append(optim.lr * (0.01 + 0.99 * t / optim.warmup_epochs))
+        else:
+            lrs.append(optim.lr * decay(t - optim.warmup_epochs, float(optim.epochs - optim.warmup_epochs)))
+    return lrs
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 3])
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_every_schedule_follows_its_formula_step_by_step(schedule: str, warmup_epochs: int):
+    optim = OptimSpec(lr=0.3, epochs=7, schedule=schedule, step_size=2, gamma=0.5, warmup_epochs=warmup_epochs)
+    assert _lrs(optim, steps_per_epoch=5) == pytest.approx(_formula(optim, steps_per_epoch=5), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule,warmup_epochs", [("none", 0), ("cosine", 0), ("step", 2), ("cosine", 2), ("onecycle", 0)])
+@pytest.mark.parametrize("stop_after_epoch", [1, 3])  # during and after the warm-up
+def test_a_resumed_schedule_continues_where_it_stopped(tmp_path: Path, schedule: str, warmup_epochs: int, stop_after_epoch: int):
+    optim = OptimSpec(lr=0.3, epochs=5, schedule=schedule, step_size=2, gamma=0.5, warmup_epochs=warmup_epochs)
+    steps_per_epoch, checkpoint = 4, tmp_path / "trial.pt"
+
+    def start() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+        model = torch.nn.Linear(1, 1)
+        optimizer = make_optimizer(model.parameters(), optim)
+        return model, optimizer, make_scheduler(optimizer, optim, steps_per_epoch)
+
+    def train(optimizer: torch.optim.Optimizer, scheduler: Any, epochs: range) -> list[float]:
+        lrs = []
+        for _ in range(len(epochs) * steps_per_epoch):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    model, optimizer, scheduler = start()
+    before = train(optimizer, scheduler, range(1, stop_after_epoch + 1))
+    save_checkpoint(checkpoint, stop_after_epoch, model, optimizer, scheduler, [], DivergenceDetector(spec().divergence))
+    model, optimizer, scheduler = start()
+    epoch = restore_checkpoint(checkpoint, model, optimizer, scheduler, [], DivergenceDetector(spec().divergence))
+    after = train(optimizer, scheduler, range(epoch + 1, optim.epochs + 1))
+    assert before + after == pytest.approx(_lrs(optim, steps_per_epoch), rel=1e-12)

@@ -1,9 +1,8 @@
-"""After a trial ends on this worker: count its outcome for /metrics and queue its callback.
+"""After a run ends on this worker: count its outcome for /metrics and queue its callback.
 
-Called by the task once :func:`workers.trial.execution.execute_trial` has ended the run (never for a
-skipped duplicate). Queuing is one Redis push: the delivery itself, with its retries, happens on
-the callback worker, so a slow or dead receiver never holds this GPU. Never raises: the trial has
-ended whatever happens to its announcement.
+Called once the run has ended (never for a skipped duplicate delivery). Queuing is one Redis push:
+the delivery itself, with its retries, happens on the callback worker, so a slow or dead receiver
+never holds this GPU. Never raises: the run has ended whatever happens to its announcement.
 """
 
 from __future__ import annotations
@@ -15,34 +14,33 @@ import redis
 from mlflow.exceptions import MlflowException
 
 from models.callbacks import study_ended_event, trial_ended_event
-from models.messages import CALLBACK_QUEUE, TASK_DELIVER_CALLBACK
+from models.messages import CALLBACK_QUEUE, CallbackMessage, NotSent, send
 from models.store.keys import OUTCOME_COUNTS_KEY
-from models.store.runs import TAG, client_status
-from workers.trial.execution import WorkerRuntime
+from models.store.runs import TAG, client_status, study_state
+from workers.celery_app import app
+from workers.runtime import WorkerRuntime
+from workers.training.outcomes import Ending
 
 __all__ = ["announce_end", "announce_study_end", "count_outcome"]
 
 log = logging.getLogger(__name__)
 
 
-def announce_end(trial_id: str, payload: dict, rt: WorkerRuntime) -> None:
-    """Count the trial's outcome and send its ``trial.ended`` event to the callbacks queue."""
-    try:
-        run = rt.mlflow.get_run(trial_id)
-    except (MlflowException, OSError) as exc:
-        log.error("trial %s ended but could not be read back to announce it: %s", trial_id, exc)
+def announce_end(trial_id: str, ending: Ending, callback_url: str | None, rt: WorkerRuntime) -> None:
+    """Count the trial's outcome and, when it has a ``callback_url``, queue its ``trial.ended`` event."""
+    count_outcome(rt, ending.outcome)
+    if not callback_url:
         return
-    tags = run.data.tags
-    outcome = tags.get(TAG.OUTCOME, "error")
-    count_outcome(rt, outcome)
-    url = payload.get("callback_url")
-    if not url:
+    try:
+        run = rt.mlflow.get_run(trial_id)  # the event carries the final metrics
+    except (MlflowException, OSError) as exc:
+        log.error("trial %s ended but its metrics could not be read for its callback: %s", trial_id, exc)
         return
     event = trial_ended_event(
-        trial_id, name=tags.get(TAG.RUN_NAME), status=client_status(run.info.status, outcome), outcome=outcome,
-        reason=tags.get(TAG.REASON, ""), metrics=dict(run.data.metrics), study_id=tags.get(TAG.STUDY_ID),
+        trial_id, name=run.data.tags.get(TAG.RUN_NAME), status=client_status(ending.mlflow_status, ending.outcome), outcome=ending.outcome,
+        reason=ending.reason, metrics=dict(run.data.metrics), study_id=run.data.tags.get(TAG.STUDY_ID),
     )
-    _queue_callback(url, event, f"trial {trial_id}")
+    _queue_callback(callback_url, event, f"trial {trial_id}")
 
 
 def count_outcome(rt: WorkerRuntime, outcome: str) -> None:
@@ -54,22 +52,20 @@ def count_outcome(rt: WorkerRuntime, outcome: str) -> None:
 
 
 def announce_study_end(
-    study_id: str, callback_url: str | None, *, name: str | None, mlflow_status: str, outcome: str, reason: str,
-    best: dict[str, Any] | None, counts: dict[str, int],
+    study_id: str, callback_url: str | None, *, name: str | None, ending: Ending, best: dict[str, Any] | None, counts: dict[str, int],
 ) -> None:
     """Send a study's ``study.ended`` event to the callbacks queue, when it has a callback_url."""
     if not callback_url:
         return
-    state = {"FINISHED": "succeeded", "KILLED": "cancelled"}.get(mlflow_status, "failed")
-    event = study_ended_event(study_id, name=name, state=state, outcome=outcome, reason=reason, best=best, counts=counts)
+    event = study_ended_event(
+        study_id, name=name, state=study_state(ending.mlflow_status), outcome=ending.outcome, reason=ending.reason, best=best, counts=counts,
+    )
     _queue_callback(callback_url, event, f"study {study_id}")
 
 
 def _queue_callback(url: str, event: dict[str, Any], what: str) -> None:
-    from workers.celery_app import app
-
     try:
-        app.send_task(TASK_DELIVER_CALLBACK, kwargs={"url": url, "event": event}, queue=CALLBACK_QUEUE, retry=True, retry_policy={"max_retries": 3})
+        send(app, CallbackMessage(url=url, event=event), CALLBACK_QUEUE)
         log.info("%s: callback queued for %s", what, url)
-    except Exception as exc:  # the broker is down: it has ended all the same
+    except NotSent as exc:  # the broker is down: it has ended all the same
         log.error("%s: its callback could not be queued: %s", what, exc)

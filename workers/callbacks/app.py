@@ -7,6 +7,8 @@ suit it: a delivery mostly waits on the network, and a slow receiver holds one t
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from celery.signals import setup_logging
 
@@ -14,14 +16,19 @@ from models.logs import configure_logging
 from models.messages import CALLBACK_QUEUE, celery_config
 from workers.settings import WorkerSettings
 
-__all__ = ["app"]
+__all__ = ["app", "settings"]
 
-_settings = WorkerSettings()
+log = logging.getLogger(__name__)
+
+# Read once, when the worker starts: the delivery task's retry policy (workers.callbacks.delivery) is fixed then.
+settings = WorkerSettings()
 app = Celery("convtune-callbacks", include=["workers.callbacks.delivery"])
-app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s))
+app.conf.update(celery_config(settings.redis_url, settings.visibility_timeout_s))
 app.conf.task_default_queue = CALLBACK_QUEUE
 
 
 @setup_logging.connect
 def _logging(**_: object) -> None:
-    configure_logging("callbacks", _settings.log_format, _settings.log_level)
+    configure_logging("callbacks", settings.log_format, settings.log_level)
+    if not settings.callback_secret:
+        log.warning("CONVTUNE_CALLBACK_SECRET is not set: callbacks are sent unsigned, and receivers cannot trust them")

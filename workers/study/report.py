@@ -24,23 +24,24 @@ import optuna
 from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 
-from models.store.runs import TAG
-from models.store.search import USER_ATTR, decode_params
 from models.spec.study import StudySpec
-from workers.trial.execution import WorkerRuntime
+from models.store import runs
+from models.store.runs import TAG
+from models.store.search import TRIAL_STATES, USER_ATTR, decode_params
 from workers.callbacks.announce import announce_study_end
+from workers.runtime import WorkerRuntime
+from workers.training.outcomes import Ending
 
 __all__ = ["finish_study", "trial_rows"]
 
 log = logging.getLogger(__name__)
-STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 
 
 def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, stopped: str) -> None:
     """End the study's parent run with its results; every part is best-effort except the ending itself."""
     _fail_orphans(stored)
     trials = stored.get_trials(deepcopy=False)
-    counts = Counter(t.user_attrs.get(USER_ATTR.OUTCOME, STATES.get(t.state, "other")) for t in trials if t.state != TrialState.WAITING)
+    counts = Counter(t.user_attrs.get(USER_ATTR.OUTCOME, TRIAL_STATES.get(t.state.name, "other")) for t in trials if t.state != TrialState.WAITING)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = _trained(stored, stored.best_trial) if complete else None
     metric = spec.objective.metric
@@ -48,12 +49,12 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
     epochs = sum(int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)) for t in trials)
     metrics = [Metric(f"trials_{outcome}", n, now, 0) for outcome, n in counts.items()]
     metrics += [Metric("trials_total", sum(counts.values()), now, 0), Metric("epochs_trained", epochs, now, 0)]
-    tags = [RunTag("convtune.trial_counts", json.dumps(dict(counts)))]
+    tags = [RunTag(TAG.TRIAL_COUNTS, json.dumps(dict(counts)))]
     if best is not None:
         metrics += [Metric(f"best_{metric}", float(best.value), now, 0), Metric("best_trial_number", best.number, now, 0)]
         best_params = decode_params(spec, best.params)
-        tags += [RunTag("convtune.best_trial_id", best.user_attrs.get(USER_ATTR.TRIAL_ID, "")), RunTag("convtune.best_trial_number", str(best.number))]
-        tags += [RunTag(f"convtune.best.{k}", json.dumps(v)) for k, v in best_params.items()]
+        tags += [RunTag(TAG.BEST_TRIAL_ID, best.user_attrs.get(USER_ATTR.TRIAL_ID, "")), RunTag(TAG.BEST_TRIAL_NUMBER, str(best.number))]
+        tags += [RunTag(f"{TAG.BEST_PREFIX}{k}", json.dumps(v)) for k, v in best_params.items()]
     rt.mlflow.log_batch(study_id, metrics=metrics, tags=tags)
     if best is not None:
         _log_best_params(rt, study_id, decode_params(spec, best.params))
@@ -62,25 +63,23 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
     registered = _register(rt, study_id, spec, best) if best is not None and spec.register_as else None
 
     if stopped == "cancelled":
-        status, outcome, reason = "KILLED", "cancelled", "cancelled on request"
+        ending = Ending("KILLED", "cancelled", "cancelled on request")
     elif best is None:
-        status, outcome, reason = "FAILED", "error", f"no trial completed ({_count_text(counts)})"
+        ending = Ending("FAILED", "error", f"no trial completed ({_count_text(counts)})")
     else:
-        status, outcome = "FINISHED", "succeeded"
         reason = f"{sum(counts.values())} trials ({_count_text(counts)}); best {metric} {best.value:.4f} by trial #{best.number}"
         if stopped in ("target", "timeout"):
             reason += f"; stopped early: {json.loads(stored.user_attrs.get(USER_ATTR.STOPPED, '{}')).get('reason', stopped)}"
+        ending = Ending("FINISHED", "succeeded", reason)
     if registered:
-        reason += f"; registered as {registered}"
-    rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason)])
-    rt.mlflow.set_terminated(study_id, status=status)
-    log.info("study %s ended %s: %s", study_id, outcome, reason)
+        ending = Ending(ending.mlflow_status, ending.outcome, f"{ending.reason}; registered as {registered}")
+    runs.end_run(rt.mlflow, study_id, ending.mlflow_status, ending.outcome, ending.reason)
+    log.info("study %s ended %s: %s", study_id, ending.outcome, ending.reason)
     best_info = None if best is None else {
         "trial_id": best.user_attrs.get(USER_ATTR.TRIAL_ID), "number": best.number, "value": float(best.value), "params": decode_params(spec, best.params),
     }
     announce_study_end(
-        study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), mlflow_status=status, outcome=outcome,
-        reason=reason, best=best_info, counts=dict(counts),
+        study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), ending=ending, best=best_info, counts=dict(counts),
     )
 
 
@@ -118,7 +117,7 @@ def trial_rows(stored: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
         if t.state == TrialState.WAITING:
             continue
         row = {
-            "number": t.number, "trial_id": t.user_attrs.get(USER_ATTR.TRIAL_ID), "state": STATES.get(t.state, str(t.state)),
+            "number": t.number, "trial_id": t.user_attrs.get(USER_ATTR.TRIAL_ID), "state": TRIAL_STATES.get(t.state.name, t.state.name.lower()),
             "outcome": t.user_attrs.get(USER_ATTR.OUTCOME), "value": t.value, "epochs": t.user_attrs.get(USER_ATTR.EPOCHS, 0),
             "duration_s": t.duration.total_seconds() if t.duration else None,
         }
@@ -174,12 +173,12 @@ def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.tr
     run_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
     name, alias = spec.register_as, spec.register_alias
     try:
-        version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, "convtune.trial_id": str(run_id)})
+        version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, TAG.TRIAL_ID: str(run_id)})
         rt.mlflow.set_registered_model_alias(name, alias, version.version)
     except Exception as exc:  # noqa: BLE001 - no model logged (log_model off), registry unavailable
         log.warning("study %s: could not register trial %s's model as %s: %s", study_id, run_id, name, exc)
-        rt.mlflow.set_tag(study_id, "convtune.registration_error", str(exc)[:5000])
+        rt.mlflow.set_tag(study_id, TAG.REGISTRATION_ERROR, str(exc)[:5000])
         return None
     shown = f"{name} version {version.version} (@{alias})"
-    rt.mlflow.log_batch(study_id, tags=[RunTag("convtune.registered_model", name), RunTag("convtune.registered_version", str(version.version)), RunTag("convtune.registered_alias", alias)])
+    rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.REGISTERED_MODEL, name), RunTag(TAG.REGISTERED_VERSION, str(version.version)), RunTag(TAG.REGISTERED_ALIAS, alias)])
     return shown

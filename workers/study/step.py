@@ -29,22 +29,26 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
-from models.store.budget import StudyBudget
 from models.data.sets import InvalidData, describe
-from models.store.keys import lease_key
-from models.store.runs import TAG, TERMINAL_STATUSES
-from models.store.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
-from models.spec.plan import InfeasibleSpec, plan_network
+from models.spec.plan import InfeasibleArchitecture, plan_network
+from models.spec.space import apply_params
+from models.spec.study import StudySpec
 from models.spec.trial import TrialSpec, flatten_params
-from models.spec.study import StudySpec, apply_params
-from workers.trial.execution import LeaseHeld, WorkerRuntime, execute_trial
+from models.store import runs
+from models.store.budget import StudyBudget
+from models.store.keys import lease_key
+from models.store.runs import TAG, TERMINAL_STATUSES, trial_tags
+from models.store.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from workers.callbacks.announce import count_outcome
-from workers.training.outcomes import Pruned
+from workers.runtime import WorkerRuntime
+from workers.study.report import finish_study
+from workers.training.outcomes import Ending, Pruned
+from workers.trial.execution import LeaseHeld, execute_trial
+from workers.trial.lr_finder import LrAutoFailed, with_lr_range
 
 __all__ = ["SendStep", "TrialFailed", "execute_step"]
 
@@ -81,9 +85,7 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
     spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
     queue = stored.user_attrs[USER_ATTR.QUEUE]
     if spec.lr_auto is not None:
-        # Tuning (issue 4): one range test for the study, then optim.lr is searched around its result.
-        from workers.trial.lr_finder import LrAutoFailed, with_lr_range
-
+        # One range test for the study, then optim.lr is searched around its result.
         try:
             spec = with_lr_range(study_id, spec, stored, rt, should_stop=lambda: budget.stopped() == "cancelled")
         except LrAutoFailed as exc:
@@ -106,8 +108,6 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
     for next_slot in top.slots:
         send(study_id, next_slot, queue)
     if top.idle and top.released:
-        from workers.study.report import finish_study
-
         try:
             finish_study(study_id, rt, stored, spec, budget.stopped())
         except Exception as exc:  # never leave the parent RUNNING with nothing left to end it
@@ -135,7 +135,7 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
         _stop(budget, stored, "timeout", f"its timeout of {spec.timeout_s:g}s passed; running trials finished")
         return "stopped"
     if parent.info.status == "SCHEDULED":
-        rt.mlflow.update_run(study_id, status="RUNNING")
+        runs.start_run(rt.mlflow, study_id)
 
     study = optuna.load_study(
         study_name=study_id, storage=open_storage(rt.settings.study_storage),
@@ -170,7 +170,7 @@ class StudyObjective:
             try:
                 info = describe(trial_spec.data, self.rt.settings.data_root)
                 plan = plan_network(trial_spec.model, info) if info else None
-            except InfeasibleSpec as exc:
+            except InfeasibleArchitecture as exc:
                 infeasible = f"infeasible architecture: {exc}"
             except InvalidData as exc:
                 problem = str(exc)
@@ -202,8 +202,11 @@ class StudyObjective:
             if trial.should_prune():
                 raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {metric} {value:.4f}")
 
-        outcome = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end)
-        reason = self.rt.mlflow.get_run(trial_id).data.tags.get(TAG.REASON, outcome)
+        ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end)
+        if ending is None:  # an earlier delivery ended the run and died before telling Optuna: read how
+            tags = self.rt.mlflow.get_run(trial_id).data.tags
+            ending = Ending("FAILED", tags.get(TAG.OUTCOME, "error"), tags.get(TAG.REASON, "ended by an earlier delivery"))
+        outcome, reason = ending.outcome, ending.reason
         self._record(trial, outcome, reason, len(values))
         if outcome == "succeeded" and values:
             better = max if self.spec.objective.resolved_direction == "maximize" else min
@@ -225,7 +228,7 @@ class StudyObjective:
             trial.report(value, step)
         state = "value" if twin.state == TrialState.COMPLETE else "pruning"
         reason = f"same parameters as trial #{twin.number} (run {twin_run}): its {state} reused, not trained again"
-        metrics = [Metric(self.spec.objective.metric, twin.value, int(time.time() * 1000), 0)] if twin.value is not None else []
+        metrics = {self.spec.objective.metric: twin.value} if twin.value is not None else {}
         self._end_run(trial_id, "FINISHED", "duplicate", reason, metrics)
         self._record(trial, "duplicate", reason, 0)
         if twin.state == TrialState.COMPLETE:
@@ -245,26 +248,18 @@ class StudyObjective:
         for key, value in ((USER_ATTR.OUTCOME, outcome), (USER_ATTR.REASON, reason[:1000]), (USER_ATTR.EPOCHS, epochs)):
             trial.set_user_attr(key, value)
 
-    def _end_run(self, trial_id: str, status: str, outcome: str, reason: str, metrics: list[Metric] | None = None) -> None:
-        tags = [RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason[:5000]), RunTag(TAG.EPOCHS_DONE, "0")]
-        self.rt.mlflow.log_batch(trial_id, metrics=metrics or [], tags=tags)
-        self.rt.mlflow.set_terminated(trial_id, status=status)
+    def _end_run(self, trial_id: str, status: str, outcome: str, reason: str, metrics: dict[str, float] | None = None) -> None:
+        """End a trial that never trained (zero epochs)."""
+        runs.end_run(self.rt.mlflow, trial_id, status, outcome, reason, metrics=metrics, tags={TAG.EPOCHS_DONE: "0"})
 
     def _create_run(self, trial: optuna.Trial, name: str, params: dict[str, Any], trial_spec: TrialSpec | None, plan: Any) -> str:
         """The trial's child run under the study's parent, params logged once, here."""
-        tags = {
-            TAG.KIND: "trial", TAG.RUN_NAME: name, TAG.PARENT: self.study_id, TAG.STUDY_ID: self.study_id,
-            "convtune.study_trial": str(trial.number), TAG.QUEUE: self.queue,
-            **({TAG.SPEC: trial_spec.model_dump_json()} if trial_spec else {}),
-            **({TAG.PARAMS_COUNT: str(plan.params), TAG.FLOPS: str(plan.flops)} if plan else {}),
-            **({f"user.{k}": v for k, v in trial_spec.tags.items()} if trial_spec else {}),
-        }
-        run = self.rt.mlflow.create_run(self.experiment_id, run_name=name, tags=tags)
-        flat = flatten_params(trial_spec) if trial_spec else {k: json.dumps(v) for k, v in params.items()}
-        batch = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(batch), 100):
-            self.rt.mlflow.log_batch(run.info.run_id, params=batch[i : i + 100])
-        return run.info.run_id
+        study = {TAG.PARENT: self.study_id, TAG.STUDY_ID: self.study_id, TAG.STUDY_TRIAL: str(trial.number)}
+        if trial_spec is None:  # a sampled configuration that is not a valid trial: its params say which
+            tags, flat = {TAG.KIND: "trial", TAG.QUEUE: self.queue, **study}, {k: json.dumps(v) for k, v in params.items()}
+        else:
+            tags, flat = trial_tags(trial_spec, plan, self.queue, **study), flatten_params(trial_spec)
+        return runs.create_run(self.rt.mlflow, self.experiment_id, name=name, tags=tags, params=flat)
 
 
 def _twin(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
@@ -322,8 +317,7 @@ def _fail_lost_trial(rt: WorkerRuntime, stored: optuna.Study, trial_id: str, num
     """A lost trial that cannot be resumed: fail it (worker_lost), in MLflow and Optuna."""
     reason = "its worker was lost and the trial could not be resumed"
     log.warning("study trial %s (#%d): %s", trial_id, number, reason)
-    rt.mlflow.log_batch(trial_id, tags=[RunTag(TAG.OUTCOME, "worker_lost"), RunTag(TAG.REASON, reason)])
-    rt.mlflow.set_terminated(trial_id, status="FAILED")
+    runs.end_run(rt.mlflow, trial_id, "FAILED", "worker_lost", reason)
     storage = stored._storage
     optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, number)
     if storage.get_trial(optuna_id).state == TrialState.RUNNING:
@@ -342,5 +336,4 @@ def _restore_counters(budget: StudyBudget, stored: optuna.Study, spec: StudySpec
 
 
 def _end_parent(rt: WorkerRuntime, study_id: str, status: str, outcome: str, reason: str) -> None:
-    rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason[:5000])])
-    rt.mlflow.set_terminated(study_id, status=status)
+    runs.end_run(rt.mlflow, study_id, status, outcome, reason)

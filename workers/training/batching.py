@@ -52,15 +52,6 @@ class BatchPlan:
         """Samples per optimizer step."""
         return self.batch_size * self.accumulate * self.devices
 
-    def tags(self) -> dict[str, str]:
-        tags = {
-            "convtune.batch_size": str(self.batch_size), "convtune.accumulate_steps": str(self.accumulate),
-            "convtune.effective_batch_size": str(self.effective), "convtune.lr_effective": f"{self.lr:.6g}",
-        }
-        if self.note:
-            tags["convtune.batch_probe"] = self.note
-        return tags
-
 
 def scaled_lr(optim: OptimSpec, effective_batch: int) -> float:
     """The spec's lr scaled from its reference batch to ``effective_batch`` (``linear``, ``sqrt`` or ``none``)."""
@@ -159,7 +150,6 @@ class MemoryProbe:
 
     def _cpu_peak(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: int) -> int:
         from torch.profiler import ProfilerActivity, profile  # kineto prints a start and a stop line on stderr
-
 
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

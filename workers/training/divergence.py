@@ -51,11 +51,6 @@ class DivergenceDetector:
         self._pending_lrs: list[float] = []
         self._stalled: list[float] = []
 
-    @property
-    def smoothed(self) -> float | None:
-        """The bias-corrected moving average of the losses judged so far."""
-        return self._ema / self._ema_weight if self._ema_weight else None
-
     def state_dict(self) -> dict[str, float | int | list[float] | None]:
         """What a checkpoint keeps (taken after :meth:`end_epoch`, so nothing is pending)."""
         return {"first_loss": self.first_loss, "step": self.step, "ema": self._ema, "ema_weight": self._ema_weight, "stalled": list(self._stalled)}
@@ -86,8 +81,6 @@ class DivergenceDetector:
             values = self.reduce(values)
         lrs = self._pending_lrs
         self._pending, self._pending_lrs = [], []
-        if not self.spec.enabled:
-            return
         for value, lr in zip(values.tolist(), lrs):
             self._judge(value, lr)
 

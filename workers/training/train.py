@@ -20,16 +20,20 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR, StepLR
 
-from models.nets.convnet import build_model
 from models.data.sets import load
+from models.nets.convnet import build_model
 from models.spec.plan import plan_network
 from models.spec.trial import OptimSpec, TrialSpec
 from workers.training.batching import BatchPlan, MemoryProbe, plan_batches
 from workers.training.divergence import DivergenceDetector
 from workers.training.outcomes import Cancelled, TimedOut, TrialStopped
+from workers.training.parallel import Parallel
 
-__all__ = ["Tracker", "TrialContext", "TrialResult", "confusion_matrix", "evaluate", "resolve_batches", "run_trial", "train_one_epoch"]
+__all__ = [
+    "Tracker", "TrainingContext", "TrialResult", "confusion_matrix", "evaluate", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
+]
 
 
 class Tracker(Protocol):
@@ -41,8 +45,8 @@ class Tracker(Protocol):
 
 
 @dataclass
-class TrialContext:
-    """What a worker gives a trial besides its spec."""
+class TrainingContext:
+    """What a worker gives a training run (a trial, or an LR range test) besides its spec."""
 
     device: torch.device
     data_root: Path | None = None
@@ -52,12 +56,12 @@ class TrialContext:
     # Called after every epoch with (epoch, metrics); a study's pruner raises Pruned from here.
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
     # Called once the batches are resolved, with tags naming them (batch size, accumulation, effective LR).
-    on_setup: Callable[[dict[str, str]], None] | None = None
+    on_setup: Callable[[BatchPlan], None] | None = None
     # What batch_size 'auto' may use on the CPU (a GPU's limit is its own memory).
     cpu_memory_limit_bytes: int = 2 * 2**30
     gpu_memory_fraction: float = 0.9
-    # Set on every rank of a data-parallel trial (workers.training.parallel); None trains in this process alone.
-    parallel: Any = None
+    # Set on every rank of a data-parallel trial (workers.training.devices); None trains in this process alone.
+    parallel: Parallel | None = None
     started: float = field(default_factory=time.monotonic)
 
 
@@ -74,7 +78,7 @@ class TrialResult:
     batches: BatchPlan | None = None
 
 
-def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrialContext) -> TrialResult:
+def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialResult:
     """Train ``spec`` to the end of its epochs and log everything to ``tracker``."""
     data = load(spec.data, ctx.data_root)
     x_train, y_train, x_val, y_val = (torch.from_numpy(a).to(ctx.device) for a in (data.x_train, data.y_train, data.x_val, data.y_val))
@@ -95,7 +99,7 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrialContext) -> TrialResu
     if start_epoch == 1:
         tracker.log_summary(plan_network(spec.model, data.info).summary())
     if ctx.on_setup is not None:
-        ctx.on_setup(batches.tags())
+        ctx.on_setup(batches)
 
     for epoch in range(start_epoch, spec.optim.epochs + 1):
         t0 = time.perf_counter()
@@ -133,7 +137,7 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrialContext) -> TrialResu
 
 def resolve_batches(
     spec: TrialSpec, info: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor, y: torch.Tensor, ctx: TrialContext,
+    x: torch.Tensor, y: torch.Tensor, ctx: TrainingContext,
 ) -> BatchPlan:
     """Batch size (probed for 'auto'), gradient accumulation and the scaled LR; the same on every rank."""
     probe = None
@@ -152,9 +156,9 @@ def resolve_batches(
 
 
 def train_one_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_size: int, grad_clip: float | None, guard: _Guard,
-    accumulate: int = 1, parallel: Any = None,
+    accumulate: int = 1, parallel: Parallel | None = None,
 ) -> float:
     """One pass over ``x`` in the given ``order``; the mean training loss.
 
@@ -243,30 +247,26 @@ def make_optimizer(params: Any, optim: OptimSpec) -> torch.optim.Optimizer:
     return OPTIMIZERS[optim.optimizer](params, optim)
 
 
-# Each schedule is the LR multiplier at a (fractional) epoch t after warm-up, over `span` epochs.
-SCHEDULES: dict[str, Callable[[float, float, OptimSpec], float]] = {
-    "none": lambda t, span, o: 1.0,
-    "step": lambda t, span, o: o.gamma ** math.floor(t / o.step_size),
-    "exponential": lambda t, span, o: o.gamma ** math.floor(t),
-    "cosine": lambda t, span, o: 0.5 * (1.0 + math.cos(math.pi * min(t / span, 1.0))),
+# The schedule after warm-up, stepped once per optimizer step: (optimizer, spec, steps per epoch, its steps) -> scheduler.
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, OptimSpec, int, int], LRScheduler]] = {
+    "none": lambda opt, o, per_epoch, steps: LambdaLR(opt, lambda step: 1.0),
+    "step": lambda opt, o, per_epoch, steps: StepLR(opt, step_size=o.step_size * per_epoch, gamma=o.gamma),
+    "exponential": lambda opt, o, per_epoch, steps: StepLR(opt, step_size=per_epoch, gamma=o.gamma),  # gamma once per epoch
+    "cosine": lambda opt, o, per_epoch, steps: CosineAnnealingLR(opt, T_max=steps),  # to 0 at the last step
 }
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec, steps_per_epoch: int) -> Any:
-    """A per-step scheduler: linear warm-up from lr/100, then the spec's schedule."""
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec, steps_per_epoch: int) -> LRScheduler:
+    """A per-step scheduler: linear warm-up from lr/100 over ``warmup_epochs``, then the spec's schedule."""
     total_steps = optim.epochs * steps_per_epoch
     if optim.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total_steps)
-    decay = SCHEDULES[optim.schedule]
-    span = float(optim.epochs - optim.warmup_epochs)
-
-    def factor(step: int) -> float:
-        t = step / steps_per_epoch
-        if t < optim.warmup_epochs:
-            return 0.01 + 0.99 * t / optim.warmup_epochs
-        return decay(t - optim.warmup_epochs, span, optim)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total_steps)
+    warmup_steps = optim.warmup_epochs * steps_per_epoch
+    if not warmup_steps:
+        return SCHEDULES[optim.schedule](optimizer, optim, steps_per_epoch, total_steps)
+    warmup = LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup_steps)
+    decay = SCHEDULES[optim.schedule](optimizer, optim, steps_per_epoch, total_steps - warmup_steps)
+    return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 
 
 class _Guard:
@@ -274,15 +274,14 @@ class _Guard:
     the divergence detector on every step's loss. In a data-parallel trial rank 0 decides the first
     two and tells the other ranks at each check; divergence every rank judges alike."""
 
-    def __init__(self, spec: TrialSpec, ctx: TrialContext):
+    def __init__(self, spec: TrialSpec, ctx: TrainingContext):
         self.limit_s = spec.time_limit_s
         self.ctx = ctx
         reduce = None if ctx.parallel is None else ctx.parallel.mean
         self.divergence = DivergenceDetector(spec.divergence, ctx.check_every_steps, reduce)
 
-    def check_step(self, step: int, loss: torch.Tensor | None = None, lr: float = float("nan")) -> None:
-        if loss is not None:
-            self.divergence.observe(loss, lr)
+    def check_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.divergence.observe(loss, lr)
         if step and step % self.ctx.check_every_steps == 0:
             self._check(f"at step {step}")
 
@@ -292,40 +291,43 @@ class _Guard:
     def _check(self, where: str, stop: TrialStopped | None = None) -> None:
         parallel = self.ctx.parallel
         if stop is None and (parallel is None or parallel.rank == 0):
-            stop = self._own_stop(where)
+            stop = requested_stop(self.ctx, self.limit_s, where)
         if parallel is not None:
             stop = parallel.agree(stop)
         if stop is not None:
             raise stop
 
-    def _own_stop(self, where: str) -> TrialStopped | None:
-        if self.ctx.should_cancel():
-            return Cancelled(f"cancelled on request, {where}")
-        elapsed = time.monotonic() - self.ctx.started
-        if self.limit_s is not None and elapsed > self.limit_s:
-            return TimedOut(f"ran {elapsed:.1f}s, past its time_limit_s of {self.limit_s:g}s, {where}")
-        return None
+
+def requested_stop(ctx: TrainingContext, limit_s: float | None, where: str) -> TrialStopped | None:
+    """The stop the worker asks for at ``where`` (its cancel flag raised, ``limit_s`` passed), or None."""
+    if ctx.should_cancel():
+        return Cancelled(f"cancelled on request, {where}")
+    elapsed = time.monotonic() - ctx.started
+    if limit_s is not None and elapsed > limit_s:
+        return TimedOut(f"ran {elapsed:.1f}s, past its time_limit_s of {limit_s:g}s, {where}")
+    return None
 
 
 def save_checkpoint(
-    path: Path | None, epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, history: list[dict[str, float]],
-    divergence: DivergenceDetector | None = None,
+    path: Path | None, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+    history: list[dict[str, float]], divergence: DivergenceDetector,
 ) -> None:
     """Write the state after ``epoch`` atomically, so a crash mid-write leaves the previous one."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}
-    if divergence is not None:
-        state["divergence"] = divergence.state_dict()
+    state = {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "history": history, "divergence": divergence.state_dict(),
+    }
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def restore_checkpoint(
-    path: Path | None, model: nn.Module, optimizer: Any, scheduler: Any, history: list[dict[str, float]],
-    divergence: DivergenceDetector | None = None,
+    path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, history: list[dict[str, float]],
+    divergence: DivergenceDetector,
 ) -> int:
     """Load the last checkpoint into the given objects; the epoch it ended (0 when none)."""
     if path is None or not path.exists():
@@ -335,7 +337,7 @@ def restore_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     history.extend(state["history"])
-    if divergence is not None and "divergence" in state:
+    if "divergence" in state:
         # The first loss stays the untrained one: judged against a resumed, low loss, noise would look like a blow-up.
         divergence.load_state_dict(state["divergence"])
     return int(state["epoch"])

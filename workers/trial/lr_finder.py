@@ -1,6 +1,6 @@
 """The learning-rate range test in a worker: train with a growing LR, record the loss, read the LRs off it.
 
-:func:`range_test` is the training (the rules live, torch-free, in :mod:`models.spec.tuning`);
+:func:`workers.training.range_test.range_test` is the training (the rules live, torch-free, in :mod:`models.spec.tuning`);
 :func:`execute_lr_find` is one delivery of a ``convtune.lr_find`` message, run like a trial's:
 duplicate deliveries skipped through the MLflow run's status, a lease held while it runs, starts
 capped at ``max_attempts`` (a redelivered test starts again from its first step), one outcome at
@@ -17,103 +17,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from mlflow.entities import Metric, RunTag
 
-from models.nets.convnet import build_model
-from models.data.sets import load
+from models.spec.space import FloatParam
+from models.spec.study import StudySpec
+from models.spec.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range, lr_search_range
+from models.store import runs
 from models.store.keys import cancel_key
 from models.store.runs import KIND, TAG
-from models.spec.study import FloatParam, StudySpec
-from models.spec.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range, lr_search_range
+from workers.training.outcomes import Ending, classify
+from workers.training.range_test import Curve, range_test
+from workers.training.train import TrainingContext
 from workers.trial.execution import LeaseHeld, admit, count_attempt, lost_too_often
 from workers.trial.lease import Lease
-from workers.training.outcomes import Cancelled, Ending, TimedOut, classify
 from workers.trial.tracking import MlflowTracker
-from workers.training.train import TrialContext, make_loss, make_optimizer, resolve_batches
 
-__all__ = ["Curve", "LrAutoFailed", "execute_lr_find", "range_curve_figure", "range_test", "run_and_record", "with_lr_range"]
+__all__ = ["LrAutoFailed", "execute_lr_find", "range_curve_figure", "run_and_record", "with_lr_range"]
 
 log = logging.getLogger(__name__)
-
-
-class Curve:
-    """The steps of a range test so far: LR, raw loss and the early-stop moving average."""
-
-    def __init__(self) -> None:
-        self.lrs: list[float] = []
-        self.losses: list[float] = []
-        self.ema: list[float] = []
-
-
-def range_test(spec: LrRangeSpec, ctx: TrialContext, on_steps: Callable[[Curve, int], None] | None = None) -> tuple[Curve, str]:
-    """Train ``spec.trial``'s network with an exponentially growing LR; the curve and why it stopped.
-
-    ``on_steps(curve, first_new_step)`` is called every ``ctx.check_every_steps`` steps and at the end.
-    Raises Cancelled / TimedOut like a trial.
-    """
-    trial = spec.trial
-    data = load(trial.data, ctx.data_root)
-    x, y = torch.from_numpy(data.x_train).to(ctx.device), torch.from_numpy(data.y_train).to(ctx.device)
-    loss_fn = make_loss(trial.model.head, data.info.num_classes)
-    batch = resolve_batches(trial.model_copy(update={"devices": 1}), data.info, loss_fn, x, y, ctx).batch_size
-    torch.manual_seed(trial.seed)
-    model = build_model(trial.model, data.info).to(ctx.device).train()
-    optimizer = make_optimizer(model.parameters(), trial.optim.model_copy(update={"lr": spec.start_lr}))
-    batches = _batches(len(x), batch, trial.seed, ctx.device)
-
-    curve, reported, best = Curve(), 0, math.inf
-    ema = weight = 0.0
-    reason = f"reached end_lr {spec.end_lr:g} after {spec.steps} steps"
-    for step in range(spec.steps):
-        lr = spec.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = next(batches)
-        loss = loss_fn(model(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if trial.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), trial.optim.grad_clip)
-        optimizer.step()
-        value = float(loss.detach())  # one sync per step: the test is short and needs every value
-        ema, weight = spec.smoothing * ema + (1 - spec.smoothing) * value, spec.smoothing * weight + (1 - spec.smoothing)
-        smoothed = ema / weight
-        curve.lrs.append(lr), curve.losses.append(value), curve.ema.append(smoothed)
-        if not math.isfinite(value):
-            reason = f"the loss became {value} at step {step + 1}, lr {lr:.3g}"
-            break
-        best = min(best, smoothed)
-        if step >= 5 and smoothed > spec.blowup_factor * best:
-            reason = f"the smoothed loss {smoothed:.4g} passed {spec.blowup_factor:g}x its lowest {best:.4g} at step {step + 1}, lr {lr:.3g}"
-            break
-        if (step + 1) % ctx.check_every_steps == 0:
-            _check_stops(ctx, trial.time_limit_s, step + 1)
-            if on_steps is not None:
-                on_steps(curve, reported)
-                reported = len(curve.lrs)
-    if on_steps is not None and reported < len(curve.lrs):
-        on_steps(curve, reported)
-    return curve, reason
-
-
-def _batches(n: int, batch: int, seed: int, device: torch.device) -> Any:
-    """Endless batches of indices, reshuffled each pass over the data."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n - 1, batch):
-            idx = order[start : start + batch]
-            if len(idx) >= 2:
-                yield idx
-
-
-def _check_stops(ctx: TrialContext, limit_s: float | None, step: int) -> None:
-    if ctx.should_cancel():
-        raise Cancelled(f"cancelled on request, at step {step}")
-    elapsed = time.monotonic() - ctx.started
-    if limit_s is not None and elapsed > limit_s:
-        raise TimedOut(f"ran {elapsed:.1f}s, past its time_limit_s of {limit_s:g}s, at step {step}")
 
 
 def range_curve_figure(spec: LrRangeSpec, result: LrRangeResult) -> Any:
@@ -143,9 +64,9 @@ def range_curve_figure(spec: LrRangeSpec, result: LrRangeResult) -> Any:
 def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
     """Run one delivery of the range test ``run_id``; its outcome, or ``skipped`` for a duplicate."""
     tracker = MlflowTracker(rt.mlflow, run_id, log_model=False)
-    spec, outcome = admit(tracker, run_id, payload, LrRangeSpec, rt, "range test")
+    spec, ending = admit(tracker, run_id, payload, LrRangeSpec, rt, "range test")
     if spec is None:
-        return outcome
+        return ending.outcome if ending is not None else "skipped"
     lease = Lease(rt.redis, run_id, rt.settings.lease_ttl_s)
     if not lease.acquire():
         return "skipped"  # another worker runs it; a range test is short and restarts from scratch anyway
@@ -158,14 +79,14 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
         return _end(tracker, ending)
 
 
-def _context(rt: Any, should_cancel: Callable[[], bool]) -> TrialContext:
-    return TrialContext(
+def _context(rt: Any, should_cancel: Callable[[], bool]) -> TrainingContext:
+    return TrainingContext(
         device=rt.device, data_root=rt.settings.data_root, check_every_steps=rt.settings.cancel_check_steps, should_cancel=should_cancel,
         cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
     )
 
 
-def run_and_record(spec: LrRangeSpec, tracker: MlflowTracker, ctx: TrialContext) -> tuple[Ending, LrRangeResult | None]:
+def run_and_record(spec: LrRangeSpec, tracker: MlflowTracker, ctx: TrainingContext) -> tuple[Ending, LrRangeResult | None]:
     """Run the test, logging its curve as it goes and its result at the end; how it ended, and the result."""
     try:
         curve, reason = range_test(spec, ctx, on_steps=lambda c, first: _log_steps(tracker, c, first))
@@ -221,22 +142,20 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
     assert spec.lr_auto is not None
     test = LrRangeSpec(trial=spec.base, **spec.lr_auto.model_dump(exclude={"decades"}))
     parent = rt.mlflow.get_run(study_id)
-    run = rt.mlflow.create_run(
-        parent.info.experiment_id, run_name="lr_auto: range test",
-        tags={TAG.KIND: KIND.LR_FINDER, TAG.PARENT: study_id, TAG.STUDY_ID: study_id, TAG.SPEC: test.model_dump_json(), TAG.RUN_NAME: "lr_auto: range test"},
+    test_id = runs.create_run(
+        rt.mlflow, parent.info.experiment_id, name="lr_auto: range test",
+        tags={TAG.KIND: KIND.LR_FINDER, TAG.PARENT: study_id, TAG.STUDY_ID: study_id, TAG.SPEC: test.model_dump_json()},
     )
-    tracker = MlflowTracker(rt.mlflow, run.info.run_id, log_model=False)
+    tracker = MlflowTracker(rt.mlflow, test_id, log_model=False)
     tracker.start(str(rt.device), 1)
     ending, result = run_and_record(test, tracker, _context(rt, should_stop))
     tracker.finish(ending)
     if result is None:
-        return {"error": f"lr_auto: its range test {run.info.run_id} ended {ending.outcome}: {ending.reason}", "test_id": run.info.run_id}
+        return {"error": f"lr_auto: its range test {test_id} ended {ending.outcome}: {ending.reason}", "test_id": test_id}
     low, high = lr_search_range(result.suggested_lr, result.largest_stable_lr, spec.lr_auto.decades)
-    rt.mlflow.log_batch(study_id, tags=[
-        RunTag("convtune.lr_auto.range", f"[{low:.6g}, {high:.6g}]"), RunTag("convtune.lr_auto.test_id", run.info.run_id),
-    ])
-    log.info("study %s: lr_auto searches optim.lr in [%.3g, %.3g] (range test %s)", study_id, low, high, run.info.run_id)
-    return {"low": low, "high": high, "suggested_lr": result.suggested_lr, "largest_stable_lr": result.largest_stable_lr, "test_id": run.info.run_id}
+    rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.LR_AUTO_RANGE, f"[{low:.6g}, {high:.6g}]"), RunTag(TAG.LR_AUTO_TEST_ID, test_id)])
+    log.info("study %s: lr_auto searches optim.lr in [%.3g, %.3g] (range test %s)", study_id, low, high, test_id)
+    return {"low": low, "high": high, "suggested_lr": result.suggested_lr, "largest_stable_lr": result.largest_stable_lr, "test_id": test_id}
 
 
 def _log_steps(tracker: MlflowTracker, curve: Curve, first: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -19,7 +18,9 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from models.store import runs
 from models.store.runs import TAG
+from workers.training.batching import BatchPlan
 from workers.training.outcomes import Ending
 
 __all__ = ["MlflowTracker", "pip_requirements"]
@@ -48,11 +49,7 @@ class MlflowTracker:
 
     def start(self, device: str, attempt: int) -> None:
         """Mark the run RUNNING on this worker."""
-        tags = [RunTag(TAG.DEVICE, device), RunTag(TAG.ATTEMPTS, str(attempt))]
-        if attempt == 1:
-            tags.append(RunTag(TAG.STARTED_AT, datetime.now(timezone.utc).isoformat()))
-        self.client.log_batch(self.run_id, tags=tags)
-        self.client.update_run(self.run_id, status="RUNNING")
+        runs.start_run(self.client, self.run_id, {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt)}, first=attempt == 1)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -90,8 +87,13 @@ class MlflowTracker:
         finally:
             mlflow.end_run(status="RUNNING")
 
-    def log_tags(self, tags: dict[str, str]) -> None:
-        """Facts the worker resolved (batch size, effective LR...), as tags: params are the API's, once."""
+    def log_batches(self, plan: BatchPlan) -> None:
+        """The batches the worker resolved (batch size, accumulation, effective LR), as tags: params are the API's, once."""
+        tags = {
+            TAG.BATCH_SIZE: str(plan.batch_size), TAG.ACCUMULATE_STEPS: str(plan.accumulate),
+            TAG.EFFECTIVE_BATCH_SIZE: str(plan.effective), TAG.LR_EFFECTIVE: f"{plan.lr:.6g}",
+            **({TAG.BATCH_PROBE: plan.note} if plan.note else {}),
+        }
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_confusion(self, matrix: list[list[int]], class_names: list[str]) -> None:
@@ -102,8 +104,7 @@ class MlflowTracker:
 
     def finish(self, ending: Ending) -> None:
         """End the run with its MLflow status and convtune's outcome and reason."""
-        self.client.log_batch(self.run_id, tags=[RunTag(TAG.OUTCOME, ending.outcome), RunTag(TAG.REASON, ending.reason[:5000])])
-        self.client.set_terminated(self.run_id, status=ending.mlflow_status)
+        runs.end_run(self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason)
 
 
 class _Predictor(nn.Module):

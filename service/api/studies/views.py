@@ -10,14 +10,16 @@ from flask import current_app, url_for
 from flask_openapi3 import APIBlueprint, Tag
 
 from models.logs import bind
-from models.store.runs import TAG
-from models.store.search import USER_ATTR, decode_params, storage_kind
 from models.spec.study import StudySpec
-from service.api.auth import check_owner
-from service.api.errors import Problem
+from models.store.runs import TAG
+from models.store.search import TRIAL_STATES, USER_ATTR, decode_params, storage_kind, trial_label
+from service.api.auth import check_owner, current_principal
 from service.api.idempotency import IdempotencyHeader, idempotent
 from service.api.limits import check_study_caps
-from service.api.studies.dispatch import StudyDispatcher, StudyRecord
+from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
+from service.api.studies import control
+from service.api.studies.accept import accept_study
+from service.api.studies.records import StudyRecord, StudyStore
 from service.api.studies.schemas import (
     RegisteredModel,
     StudyAccepted,
@@ -34,29 +36,29 @@ from service.api.studies.schemas import (
 )
 from service.api.wiring import services
 
-__all__ = ["bp", "study_dispatcher"]
+__all__ = ["bp", "study_store"]
 
-bp = APIBlueprint("studies", __name__, url_prefix="/studies", abp_tags=[Tag(name="studies")])
-PROBLEMS = {400: Problem, 413: Problem, 415: Problem, 422: Problem, 503: Problem}
-STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "fail", "RUNNING": "running", "WAITING": "waiting"}
+bp = APIBlueprint(
+    "studies", __name__, url_prefix="/studies", abp_tags=[Tag(name="studies")], abp_security=BEARER, abp_responses=PROTECTED_ERRORS,
+)
 
 
-def study_dispatcher() -> StudyDispatcher:
-    """The current app's study dispatcher, built on first use from its collaborators."""
+def study_store() -> StudyStore:
+    """The current app's study store, built on first use from its collaborators."""
     built = current_app.extensions.get("convtune.studies")
     if built is None:
         s = services()
-        built = current_app.extensions["convtune.studies"] = StudyDispatcher(s.settings, s.runs, s.dispatcher.sender.celery, s.redis)
+        built = current_app.extensions["convtune.studies"] = StudyStore(s.settings, s.runs, s.redis)
     return built
 
 
-@bp.post("", responses={202: StudyAccepted, 409: Problem, **PROBLEMS})
+@bp.post("", responses={202: StudyAccepted, **problems(400, 409, 413, 415, 503)})
 @idempotent
 def create_study(body: StudySpec, header: IdempotencyHeader):
     """Submit a study: validated, recorded (MLflow parent run, Optuna study), first trials queued."""
     s = services()
     check_study_caps(body.budget, body.parallelism, s.settings)
-    study_id = study_dispatcher().accept(body)
+    study_id = accept_study(s, study_store(), body, current_principal().name)
     bind(study_id=study_id)
     url = url_for("studies.get_study", study_id=study_id, _external=True)
     answer = StudyAccepted(
@@ -67,48 +69,48 @@ def create_study(body: StudySpec, header: IdempotencyHeader):
     return answer.model_dump(), 202, {"Location": url}
 
 
-@bp.get("", responses={200: StudyList, 400: Problem, 503: Problem})
+@bp.get("", responses={200: StudyList, **problems(400, 503)})
 def list_studies(query: StudyListQuery):
     """List studies, newest first, a page at a time."""
-    records, token = study_dispatcher().search(max_results=query.limit, page_token=query.page_token)
+    records, token = study_store().search(max_results=query.limit, page_token=query.page_token)
     return StudyList(items=[study_public(r) for r in records], next_page_token=token or None).model_dump()
 
 
-@bp.get("/<study_id>", responses={200: StudyPublic, 404: Problem, 503: Problem})
+@bp.get("/<study_id>", responses={200: StudyPublic, **problems(404, 503)})
 def get_study(path: StudyPath):
     """Show a study: state, trials per outcome, progress, the best trial and its params."""
-    return study_public(study_dispatcher().get(path.study_id)).model_dump()
+    return study_public(study_store().get(path.study_id)).model_dump()
 
 
-@bp.get("/<study_id>/trials", responses={200: StudyTrialList, 404: Problem, 503: Problem})
+@bp.get("/<study_id>/trials", responses={200: StudyTrialList, **problems(404, 503)})
 def list_study_trials(path: StudyPath, query: StudyTrialQuery):
     """List a study's trials in the order they started, with params, outcome, value and epochs."""
-    record = study_dispatcher().get(path.study_id)
-    trials = [t for t in (record.study.get_trials(deepcopy=False) if record.study else []) if query.state is None or STATE_NAMES.get(t.state.name) == query.state]
+    record = study_store().get(path.study_id)
+    trials = [t for t in (record.study.get_trials(deepcopy=False) if record.study else []) if query.state is None or TRIAL_STATES.get(t.state.name) == query.state]
     page = trials[query.offset : query.offset + query.limit]
     return StudyTrialList(items=[_trial(record, t) for t in page], total=len(trials)).model_dump()
 
 
-@bp.post("/<study_id>/cancel", responses={202: StudyPublic, 404: Problem, 409: Problem, 503: Problem})
+@bp.post("/<study_id>/cancel", responses={202: StudyPublic, **problems(404, 409, 503)})
 def cancel_study(path: StudyPath):
     """Cancel a study: no more trials start, running ones stop at their next check."""
-    dispatcher = study_dispatcher()
-    record = dispatcher.get(path.study_id)
+    store = study_store()
+    record = store.get(path.study_id)
     check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
-    dispatcher.cancel(record)
-    return study_public(dispatcher.get(path.study_id)).model_dump(), 202
+    control.cancel_study(services(), store, record)
+    return study_public(store.get(path.study_id)).model_dump(), 202
 
 
-@bp.post("/<study_id>/extend", responses={202: StudyPublic, 404: Problem, 409: Problem, 422: Problem, 503: Problem})
+@bp.post("/<study_id>/extend", responses={202: StudyPublic, **problems(404, 409, 503)})
 @idempotent
 def extend_study(path: StudyPath, body: StudyExtend, header: IdempotencyHeader):
     """Add trials to a running or ended study, trying the given warm-start configurations first."""
-    dispatcher = study_dispatcher()
-    record = dispatcher.get(path.study_id)
+    store = study_store()
+    record = store.get(path.study_id)
     check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
     check_study_caps(record.spec.budget + max(body.n_trials, len(body.warm_start)), None, services().settings)
-    dispatcher.extend(record, body.n_trials, body.warm_start)
-    return study_public(dispatcher.get(path.study_id)).model_dump(), 202
+    control.extend_study(services(), store, record, body.n_trials, body.warm_start)
+    return study_public(store.get(path.study_id)).model_dump(), 202
 
 
 def study_public(record: StudyRecord) -> StudyPublic:
@@ -117,7 +119,7 @@ def study_public(record: StudyRecord) -> StudyPublic:
     trials = record.study.get_trials(deepcopy=False) if record.study else []
     counts: dict[str, int] = {}
     for t in trials:
-        key = "running" if t.state.name == "RUNNING" else "waiting" if t.state.name == "WAITING" else t.user_attrs.get(USER_ATTR.OUTCOME, STATE_NAMES.get(t.state.name, "other"))
+        key = "running" if t.state.name == "RUNNING" else "waiting" if t.state.name == "WAITING" else t.user_attrs.get(USER_ATTR.OUTCOME, TRIAL_STATES.get(t.state.name, "other"))
         counts[key] = counts.get(key, 0) + 1
     budget = int(record.study.user_attrs.get(USER_ATTR.BUDGET, record.spec.budget)) if record.study else record.spec.budget
     finished = sum(1 for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL"))
@@ -130,8 +132,8 @@ def study_public(record: StudyRecord) -> StudyPublic:
     )
     tags = record.tags
     registered = None
-    if tags.get("convtune.registered_model"):
-        registered = RegisteredModel(name=tags["convtune.registered_model"], version=tags["convtune.registered_version"], alias=tags["convtune.registered_alias"])
+    if tags.get(TAG.REGISTERED_MODEL):
+        registered = RegisteredModel(name=tags[TAG.REGISTERED_MODEL], version=tags[TAG.REGISTERED_VERSION], alias=tags[TAG.REGISTERED_ALIAS])
     url = url_for("studies.get_study", study_id=record.id, _external=True)
     return StudyPublic(
         id=record.id, name=tags.get(TAG.RUN_NAME), state=record.state, reason=tags.get(TAG.REASON),
@@ -168,7 +170,7 @@ def _trial(record: StudyRecord, t: Any) -> StudyTrial:
     s = services()
     trial_id = t.user_attrs.get(USER_ATTR.TRIAL_ID)
     return StudyTrial(
-        number=t.number, trial_id=trial_id, name=None if trial_id is None else _trial_name(record, t), state=STATE_NAMES.get(t.state.name, t.state.name.lower()),
+        number=t.number, trial_id=trial_id, name=None if trial_id is None else _trial_name(record, t), state=TRIAL_STATES.get(t.state.name, t.state.name.lower()),
         outcome=t.user_attrs.get(USER_ATTR.OUTCOME), reason=t.user_attrs.get(USER_ATTR.REASON), value=t.value,
         params=decode_params(record.spec, t.params), epochs=int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)), duplicate_of=t.user_attrs.get(USER_ATTR.DUPLICATE_OF),
         started_at=t.datetime_start.astimezone(timezone.utc).isoformat() if t.datetime_start else None,
@@ -178,8 +180,6 @@ def _trial(record: StudyRecord, t: Any) -> StudyTrial:
 
 
 def _trial_name(record: StudyRecord, t: Any) -> str:
-    from models.store.search import trial_label
-
     return f"{trial_label(decode_params(record.spec, t.params))} #{t.number}"
 
 

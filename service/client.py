@@ -4,9 +4,9 @@
         trial = client.submit_trial({"optim": {"lr": 3e-3, "epochs": 5}})
         done = client.wait_trial(trial["id"])
 
-Answers of 429 and 503 are retried, waiting what ``Retry-After`` says (capped), up to ``retries``
-times; so is a connection that could not be made. Every submit carries an ``Idempotency-Key``
-generated once per call, so a retried POST never creates a second trial. Error answers raise
+Answers of 429 and 503 are retried (by tenacity), waiting what ``Retry-After`` says (capped), up to
+``retries`` times; so is a connection that could not be made, with exponential backoff. Every submit
+carries an ``Idempotency-Key`` generated once per call, so a retried POST never creates a second trial. Error answers raise
 :class:`ApiProblem` (with the problem document), no answer at all :class:`Unreachable`.
 """
 
@@ -15,14 +15,20 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_result, stop_after_attempt, wait_exponential
 
-__all__ = ["ApiProblem", "ConvtuneClient", "Unreachable", "TERMINAL_STATUSES", "STUDY_TERMINAL_STATES"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
-TERMINAL_STATUSES = ("succeeded", "pruned", "failed", "cancelled")
-STUDY_TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+__all__ = ["FINAL_STATUSES", "STUDY_FINAL_STATES", "ApiProblem", "ConvtuneClient", "Unreachable"]
+
+# What the API reports once nothing more will happen: a trial's or lr-find run's ``status``, a study's
+# ``state``. (MLflow's own run statuses, FINISHED/FAILED/KILLED, are another vocabulary.)
+FINAL_STATUSES = ("succeeded", "pruned", "failed", "cancelled")
+STUDY_FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRIED_STATUSES = (429, 503)
 
 
@@ -42,6 +48,29 @@ class Unreachable(Exception):
     """The API did not answer at all."""
 
 
+class WaitRetryAfter:
+    """A tenacity wait: what a 429/503 answer's ``Retry-After`` says, else exponential backoff; at most ``max_s``.
+
+    Backoff is 1, 2, 4 s ... after an answer without a usable ``Retry-After``, and 0.5, 1, 2 s ... after
+    a failed connection.
+    """
+
+    def __init__(self, max_s: float):
+        self.max_s = max_s
+        self.busy_backoff = wait_exponential(multiplier=1.0, max=max_s)
+        self.connect_backoff = wait_exponential(multiplier=0.5, max=max_s)
+
+    def __call__(self, state: RetryCallState) -> float:
+        assert state.outcome is not None, "tenacity asks for a wait only after an attempt"
+        if state.outcome.failed:
+            return self.connect_backoff(state)
+        try:
+            wait = float(state.outcome.result().headers.get("Retry-After", ""))
+        except ValueError:
+            return self.busy_backoff(state)
+        return max(0.0, min(wait, self.max_s))
+
+
 class ConvtuneClient:
     """Calls the convtune API; every error answer raises :class:`ApiProblem`."""
 
@@ -53,48 +82,39 @@ class ConvtuneClient:
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport)
         self.retries = retries
         self.max_retry_wait_s = max_retry_wait_s
-        self.sleep: Callable[[float], None] = time.sleep
+        self.sleep: Callable[[float], None] = time.sleep  # how a retry waits (a test records the waits instead)
 
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> ConvtuneClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        attempt = 0
-        while True:
-            try:
-                response = self.http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                # A connection never made is safe to retry; a POST whose answer was lost is too,
-                # since every creating POST carries its Idempotency-Key.
-                if attempt < self.retries:
-                    attempt += 1
-                    self.sleep(min(2.0**attempt * 0.25, self.max_retry_wait_s))
-                    continue
-                raise Unreachable(f"convtune API at {self.http.base_url} is unreachable: {exc}") from exc
-            if response.status_code in RETRIED_STATUSES and attempt < self.retries:
-                attempt += 1
-                self.sleep(self._retry_wait(response, attempt))
-                continue
-            if response.status_code >= 400:
-                try:
-                    problem = response.json()
-                except ValueError:
-                    problem = {"detail": response.text[:500]}
-                raise ApiProblem(response.status_code, problem)
-            return response.json()
-
-    def _retry_wait(self, response: httpx.Response, attempt: int) -> float:
+        retrying = Retrying(
+            # A connection never made is safe to retry; a POST whose answer was lost is too,
+            # since every creating POST carries its Idempotency-Key.
+            retry=retry_if_exception_type(httpx.TransportError) | retry_if_result(lambda r: r.status_code in RETRIED_STATUSES),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=WaitRetryAfter(self.max_retry_wait_s),
+            sleep=lambda seconds: self.sleep(seconds),
+            # Out of retries: the last answer (a 429/503, raised below as a problem) or the last connection error.
+            retry_error_callback=lambda state: state.outcome.result(),
+        )
         try:
-            wait = float(response.headers.get("Retry-After", ""))
-        except ValueError:
-            wait = 2.0**attempt * 0.5
-        return max(0.0, min(wait, self.max_retry_wait_s))
+            response = retrying(self.http.request, method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"convtune API at {self.http.base_url} is unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = {"detail": response.text[:500]}
+            raise ApiProblem(response.status_code, problem)
+        return response.json()
 
     def _create(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
         return self._call("POST", path, json=body, headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex})
@@ -153,24 +173,24 @@ class ConvtuneClient:
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll until the trial ends; raises TimeoutError past ``timeout_s``."""
-        return self._wait(lambda: self.get_trial(trial_id), TERMINAL_STATUSES, f"trial {trial_id}", timeout_s, poll_s, on_update)
+        return self._wait(lambda: self.get_trial(trial_id), FINAL_STATUSES, f"trial {trial_id}", timeout_s, poll_s, on_update)
 
     def wait_study(
         self, study_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll until the study ends (its ``state``); raises TimeoutError past ``timeout_s``."""
-        return self._wait(lambda: self.get_study(study_id), STUDY_TERMINAL_STATES, f"study {study_id}", timeout_s, poll_s, on_update, key="state")
+        return self._wait(lambda: self.get_study(study_id), STUDY_FINAL_STATES, f"study {study_id}", timeout_s, poll_s, on_update, key="state")
 
     def wait_lr_find(
         self, finder_id: str, timeout_s: float | None = None, poll_s: float = 0.5,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll until the range test ends; raises TimeoutError past ``timeout_s``."""
-        return self._wait(lambda: self.get_lr_find(finder_id), TERMINAL_STATUSES, f"lr-find {finder_id}", timeout_s, poll_s, on_update)
+        return self._wait(lambda: self.get_lr_find(finder_id), FINAL_STATUSES, f"lr-find {finder_id}", timeout_s, poll_s, on_update)
 
     def _wait(
-        self, fetch: Callable[[], dict[str, Any]], terminal: tuple[str, ...], what: str, timeout_s: float | None, poll_s: float,
+        self, fetch: Callable[[], dict[str, Any]], final: tuple[str, ...], what: str, timeout_s: float | None, poll_s: float,
         on_update: Callable[[dict[str, Any]], None] | None, key: str = "status",
     ) -> dict[str, Any]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -178,7 +198,7 @@ class ConvtuneClient:
             current = fetch()
             if on_update is not None:
                 on_update(current)
-            if current[key] in terminal:
+            if current[key] in final:
                 return current
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{what} still {current[key]} after {timeout_s}s")

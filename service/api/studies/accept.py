@@ -1,0 +1,120 @@
+"""Accepting a study: check it, record it (parent run, Optuna study), send its first steps.
+
+It follows the trial's contract (DESIGN decision 3): the study's parent run (SCHEDULED) and its
+Optuna study (in the durable storage, with its spec, budget, grid and warm-start points) exist
+before the first step message is sent; a storage or broker failure ends the parent run as failed
+and the client hears 503. The steps then run on the workers (:mod:`workers.study.step`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+
+from models.data import InvalidData, describe
+from models.messages import StudyStepMessage
+from models.spec.space import grid_points, param_values, space_problems
+from models.spec.study import StudySpec
+from models.store.runs import KIND, TAG
+from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
+from service.api.admission import check_callback_url
+from service.api.errors import FieldError, InfeasibleSpec, InvalidSpec, ServiceUnavailable
+from service.api.studies.records import StudyStore
+from service.api.wiring import Services
+
+__all__ = ["accept_study", "send_steps"]
+
+log = logging.getLogger(__name__)
+# MLflow caps a tag at 8,000 characters: a longer spec is read back from the parent's study/spec.json.
+SPEC_TAG_LIMIT = 7000
+
+
+def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) -> str:
+    """Check, record (parent run + Optuna study), send the first steps; the study id."""
+    check_study(s, spec)
+    queue = spec.base.queue or s.settings.default_queue
+    study_id = _create_parent(s, spec, queue, owner)
+    try:
+        _create_study(store, study_id, spec, queue)
+        budget = store.budget(study_id)
+        budget.open(spec.budget, spec.parallelism)
+        send_steps(s, study_id, budget.top_up().slots, queue)
+    except (ServiceUnavailable, redis.RedisError) as exc:
+        detail = exc.detail if isinstance(exc, ServiceUnavailable) else f"the broker (Redis) is unreachable: {exc}"
+        log.warning("study %s not started, marking it failed: %s", study_id, detail)
+        s.runs.end(study_id, "FAILED", "error", f"not dispatched: {detail}")
+        try:
+            store.budget(study_id).stop("error")
+        except redis.RedisError:
+            pass  # the parent run is failed: steps that were sent see it and stop
+        if isinstance(exc, ServiceUnavailable):
+            raise
+        raise ServiceUnavailable(detail) from exc
+    log.info("study %s accepted: %d trials, %d in parallel on %s (%s storage)", study_id, spec.budget, spec.parallelism, queue, storage_kind(s.settings.study_storage))
+    return study_id
+
+
+def check_study(s: Services, spec: StudySpec) -> None:
+    """Limits of this service and, for file data the API can see, feasibility of the space."""
+    check_callback_url(spec.callback_url, s.settings.callback_hosts, "callback_url")
+    check_callback_url(spec.base.callback_url, s.settings.callback_hosts, "base.callback_url")
+    searched = spec.search_space.get("optim.epochs")
+    epochs = max([spec.base.optim.epochs, *(param_values(searched) if searched else [])])
+    if epochs > s.settings.max_epochs:
+        message = f"at most {s.settings.max_epochs} epochs are allowed on this service"
+        raise InvalidSpec(message, errors=[FieldError(field="base.optim.epochs", message=message)])
+    if spec.base.data.name in ("npz", "folder") and s.settings.data_root is not None:
+        try:
+            info = describe(spec.base.data, s.settings.data_root)
+        except InvalidData as exc:
+            raise InvalidSpec(str(exc), errors=[FieldError(field="base.data.path", message=str(exc))]) from exc
+        problems = space_problems(spec, info)
+        if problems:
+            errors = [FieldError(field=".".join(str(p) for p in loc), message=m) for loc, m in problems]
+            raise InfeasibleSpec(f"{len(errors)} problem(s) with the search space on this data: {errors[0].message}", errors=errors)
+
+
+def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None:
+    """Send one step message per slot; ServiceUnavailable when the broker does not take one."""
+    for slot in slots:
+        s.send(StudyStepMessage(study_id=study_id, slot=slot), queue)
+
+
+def _create_parent(s: Services, spec: StudySpec, queue: str, owner: str) -> str:
+    params = {
+        "study.sampler": spec.sampler.name, "study.pruner": spec.pruner.name, "study.objective": spec.objective.metric,
+        "study.direction": spec.objective.resolved_direction, "study.seed": str(spec.seed), "study.parallelism": str(spec.parallelism),
+        **{f"space.{k}": json.dumps(p.model_dump(exclude_none=True, exclude={"type"}) if p.type != "categorical" else p.choices)[:6000] for k, p in spec.search_space.items()},
+    }
+    spec_json = spec.model_dump_json()
+    tags = {
+        TAG.KIND: KIND.STUDY, TAG.QUEUE: queue, TAG.N_TRIALS: str(spec.budget),
+        TAG.OWNER: owner,  # only this token (or an admin) may cancel or extend it
+        TAG.STUDY_STORAGE: storage_kind(s.settings.study_storage),
+        **({TAG.STUDY_SPEC: spec_json} if len(spec_json) <= SPEC_TAG_LIMIT else {}),
+        **{f"user.{k}": v for k, v in spec.tags.items()},
+    }
+    study_id = s.runs.create(spec.display_name(), tags, params)
+    with s.runs.translated(study_id, "study"):
+        s.runs.client.log_dict(study_id, spec.model_dump(mode="json"), "study/spec.json")
+    return study_id
+
+
+def _create_study(store: StudyStore, study_id: str, spec: StudySpec, queue: str) -> Any:
+    import optuna
+
+    with store.storage_errors():
+        study = optuna.create_study(storage=open_storage(store.settings.study_storage), study_name=study_id, direction=spec.objective.resolved_direction)
+        for key, value in ((USER_ATTR.SPEC, spec.model_dump_json()), (USER_ATTR.BUDGET, spec.budget), (USER_ATTR.QUEUE, queue), (USER_ATTR.STARTED_AT, time.time())):
+            study.set_user_attr(key, value)
+        # Warm-start points first, then the grid: each worker step takes the next enqueued point.
+        for point in spec.warm_start:
+            study.enqueue_trial(encode_params(spec, point), skip_if_exists=True)
+        if spec.sampler.name == "grid":
+            for point in grid_points(spec)[: spec.budget]:
+                study.enqueue_trial(encode_params(spec, point), skip_if_exists=bool(spec.warm_start))
+    return study
