@@ -52,6 +52,7 @@ class USER_ATTR:
     EPOCHS = "convtune.epochs_done"
     DUPLICATE_OF = "convtune.duplicate_of"  # trial: number of the trial whose result it reused
     SLOT = "convtune.slot"
+    LR_AUTO = "convtune.lr_auto"  # study: the range its lr_auto range test found, or why none was
 
 
 def storage_kind(url: str) -> str:

@@ -25,6 +25,7 @@ from models.spec.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse
 from models.store import runs
 from models.store.keys import cancel_key
 from models.store.runs import KIND, TAG
+from models.store.search import USER_ATTR
 from workers.training.outcomes import Ending, classify
 from workers.training.range_test import Curve, range_test
 from workers.training.train import TrainingContext
@@ -109,9 +110,6 @@ class LrAutoFailed(Exception):
     """A study's ``lr_auto`` range test gave no range; the message says why."""
 
 
-LR_AUTO_ATTR = "convtune.lr_auto"  # Optuna study user attribute: the range found, or why none was
-
-
 def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_stop: Callable[[], bool]) -> StudySpec:
     """``spec`` with ``optim.lr`` searched log-uniformly in the range its ``lr_auto`` range test found.
 
@@ -121,17 +119,17 @@ def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_s
     blocking a worker while the test runs. Raises LrAutoFailed when the test ended without a range.
     """
     assert spec.lr_auto is not None, "only for studies with lr_auto"
-    found = stored.user_attrs.get(LR_AUTO_ATTR)
+    found = stored.user_attrs.get(USER_ATTR.LR_AUTO)
     if found is None:
         lease = Lease(rt.redis, f"{study_id}-lr-auto", rt.settings.lease_ttl_s)
         if not lease.acquire():
             raise LeaseHeld(f"{study_id} (its lr_auto range test)", retry_in_s=min(5, rt.settings.lease_ttl_s))
         with lease:
             # Read again (Study.user_attrs asks the storage): a step that held the lease before may have stored it.
-            found = stored.user_attrs.get(LR_AUTO_ATTR)
+            found = stored.user_attrs.get(USER_ATTR.LR_AUTO)
             if found is None:
                 found = _study_range_test(study_id, spec, rt, should_stop)
-                stored.set_user_attr(LR_AUTO_ATTR, found)
+                stored.set_user_attr(USER_ATTR.LR_AUTO, found)
     if "error" in found:
         raise LrAutoFailed(found["error"])
     lr = FloatParam(low=found["low"], high=found["high"], log=True)
