@@ -83,6 +83,8 @@ class FloatParam(Spec):
         _check_range(self.low, self.high, self.log, self.step)
         if self.log and self.step is not None:
             raise ValueError("a float range is either log-scaled or stepped, not both")
+        if self.step is not None and (self.high - self.low) / self.step > MAX_STEPS:
+            raise ValueError(f"step ({self.step:g}) is too small: the range would hold more than {MAX_STEPS:,} values")
         if self.step is not None and not _multiple(self.high - self.low, self.step):
             raise ValueError(f"high - low ({self.high - self.low:g}) must be a multiple of step ({self.step:g})")
         return self
@@ -137,6 +139,10 @@ def _list_is_categorical(value: Any) -> Any:
 SearchParam = Annotated[
     Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")], BeforeValidator(_list_is_categorical),
 ]
+
+
+# A stepped float range holds at most this many values (a step of 5e-324 would overflow the arithmetic).
+MAX_STEPS = 10**9
 
 
 def _check_range(low: float, high: float, log: bool, step: float | None) -> None:

@@ -67,6 +67,8 @@ def _require_json_body() -> None:
         json.loads(request.get_data())
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError say where it broke
         raise errors.BadRequest(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # thousands of nested [ or {
+        raise errors.BadRequest("the body is nested too deeply to be a spec") from exc
 
 
 def _redact(url: str) -> str:

@@ -79,7 +79,10 @@ def test_infeasible_architecture_is_422_naming_layer_and_sizes(client, app, mlfl
 
 @pytest.mark.parametrize(
     ("body", "content_type", "status"),
-    [("{not json", "application/json", 400), ("lr=1", "application/x-www-form-urlencoded", 415), ("[1, 2]", "application/json", 422)],
+    [
+        ("{not json", "application/json", 400), ("lr=1", "application/x-www-form-urlencoded", 415), ("[1, 2]", "application/json", 422),
+        ("[" * 200_000, "application/json", 400),  # nested past Python's recursion limit
+    ],
 )
 def test_unreadable_bodies_are_problems_not_500(client, body, content_type, status):
     response = client.post("/trials", data=body, content_type=content_type)

@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import time
 
+import pytest
+
 from models.callbacks import encode, sign, trial_ended_event, verify_signature
 
 
@@ -31,3 +33,15 @@ def test_event_carries_the_trial_and_a_delivery_id():
     event = trial_ended_event("a" * 32, name="n", status="failed", outcome="diverged", reason="NaN", metrics={}, study_id="s" * 32)
     assert event["event"] == "trial.ended" and len(event["delivery_id"]) == 32
     assert event["trial"] == {"id": "a" * 32, "name": "n", "status": "failed", "outcome": "diverged", "reason": "NaN", "metrics": {}, "study_id": "s" * 32}
+
+
+@pytest.mark.parametrize("header", [
+    "t=" + "9" * 5000 + ",v1=00",  # a huge timestamp
+    "t=99999999999999999999,v1=00",  # one too large for a float difference... still a clean False
+    "t=1,v1=caf\u00e9",  # a non-ASCII signature
+    "t=\u0661\u0662,v1=00",  # non-ASCII digits
+    "v1=00",
+    "garbage",
+])
+def test_a_malformed_signature_is_refused_never_raised(header: str):
+    assert verify_signature("secret", header, b"{}") is False

@@ -56,6 +56,7 @@ def test_shorthands_a_list_is_a_choice_and_a_name_is_a_sampler_or_pruner() -> No
         pytest.param({"search_space": {"model.kernel_size": {"type": "float", "low": 1, "high": 3}}}, "search_space.model.kernel_size.type", "integer field", id="float-range-on-int"),
         pytest.param({"search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 20}}}, "search_space.optim.lr.high", "less than or equal to 10", id="above-bound"),
         pytest.param({"search_space": {"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "search_space.optim.lr.float", "needs low > 0", id="log-from-zero"),
+        pytest.param({"search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "step": 5e-324}}}, "search_space.optim.lr.float", "too small", id="subnormal-step"),
         pytest.param({"search_space": {"model.kernel_size": {"type": "int", "low": 3, "high": 5}}}, "search_space.model.kernel_size.step", "must be odd", id="even-kernel-inside-range"),
         pytest.param({"search_space": {"model.activation": ["relu", "swish"]}}, "search_space.model.activation.choices.1", "relu", id="unknown-choice"),
         pytest.param({"search_space": {"optim.momentum": {"type": "float", "low": 0.5, "high": 0.9}}}, "search_space.optim.momentum.low", "momentum applies to", id="momentum-without-condition"),
