@@ -11,17 +11,72 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["SIGNATURE_HEADER", "sign", "study_ended_event", "trial_ended_event", "verify_signature"]
+from pydantic import BaseModel, Field, field_validator
+
+__all__ = ["DEFAULT_PORTS", "CallbackDestinations", "shown_url", "SIGNATURE_HEADER", "destination_problem", "sign", "study_ended_event", "trial_ended_event", "verify_signature"]
 
 SIGNATURE_HEADER = "X-Convtune-Signature"
 EVENT_HEADER = "X-Convtune-Event"
 DELIVERY_HEADER = "X-Convtune-Delivery"
+
+
+# Ports a callback may go to on a public address (an operator-allowed network may use any port).
+DEFAULT_PORTS = (80, 443)
+
+
+def destination_problem(address: str, port: int, allowed_networks: list[str], ports: list[int] | None) -> str | None:
+    """Why a callback may not be POSTed to ``address``:``port`` (None when it may).
+
+    Callbacks leave from inside the network: without this, a token holder could aim them at a
+    metadata service, Redis or an admin port. Private, loopback, link-local, multicast, reserved
+    and unspecified addresses are refused unless they fall in an operator-allowed network; public
+    addresses only on ``ports`` (None: any). The workers check the address they actually connect
+    to, after DNS, so a name that resolves to a private address (rebinding) is refused too.
+    """
+    ip = ipaddress.ip_address(address)
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if any(ip in ipaddress.ip_network(net, strict=False) for net in allowed_networks):
+        return None
+    if not ip.is_global or ip.is_multicast:
+        return f"{ip} is not a public address (private, loopback, link-local, multicast or reserved); CONVTUNE_CALLBACK_ALLOWED_NETWORKS can allow it"
+    if ports is not None and port not in ports:
+        return f"port {port} is not one callbacks may use ({', '.join(map(str, ports))}); CONVTUNE_CALLBACK_PORTS can allow it"
+    return None
+
+
+class CallbackDestinations(BaseModel):
+    """Where callbacks may go: settings the API (at submit) and the callback worker (at connect) share."""
+
+    callback_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR, JSON list) callbacks may reach although not public, e.g. [\"10.20.0.0/16\"]; any port there.",
+    )
+    callback_ports: list[int] | None = Field(default=list(DEFAULT_PORTS), description="Ports callbacks may use on public addresses; null: any.")
+
+    @field_validator("callback_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
+        return value
+
+    def destination_problem(self, address: str, port: int) -> str | None:
+        return destination_problem(address, port, self.callback_allowed_networks, self.callback_ports)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as logs may show it: scheme, host and port only (its path and query may hold a secret)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
 
 
 def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALLBACK_QUEUE", "QUEUES", "TASK_DELIVER_CALLBACK", "TASK_LR_FIND", "TASK_RUN_TRIAL", "TASK_STUDY_STEP",
-    "CallbackMessage", "Message", "NotSent", "RangeTestMessage", "StudyStepMessage", "TrialMessage", "celery_config", "send",
+    "UNACKED_INDEX_KEY", "UNACKED_KEY", "CallbackMessage", "Message", "NotSent", "RangeTestMessage", "StudyStepMessage", "TrialMessage",
+    "celery_config", "queue_lists", "send",
 ]
 
 TASK_RUN_TRIAL = "convtune.run_trial"
@@ -31,6 +32,12 @@ TASK_STUDY_STEP = "convtune.study_step"
 TASK_DELIVER_CALLBACK = "convtune.deliver_callback"
 CALLBACK_QUEUE = "callbacks"
 QUEUES = ("gpu", "cpu")
+# kombu's Redis transport keeps a queue's waiting messages in a list named after it, and its
+# prioritised ones in sibling lists; a message delivered but not acknowledged yet is in the hash
+# UNACKED_KEY (delivery tag -> [message, exchange, routing key]), delivered at the time in UNACKED_INDEX_KEY.
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 class NotSent(Exception):
@@ -103,14 +110,26 @@ def send(celery: Celery, message: Message, queue: str) -> None:
         raise NotSent(f"the broker (Redis) did not take the {message.task} message: {exc}") from exc
 
 
-def celery_config(broker_url: str, visibility_timeout_s: int) -> dict:
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists in which kombu keeps the messages waiting in ``queue`` (one per priority step)."""
+    return [queue + suffix for suffix in _PRIORITY_SUFFIXES]
+
+
+def celery_config(broker_url: str, visibility_timeout_s: int, *, socket_timeout_s: float = 10.0, sender: bool = False) -> dict:
     """Celery settings the API (sender) and the workers must agree on.
 
     JSON only; late acks so a trial whose worker dies is redelivered; the same visibility timeout
     on both sides, since Redis redelivers any message unacknowledged for that long (celery#5935).
-    Execution is idempotent through a per-trial lease, so a second delivery is harmless.
+    Execution is idempotent through a per-trial lease, so a second delivery is harmless. A task
+    that raises is retried or given up by the workers' policy (workers.failures), never acked
+    away. ``socket_timeout_s`` bounds every broker command and connection attempt (without it, a
+    Redis that stalls, e.g. CLIENT PAUSE, hangs a publish forever); a ``sender`` (the API) also
+    tries to connect once, not for seconds, so a request answers 503 quickly.
     """
-    transport = {"visibility_timeout": visibility_timeout_s}
+    transport: dict = {"visibility_timeout": visibility_timeout_s, "socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s}
+    if sender:
+        # kombu's connection retries (Connection._ensure_connection) read these; the default waits 2 s, then 4 s.
+        transport.update({"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2})
     return {
         "broker_url": broker_url,
         "task_serializer": "json",
@@ -118,12 +137,15 @@ def celery_config(broker_url: str, visibility_timeout_s: int) -> dict:
         "accept_content": ["json"],
         "task_ignore_result": True,
         "task_acks_late": True,
+        # Not enough to keep a failed message on Redis (Celery then rejects it without requeue, which
+        # removes it): workers.failures retries or gives up what a task raises.
+        "task_acks_on_failure_or_timeout": False,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": "gpu",
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
-        "broker_connection_timeout": 3,
+        "broker_connection_timeout": min(3.0, socket_timeout_s),  # to connect, all attempts included
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,
         "task_send_sent_event": False,

@@ -49,8 +49,18 @@ class Service:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = ARTIFACTS / f"{name}.log"
+        self.argv, self.env = argv, env
+        self.uri: str | None = None  # where it answers, for a server
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True, cwd=ROOT)
+
+    def start_again(self) -> None:
+        """Start the same command again (after a stop), its output appended to the same log."""
+        assert not self.alive(), f"{self.name} still runs"
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})}, start_new_session=True, cwd=ROOT,
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -96,9 +106,16 @@ def redis_url() -> Iterator[str]:
         started.stop()
 
 
+def mlflow_healthy(uri: str) -> bool:
+    try:
+        return httpx.get(f"{uri}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` (sqlite store, local artifacts, one worker) on a free port."""
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A real ``mlflow server`` (sqlite store, local artifacts, one worker) on a free port; its address is ``.uri``."""
     home = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     server = Service(
@@ -107,20 +124,19 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts")],
         {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{uri}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    if not wait_for(lambda: healthy() or not server.alive(), 120) or not server.alive():
+    server.uri = f"http://127.0.0.1:{port}"
+    if not wait_for(lambda: mlflow_healthy(server.uri) or not server.alive(), 120) or not server.alive():
         server.stop()
         pytest.fail(f"mlflow server did not start:\n{server.log()[-3000:]}")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(mlflow_server: Service) -> str:
+    """The session's ``mlflow server`` (a fault test stops it and starts it again: the same port and stores)."""
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    return mlflow_server.uri
 
 
 @pytest.fixture(scope="session")
@@ -130,11 +146,19 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def worker_env(redis_url: str, mlflow_uri: str, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def experiment() -> str:
+    """The session's own MLflow experiment (counts of runs are this session's alone): the API's and the workers'."""
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def worker_env(redis_url: str, mlflow_uri: str, data_root: Path, experiment: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {
         "CONVTUNE_REDIS_URL": redis_url,
         "CONVTUNE_MLFLOW_TRACKING_URI": mlflow_uri,
+        "CONVTUNE_EXPERIMENT": experiment,  # the experiment the reconciler sweeps: the API's
         "CONVTUNE_DATA_ROOT": str(data_root),
+        "CONVTUNE_CALLBACK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',  # the tests' callback receivers listen on loopback
         "CONVTUNE_CHECKPOINT_DIR": str(tmp_path_factory.mktemp("checkpoints")),
         "CONVTUNE_CANCEL_CHECK_STEPS": "5",
         # Every worker of the session shares one study storage, whichever test started it.

@@ -2,7 +2,8 @@
 
 Start workers with ``convtune worker`` (one process per visible GPU), or by hand:
 ``celery -A workers.celery_app worker -P prefork -c 1 -Q cpu -n cpu0@%h``. The tasks live in
-:mod:`workers.tasks` (named in ``include``, loaded by the worker, not imported here).
+:mod:`workers.tasks` (named in ``include``, loaded by the worker, not imported here); the
+reconciler (:mod:`workers.reconciler`, also in ``include``) sweeps from the main process.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from models.messages import celery_config
 from workers.runtime import runtime
 from workers.settings import WorkerSettings
 
-__all__ = ["app"]
+__all__ = ["app", "settings"]
 
-_settings = WorkerSettings()
-app = Celery("convtune-workers", include=["workers.tasks"])
-app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s))
+# Read once, when the worker starts: the tasks' retry policy (workers.failures) is fixed then.
+settings = _settings = WorkerSettings()
+# workers.reconciler starts its sweep on worker_ready in this (main) process; named here, not imported,
+# since it sends through this app and ends studies through the tasks' modules.
+app = Celery("convtune-workers", include=["workers.tasks", "workers.reconciler"])
+app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s, socket_timeout_s=_settings.broker_timeout_s))
 
 
 @setup_logging.connect

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -24,10 +25,14 @@ class WorkerRuntime:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
+        # MLflow's defaults (7 retries with backoff, 120 s a request) take minutes to notice a dead
+        # server: fail in seconds instead, and let the task's retry policy (workers.failures) wait.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.mlflow_max_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.mlflow_timeout_s))
         self.mlflow = MlflowClient(settings.mlflow_tracking_uri)
         # log_model only exists in MLflow's fluent API, which reads the process-wide tracking URI.
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.broker_timeout_s, socket_connect_timeout=settings.broker_timeout_s)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A worker owns the GPUs it sees; on a CPU host, the processes it may spawn for one trial.
         self.devices_owned = torch.cuda.device_count() if self.device.type == "cuda" else settings.cpu_devices

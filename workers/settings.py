@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.callbacks import CallbackDestinations
 
 __all__ = ["WorkerSettings"]
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(BaseSettings, CallbackDestinations):
     """Settings of a worker; read once per process and passed to the code that needs them."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVTUNE_", extra="ignore")
+    # hide_input_in_errors: a refused setting is logged at start-up without the values (URLs with passwords, tokens) beside it.
+    model_config = SettingsConfigDict(env_prefix="CONVTUNE_", extra="ignore", hide_input_in_errors=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
@@ -22,6 +25,13 @@ class WorkerSettings(BaseSettings):
     data_root: Path | None = Field(default=None, description="Root that 'npz' and 'folder' data paths are relative to.")
     checkpoint_dir: Path = Field(default=Path(".convtune/checkpoints"), description="Per-epoch checkpoints, for resuming a redelivered trial.")
     lease_ttl_s: int = Field(default=60, ge=5, description="A lease not renewed for this long is free again.")
+    # The reconciler (workers.reconciler): a sweep in every worker's main process, one at a time across hosts.
+    experiment: str = Field(default="convtune", description="The MLflow experiment the API records runs in; must equal the API's.")
+    reconcile_interval_s: float = Field(default=15.0, ge=0, description="Seconds between two sweeps of the reconciler (across all workers); 0 turns it off.")
+    reconcile_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="How long work must stay without a message before the reconciler re-sends or ends it (a run accepted a moment ago is left alone).",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Starts of one trial before it is failed as worker_lost.")
     cancel_check_steps: int = Field(default=50, ge=1, description="Training steps between two looks at the cancel flag.")
     log_model: bool = Field(default=True, description="Log the trained model with mlflow.pytorch.log_model.")
@@ -29,10 +39,28 @@ class WorkerSettings(BaseSettings):
     cpu_memory_limit_mb: int = Field(default=2048, ge=16, description="What batch_size 'auto' may use for one training step on the CPU.")
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Share of a GPU's memory batch_size 'auto' may fill.")
     cpu_devices: int = Field(default=1, ge=1, le=64, description="Processes a trial with 'devices' > 1 may use on a CPU host (gloo).")
+    max_params: int = Field(default=200_000_000, ge=1, description="Largest network a study's sampled configuration may have (the API's CONVTUNE_MAX_PARAMS).")
     study_storage: str = Field(
         default=".convtune/studies.journal",
         description="Optuna storage of studies, the same for the API and every worker: a journal file path (one host) or a database URL (postgresql://...).",
     )
+    deployment: Literal["single-host", "distributed"] = Field(
+        default="single-host",
+        description=(
+            "single-host: the API and every worker run on this one host, where a journal file may hold the studies; "
+            "distributed (the images' default): separate hosts, containers or replicas, so study_storage must be a database they all reach."
+        ),
+    )
+    # Failures (issue 9, workers.failures): infrastructure errors that escape a task are retried, never acked away.
+    retry_backoff_s: int = Field(default=5, ge=1, description="Delay bound of the first retry after an infrastructure error; doubled per retry (full jitter).")
+    retry_backoff_max_s: int = Field(default=300, ge=1, description="Largest delay bound between two retries.")
+    retry_max: int = Field(
+        default=30, ge=0,
+        description="Retries after infrastructure errors (about an hour with the defaults) before the task gives up and ends its run as error.",
+    )
+    broker_timeout_s: float = Field(default=10.0, gt=0, description="Socket timeout of the workers' broker and Redis connections.")
+    mlflow_timeout_s: int = Field(default=10, ge=1, description="How long one MLflow request may take (MLFLOW_HTTP_REQUEST_TIMEOUT, unless set).")
+    mlflow_max_retries: int = Field(default=2, ge=0, description="Retries of one failed MLflow request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless set).")
     # Callbacks and logs (issue 5).
     callback_secret: str | None = Field(default=None, description="HMAC-SHA256 key that signs callbacks; unsigned (and a warning) when unset.")
     callback_max_retries: int = Field(default=8, ge=0, description="Retries of a failed callback delivery, with exponential backoff.")
@@ -41,3 +69,15 @@ class WorkerSettings(BaseSettings):
     callback_timeout_s: float = Field(default=10.0, gt=0, description="How long one delivery waits for the receiver.")
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _one_study_storage(self) -> WorkerSettings:
+        """The API and every worker must open the same studies: a local file is one host's alone."""
+        local = "://" not in self.study_storage or self.study_storage.startswith(("sqlite:", "file:"))
+        if self.deployment == "distributed" and local:
+            raise ValueError(
+                f"CONVTUNE_STUDY_STORAGE={self.study_storage!r} is a local file, but CONVTUNE_DEPLOYMENT=distributed: every host would "
+                "keep studies of its own. Set CONVTUNE_STUDY_STORAGE to a database URL the API and all workers share "
+                "(postgresql://USER:PASSWORD@HOST:5432/DB), or CONVTUNE_DEPLOYMENT=single-host if they all run on this one host."
+            )
+        return self

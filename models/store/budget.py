@@ -74,6 +74,42 @@ class StudyBudget:
     def exists(self) -> bool:
         return bool(self.client.exists(self.key))
 
+    def restore(self, budget: int, parallelism: int, claimed: int, running: dict[int, tuple[str, int]], stopped: str = "") -> bool:
+        """Rebuild lost counters, unless they exist again: whether this call rebuilt them.
+
+        ``running`` (slot -> trial id, Optuna number) are the slots still in flight; every other slot
+        up to ``claimed`` is marked released, so a step that ended before the loss counts for nothing
+        and a step that comes back releases its slot once. Whoever restores first wins (a worker's
+        step and the reconciler may both find the counters gone).
+        """
+        assert claimed >= max(running, default=0), "a running slot was claimed"
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(self.key)
+                if pipe.exists(self.key):
+                    return False
+                pipe.multi()
+                pipe.delete(self.released_key)
+                released = [slot for slot in range(1, claimed + 1) if slot not in running]
+                if released:
+                    pipe.sadd(self.released_key, *released)
+                    pipe.expire(self.released_key, TTL_S)
+                for slot, (trial_id, number) in running.items():
+                    pipe.hset(f"{self.key}:slot:{slot}", mapping={"trial_id": trial_id, "number": number})
+                    pipe.expire(f"{self.key}:slot:{slot}", TTL_S)
+                state = {"budget": budget, "parallelism": parallelism, "claimed": claimed, "inflight": len(running), "stopped": stopped}
+                pipe.hset(self.key, mapping=state)
+                pipe.expire(self.key, TTL_S)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
+
+    def in_flight(self, claimed: int) -> list[int]:
+        """The slots up to ``claimed`` not released yet: their steps run, wait, or were lost."""
+        released = {int(s) for s in self.client.smembers(self.released_key)}
+        return [slot for slot in range(1, claimed + 1) if slot not in released]
+
     def top_up(self, release_slot: int | None = None) -> TopUp:
         """Release ``release_slot`` (once, however often it is called) and claim slots up to parallelism."""
         slot = "" if release_slot is None else str(release_slot)

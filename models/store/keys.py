@@ -3,10 +3,23 @@ copy of what a client submitted (MLflow and the Optuna storage are the records).
 
 from __future__ import annotations
 
-__all__ = ["OUTCOME_COUNTS_KEY", "attempts_key", "cancel_key", "lease_key", "study_key"]
+__all__ = [
+    "OUTCOME_COUNTS_KEY", "RECONCILER_COUNTS_KEY", "RECONCILER_LOCK_KEY", "RECONCILER_SUSPECTS_KEY",
+    "attempts_key", "cancel_key", "lease_key", "resent_key", "study_key",
+]
 
 # Redis hash: outcome -> how many trials ended with it (for /metrics).
 OUTCOME_COUNTS_KEY = "convtune:stats:trials_by_outcome"
+# Redis hash: "{kind}:{action}" -> how many times the reconciler acted (for /metrics).
+RECONCILER_COUNTS_KEY = "convtune:stats:reconciler_actions"
+# The reconciler's lock (one sweep at a time, across hosts) and what it found stranded since when.
+RECONCILER_LOCK_KEY = "convtune:reconciler:lock"
+RECONCILER_SUSPECTS_KEY = "convtune:reconciler:suspects"
+
+
+def resent_key(task_id: str) -> str:
+    """Redis key set (with a TTL) when the reconciler re-sent ``task_id``'s message."""
+    return f"convtune:reconciler:resent:{task_id}"
 
 
 def study_key(study_id: str) -> str:

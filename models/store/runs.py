@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from models.spec.trial import TrialSpec
 
 __all__ = [
-    "EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status", "create_run", "end_run",
+    "EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status", "create_run", "end_run", "registered_owner",
     "reopen_run", "start_run", "study_state", "trial_tags",
 ]
 
@@ -107,6 +107,20 @@ class TAG:
     EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
+def registered_owner(client: MlflowClient, name: str) -> str | None:
+    """The token that owns the registered model ``name`` (the first to register it): None when there is no such
+    model, ``""`` when it exists without an owner (registered by hand, or before owners were recorded)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return model.tags.get(TAG.OWNER, "")
+
+
 def client_status(mlflow_status: str, outcome: str | None) -> str:
     """The status a client sees (``queued`` ... ``failed``) of a run's MLflow status and outcome tag."""
     by_mlflow = {"SCHEDULED": "queued", "RUNNING": "running", "KILLED": "cancelled"}
@@ -145,11 +159,19 @@ def create_run(
     assert TAG.KIND in tags, "every convtune run says what it is"
     run = client.create_run(experiment_id, run_name=name, tags={TAG.RUN_NAME: name, **tags})
     run_id = run.info.run_id
-    client.update_run(run_id, status="SCHEDULED")
-    items = [Param(k, v) for k, v in (params or {}).items()]
-    accepted = [RunTag(TAG.ACCEPTED_AT, _now())]
-    for i in range(0, max(len(items), 1), 100):  # log_batch takes at most 100 params a call
-        client.log_batch(run_id, params=items[i : i + 100], tags=accepted if i == 0 else [])
+    try:
+        client.update_run(run_id, status="SCHEDULED")
+        items = [Param(k, v) for k, v in (params or {}).items()]
+        accepted = [RunTag(TAG.ACCEPTED_AT, _now())]
+        for i in range(0, max(len(items), 1), 100):  # log_batch takes at most 100 params a call
+            client.log_batch(run_id, params=items[i : i + 100], tags=accepted if i == 0 else [])
+    except Exception:
+        # Half-created (MLflow failed between calls): delete it, so no RUNNING run without params stays behind.
+        try:
+            client.delete_run(run_id)
+        except Exception:  # noqa: S110 - the caller reports the first failure; the reconciler finds what stays
+            pass
+        raise
     return run_id
 
 

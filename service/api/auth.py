@@ -20,13 +20,14 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, g, request
 
 from service.api.errors import Forbidden, Unauthorized
 from service.api.settings import ApiSettings, TokenConfig
 
-__all__ = ["ANONYMOUS", "Principal", "TokenAuth", "check_owner", "current_principal", "hash_token", "init_app", "new_token"]
+__all__ = ["ANONYMOUS", "Principal", "TokenAuth", "check_owner", "current_principal", "hash_token", "init_app", "is_owner", "new_token", "redacted"]
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,34 @@ def current_principal() -> Principal:
 
 
 def check_owner(owner: str | None, what: str) -> None:
-    """Let only the token that submitted ``what`` (or an admin) change it; raises Forbidden."""
+    """Let only the token that submitted ``what`` (or an admin) change it; raises Forbidden.
+
+    Something with no owner (made before owners were recorded, or by hand) is an admin's to change.
+    """
+    if not is_owner(owner):
+        who = "another token" if owner else "no token (it has no owner)"
+        raise Forbidden(f"{what} was submitted by {who}; only its owner or an admin token may change it")
+
+
+def is_owner(owner: str | None) -> bool:
+    """Whether the caller submitted what ``owner`` names, or is an admin."""
     principal = current_principal()
-    if principal.is_admin or owner is None or owner == principal.name:
-        return
-    raise Forbidden(f"{what} was submitted by another token; only it or an admin token may change it")
+    return principal.is_admin or (owner is not None and owner == principal.name)
+
+
+SECRET_FIELDS = frozenset({"callback_url"})
+REDACTED = "(redacted: only its owner and admins see it)"
+
+
+def redacted(document: Any, owner: str | None) -> Any:
+    """``document`` (a submitted spec as JSON) with every secret-bearing field hidden unless the caller owns it."""
+    if is_owner(owner):
+        return document
+    if isinstance(document, dict):
+        return {k: (REDACTED if k in SECRET_FIELDS and v is not None else redacted(v, owner)) for k, v in document.items()}
+    if isinstance(document, list):
+        return [redacted(v, owner) for v in document]
+    return document
 
 
 def init_app(app: Flask, settings: ApiSettings) -> None:

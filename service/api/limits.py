@@ -19,6 +19,7 @@ from flask_limiter.errors import RateLimitExceeded
 
 from service.api.auth import PUBLIC_ENDPOINTS, current_principal
 from service.api.errors import FieldError, InvalidSpec, TooManyRequests, problem_response
+from service.api.runs import RunStore
 from service.api.settings import ApiSettings
 
 __all__ = ["check_queued_quota", "check_study_caps", "init_app"]
@@ -36,7 +37,7 @@ def _exempt() -> bool:
 def init_app(app: Flask, settings: ApiSettings) -> Limiter:
     """Count every request against its token's limits in Redis; answer a breach with 429."""
     limiter = Limiter(
-        _limit_key, app=app, storage_uri=settings.redis_url, storage_options={"socket_timeout": 3, "socket_connect_timeout": 3},
+        _limit_key, app=app, storage_uri=settings.redis_url, storage_options={"socket_timeout": settings.redis_timeout_s, "socket_connect_timeout": settings.redis_timeout_s},
         key_prefix="convtune:ratelimit", strategy="moving-window", headers_enabled=True, swallow_errors=True,
         application_limits=[
             ApplicationLimit(settings.rate_limit, exempt_when=_exempt, scope="all"),
@@ -54,11 +55,17 @@ def init_app(app: Flask, settings: ApiSettings) -> Limiter:
     return limiter
 
 
-def check_queued_quota(queued: int, settings: ApiSettings) -> None:
-    """Raise 429 when the caller already has ``max_queued_trials_per_token`` trials waiting."""
+def check_queued_quota(runs: RunStore, owner: str, settings: ApiSettings) -> None:
+    """Raise 429 when ``owner`` already has ``max_queued_trials_per_token`` trials, studies or range tests waiting.
+
+    Called after the spec's own checks, so a bad spec is a 422 whatever the quota (and costs no MLflow call)."""
     cap = settings.max_queued_trials_per_token
+    queued = runs.count_queued(owner, cap)
     if queued >= cap:
-        raise TooManyRequests(f"'{current_principal().name}' already has {queued} queued trials (the cap is {cap}); wait for some to start", retry_after_s=30)
+        raise TooManyRequests(
+            f"'{current_principal().name}' already has {queued} queued trials, studies or range tests (the cap is {cap}); wait for some to start",
+            retry_after_s=30,
+        )
 
 
 def check_study_caps(n_trials: int | None, parallelism: int | None, settings: ApiSettings) -> None:

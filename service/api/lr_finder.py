@@ -21,9 +21,10 @@ from models.spec.trial import flatten_params
 from models.spec.tuning import LrRangeSpec
 from models.store.runs import KIND, TAG
 from service.api.admission import admit_trial
-from service.api.auth import check_owner, current_principal
+from service.api.auth import check_owner, current_principal, redacted
 from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
+from service.api.limits import check_queued_quota
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
 from service.api.runs import RunRecord
 from service.api.schemas import Status
@@ -90,6 +91,7 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     """Submit a learning-rate range test of a trial spec; its URL gives the suggested and largest stable LR."""
     s = services()
     admit_trial(body.trial, s.settings, field_prefix="trial.")
+    check_queued_quota(s.runs, current_principal().name, s.settings)
     queue = body.trial.queue or s.settings.default_queue
     o = body.trial.optim
     name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
@@ -103,7 +105,7 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     try:
         s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
-        s.runs.end(test_id, "FAILED", "error", f"not dispatched: {exc.detail}")
+        s.runs.end_undispatched(test_id, exc.detail)
         raise
     url = url_for("lr_finder.get_range_test", test_id=test_id, _external=True)
     answer = LrFinderAccepted(id=test_id, status="queued", name=name, queue=queue, url=url, mlflow_url=s.runs.run_url(test_id, s.settings.ui_url))
@@ -119,13 +121,13 @@ def get_range_test(path: LrFinderPath, query: LrFinderQuery):
 
 @bp.post("/<test_id>/cancel", responses={202: LrFinderPublic, **problems(404, 409, 503)})
 def cancel_range_test(path: LrFinderPath):
-    """Cancel a queued or running range test; a running one stops within N steps."""
+    """Cancel a range test: a queued or orphaned one ends now, a running one stops within N steps."""
     s = services()
     record = s.runs.get_run(path.test_id, KIND.LR_FINDER, WHAT)
     check_owner(record.tags.get(TAG.OWNER), f"{WHAT} {record.id}")
     if record.terminal:
         raise Conflict(f"{WHAT} {record.id} has already ended ({record.status}); there is nothing to cancel")
-    request_cancel(s, record.id, was_queued=record.mlflow_status == "SCHEDULED")
+    request_cancel(s, record)
     return range_test_public(s.runs.get_run(record.id, KIND.LR_FINDER, WHAT), with_curve=False).model_dump(), 202
 
 
@@ -148,7 +150,7 @@ def range_test_public(record: RunRecord, with_curve: bool = True) -> LrFinderPub
     return LrFinderPublic(
         id=record.id, name=record.tags.get(TAG.RUN_NAME), status=record.status, outcome=record.outcome, reason=record.tags.get(TAG.REASON),
         queue=record.tags.get(TAG.QUEUE), steps=spec.get("steps"), steps_done=int(record.tags.get(TAG.STEPS_DONE, 0)),
-        suggested_lr=suggested, largest_stable_lr=largest, search_range=search, curve=curve, spec=spec or None,
+        suggested_lr=suggested, largest_stable_lr=largest, search_range=search, curve=curve, spec=redacted(spec, record.tags.get(TAG.OWNER)) or None,
         timings=record.timings(), mlflow_url=s.runs.run_url(record, s.settings.ui_url),
     )
 

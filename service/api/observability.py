@@ -9,7 +9,8 @@ gunicorn (several processes) ``PROMETHEUS_MULTIPROC_DIR`` is set by ``service.ap
 before any worker imports prometheus_client, every process writes its samples there, and a scrape
 of any process sums them all (``MultiProcessCollector``). Values that live outside the API are
 read at scrape time by :class:`LiveCollector`: queue depth (Redis list lengths of the Celery
-queues), trials by outcome (a Redis hash the workers increment) and workers per queue (Celery's
+queues), trials by outcome (a Redis hash the workers increment), the reconciler's actions by kind
+and action (a Redis hash it increments, :mod:`workers.reconciler`) and workers per queue (Celery's
 ``inspect``, cached for a few seconds).
 """
 
@@ -32,8 +33,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_flask_exporter import PrometheusMetrics
 
 from models.logs import bind, clear, current_ids
-from models.messages import CALLBACK_QUEUE, QUEUES
-from models.store.keys import OUTCOME_COUNTS_KEY
+from models.messages import CALLBACK_QUEUE, QUEUES, queue_lists
+from models.store.keys import OUTCOME_COUNTS_KEY, RECONCILER_COUNTS_KEY
 from service.api.auth import current_principal
 from service.api.openapi import PUBLIC_ERRORS
 from service.api.settings import ApiSettings
@@ -44,8 +45,6 @@ log = logging.getLogger("convtune.access")
 bp = APIBlueprint(
     "metrics", __name__, abp_tags=[Tag(name="operations", description="Probes and metrics; no token needed.")], abp_responses=PUBLIC_ERRORS,
 )
-# kombu's Redis transport keeps a queue's prioritised messages in sibling lists.
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 WORKERS_CACHE_S = 15.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 
@@ -62,22 +61,32 @@ class LiveCollector:
     def collect(self):
         depth = GaugeMetricFamily("convtune_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"])
         outcomes = CounterMetricFamily("convtune_trials_ended", "Trials that ended, by outcome.", labels=["outcome"])
+        reconciled = CounterMetricFamily(
+            "convtune_reconciler_actions", "Stranded work the reconciler re-sent or ended, by kind of run and action.", labels=["kind", "action"],
+        )
         try:
             pipe = self.redis.pipeline()
-            queues = (*QUEUES, CALLBACK_QUEUE)
-            for queue in queues:
-                for suffix in _PRIORITY_SUFFIXES:
-                    pipe.llen(queue + suffix)
+            lists = {queue: queue_lists(queue) for queue in (*QUEUES, CALLBACK_QUEUE)}
+            for names in lists.values():
+                for name in names:
+                    pipe.llen(name)
             pipe.hgetall(OUTCOME_COUNTS_KEY)
+            pipe.hgetall(RECONCILER_COUNTS_KEY)
             results = pipe.execute()
-            for i, queue in enumerate(queues):
-                depth.add_metric([queue], sum(results[i * 4 : i * 4 + 4]))
-            for outcome, count in sorted(results[-1].items()):
+            at = 0
+            for queue, names in lists.items():
+                depth.add_metric([queue], sum(results[at : at + len(names)]))
+                at += len(names)
+            for outcome, count in sorted(results[-2].items()):
                 outcomes.add_metric([outcome.decode()], int(count))
+            for field, count in sorted(results[-1].items()):
+                kind, _, action = field.decode().partition(":")
+                reconciled.add_metric([kind, action], int(count))
         except redis.RedisError:
             pass  # an empty family: the scrape still answers, convtune_up says the rest
         yield depth
         yield outcomes
+        yield reconciled
         workers = GaugeMetricFamily("convtune_workers", "Celery workers consuming each queue (answering within 1 s).", labels=["queue"])
         for queue, count in sorted(self.workers().items()):
             workers.add_metric([queue], count)

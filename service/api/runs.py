@@ -8,6 +8,7 @@ down, a timeout) is :class:`~service.api.errors.ServiceUnavailable`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from service.api.errors import BadRequest, NotFound, ServiceUnavailable
 
 __all__ = ["RUN_ID", "RunRecord", "RunStore"]
 
+log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Client-side status filter -> MLflow search filter.
 STATUS_FILTERS = {
@@ -178,8 +180,8 @@ class RunStore:
         return [RunRecord.from_run(run) for run in page], page.token
 
     def count_queued(self, owner: str, cap: int) -> int:
-        """How many trials ``owner`` (an API token's name) has queued, counted up to ``cap``."""
-        filters = f"tags.`{TAG.KIND}` = 'trial' and tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
+        """How much work ``owner`` (an API token's name) has queued (trials, studies, range tests), counted up to ``cap``."""
+        filters = f"tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
         with self.translated():
             # MLflow returns at most 50,000 runs a page: a cap above that is never reached.
             return len(self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=min(cap, 50_000)))
@@ -188,6 +190,17 @@ class RunStore:
         """End a run that no worker is running (failed at accept, cancelled while queued)."""
         with self.translated(run_id):
             runs.end_run(self.client, run_id, status, outcome, reason)
+
+    def end_undispatched(self, run_id: str, detail: str) -> None:
+        """End a run whose work was not sent (failed, ``not dispatched: detail``); never raises.
+
+        Should MLflow fail too, the run stays SCHEDULED with nothing sent: logged here, for the
+        reconciler to end. The client hears its 503 either way.
+        """
+        try:
+            self.end(run_id, "FAILED", "error", f"not dispatched: {detail}")
+        except ServiceUnavailable as exc:
+            log.error("run %s was not dispatched and could not be marked failed (%s); the reconciler will end it", run_id, exc.detail)
 
     def run_url(self, record_or_id: RunRecord | str, ui_url: str) -> str:
         """The MLflow UI page of a run (the experiment's training view, not its GenAI overview)."""

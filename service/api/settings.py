@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.callbacks import CallbackDestinations
 
 __all__ = ["ApiSettings", "TokenConfig"]
 
@@ -21,10 +23,11 @@ class TokenConfig(BaseModel):
     scopes: list[Scope] = Field(min_length=1, description="read: GET; submit: create and cancel; admin: everything.")
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(BaseSettings, CallbackDestinations):
     """Settings of the API; built once in ``create_app`` and passed to whatever needs them."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVTUNE_", extra="ignore")
+    # hide_input_in_errors: a refused setting is logged at start-up without the values (URLs with passwords, tokens) beside it.
+    model_config = SettingsConfigDict(env_prefix="CONVTUNE_", extra="ignore", hide_input_in_errors=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
@@ -32,10 +35,19 @@ class ApiSettings(BaseSettings):
     experiment: str = "convtune"
     default_queue: Literal["gpu", "cpu"] = "gpu"
     visibility_timeout_s: int = Field(default=4 * 3600, ge=60, description="Must equal the workers' setting.")
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0, le=30,
+        description="Socket timeout of every Redis command and connection of the API (broker, idempotency, rate limits): a stalled Redis is a 503, not a hung request.",
+    )
     data_root: Path | None = Field(default=None, description="The workers' data root, when the API can see it: user data is checked at submit.")
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_epochs: int = Field(default=1000, ge=1)
     max_params: int = Field(default=200_000_000, ge=1, description="Largest trainable-parameter count a trial may have.")
+    max_flops_per_sample: int = Field(default=50 * 10**9, ge=1, description="Largest forward FLOPs per sample a trial's network may have.")
+    max_dataset_bytes: int = Field(
+        default=2 * 2**30, ge=2**20,
+        description="Largest generated data set (float32 images in a worker's memory) a trial may ask for; building one takes about 3x this at peak.",
+    )
     callback_hosts: list[str] | None = Field(
         default=None,
         description=(
@@ -47,6 +59,13 @@ class ApiSettings(BaseSettings):
     study_storage: str = Field(
         default=".convtune/studies.journal",
         description="Optuna storage of studies, the same for the API and every worker: a journal file path (one host) or a database URL (postgresql://...).",
+    )
+    deployment: Literal["single-host", "distributed"] = Field(
+        default="single-host",
+        description=(
+            "single-host: the API and every worker run on this one host, where a journal file may hold the studies; "
+            "distributed (the images' default): separate hosts, containers or replicas, so study_storage must be a database they all reach."
+        ),
     )
     # Issue 5: auth, limits, observability, callbacks.
     auth_disabled: bool = Field(default=False, description="Serve without authentication (local stack and tests only); logged loudly at start-up.")
@@ -63,3 +82,15 @@ class ApiSettings(BaseSettings):
     @property
     def ui_url(self) -> str:
         return (self.mlflow_ui_url or self.mlflow_tracking_uri).rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_study_storage(self) -> ApiSettings:
+        """The API and every worker must open the same studies: a local file is one host's alone."""
+        local = "://" not in self.study_storage or self.study_storage.startswith(("sqlite:", "file:"))
+        if self.deployment == "distributed" and local:
+            raise ValueError(
+                f"CONVTUNE_STUDY_STORAGE={self.study_storage!r} is a local file, but CONVTUNE_DEPLOYMENT=distributed: every host would "
+                "keep studies of its own. Set CONVTUNE_STUDY_STORAGE to a database URL the API and all workers share "
+                "(postgresql://USER:PASSWORD@HOST:5432/DB), or CONVTUNE_DEPLOYMENT=single-host if they all run on this one host."
+            )
+        return self

@@ -19,10 +19,10 @@ from models.logs import bind
 from models.messages import TrialMessage
 from models.spec.plan import NetworkPlan
 from models.spec.trial import TrialSpec, flatten_params
-from models.store.keys import cancel_key
+from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG, trial_tags
 from service.api.admission import admit_trial
-from service.api.auth import check_owner, current_principal
+from service.api.auth import check_owner, current_principal, redacted
 from service.api.callbacks import notify_ended_by_api
 from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
@@ -47,7 +47,6 @@ def create_trial(body: TrialSpec, header: IdempotencyHeader):
     """Submit a trial: validated, sized, recorded in MLflow, then queued for a worker."""
     s = services()
     owner = current_principal().name
-    check_queued_quota(s.runs.count_queued(owner, s.settings.max_queued_trials_per_token), s.settings)
     accepted = accept_trial(s, body, owner)
     bind(trial_id=accepted.trial_id)
     url = url_for("trials.get_trial", trial_id=accepted.trial_id, _external=True)
@@ -76,16 +75,15 @@ def get_trial(path: TrialPath):
 
 @bp.post("/<trial_id>/cancel", responses={202: TrialPublic, **problems(404, 409, 503)})
 def cancel_trial(path: TrialPath):
-    """Cancel a queued or running trial; a running one stops at its next check (within N steps)."""
+    """Cancel a trial: a queued or orphaned one ends now, a running one stops at its next check (within N steps)."""
     s = services()
     record = s.runs.get(path.trial_id)
     check_owner(record.tags.get(TAG.OWNER), f"trial {record.id}")
     if record.terminal:
         raise Conflict(f"trial {record.id} has already ended ({record.status}); there is nothing to cancel")
-    was_queued = record.mlflow_status == "SCHEDULED"
-    request_cancel(s, record.id, was_queued=was_queued)
+    ended_here = request_cancel(s, record)
     ended = s.runs.get(record.id)
-    if was_queued:  # no worker will run it, so no worker will call its callback back
+    if ended_here:  # no worker runs it, so no worker will call its callback back
         notify_ended_by_api(ended)
     return trial_public(ended).model_dump(), 202
 
@@ -100,27 +98,36 @@ class Accepted:
 def accept_trial(s: Services, spec: TrialSpec, owner: str) -> Accepted:
     """Check, record (the SCHEDULED run), send; a message not sent ends the run failed and raises 503."""
     plan = admit_trial(spec, s.settings)
+    check_queued_quota(s.runs, owner, s.settings)
     queue = spec.queue or s.settings.default_queue
     trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, **{TAG.OWNER: owner}), flatten_params(spec))
     try:
         s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
         log.warning("trial %s not sent, marking it failed: %s", trial_id, exc.detail)
-        s.runs.end(trial_id, "FAILED", "error", f"not dispatched: {exc.detail}")
+        s.runs.end_undispatched(trial_id, exc.detail)
         raise
     log.info("trial %s accepted on queue %s", trial_id, queue)
     return Accepted(trial_id, queue, plan)
 
 
-def request_cancel(s: Services, run_id: str, was_queued: bool) -> None:
-    """Raise the cancel flag the training loop checks; end a run no worker has started yet."""
+def request_cancel(s: Services, record: RunRecord) -> bool:
+    """Raise the cancel flag the training loop checks, and end the run now unless a worker holds it; whether it ended it.
+
+    A queued run, and a running one whose lease no worker renews (its worker was lost), end
+    ``cancelled`` here: no training loop would see the flag. A worker that receives the run's
+    message later sees it ended and skips it; one that wakes up without its lease writes nothing.
+    """
     try:
-        s.redis.set(cancel_key(run_id), "1", ex=s.settings.visibility_timeout_s * 2)
+        s.redis.set(cancel_key(record.id), "1", ex=s.settings.visibility_timeout_s * 2)
+        held = record.mlflow_status == "RUNNING" and bool(s.redis.exists(lease_key(record.id)))
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
-    if was_queued:
-        # The worker that later receives the message sees the ended run and skips it.
-        s.runs.end(run_id, "KILLED", "cancelled", "cancelled on request before it started")
+    if held:
+        return False
+    reason = "cancelled on request before it started" if record.mlflow_status == "SCHEDULED" else "cancelled on request; no worker held it"
+    s.runs.end(record.id, "KILLED", "cancelled", reason)
+    return True
 
 
 def trial_public(record: RunRecord, with_history: bool = True) -> TrialPublic:
@@ -140,7 +147,7 @@ def trial_public(record: RunRecord, with_history: bool = True) -> TrialPublic:
         reason=tags.get(TAG.REASON), queue=tags.get(TAG.QUEUE), epochs_done=int(tags.get(TAG.EPOCHS_DONE, 0)),
         epochs=spec.get("optim", {}).get("epochs"), metrics=record.metrics, best=best,
         params_count=_int(tags.get(TAG.PARAMS_COUNT)), flops_per_sample=_int(tags.get(TAG.FLOPS)),
-        timings=record.timings(), spec=spec or None, mlflow_url=s.runs.run_url(record, s.settings.ui_url),
+        timings=record.timings(), spec=redacted(spec, tags.get(TAG.OWNER)) or None, mlflow_url=s.runs.run_url(record, s.settings.ui_url),
     )
 
 

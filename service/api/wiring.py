@@ -34,9 +34,10 @@ class Services:
 def init_app(app: Flask, settings: ApiSettings) -> Services:
     """Build the MLflow store, the Redis client and the Celery sender for ``app``."""
     runs = RunStore(settings.mlflow_tracking_uri, settings.experiment)
-    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
+    # Bounded, never retried by redis-py (from_url): Redis down or stalled answers 503 within seconds.
+    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
     celery = Celery("convtune-api", set_as_current=False)
-    celery.conf.update(celery_config(settings.redis_url, settings.visibility_timeout_s))
+    celery.conf.update(celery_config(settings.redis_url, settings.visibility_timeout_s, socket_timeout_s=settings.redis_timeout_s, sender=True))
     app.extensions["convtune"] = built = Services(settings, runs, redis_client, celery)
     return built
 

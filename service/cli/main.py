@@ -10,9 +10,9 @@ request or usage; 3 the service is unreachable or unavailable; 4 a --require was
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +49,38 @@ def api(bind: str, workers: int) -> None:
 @main.command()
 @click.option("--cpu-workers", default=1, show_default=True, help="worker processes on a host without GPUs")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(cpu_workers: int, loglevel: str) -> None:
-    """Start one Celery worker process per visible GPU (concurrency 1), or CPU workers on a CPU host."""
-    from service.stack.supervisor import gpu_count, worker_commands
+@click.option("--stop-timeout", default=90.0, show_default=True, envvar="CONVTUNE_WORKER_STOP_TIMEOUT_S",
+              help="on SIGINT/SIGTERM, seconds a worker may take to finish its running task before it is killed")
+def worker(cpu_workers: int, loglevel: str, stop_timeout: float) -> None:
+    """Start one Celery worker process per visible GPU (concurrency 1), or CPU workers on a CPU host,
+    plus the light callback worker; all of them live and stop with this process.
 
-    children = [subprocess.Popen(argv, env={**os.environ, **env}) for _, argv, env in worker_commands(gpu_count(), cpu_workers, loglevel)]
+    SIGINT or SIGTERM (also with SIGINT inherited ignored, as a script's `convtune worker &` has it)
+    stops them: each takes no new task and finishes the one it runs (Celery's warm shutdown), then is
+    killed after --stop-timeout. If one exits, the others are stopped and this exits 1. On Linux the
+    kernel sends each SIGTERM when this process dies, even by SIGKILL.
+    """
+    from service.stack.supervisor import gpu_count, spawn, stop_on_signals, stop_processes, worker_commands
 
-    def stop(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    codes = [child.wait() for child in children]
-    sys.exit(max(codes, default=0))
+    stop_on_signals()  # before the first child: a signal from here on lands in `except KeyboardInterrupt`
+    children: list[tuple[str, subprocess.Popen]] = []
+    code = EXIT_OK
+    try:
+        for name, argv, env in worker_commands(gpu_count(), cpu_workers, loglevel):  # stdout and stderr inherited: one stream, as a container's log wants
+            children.append((name, spawn(argv, env)))
+        while (dead := next(((n, c) for n, c in children if c.poll() is not None), None)) is None:
+            time.sleep(0.5)
+        click.echo(f"convtune worker: {dead[0]} exited ({dead[1].returncode}); stopping the others", err=True)
+        code = EXIT_FAILED
+    except KeyboardInterrupt as exc:
+        click.echo(f"convtune worker: {exc or 'interrupted'}; stopping {', '.join(n for n, _ in children)} (warm shutdown, at most {stop_timeout:g}s)", err=True)
+    finally:
+        codes = stop_processes([c for _, c in children], stop_timeout, term_group=False)
+    unclean = [f"{name} ({rc})" for (name, _), rc in zip(children, codes) if rc != 0]
+    if code == EXIT_OK and unclean:
+        click.echo(f"convtune worker: not stopped cleanly: {', '.join(unclean)}", err=True)
+        code = EXIT_FAILED
+    sys.exit(code)
 
 
 @main.command()

@@ -4,7 +4,9 @@ Every process is started in its own session and stopped by pid, in reverse order
 or SIGTERM, or when any of them dies (its log tail is printed then). On Linux each one is also tied to
 the supervisor's life: if the supervisor is killed outright (SIGKILL, OOM), the kernel sends every
 child SIGTERM, so no stale worker lives on to take the next stack's trials. Logs go to
-``HOME/logs/NAME.log``.
+``HOME/logs/NAME.log``. A Redis started here keeps an append-only file in ``HOME/redis``, so queued
+messages outlive a restart of the stack. ``convtune worker`` ties its Celery processes to its own
+life with the same functions (:func:`spawn`, :func:`stop_processes`, :func:`stop_on_signals`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
-__all__ = ["STOP_SIGNALS", "Process", "Stack", "StackConfig", "api_command", "gpu_count", "stop_on_signals", "worker_commands"]
+__all__ = [
+    "STOP_SIGNALS", "Process", "Stack", "StackConfig", "api_command", "gpu_count", "redis_command", "spawn", "stop_on_signals", "stop_processes",
+    "worker_commands",
+]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # prctl(2) option: the signal a process gets when the thread that forked it exits (Linux only).
@@ -114,6 +119,16 @@ def stop_on_signals() -> None:
         signal.signal(sig, stop)
 
 
+def redis_command(server: str, port: int, data_dir: Path) -> list[str]:
+    """redis-server on 127.0.0.1 with an append-only file in ``data_dir``: queued messages survive a restart.
+
+    fsync once a second (Redis' default for AOF): a crash of the host loses at most the last second
+    of writes; a stop (SIGTERM) loses nothing, Redis flushes the file before it exits. RDB snapshots
+    stay off: the AOF alone is what Redis loads at start.
+    """
+    return [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data_dir)]
+
+
 def _die_with_supervisor() -> Callable[[], None] | None:
     """A ``preexec_fn`` that has the kernel send the child SIGTERM when this process dies; None off Linux.
 
@@ -146,15 +161,9 @@ class Stack:
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
         """Start one process in its own session (so :meth:`down` can stop its whole group by pid), tied to this one's life."""
-        # The parent-death signal fires when the *thread* that forked the child exits, not the process.
-        # `convtune up` runs no other thread while it starts processes, which also keeps preexec_fn safe.
-        assert threading.current_thread() is threading.main_thread(), "start the stack's processes from the main thread"
         log_path = self.config.home / "logs" / f"{name}.log"
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
-                preexec_fn=_die_with_supervisor(),  # noqa: PLW1509 - main thread, no other threads (above)
-            )
+            popen = spawn(argv, env, stdout=log, stderr=subprocess.STDOUT)
         process = Process(name, popen, log_path)
         self.processes.append(process)
         return process
@@ -199,10 +208,12 @@ class Stack:
                 "or docker run -p 6379:6379 redis:7) or point CONVTUNE_REDIS_URL at yours."
             )
         port = url.port or 6379
-        self.start("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        data_dir = (self.config.home / "redis").resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.start("redis", redis_command(server, port, data_dir))
         if not _wait(lambda: _redis_answers(self.config.redis_url), 15):
             raise RuntimeError(f"redis-server did not start on port {port}:\n{self.processes[-1].tail()}")
-        self.say(f"started redis-server on port {port}")
+        self.say(f"started redis-server on port {port} (append-only file in {data_dir})")
 
     def start_mlflow(self) -> None:
         c = self.config
@@ -236,17 +247,49 @@ class Stack:
 
     def down(self, timeout_s: float = 15) -> None:
         """Stop every process by pid, newest first: SIGTERM to its group, SIGKILL after ``timeout_s``."""
-        for process in reversed(self.processes):
-            if process.popen.poll() is None:
-                _signal_group(process.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for process in reversed(self.processes):
-            try:
-                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(process.popen.pid, signal.SIGKILL)
-                process.popen.wait()
+        stop_processes([p.popen for p in self.processes], timeout_s)
         self.processes.clear()
+
+
+def spawn(argv: list[str], env: dict[str, str] | None = None, **popen_kwargs: object) -> subprocess.Popen:
+    """Start ``argv`` in its own session (:func:`stop_processes` stops its whole group), tied to this process's life.
+
+    ``env`` is added to this process's environment. On Linux the child gets SIGTERM from the kernel
+    when this process dies, even by SIGKILL. Call it from the main thread only.
+    """
+    # The parent-death signal fires when the *thread* that forked the child exits, not the process.
+    # `convtune up` and `convtune worker` run no other thread while they start processes, which also
+    # keeps preexec_fn safe.
+    assert threading.current_thread() is threading.main_thread(), "start child processes from the main thread"
+    return subprocess.Popen(
+        argv, env={**os.environ, **(env or {})}, start_new_session=True,
+        preexec_fn=_die_with_supervisor(),  # noqa: PLW1509 - main thread, no other threads (above)
+        **popen_kwargs,  # type: ignore[arg-type]
+    )
+
+
+def stop_processes(popens: list[subprocess.Popen], timeout_s: float, term_group: bool = True) -> list[int]:
+    """Stop processes started by :func:`spawn`, newest first: SIGTERM, then SIGKILL to each one's group after ``timeout_s``.
+
+    SIGTERM goes to each one's whole group, or with ``term_group=False`` to the process alone: a
+    Celery worker's main process then stops its pool itself once the running task ends (its warm
+    shutdown), where a SIGTERM to the pool would end the task mid-step. Returns the exit codes, in
+    the order given (negative: ended by that signal).
+    """
+    for popen in reversed(popens):
+        if popen.poll() is None:
+            if term_group:
+                _signal_group(popen.pid, signal.SIGTERM)
+            else:
+                popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for popen in reversed(popens):
+        try:
+            popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(popen.pid, signal.SIGKILL)
+            popen.wait()
+    return [popen.returncode for popen in popens]
 
 
 def _signal_group(pid: int, sig: int) -> None:

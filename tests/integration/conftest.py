@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from flask.testing import FlaskClient
 from mlflow.tracking import MlflowClient
@@ -15,12 +13,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
-def api_settings(redis_url: str, mlflow_uri: str) -> ApiSettings:
-    # Its own experiment per session, so counts of runs are this session's alone.
+def api_settings(redis_url: str, mlflow_uri: str, experiment: str) -> ApiSettings:
+    # The session's own experiment (tests/conftest.py), which the workers' reconciler sweeps too.
     return ApiSettings(
-        redis_url=redis_url, mlflow_tracking_uri=mlflow_uri, experiment=f"test-{uuid.uuid4().hex[:8]}", default_queue="cpu",
+        redis_url=redis_url, mlflow_tracking_uri=mlflow_uri, experiment=experiment, default_queue="cpu",
         auth_disabled=True,  # auth and rate limits have their own tests (test_api_auth.py, test_api_limits.py)
         rate_limit="100000/minute", submit_rate_limit="100000/minute",
+        callback_allowed_networks=["127.0.0.0/8"],  # the tests' receivers listen on loopback
     )
 
 

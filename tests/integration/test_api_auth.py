@@ -106,3 +106,93 @@ def test_only_the_submitter_or_an_admin_may_cancel_or_extend_a_study(api):
     assert_problem(api.post(f"/studies/{study_id}/extend", json={"n_trials": 1}, headers=bearer("other")), 403, "forbidden")
     assert_problem(api.post(f"/studies/{study_id}/cancel", headers=bearer("other")), 403, "forbidden")
     assert api.post(f"/studies/{study_id}/cancel", headers=bearer("root")).status_code == 202
+
+
+def test_a_callback_url_is_shown_to_its_owner_and_admins_only(api):
+    hook = "https://hooks.example.com/convtune?token=s3cret"
+    accepted = api.post("/trials", json=tiny_trial(queue="gpu", callback_url=hook), headers=bearer("submitter"))
+    assert accepted.status_code == 202, accepted.get_json()
+    trial_id = accepted.get_json()["id"]
+    for name, sees in (("submitter", True), ("root", True), ("other", False), ("reader", False)):
+        shown = api.get(f"/trials/{trial_id}", headers=bearer(name)).get_json()["spec"]["callback_url"]
+        assert (shown == hook) is sees and ("s3cret" in shown) is sees, (name, shown)
+    listed = api.get("/trials?status=queued&limit=200", headers=bearer("other")).get_json()["items"]
+    assert all("s3cret" not in str(item["spec"]) for item in listed)
+    assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")).status_code == 202
+
+
+def test_an_ownerless_run_is_changed_by_admins_only(api, app):
+    # A run created without an owner (before owners were recorded, or by hand): no ordinary token may claim it.
+    from models.spec.trial import TrialSpec, flatten_params
+    from models.store.runs import trial_tags
+
+    spec = TrialSpec.model_validate(tiny_trial(queue="gpu"))
+    runs = app.extensions["convtune"].runs
+    trial_id = runs.create(spec.display_name(), trial_tags(spec, None, "gpu"), flatten_params(spec))
+    problem = assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")), 403, "forbidden")
+    assert "no owner" in problem["detail"]
+    assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("root")).status_code == 202
+
+
+def test_extensions_count_towards_the_trials_per_study_cap(api, secured_app):
+    cap = secured_app.extensions["convtune"].settings.max_trials_per_study
+    study = {"base": tiny_trial(queue="gpu"), "search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, "n_trials": cap - 2}
+    study_id = api.post("/studies", json=study, headers=bearer("submitter")).get_json()["id"]
+    assert api.post(f"/studies/{study_id}/extend", json={"n_trials": 2}, headers=bearer("submitter")).status_code == 202
+    problem = assert_problem(api.post(f"/studies/{study_id}/extend", json={"n_trials": 2}, headers=bearer("submitter")), 422, "invalid-spec")
+    assert problem["errors"][0]["field"] == "n_trials"
+    assert api.post(f"/studies/{study_id}/cancel", headers=bearer("submitter")).status_code == 202
+
+
+def test_a_range_test_passes_the_same_size_limit_as_a_trial(api, secured_app):
+    limit = secured_app.extensions["convtune"].settings.max_params
+    huge = tiny_trial(model={"channels": [2048, 2048], "convs_per_stage": 6})  # 415M parameters
+    problem = assert_problem(api.post("/lr-finder", json={"trial": huge}, headers=bearer("submitter")), 422, "invalid-spec")
+    assert problem["errors"][0]["field"] == "trial.model.channels" and f"{limit:,}" in problem["detail"]
+
+
+def test_a_registered_model_name_belongs_to_the_token_that_first_registered_it(api, mlflow_client):
+    name = f"digits-{uuid.uuid4().hex[:6]}"
+    mlflow_client.create_registered_model(name, tags={"convtune.owner": "submitter"})
+    study = {"base": tiny_trial(queue="gpu"), "search_space": {"model.activation": ["relu", "gelu"]}, "n_trials": 1, "register_as": name}
+    problem = assert_problem(api.post("/studies", json=study, headers=bearer("other")), 403, "forbidden")
+    assert name in problem["detail"]
+    ours = api.post("/studies", json=study, headers=bearer("submitter"))
+    assert ours.status_code == 202, ours.get_json()
+    assert api.post(f"/studies/{ours.get_json()['id']}/cancel", headers=bearer("submitter")).status_code == 202
+    unowned = f"by-hand-{uuid.uuid4().hex[:6]}"
+    mlflow_client.create_registered_model(unowned)  # no owner: an admin's to use
+    study["register_as"] = unowned
+    assert_problem(api.post("/studies", json=study, headers=bearer("submitter")), 403, "forbidden")
+    admins = api.post("/studies", json=study, headers=bearer("root"))
+    assert admins.status_code == 202
+    assert api.post(f"/studies/{admins.get_json()['id']}/cancel", headers=bearer("root")).status_code == 202
+
+
+@pytest.mark.parametrize("route", ["/trials", "/lr-finder", "/studies"])
+def test_every_route_that_creates_work_refuses_oversized_specs_and_creates_nothing(api, route, mlflow_client, api_settings):
+    # 104M parameters (under the cap) but 2 TFLOPs per sample; and a 9 GiB generated data set.
+    costly = tiny_trial(model={"channels": [1024, 1024], "convs_per_stage": 6}, data={"name": "shapes", "image_size": 128, "num_samples": 100})
+    huge_data = tiny_trial(data={"name": "shapes", "image_size": 128, "num_samples": 50_000})
+    experiment = mlflow_client.get_experiment_by_name(api_settings.experiment)
+    before = len(mlflow_client.search_runs([experiment.experiment_id], max_results=5000)) if experiment else 0
+    for trial, field, fragment in ((costly, "model.channels", "FLOPs per sample"), (huge_data, "data.num_samples", "GiB")):
+        body, prefix = {
+            "/trials": (trial, ""), "/lr-finder": ({"trial": trial}, "trial."),
+            "/studies": ({"base": trial, "search_space": {"model.activation": ["relu", "gelu"]}, "n_trials": 2}, "base."),
+        }[route]
+        problem = assert_problem(api.post(route, json=body, headers=bearer("submitter")), 422, "invalid-spec")
+        assert problem["errors"][0]["field"] == prefix + field and fragment in problem["detail"]
+    after = len(mlflow_client.search_runs([experiment.experiment_id], max_results=5000)) if experiment else 0
+    assert after == before
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:6379/", "http://[::1]/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "http://0.0.0.0/",
+    "https://93.184.216.34:6379/hook",  # a public address on a port callbacks may not use
+])
+def test_callbacks_to_internal_targets_are_refused_at_submit(secured_app, target):
+    # The session's app allows loopback for its own receivers; the product's default allows none of these.
+    app = create_app(secured_app.extensions["convtune"].settings.model_copy(update={"callback_allowed_networks": []}))
+    problem = assert_problem(app.test_client().post("/trials", json=tiny_trial(callback_url=target), headers=bearer("submitter")), 422, "invalid-spec")
+    assert problem["errors"][0]["field"] == "callback_url"

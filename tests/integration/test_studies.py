@@ -121,6 +121,7 @@ def test_study_prunes_bad_trials_and_mlflow_holds_parent_children_and_results(st
     for t in trials:
         run = runs[t["trial_id"]]
         assert run.data.tags["convtune.study_id"] == accepted["id"] and run.data.tags["convtune.kind"] == "trial"
+        assert run.data.tags["convtune.owner"] == "anonymous"  # the study's owner owns its trials (auth is off here)
         assert run.data.tags["mlflow.runName"].startswith("lr=") and f"#{t['number']}" in run.data.tags["mlflow.runName"]
         assert run.data.params["model.activation"] == t["params"]["model.activation"]
         assert run.data.tags["convtune.outcome"] == t["outcome"]

@@ -84,3 +84,14 @@ def test_missing_counters_say_so(budget: StudyBudget) -> None:
     assert budget.top_up().slots == [2]
     budget.record_slot(2, "abc", 7)
     assert budget.slot_record(2) == ("abc", 7) and budget.slot_record(3) is None
+
+
+def test_lost_counters_are_restored_once_with_the_running_slots_in_flight_and_the_rest_released(budget: StudyBudget) -> None:
+    assert budget.restore(budget=6, parallelism=2, claimed=4, running={3: ("trial-c", 2)}, stopped="")
+    assert not budget.restore(budget=6, parallelism=2, claimed=1, running={}, stopped="")  # the first restore wins
+    assert budget.in_flight(4) == [3]
+    assert budget.slot_record(3) == ("trial-c", 2)
+    top = budget.top_up(release_slot=1)
+    assert not top.released  # a step that ended before the loss counts for nothing
+    assert top.slots == [5] and top.in_flight == 2  # new slots never reuse a claimed number
+    assert budget.top_up(release_slot=3).released and budget.top_up(release_slot=3).released is False

@@ -3,7 +3,8 @@
 
 Real processes, a tiny stack: the supervisor runs as its own process, starts a real redis-server (as
 ``convtune up`` does on a bare host) and a Python process with a child of its own that it stops on
-SIGTERM (as ``mlflow server``, gunicorn and Celery do), then serves until stopped.
+SIGTERM (as ``mlflow server``, gunicorn and Celery do), then serves until stopped. The redis-server it
+starts keeps an append-only file in its home: what was queued before a stop is there after a restart.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import ROOT, free_port, wait_for
 
@@ -96,9 +98,10 @@ def alive(pids: set[int]) -> set[int]:
 class Supervisor:
     """The tiny stack's supervisor process, its output, and every process it started (once serving)."""
 
-    def __init__(self, tmp_path: Path, ignore_sigint: bool):
-        self.log_path = tmp_path / "supervisor.log"
-        argv = [sys.executable, "-c", SUPERVISOR, str(tmp_path / "home"), f"redis://127.0.0.1:{free_port()}/0", FAMILY]
+    def __init__(self, tmp_path: Path, ignore_sigint: bool, redis_url: str | None = None, n: int = 0):
+        self.log_path = tmp_path / f"supervisor-{n}.log"
+        self.redis_url = redis_url or f"redis://127.0.0.1:{free_port()}/0"
+        argv = [sys.executable, "-c", SUPERVISOR, str(tmp_path / "home"), self.redis_url, FAMILY]
         if ignore_sigint:
             argv = [sys.executable, "-c", IGNORING_SIGINT, *argv]
         with open(self.log_path, "wb") as log:
@@ -135,8 +138,8 @@ def supervisor_factory(tmp_path: Path) -> Iterator:
         pytest.skip("needs redis-server (apt-get install redis-server)")
     made: list[Supervisor] = []
 
-    def make(ignore_sigint: bool = False) -> Supervisor:
-        made.append(Supervisor(tmp_path, ignore_sigint))
+    def make(ignore_sigint: bool = False, redis_url: str | None = None) -> Supervisor:
+        made.append(Supervisor(tmp_path, ignore_sigint, redis_url, n=len(made)))
         return made[-1]
 
     yield make
@@ -171,3 +174,23 @@ def test_the_stacks_processes_die_with_a_sigkilled_supervisor(supervisor_factory
 
     assert wait_for(lambda: not alive(started), 10), f"left running: {alive(started)}\n{supervisor.output()}"
     assert "stack stopped" not in supervisor.output()
+
+
+def test_the_redis_it_starts_keeps_queued_messages_across_a_restart(supervisor_factory, tmp_path):
+    first = supervisor_factory()
+    first.wait_until_serving()
+    r = redis.Redis.from_url(first.redis_url, socket_timeout=5)
+    r.set("convtune:test:key", "kept")
+    r.lpush("cpu", '{"a": "queued message"}')  # a Celery queue is a Redis list named after it
+    first.popen.send_signal(signal.SIGTERM)
+    assert first.popen.wait(timeout=20) == 0, first.output()
+    assert "stack stopped" in first.output()
+    assert wait_for(lambda: not alive(first.started), 5), f"left running: {alive(first.started)}"
+    assert list((tmp_path / "home" / "redis").rglob("*.aof")), "no append-only file in HOME/redis"
+
+    second = supervisor_factory(redis_url=first.redis_url)  # the same home and port: `convtune up` again
+    second.wait_until_serving()
+    assert "started redis-server" in second.output(), second.output()  # its own redis-server, not a leftover
+    r = redis.Redis.from_url(second.redis_url, socket_timeout=5)
+    assert r.get("convtune:test:key") == b"kept"
+    assert r.lrange("cpu", 0, -1) == [b'{"a": "queued message"}']

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from mlflow.exceptions import MlflowException
 
-from models.callbacks import study_ended_event, trial_ended_event
+from models.callbacks import shown_url, study_ended_event, trial_ended_event
 from models.messages import CALLBACK_QUEUE, CallbackMessage, NotSent, send
 from models.store.keys import OUTCOME_COUNTS_KEY
 from models.store.runs import TAG, client_status, study_state
@@ -66,6 +66,6 @@ def announce_study_end(
 def _queue_callback(url: str, event: dict[str, Any], what: str) -> None:
     try:
         send(app, CallbackMessage(url=url, event=event), CALLBACK_QUEUE)
-        log.info("%s: callback queued for %s", what, url)
+        log.info("%s: callback queued for %s", what, shown_url(url))
     except NotSent as exc:  # the broker is down: it has ended all the same
         log.error("%s: its callback could not be queued: %s", what, exc)

@@ -4,8 +4,10 @@ A receiver's 2xx ends the delivery. A network error, a timeout, a 408, a 425, a 
 :class:`RetryableDelivery`, which Celery retries (``autoretry_for``) up to ``callback_max_retries``
 times, the n-th retry after a random delay between 0 and ``callback_backoff_s * 2**n`` seconds,
 capped at ``callback_backoff_max_s`` (Celery's exponential backoff with full jitter, in whole
-seconds: a backoff under 1 s counts as 1 s). Once the retries are spent the task fails and the
-event is dropped with an error logged. Any other 4xx means the receiver refuses the event: it is
+seconds: a backoff under 1 s counts as 1 s). Infrastructure errors (Redis, the broker) follow the
+same policy as every convtune task (:mod:`workers.failures`), with these numbers: a retry that
+cannot be sent puts the message back on the broker. Once the retries are spent the task fails and
+the event is dropped with an error logged. Any other 4xx means the receiver refuses the event: it is
 dropped with an error logged, never retried. Retries are Celery messages with a countdown, so they
 survive a restart of this worker. The policy is read from the worker's settings when the worker
 starts (:data:`workers.callbacks.app.settings`).
@@ -14,18 +16,22 @@ starts (:data:`workers.callbacks.app.settings`).
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 from celery import Task
 
-from models.callbacks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, encode, sign
+from models.callbacks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, encode, shown_url, sign
 from models.logs import log_context
 from models.messages import TASK_DELIVER_CALLBACK, CallbackMessage
 from workers.callbacks.app import app, settings
+from workers.failures import task_options
 from workers.settings import WorkerSettings
 
-__all__ = ["RetryableDelivery", "deliver_callback", "post_event"]
+__all__ = ["RefusedDestination", "RetryableDelivery", "deliver_callback", "post_event"]
 
 log = logging.getLogger(__name__)
 RETRIED_STATUSES = frozenset({408, 425, 429})
@@ -35,14 +41,51 @@ class RetryableDelivery(Exception):
     """The receiver could not take the event now; try again later."""
 
 
+class RefusedDestination(Exception):
+    """The callback's address or port is one callbacks may not reach (private, loopback, metadata...)."""
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """Connects only to addresses callbacks may reach: the check is on the address actually connected to,
+    after DNS, so a name that resolves (or re-resolves) to a private address is refused."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options: Any = None) -> Any:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"{host}: {exc}") from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for address in addresses:  # every address the name has must be allowed, or rebinding picks the bad one
+            problem = self.settings.destination_problem(address, port)
+            if problem:
+                raise RefusedDestination(f"{host} resolves to {address}: {problem}")
+        # TLS still verifies and sends SNI for the host name: httpcore takes it from the URL, not from here.
+        return super().connect_tcp(addresses[0], port, timeout=timeout, local_address=local_address, socket_options=socket_options)
+
+
+def _client(settings: WorkerSettings) -> httpx.Client:
+    """An HTTP client that connects only where callbacks may go; no proxies from the environment, no redirects."""
+    transport = httpx.HTTPTransport()
+    # httpx takes no network backend; its transport's httpcore pool does (same TLS context, guarded connects).
+    transport._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), network_backend=_GuardedBackend(settings))
+    return httpx.Client(transport=transport, trust_env=False, follow_redirects=False, timeout=settings.callback_timeout_s)
+
+
 def post_event(url: str, event: dict, settings: WorkerSettings) -> int:
     """POST one signed event; the receiver's status. Raises RetryableDelivery for a retryable failure."""
     body = encode(event)
     headers = {"Content-Type": "application/json", EVENT_HEADER: event["event"], DELIVERY_HEADER: event["delivery_id"], "User-Agent": "convtune-callbacks"}
     if settings.callback_secret:
         headers[SIGNATURE_HEADER] = sign(settings.callback_secret, body)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise RefusedDestination(f"callbacks go over http or https, not {parts.scheme!r}")
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=settings.callback_timeout_s)
+        with _client(settings) as client:
+            response = client.post(url, content=body, headers=headers)
     except httpx.HTTPError as exc:
         raise RetryableDelivery(f"{type(exc).__name__}: {exc}") from exc
     if response.status_code >= 500 or response.status_code in RETRIED_STATUSES:
@@ -57,26 +100,32 @@ def _event_ids(event: dict[str, Any]) -> dict[str, str | None]:
 
 
 @app.task(
-    name=TASK_DELIVER_CALLBACK, bind=True, acks_late=True,
-    autoretry_for=(RetryableDelivery,), max_retries=settings.callback_max_retries,
-    retry_backoff=settings.callback_backoff_s, retry_backoff_max=int(settings.callback_backoff_max_s), retry_jitter=True,
+    name=TASK_DELIVER_CALLBACK,
+    **task_options(
+        settings, retry_also=(RetryableDelivery,), max_retries=settings.callback_max_retries,
+        retry_backoff=settings.callback_backoff_s, retry_backoff_max=int(settings.callback_backoff_max_s),
+    ),
 )
 def deliver_callback(self: Task, message: dict) -> str:
     """Deliver the message's event to its URL; a RetryableDelivery is retried by Celery, with backoff."""
     msg = CallbackMessage.model_validate(message)
     delivery = msg.event["delivery_id"]
     with log_context(**_event_ids(msg.event)):
+        where = shown_url(msg.url)  # a webhook URL often carries a token: logs name only its host
         try:
             status = post_event(msg.url, msg.event, settings)
+        except RefusedDestination as exc:
+            log.error("callback %s to %s refused by this service: %s; not retried", delivery, where, exc)
+            return "refused"
         except RetryableDelivery as exc:
             attempt = self.request.retries + 1
             if self.request.retries < self.max_retries:
-                log.warning("callback %s to %s failed on attempt %d (%s); retry after a backoff", delivery, msg.url, attempt, exc)
+                log.warning("callback %s to %s failed on attempt %d (%s); retry after a backoff", delivery, where, attempt, exc)
             else:
-                log.error("callback %s to %s given up after %d attempts: %s", delivery, msg.url, attempt, exc)
+                log.error("callback %s to %s given up after %d attempts: %s", delivery, where, attempt, exc)
             raise  # autoretry_for: Celery sends the retry, or fails the task once the retries are spent
         if status >= 400:
-            log.error("callback %s to %s refused with %d; not retried", delivery, msg.url, status)
+            log.error("callback %s to %s refused with %d; not retried", delivery, where, status)
             return "refused"
-        log.info("callback %s delivered to %s (%d)", delivery, msg.url, status)
+        log.info("callback %s delivered to %s (%d)", delivery, where, status)
         return "delivered"

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from models.spec.study import StudySpec
 from models.store import runs
-from models.store.runs import TAG
+from models.store.runs import TAG, registered_owner
 from models.store.search import TRIAL_STATES, USER_ATTR, decode_params
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
@@ -172,8 +172,14 @@ def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.tr
 
     run_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
     name, alias = spec.register_as, spec.register_alias
+    owner = rt.mlflow.get_run(study_id).data.tags.get(TAG.OWNER)
     try:
+        holder = registered_owner(rt.mlflow, name)
+        if holder and holder != owner:  # checked at submit too; a name may have been taken since
+            raise PermissionError(f"the registered model {name!r} belongs to {holder!r}, not to this study's owner {owner!r}")
         version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, TAG.TRIAL_ID: str(run_id)})
+        if not holder and owner:
+            rt.mlflow.set_registered_model_tag(name, TAG.OWNER, owner)  # the first to register a name owns it
         rt.mlflow.set_registered_model_alias(name, alias, version.version)
     except Exception as exc:  # noqa: BLE001 - no model logged (log_model off), registry unavailable
         log.warning("study %s: could not register trial %s's model as %s: %s", study_id, run_id, name, exc)

@@ -9,6 +9,10 @@ objective after every epoch so the pruner can stop it. Then the step releases it
 steps the budget allows, and the step that leaves nothing in flight finishes the study
 (:mod:`workers.study.report`). No step waits on another. A step redelivered because its worker
 died resumes the same Optuna trial from its last checkpoint (up to the workers' max_attempts).
+A step that meets an infrastructure error raises it, Optuna told nothing, for its task to retry
+(the retry resumes the trial); a step whose worker lost the trial's lease stops without writing
+(the delivery holding the lease now finishes the slot); a step given up ends its slot's trial as
+``error`` and goes on (:func:`abandon_step`).
 
 How a trial's outcome becomes an Optuna state:
 
@@ -26,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -44,13 +49,14 @@ from models.store.keys import lease_key
 from models.store.runs import TAG, TERMINAL_STATUSES, trial_tags
 from models.store.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from workers.callbacks.announce import count_outcome
+from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.study.report import finish_study
-from workers.training.outcomes import Ending, Pruned
-from workers.trial.execution import LeaseHeld, execute_trial
+from workers.training.outcomes import Ending, Pruned, Superseded
+from workers.trial.execution import LeaseHeld, abandon_run, execute_trial
 from workers.trial.lr_finder import LrAutoFailed, with_lr_range
 
-__all__ = ["SendStep", "TrialFailed", "execute_step"]
+__all__ = ["SendStep", "StepInterrupted", "TrialFailed", "abandon_step", "execute_step", "restore_counters"]
 
 log = logging.getLogger(__name__)
 # Optuna logs each trial that ends FAIL with a traceback; convtune logs the outcome and reason itself.
@@ -61,6 +67,14 @@ PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible
 
 class TrialFailed(Exception):
     """The trial ended without telling anything about its configuration (Optuna FAIL)."""
+
+
+class StepInterrupted(BaseException):
+    """The trial stopped without an ending (its ``__cause__``: Superseded, or an infrastructure error).
+
+    A BaseException so that ``study.optimize`` lets it through without recording the trial (Optuna
+    records every Exception as FAIL): the trial stays RUNNING for the delivery that resumes it.
+    """
 
 
 def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) -> str:
@@ -99,9 +113,44 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
         outcome = _run_slot(study_id, slot, rt, budget, stored, spec, parent)
     except LeaseHeld:
         raise
-    except Exception:  # MLflow or the storage failed mid-trial: the slot is spent, the chain goes on
-        log.exception("study %s: the step of slot %d failed", study_id, slot)
+    except StepInterrupted as stop:
+        if isinstance(stop.__cause__, Superseded):
+            log.warning("study %s: slot %d: %s; the delivery holding the lease finishes it", study_id, slot, stop.__cause__.reason)
+            return "superseded"
+        raise stop.__cause__ from None  # MLflow, Redis or the storage failed: the task retries the step
+    except Exception as exc:
+        if is_infrastructure(exc):
+            raise  # retried: the retry finds the slot's trial and resumes it
+        log.exception("study %s: the step of slot %d failed", study_id, slot)  # a bug: the slot is spent, the chain goes on
         outcome = "error"
+    _release_slot(study_id, slot, rt, budget, stored, spec, queue, send)
+    return outcome
+
+
+def abandon_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep, reason: str) -> None:
+    """Give up the step of ``slot`` (its task's retries spent, or a bug): its trial ends ``error``, the study goes on.
+
+    Best effort: the slot's trial (unless another worker holds it) ends with ``reason`` in MLflow
+    and Optuna, its slot is released, the next steps are sent, and the study ends if that was its last.
+    """
+    budget = StudyBudget(rt.redis, study_id)
+    stored = optuna.load_study(study_name=study_id, storage=open_storage(rt.settings.study_storage))
+    record = budget.slot_record(slot)
+    if record is not None and abandon_run(record[0], rt, reason) is not None:
+        storage = stored._storage
+        optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, record[1])
+        if storage.get_trial(optuna_id).state == TrialState.RUNNING:
+            storage.set_trial_user_attr(optuna_id, USER_ATTR.OUTCOME, "error")
+            storage.set_trial_user_attr(optuna_id, USER_ATTR.REASON, reason[:1000])
+            storage.set_trial_state_values(optuna_id, TrialState.FAIL)
+    spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
+    _release_slot(study_id, slot, rt, budget, stored, spec, stored.user_attrs[USER_ATTR.QUEUE], send)
+
+
+def _release_slot(
+    study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, queue: str, send: SendStep,
+) -> None:
+    """Release ``slot``, send the steps the budget allows, and end the study when nothing is left in flight."""
     top = budget.top_up(release_slot=slot)
     if top.in_flight < 0:
         top = _restore_counters(budget, stored, spec)
@@ -113,7 +162,6 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
         except Exception as exc:  # never leave the parent RUNNING with nothing left to end it
             log.exception("study %s: its results could not be recorded", study_id)
             _end_parent(rt, study_id, "FAILED", "error", f"the study ended but its results could not be recorded: {exc}")
-    return outcome
 
 
 def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Any) -> str:
@@ -141,7 +189,9 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
         study_name=study_id, storage=open_storage(rt.settings.study_storage),
         sampler=make_sampler(spec, spec.seed + slot), pruner=make_pruner(spec),
     )
-    objective = StudyObjective(study_id, slot, spec, rt, budget, parent.info.experiment_id, stored.user_attrs[USER_ATTR.QUEUE])
+    objective = StudyObjective(
+        study_id, slot, spec, rt, budget, parent.info.experiment_id, stored.user_attrs[USER_ATTR.QUEUE], parent.data.tags.get(TAG.OWNER),
+    )
     study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
     if spec.target is not None and _target_reached(study, spec):
         _stop(budget, stored, "target", f"a trial reached the target {spec.objective.metric} {spec.target:g}")
@@ -151,9 +201,11 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
 class StudyObjective:
     """Optuna's objective for one trial: sample, create the child run, train with pruning, map the ending."""
 
-    def __init__(self, study_id: str, slot: int, spec: StudySpec, rt: WorkerRuntime, budget: StudyBudget, experiment_id: str, queue: str):
+    def __init__(
+        self, study_id: str, slot: int, spec: StudySpec, rt: WorkerRuntime, budget: StudyBudget, experiment_id: str, queue: str, owner: str | None,
+    ):
         self.study_id, self.slot, self.spec, self.rt, self.budget = study_id, slot, spec, rt, budget
-        self.experiment_id, self.queue = experiment_id, queue
+        self.experiment_id, self.queue, self.owner = experiment_id, queue, owner
         self.outcome = "error"
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -174,6 +226,9 @@ class StudyObjective:
                 infeasible = f"infeasible architecture: {exc}"
             except InvalidData as exc:
                 problem = str(exc)
+            limit = self.rt.settings.max_params
+            if plan is not None and plan.params > limit:  # the API checked the base; a sampled configuration may be larger
+                infeasible = f"the sampled network has {plan.params:,} parameters; this service allows at most {limit:,} (CONVTUNE_MAX_PARAMS)"
         trial_id = self._create_run(trial, name, params, trial_spec, plan)
         trial.set_user_attr(USER_ATTR.TRIAL_ID, trial_id)
         self.budget.record_slot(self.slot, trial_id, trial.number)
@@ -202,7 +257,14 @@ class StudyObjective:
             if trial.should_prune():
                 raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {metric} {value:.4f}")
 
-        ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end)
+        try:
+            ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end)
+        except Superseded as exc:
+            raise StepInterrupted() from exc
+        except Exception as exc:
+            if is_infrastructure(exc):
+                raise StepInterrupted() from exc
+            raise
         if ending is None:  # an earlier delivery ended the run and died before telling Optuna: read how
             tags = self.rt.mlflow.get_run(trial_id).data.tags
             ending = Ending("FAILED", tags.get(TAG.OUTCOME, "error"), tags.get(TAG.REASON, "ended by an earlier delivery"))
@@ -255,6 +317,8 @@ class StudyObjective:
     def _create_run(self, trial: optuna.Trial, name: str, params: dict[str, Any], trial_spec: TrialSpec | None, plan: Any) -> str:
         """The trial's child run under the study's parent, params logged once, here."""
         study = {TAG.PARENT: self.study_id, TAG.STUDY_ID: self.study_id, TAG.STUDY_TRIAL: str(trial.number)}
+        if self.owner:  # the study's owner owns its trials: only it (or an admin) may cancel them
+            study[TAG.OWNER] = self.owner
         if trial_spec is None:  # a sampled configuration that is not a valid trial: its params say which
             tags, flat = {TAG.KIND: "trial", TAG.QUEUE: self.queue, **study}, {k: json.dumps(v) for k, v in params.items()}
         else:
@@ -303,7 +367,9 @@ def _resume_trial(
         return "worker_lost"
     log.warning("study %s: trial #%d (%s) lost its worker; resuming it", study_id, number, trial_id)
     trial = optuna.Trial(study, optuna_id)  # the running trial, rebuilt: report() and should_prune() work on it
-    objective = StudyObjective(study_id, slot, spec, rt, budget, parent.info.experiment_id, stored.user_attrs[USER_ATTR.QUEUE])
+    objective = StudyObjective(
+        study_id, slot, spec, rt, budget, parent.info.experiment_id, stored.user_attrs[USER_ATTR.QUEUE], parent.data.tags.get(TAG.OWNER),
+    )
     try:
         study.tell(trial, objective._train(trial, trial_id, TrialSpec.model_validate_json(raw_spec)))
     except optuna.TrialPruned:
@@ -328,11 +394,33 @@ def _fail_lost_trial(rt: WorkerRuntime, stored: optuna.Study, trial_id: str, num
 
 def _restore_counters(budget: StudyBudget, stored: optuna.Study, spec: StudySpec) -> Any:
     """Redis lost the study's counters: rebuild them from the Optuna storage, then top up."""
-    started = sum(1 for t in stored.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+    restored = restore_counters(budget, stored, spec)
+    # The step that rebuilt the counters stands for the release it could not make: it may end the study.
+    return replace(budget.top_up(), released=restored)
+
+
+def restore_counters(budget: StudyBudget, stored: optuna.Study, spec: StudySpec) -> bool:
+    """Rebuild a study's lost counters from its Optuna storage (unless they exist again); whether this call did.
+
+    Claimed: every started trial and every slot one recorded, so a new slot never reuses a number.
+    In flight: the slots of the trials still RUNNING (their records are written again); the rest released.
+    """
+    trials = stored.get_trials(deepcopy=False)
+    started = sum(1 for t in trials if t.state != TrialState.WAITING)
+    slots = [int(t.user_attrs[USER_ATTR.SLOT]) for t in trials if USER_ATTR.SLOT in t.user_attrs]
+    running = {
+        int(t.user_attrs[USER_ATTR.SLOT]): (str(t.user_attrs[USER_ATTR.TRIAL_ID]), t.number)
+        for t in trials if t.state == TrialState.RUNNING and USER_ATTR.SLOT in t.user_attrs and USER_ATTR.TRIAL_ID in t.user_attrs
+    }
     stopped = json.loads(stored.user_attrs.get(USER_ATTR.STOPPED, "{}")).get("why", "")
-    log.warning("study %s: its counters were lost; restoring them from the Optuna storage (%d trials started)", stored.study_name, started)
-    budget.open(int(stored.user_attrs[USER_ATTR.BUDGET]), spec.parallelism, claimed=started, stopped=stopped)
-    return budget.top_up()
+    claimed = max([started, *slots])
+    restored = budget.restore(int(stored.user_attrs[USER_ATTR.BUDGET]), spec.parallelism, claimed, running, stopped)
+    if restored:
+        log.warning(
+            "study %s: its counters were lost; restored them from the Optuna storage (%d trials started, %d running)",
+            stored.study_name, started, len(running),
+        )
+    return restored
 
 
 def _end_parent(rt: WorkerRuntime, study_id: str, status: str, outcome: str, reason: str) -> None:

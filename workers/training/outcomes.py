@@ -5,6 +5,8 @@
      +-- TimedOut           FAILED   timeout      past the spec's time_limit_s
      +-- Diverged           FAILED   diverged     the loss blew up (learning rate too high?)
      +-- Pruned             FINISHED pruned       a study's pruner stopped it early
+     +-- Superseded         (none)                this worker lost the trial's lease: another one
+                                                  resumes it, so this one stops without recording anything
 
 Any other exception is classified by :func:`classify`: unusable data is ``invalid_data``, a CUDA
 or host out-of-memory is ``out_of_memory``, anything else ``error`` with its type and message.
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from models.data.sets import InvalidData
 
-__all__ = ["Cancelled", "Diverged", "Ending", "Pruned", "TimedOut", "TrialStopped", "classify"]
+__all__ = ["Cancelled", "Diverged", "Ending", "Pruned", "Superseded", "TimedOut", "TrialStopped", "classify"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class Pruned(TrialStopped):
     """A study's pruner judged the trial not worth finishing."""
 
     mlflow_status, outcome = "FINISHED", "pruned"
+
+
+class Superseded(TrialStopped):
+    """This worker no longer holds the trial's lease; the run is another worker's to write and end."""
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -28,7 +28,7 @@ from models.spec.plan import plan_network
 from models.spec.trial import OptimSpec, TrialSpec
 from workers.training.batching import BatchPlan, MemoryProbe, plan_batches
 from workers.training.divergence import DivergenceDetector
-from workers.training.outcomes import Cancelled, TimedOut, TrialStopped
+from workers.training.outcomes import Cancelled, Superseded, TimedOut, TrialStopped
 from workers.training.parallel import Parallel
 
 __all__ = [
@@ -52,6 +52,8 @@ class TrainingContext:
     data_root: Path | None = None
     checkpoint_path: Path | None = None
     should_cancel: Callable[[], bool] = lambda: False
+    # Whether this worker still holds the trial (its lease); False stops training without writing anything more.
+    still_owner: Callable[[], bool] = lambda: True
     check_every_steps: int = 50
     # Called after every epoch with (epoch, metrics); a study's pruner raises Pruned from here.
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
@@ -117,9 +119,10 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
             "samples_per_second": len(x_train) / max(train_seconds, 1e-9),
         }
         history.append(metrics)
+        guard.check_owner(epoch)  # a worker that lost the trial neither logs nor checkpoints: the next holder does
         tracker.log_epoch(epoch, metrics)
         guard.divergence.end_epoch(epoch, train_loss, metrics["lr"])
-        if ctx.parallel is None or ctx.parallel.rank == 0:
+        if (ctx.parallel is None or ctx.parallel.rank == 0) and ctx.still_owner():
             save_checkpoint(ctx.checkpoint_path, epoch, model, optimizer, scheduler, history, guard.divergence)
         stop = None
         if ctx.on_epoch_end is not None:
@@ -270,9 +273,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec, steps_per
 
 
 class _Guard:
-    """Cooperative stops: the cancel flag every N steps and each epoch, the time limit likewise, and
-    the divergence detector on every step's loss. In a data-parallel trial rank 0 decides the first
-    two and tells the other ranks at each check; divergence every rank judges alike."""
+    """Cooperative stops: the lease (still this worker's?) and the cancel flag every N steps and each
+    epoch, the lease again before an epoch is logged, the time limit likewise, and the divergence
+    detector on every step's loss. In a data-parallel trial rank 0 decides all but divergence and
+    tells the other ranks at each check; divergence every rank judges alike."""
 
     def __init__(self, spec: TrialSpec, ctx: TrainingContext):
         self.limit_s = spec.time_limit_s
@@ -288,24 +292,41 @@ class _Guard:
     def check_epoch(self, epoch: int, stop: TrialStopped | None = None) -> None:
         self._check(f"after epoch {epoch}", stop)
 
+    def check_owner(self, epoch: int) -> None:
+        """Before epoch ``epoch`` is logged and checkpointed: raise Superseded if this worker lost the trial."""
+        self._raise(superseded(self.ctx, f"after epoch {epoch}") if self._decides() else None)
+
     def _check(self, where: str, stop: TrialStopped | None = None) -> None:
-        parallel = self.ctx.parallel
-        if stop is None and (parallel is None or parallel.rank == 0):
+        if stop is None and self._decides():
             stop = requested_stop(self.ctx, self.limit_s, where)
-        if parallel is not None:
-            stop = parallel.agree(stop)
+        self._raise(stop)
+
+    def _decides(self) -> bool:
+        return self.ctx.parallel is None or self.ctx.parallel.rank == 0
+
+    def _raise(self, stop: TrialStopped | None) -> None:
+        if self.ctx.parallel is not None:
+            stop = self.ctx.parallel.agree(stop)
         if stop is not None:
             raise stop
 
 
 def requested_stop(ctx: TrainingContext, limit_s: float | None, where: str) -> TrialStopped | None:
-    """The stop the worker asks for at ``where`` (its cancel flag raised, ``limit_s`` passed), or None."""
+    """The stop the worker asks for at ``where`` (its lease lost, its cancel flag raised, ``limit_s`` passed), or None."""
+    lost = superseded(ctx, where)
+    if lost is not None:
+        return lost
     if ctx.should_cancel():
         return Cancelled(f"cancelled on request, {where}")
     elapsed = time.monotonic() - ctx.started
     if limit_s is not None and elapsed > limit_s:
         return TimedOut(f"ran {elapsed:.1f}s, past its time_limit_s of {limit_s:g}s, {where}")
     return None
+
+
+def superseded(ctx: TrainingContext, where: str) -> Superseded | None:
+    """Superseded when this worker no longer holds the trial (``ctx.still_owner``), else None."""
+    return None if ctx.still_owner() else Superseded(f"this worker lost the trial's lease {where}; another worker resumes it")
 
 
 def save_checkpoint(

@@ -6,6 +6,13 @@ held lease means another worker is training it right now. The holder counts its 
 whose workers keep dying is failed as ``worker_lost`` after ``max_attempts``), trains with
 checkpoints, and ends the run with exactly one outcome. A Python exception in training is a
 failed trial with its reason, never a lost message.
+
+Two things leave without an ending. An infrastructure error (MLflow or Redis down, see
+:mod:`workers.failures`) escapes for the task to retry later; that start is not counted as an
+attempt, and the checkpoint stays for the retry to resume from. A worker that loses the lease
+midway (paused past its TTL, Redis lost the key) raises :class:`Superseded` at its next check and
+writes nothing more, neither metrics nor an ending, and keeps the checkpoint: the delivery that
+holds the lease now resumes from it.
 """
 
 from __future__ import annotations
@@ -15,21 +22,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import redis
 import torch
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ValidationError
 
 from models.spec.trial import TrialSpec
-from models.store.keys import attempts_key, cancel_key
+from models.store.keys import attempts_key, cancel_key, lease_key
 from models.store.runs import TERMINAL_STATUSES
+from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.training.devices import train_on_devices
-from workers.training.outcomes import Ending, classify
+from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.train import TrainingContext
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
-__all__ = ["LeaseHeld", "admit", "count_attempt", "execute_trial", "lost_too_often"]
+__all__ = ["LeaseHeld", "abandon_run", "admit", "count_attempt", "execute_trial", "forget_attempt", "lost_too_often"]
 
 log = logging.getLogger(__name__)
 SpecT = TypeVar("SpecT", bound=BaseModel)
@@ -49,6 +58,8 @@ def execute_trial(
     """Run one delivery of ``trial_id``; how the trial ended, or None for a duplicate delivery.
 
     ``on_epoch_end`` is a study's pruning hook (see :class:`workers.training.train.TrainingContext`).
+    Raises LeaseHeld (another worker trains it), Superseded (this worker lost the lease midway) and
+    infrastructure errors (retried by the task).
     """
     tracker = MlflowTracker(rt.mlflow, trial_id, log_model=rt.settings.log_model)
     spec, ending = admit(tracker, trial_id, payload, TrialSpec, rt, "trial")
@@ -59,32 +70,52 @@ def execute_trial(
     if not lease.acquire():
         raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
     with lease:
+        tracker.still_owner = lease.held
         attempt = count_attempt(rt, trial_id)
-        if attempt > rt.settings.max_attempts:
-            return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id))
-        if attempt > 1:
-            log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
-        tracker.start(str(rt.device), attempt)
-        ctx = TrainingContext(
-            device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
-            should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), check_every_steps=rt.settings.cancel_check_steps,
-            on_epoch_end=on_epoch_end, on_setup=tracker.log_batches,
-            cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
-        )
-        ending: Ending | None = None
         try:
-            result = train_on_devices(spec, tracker, ctx, rt.devices_owned)
-            if result.confusion is not None:
-                tracker.log_confusion(result.confusion, result.class_names or [])
+            return _train(trial_id, spec, tracker, rt, lease, attempt, on_epoch_end)
+        except Superseded as exc:
+            log.warning("trial %s: %s; stopped without recording anything", trial_id, exc.reason)
+            raise
         except Exception as exc:
-            ending = classify(exc)
-            log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "trial %s ended %s: %s", trial_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
-        if ending is not None:
-            if ending.outcome == "out_of_memory" and rt.device.type == "cuda":
-                torch.cuda.empty_cache()  # the failed step's tensors died with its traceback: give their memory back
-            return _end(tracker, ending, ctx.checkpoint_path)
-        reason = f"trained {result.epochs_done} epochs; best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}"
-        return _end(tracker, Ending("FINISHED", "succeeded", reason), ctx.checkpoint_path)
+            if is_infrastructure(exc):
+                forget_attempt(rt, trial_id)  # a retry after an outage is not a lost worker
+            raise
+
+
+def _train(
+    trial_id: str, spec: TrialSpec, tracker: MlflowTracker, rt: WorkerRuntime, lease: Lease, attempt: int,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+) -> Ending:
+    if attempt > rt.settings.max_attempts:
+        return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id))
+    if attempt > 1:
+        log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
+    tracker.start(str(rt.device), attempt)
+    ctx = TrainingContext(
+        device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
+        should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), still_owner=lease.held, check_every_steps=rt.settings.cancel_check_steps,
+        on_epoch_end=on_epoch_end, on_setup=tracker.log_batches,
+        cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
+    )
+    ending: Ending | None = None
+    try:
+        result = train_on_devices(spec, tracker, ctx, rt.devices_owned)
+        if result.confusion is not None:
+            tracker.log_confusion(result.confusion, result.class_names or [])
+    except Superseded:
+        raise
+    except Exception as exc:
+        if is_infrastructure(exc):
+            raise  # MLflow or Redis failed, not the trial: the task retries it from its checkpoint
+        ending = classify(exc)
+        log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "trial %s ended %s: %s", trial_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
+    if ending is not None:
+        if ending.outcome == "out_of_memory" and rt.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed step's tensors died with its traceback: give their memory back
+        return _end(tracker, ending, ctx.checkpoint_path)
+    reason = f"trained {result.epochs_done} epochs; best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}"
+    return _end(tracker, Ending("FINISHED", "succeeded", reason), ctx.checkpoint_path)
 
 
 def admit(tracker: MlflowTracker, run_id: str, payload: dict, spec_model: type[SpecT], rt: WorkerRuntime, what: str) -> tuple[SpecT | None, Ending | None]:
@@ -92,7 +123,8 @@ def admit(tracker: MlflowTracker, run_id: str, payload: dict, spec_model: type[S
 
     A run that does not exist or has already ended is a duplicate (no ending: skipped); a payload the
     worker refuses ends the run as ``error``; a cancel flag raised while queued ends it ``cancelled``.
-    Raises MlflowException when MLflow is down, so Redis redelivers the message later.
+    Raises MlflowException when MLflow is down (RedisError when Redis is), which the task retries
+    later with backoff (:mod:`workers.failures`): the message is never acked away.
     """
     try:
         status = tracker.status()
@@ -118,6 +150,25 @@ def count_attempt(rt: WorkerRuntime, run_id: str) -> int:
     attempt = int(rt.redis.incr(attempts_key(run_id)))
     rt.redis.expire(attempts_key(run_id), rt.settings.visibility_timeout_s * 4)
     return attempt
+
+
+def forget_attempt(rt: WorkerRuntime, run_id: str) -> None:
+    """Take back the start :func:`count_attempt` counted: this delivery left for an infrastructure error, not a crash."""
+    try:
+        rt.redis.decr(attempts_key(run_id))
+    except redis.RedisError:
+        pass  # Redis is what failed: the count stays one too high, within max_attempts' margin
+
+
+def abandon_run(run_id: str, rt: WorkerRuntime, reason: str) -> Ending | None:
+    """End ``run_id`` as ``error`` with ``reason`` when its task gives up; None when it ended already or another worker holds it."""
+    if rt.redis.exists(lease_key(run_id)):
+        log.warning("run %s: its task gave up (%s), but another worker holds its lease; left to that worker", run_id, reason)
+        return None
+    tracker = MlflowTracker(rt.mlflow, run_id, log_model=False)
+    if tracker.status() in TERMINAL_STATUSES:
+        return None
+    return _end(tracker, Ending("FAILED", "error", reason), rt.checkpoint_path(run_id))
 
 
 def lost_too_often(attempt: int, max_attempts: int) -> Ending:

@@ -2,11 +2,13 @@
 
 :func:`workers.training.range_test.range_test` is the training (the rules live, torch-free, in :mod:`models.spec.tuning`);
 :func:`execute_lr_find` is one delivery of a ``convtune.lr_find`` message, run like a trial's:
-duplicate deliveries skipped through the MLflow run's status, a lease held while it runs, starts
-capped at ``max_attempts`` (a redelivered test starts again from its first step), one outcome at
-the end. The MLflow run gets the curve as metric series (``lr_finder.lr``,
-``lr_finder.loss``, ``lr_finder.smoothed_loss`` at step = optimizer step), the two LRs as metrics
-and tags, the whole result as ``lr_finder.json`` and a plot with both LRs marked.
+duplicate deliveries skipped through the MLflow run's status, a lease held while it runs (a
+delivery that finds it held, say a dead process's, raises LeaseHeld and is retried once it could
+lapse), starts capped at ``max_attempts`` (a redelivered test starts again from its first step),
+one outcome at the end, and nothing written by a worker that lost the lease (Superseded). The
+MLflow run gets the curve as metric series (``lr_finder.lr``, ``lr_finder.loss``,
+``lr_finder.smoothed_loss`` at step = optimizer step), the two LRs as metrics and tags, the whole
+result as ``lr_finder.json`` and a plot with both LRs marked.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from models.store import runs
 from models.store.keys import cancel_key
 from models.store.runs import KIND, TAG
 from models.store.search import USER_ATTR
-from workers.training.outcomes import Ending, classify
+from workers.failures import is_infrastructure
+from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.range_test import Curve, range_test
 from workers.training.train import TrainingContext
-from workers.trial.execution import LeaseHeld, admit, count_attempt, lost_too_often
+from workers.trial.execution import LeaseHeld, admit, count_attempt, forget_attempt, lost_too_often
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
@@ -63,41 +66,64 @@ def range_curve_figure(spec: LrRangeSpec, result: LrRangeResult) -> Any:
 
 
 def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
-    """Run one delivery of the range test ``run_id``; its outcome, or ``skipped`` for a duplicate."""
+    """Run one delivery of the range test ``run_id``; its outcome, or ``skipped`` for a duplicate.
+
+    Raises LeaseHeld when another process holds its lease (a live one, or a dead one's until it
+    lapses), Superseded when this worker lost the lease midway, and infrastructure errors.
+    """
     tracker = MlflowTracker(rt.mlflow, run_id, log_model=False)
     spec, ending = admit(tracker, run_id, payload, LrRangeSpec, rt, "range test")
     if spec is None:
         return ending.outcome if ending is not None else "skipped"
     lease = Lease(rt.redis, run_id, rt.settings.lease_ttl_s)
     if not lease.acquire():
-        return "skipped"  # another worker runs it; a range test is short and restarts from scratch anyway
+        raise LeaseHeld(run_id, rt.settings.lease_ttl_s)
     with lease:
+        tracker.still_owner = lease.held
         attempt = count_attempt(rt, run_id)
         if attempt > rt.settings.max_attempts:
             return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts))
-        tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
-        ending, _ = run_and_record(spec, tracker, _context(rt, lambda: bool(rt.redis.exists(cancel_key(run_id)))))
-        return _end(tracker, ending)
+        try:
+            tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
+            ending, _ = run_and_record(spec, tracker, _context(rt, lambda: bool(rt.redis.exists(cancel_key(run_id))), lease.held))
+            return _end(tracker, ending)
+        except Superseded as exc:
+            log.warning("range test %s: %s; stopped without recording anything", run_id, exc.reason)
+            raise
+        except Exception as exc:
+            if is_infrastructure(exc):
+                forget_attempt(rt, run_id)
+            raise
 
 
-def _context(rt: Any, should_cancel: Callable[[], bool]) -> TrainingContext:
+def _context(rt: Any, should_cancel: Callable[[], bool], still_owner: Callable[[], bool]) -> TrainingContext:
     return TrainingContext(
-        device=rt.device, data_root=rt.settings.data_root, check_every_steps=rt.settings.cancel_check_steps, should_cancel=should_cancel,
+        device=rt.device, data_root=rt.settings.data_root, check_every_steps=rt.settings.cancel_check_steps,
+        should_cancel=should_cancel, still_owner=still_owner,
         cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
     )
 
 
 def run_and_record(spec: LrRangeSpec, tracker: MlflowTracker, ctx: TrainingContext) -> tuple[Ending, LrRangeResult | None]:
-    """Run the test, logging its curve as it goes and its result at the end; how it ended, and the result."""
+    """Run the test, logging its curve as it goes and its result at the end; how it ended, and the result.
+
+    Raises Superseded (the worker lost the test's lease) and infrastructure errors: neither is the test's ending.
+    """
     try:
         curve, reason = range_test(spec, ctx, on_steps=lambda c, first: _log_steps(tracker, c, first))
         result = analyse_range(spec, curve.lrs, curve.losses, reason)
     except NoSuggestion as exc:
         return Ending("FAILED", "error", f"no suggestion: {exc}"), None
+    except Superseded:
+        raise
     except Exception as exc:
+        if is_infrastructure(exc):
+            raise
         ending = classify(exc)
         log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "range test %s ended %s: %s", tracker.run_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
         return ending, None
+    if not ctx.still_owner():
+        raise Superseded(f"this worker lost the lease of range test {tracker.run_id} at its end")
     _log_result(tracker, spec, result)
     summary = (
         f"suggested lr {result.suggested_lr:.3g}, largest stable lr {result.largest_stable_lr:.3g} "
@@ -128,7 +154,10 @@ def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_s
             # Read again (Study.user_attrs asks the storage): a step that held the lease before may have stored it.
             found = stored.user_attrs.get(USER_ATTR.LR_AUTO)
             if found is None:
-                found = _study_range_test(study_id, spec, rt, should_stop)
+                try:
+                    found = _study_range_test(study_id, spec, rt, should_stop, lease.held)
+                except Superseded as exc:  # another step runs the test now: read its result later
+                    raise LeaseHeld(f"{study_id} (its lr_auto range test)", retry_in_s=min(5, rt.settings.lease_ttl_s)) from exc
                 stored.set_user_attr(USER_ATTR.LR_AUTO, found)
     if "error" in found:
         raise LrAutoFailed(found["error"])
@@ -136,7 +165,7 @@ def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_s
     return spec.model_copy(update={"search_space": {"optim.lr": lr, **spec.search_space}})
 
 
-def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Callable[[], bool]) -> dict[str, Any]:
+def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Callable[[], bool], still_owner: Callable[[], bool]) -> dict[str, Any]:
     assert spec.lr_auto is not None
     test = LrRangeSpec(trial=spec.base, **spec.lr_auto.model_dump(exclude={"decades"}))
     parent = rt.mlflow.get_run(study_id)
@@ -145,8 +174,9 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
         tags={TAG.KIND: KIND.LR_FINDER, TAG.PARENT: study_id, TAG.STUDY_ID: study_id, TAG.SPEC: test.model_dump_json()},
     )
     tracker = MlflowTracker(rt.mlflow, test_id, log_model=False)
+    tracker.still_owner = still_owner
     tracker.start(str(rt.device), 1)
-    ending, result = run_and_record(test, tracker, _context(rt, should_stop))
+    ending, result = run_and_record(test, tracker, _context(rt, should_stop, still_owner))
     tracker.finish(ending)
     if result is None:
         return {"error": f"lr_auto: its range test {test_id} ended {ending.outcome}: {ending.reason}", "test_id": test_id}
@@ -157,6 +187,8 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
 
 
 def _log_steps(tracker: MlflowTracker, curve: Curve, first: int) -> None:
+    if not tracker.still_owner():
+        return  # the next holder starts the test again and logs its own curve
     now = int(time.time() * 1000)
     metrics = []
     for step in range(first, len(curve.lrs)):

@@ -4,13 +4,21 @@ The API created the run (SCHEDULED, params and tags logged once). The worker nev
 again (MLflow params are immutable); it moves the run to RUNNING, logs metrics with
 ``step=epoch`` in one ``log_batch`` per epoch, the model and plots at the end, and ends the run
 with convtune's outcome and reason tags.
+
+Once told who owns the run (``still_owner``, the lease's :meth:`~workers.trial.lease.Lease.held`),
+it writes nothing for a worker that lost it: the next holder logs those epochs again. An epoch is
+logged once across deliveries: a worker that died between logging an epoch and checkpointing it
+leaves ``convtune.epochs_done`` ahead of the checkpoint, and the delivery that resumes trains that
+epoch again without logging it twice.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,9 +29,11 @@ from torch import nn
 from models.store import runs
 from models.store.runs import TAG
 from workers.training.batching import BatchPlan
-from workers.training.outcomes import Ending
+from workers.training.outcomes import Ending, Superseded
 
 __all__ = ["MlflowTracker", "pip_requirements"]
+
+log = logging.getLogger(__name__)
 
 
 def pip_requirements() -> list[str]:
@@ -40,9 +50,21 @@ class MlflowTracker:
         self.client = client
         self.run_id = run_id
         self.log_model_enabled = log_model
+        # Whether this worker still holds the run (set once it takes the lease); writes are skipped once it does not.
+        self.still_owner: Callable[[], bool] = lambda: True
+        self.logged_through = 0  # the last epoch the run has, as :meth:`status` read it
+
+    def _may_write(self, what: str) -> bool:
+        if self.still_owner():
+            return True
+        log.warning("run %s: this worker lost its lease; %s not logged", self.run_id, what)
+        return False
 
     def status(self) -> str:
-        return self.client.get_run(self.run_id).info.status
+        """The run's MLflow status (and, kept, the last epoch it has logged)."""
+        run = self.client.get_run(self.run_id)
+        self.logged_through = int(run.data.tags.get(TAG.EPOCHS_DONE, "0"))
+        return run.info.status
 
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
@@ -52,17 +74,27 @@ class MlflowTracker:
         runs.start_run(self.client, self.run_id, {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt)}, first=attempt == 1)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if not self._may_write(f"epoch {epoch}"):
+            return
+        if epoch <= self.logged_through:
+            log.info("run %s: epoch %d was logged by an earlier delivery; not logged twice", self.run_id, epoch)
+            return
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
+        self.logged_through = epoch
 
     def log_summary(self, rows: list[dict[str, Any]]) -> None:
         """The model summary table: each layer, its output shape, parameters and FLOPs."""
+        if not self._may_write("the model summary"):
+            return
         self.client.log_table(self.run_id, data=_columns(rows), artifact_file="model_summary.json")
         self.client.log_text(self.run_id, _summary_text(rows), "model_summary.txt")
 
     def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None:
         """At the end of training: the learning curves and the trained model."""
+        if not self._may_write("the results"):
+            return
         self.client.log_figure(self.run_id, learning_curve(history), "plots/learning_curve.png")
         self.client.log_dict(self.run_id, history, "history.json")
         if self.log_model_enabled:
@@ -89,6 +121,8 @@ class MlflowTracker:
 
     def log_batches(self, plan: BatchPlan) -> None:
         """The batches the worker resolved (batch size, accumulation, effective LR), as tags: params are the API's, once."""
+        if not self._may_write("the batches"):
+            return
         tags = {
             TAG.BATCH_SIZE: str(plan.batch_size), TAG.ACCUMULATE_STEPS: str(plan.accumulate),
             TAG.EFFECTIVE_BATCH_SIZE: str(plan.effective), TAG.LR_EFFECTIVE: f"{plan.lr:.6g}",
@@ -98,12 +132,16 @@ class MlflowTracker:
 
     def log_confusion(self, matrix: list[list[int]], class_names: list[str]) -> None:
         """The final model's confusion matrix on the validation set, as a plot and as JSON."""
+        if not self._may_write("the confusion matrix"):
+            return
         names = class_names if len(class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
         self.client.log_dict(self.run_id, {"classes": names, "matrix": matrix, "rows": "true class", "columns": "predicted class"}, "confusion_matrix.json")
         self.client.log_figure(self.run_id, confusion_figure(matrix, names), "plots/confusion_matrix.png")
 
     def finish(self, ending: Ending) -> None:
-        """End the run with its MLflow status and convtune's outcome and reason."""
+        """End the run with its MLflow status and convtune's outcome and reason; Superseded if this worker lost it."""
+        if not self.still_owner():
+            raise Superseded(f"this worker lost the lease of run {self.run_id} before ending it ({ending.outcome})")
         runs.end_run(self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason)
 
 

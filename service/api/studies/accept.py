@@ -19,10 +19,12 @@ from models.data import InvalidData, describe
 from models.messages import StudyStepMessage
 from models.spec.space import grid_points, param_values, space_problems
 from models.spec.study import StudySpec
-from models.store.runs import KIND, TAG
+from models.store.runs import KIND, TAG, registered_owner
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
-from service.api.admission import check_callback_url
-from service.api.errors import FieldError, InfeasibleSpec, InvalidSpec, ServiceUnavailable
+from service.api.admission import check_callback_url, check_dataset_size, check_params
+from service.api.auth import is_owner
+from service.api.errors import FieldError, Forbidden, InfeasibleSpec, InvalidSpec, ServiceUnavailable
+from service.api.limits import check_queued_quota
 from service.api.studies.records import StudyStore
 from service.api.wiring import Services
 
@@ -36,6 +38,9 @@ SPEC_TAG_LIMIT = 7000
 def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) -> str:
     """Check, record (parent run + Optuna study), send the first steps; the study id."""
     check_study(s, spec)
+    if spec.register_as:
+        check_model_owner(s, spec.register_as, owner)
+    check_queued_quota(s.runs, owner, s.settings)
     queue = spec.base.queue or s.settings.default_queue
     study_id = _create_parent(s, spec, queue, owner)
     try:
@@ -43,25 +48,27 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) ->
         budget = store.budget(study_id)
         budget.open(spec.budget, spec.parallelism)
         send_steps(s, study_id, budget.top_up().slots, queue)
-    except (ServiceUnavailable, redis.RedisError) as exc:
-        detail = exc.detail if isinstance(exc, ServiceUnavailable) else f"the broker (Redis) is unreachable: {exc}"
+    except Exception as exc:  # never leave the parent SCHEDULED with nothing sent
+        detail = exc.detail if isinstance(exc, ServiceUnavailable) else f"the broker (Redis) is unreachable: {exc}" if isinstance(exc, redis.RedisError) else str(exc)
         log.warning("study %s not started, marking it failed: %s", study_id, detail)
-        s.runs.end(study_id, "FAILED", "error", f"not dispatched: {detail}")
+        s.runs.end_undispatched(study_id, detail)
         try:
             store.budget(study_id).stop("error")
         except redis.RedisError:
             pass  # the parent run is failed: steps that were sent see it and stop
-        if isinstance(exc, ServiceUnavailable):
-            raise
-        raise ServiceUnavailable(detail) from exc
+        if isinstance(exc, redis.RedisError):
+            raise ServiceUnavailable(detail) from exc
+        raise
     log.info("study %s accepted: %d trials, %d in parallel on %s (%s storage)", study_id, spec.budget, spec.parallelism, queue, storage_kind(s.settings.study_storage))
     return study_id
 
 
 def check_study(s: Services, spec: StudySpec) -> None:
     """Limits of this service and, for file data the API can see, feasibility of the space."""
-    check_callback_url(spec.callback_url, s.settings.callback_hosts, "callback_url")
-    check_callback_url(spec.base.callback_url, s.settings.callback_hosts, "base.callback_url")
+    check_callback_url(spec.callback_url, s.settings, "callback_url")
+    check_callback_url(spec.base.callback_url, s.settings, "base.callback_url")
+    check_params(spec.base, s.settings, field_prefix="base.")
+    check_dataset_size(spec.base, s.settings, field_prefix="base.")  # data.* is never searched
     searched = spec.search_space.get("optim.epochs")
     epochs = max([spec.base.optim.epochs, *(param_values(searched) if searched else [])])
     if epochs > s.settings.max_epochs:
@@ -76,6 +83,15 @@ def check_study(s: Services, spec: StudySpec) -> None:
         if problems:
             errors = [FieldError(field=".".join(str(p) for p in loc), message=m) for loc, m in problems]
             raise InfeasibleSpec(f"{len(errors)} problem(s) with the search space on this data: {errors[0].message}", errors=errors)
+
+
+def check_model_owner(s: Services, name: str, owner: str) -> None:
+    """A registered model name belongs to the token that first registered it: another token's study may not
+    register a version of it or move its aliases (403 at submit, before anything trains)."""
+    with s.runs.translated():
+        holder = registered_owner(s.runs.client, name)
+    if holder is not None and holder != owner and not is_owner(holder or None):  # an owner-less name is an admin's
+        raise Forbidden(f"the registered model {name!r} belongs to {'another token' if holder else 'no token'}; choose another register_as name")
 
 
 def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None:
@@ -99,8 +115,12 @@ def _create_parent(s: Services, spec: StudySpec, queue: str, owner: str) -> str:
         **{f"user.{k}": v for k, v in spec.tags.items()},
     }
     study_id = s.runs.create(spec.display_name(), tags, params)
-    with s.runs.translated(study_id, "study"):
-        s.runs.client.log_dict(study_id, spec.model_dump(mode="json"), "study/spec.json")
+    try:
+        with s.runs.translated(study_id, "study"):
+            s.runs.client.log_dict(study_id, spec.model_dump(mode="json"), "study/spec.json")
+    except ServiceUnavailable as exc:
+        s.runs.end_undispatched(study_id, exc.detail)
+        raise
     return study_id
 
 

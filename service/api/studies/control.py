@@ -7,12 +7,13 @@ import time
 from typing import Any
 
 import redis
+from optuna.trial import TrialState
 from pydantic import ValidationError
 
 from models.spec.space import grid_points
 from models.spec.study import StudySpec
 from models.store import runs
-from models.store.keys import cancel_key
+from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG
 from models.store.search import USER_ATTR, encode_params
 from service.api.errors import Conflict, FieldError, InvalidSpec, ServiceUnavailable
@@ -24,24 +25,55 @@ __all__ = ["cancel_study", "extend_study"]
 
 
 def cancel_study(s: Services, store: StudyStore, record: StudyRecord) -> None:
-    """Start no more trials and raise the cancel flag of each running one; the last step ends the study."""
+    """Start no more trials and raise the cancel flag of each running one; end now what no worker holds.
+
+    A study with a trial a worker trains (its lease alive) ends when that step ends, as usual. A
+    queued study, and one whose running trials lost their workers, ends ``cancelled`` here, its
+    orphaned trials with it: no step may ever come to end them. A step that comes later sees the
+    study stopped and its trial ended, and only gives its slot back.
+    """
     if record.terminal:
         raise Conflict(f"study {record.id} has already ended ({record.state}); there is nothing to cancel")
     budget = store.budget(record.id)
+    orphans: list[Any] = []
     try:
         budget.stop("cancelled")
+        live = bool(s.redis.exists(lease_key(f"{record.id}-lr-auto")))
         if record.study is not None:
             record.study.set_user_attr(USER_ATTR.STOPPED, json.dumps({"why": "cancelled", "reason": "cancelled on request"}))
             for trial in record.study.get_trials(deepcopy=False):
                 trial_id = trial.user_attrs.get(USER_ATTR.TRIAL_ID)
                 if trial.state.name == "RUNNING" and trial_id:
                     s.redis.set(cancel_key(trial_id), "1", ex=s.settings.visibility_timeout_s * 2)
+                    if s.redis.exists(lease_key(trial_id)):
+                        live = True
+                    else:
+                        orphans.append(trial)
         in_flight = int(budget.state().get("inflight", "0"))
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
-    if in_flight <= 0:
-        # No step will come to end it: nothing was in flight (or Redis lost the counters).
+    for trial in orphans:
+        _cancel_orphan(s, store, record, trial)
+    if in_flight <= 0 or not live:
+        # No step will come to end it: nothing was in flight, no worker holds any of it, or Redis lost the counters.
         s.runs.end(record.id, "KILLED", "cancelled", "cancelled on request")
+
+
+def _cancel_orphan(s: Services, store: StudyStore, record: StudyRecord, trial: Any) -> None:
+    """End a running trial of the study that no worker holds (RUNNING in MLflow, no lease): MLflow and Optuna."""
+    trial_id = trial.user_attrs[USER_ATTR.TRIAL_ID]
+    with s.runs.translated(trial_id):
+        status = s.runs.client.get_run(trial_id).info.status
+    if status != "RUNNING":
+        return  # SCHEDULED: its step is about to start it and will see the cancel flag; or it has ended
+    reason = "the study was cancelled on request; no worker held this trial"
+    s.runs.end(trial_id, "KILLED", "cancelled", reason)
+    with store.storage_errors():
+        storage = record.study._storage
+        if storage.get_trial(trial._trial_id).state.name == "RUNNING":
+            storage.set_trial_user_attr(trial._trial_id, USER_ATTR.OUTCOME, "cancelled")
+            storage.set_trial_user_attr(trial._trial_id, USER_ATTR.REASON, reason)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 def extend_study(s: Services, store: StudyStore, record: StudyRecord, n_trials: int, warm_start: list[dict[str, Any]]) -> int:
@@ -60,6 +92,11 @@ def extend_study(s: Services, store: StudyStore, record: StudyRecord, n_trials: 
         remaining = len(grid_points(spec)) - int(study.user_attrs[USER_ATTR.BUDGET]) + len(warm_start)
         if added > max(waiting, 0) + max(remaining, 0):
             _refuse("n_trials", f"the grid has {max(remaining, 0)} points left to run; add warm_start configurations for more")
+    budget = store.budget(record.id)
+    try:
+        counted = budget.exists()  # Redis answers before anything changes: a 503 here leaves the study as it was
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
     with store.storage_errors():
         for point in warm_start:
             study.enqueue_trial(encode_params(spec, point), skip_if_exists=True)
@@ -72,9 +109,8 @@ def extend_study(s: Services, store: StudyStore, record: StudyRecord, n_trials: 
         study.set_user_attr(USER_ATTR.STARTED_AT, time.time())  # a timeout counts from the extension
         study.set_user_attr(USER_ATTR.STOPPED, "{}")
     queue = study.user_attrs[USER_ATTR.QUEUE]
-    budget = store.budget(record.id)
     try:
-        if budget.exists():
+        if counted:
             budget.add(added)
         else:
             started = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING")

@@ -13,7 +13,7 @@ from models.logs import bind
 from models.spec.study import StudySpec
 from models.store.runs import TAG
 from models.store.search import TRIAL_STATES, USER_ATTR, decode_params, storage_kind, trial_label
-from service.api.auth import check_owner, current_principal
+from service.api.auth import check_owner, current_principal, redacted
 from service.api.idempotency import IdempotencyHeader, idempotent
 from service.api.limits import check_study_caps
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
@@ -57,8 +57,9 @@ def study_store() -> StudyStore:
 def create_study(body: StudySpec, header: IdempotencyHeader):
     """Submit a study: validated, recorded (MLflow parent run, Optuna study), first trials queued."""
     s = services()
+    owner = current_principal().name
     check_study_caps(body.budget, body.parallelism, s.settings)
-    study_id = accept_study(s, study_store(), body, current_principal().name)
+    study_id = accept_study(s, study_store(), body, owner)
     bind(study_id=study_id)
     url = url_for("studies.get_study", study_id=study_id, _external=True)
     answer = StudyAccepted(
@@ -108,7 +109,8 @@ def extend_study(path: StudyPath, body: StudyExtend, header: IdempotencyHeader):
     store = study_store()
     record = store.get(path.study_id)
     check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
-    check_study_caps(record.spec.budget + max(body.n_trials, len(body.warm_start)), None, services().settings)
+    budget = int(record.study.user_attrs.get(USER_ATTR.BUDGET, record.spec.budget)) if record.study else record.spec.budget
+    check_study_caps(budget + max(body.n_trials, len(body.warm_start)), None, services().settings)  # the budget now, extensions included
     control.extend_study(services(), store, record, body.n_trials, body.warm_start)
     return study_public(store.get(path.study_id)).model_dump(), 202
 
@@ -141,7 +143,7 @@ def study_public(record: StudyRecord) -> StudyPublic:
         sampler=record.spec.sampler.name, pruner=record.spec.pruner.name, parallelism=record.spec.parallelism, queue=tags.get(TAG.QUEUE),
         counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record), registered_model=registered,
         timings={"created_at": _iso(record.start_ms), "ended_at": _iso(record.end_ms) if record.terminal else None},
-        spec=record.spec.model_dump(mode="json"), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
+        spec=redacted(record.spec.model_dump(mode="json"), tags.get(TAG.OWNER)), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
         mlflow_url=s.runs.run_url(record.id, s.settings.ui_url),
     )
 

@@ -1,0 +1,429 @@
+"""One sweep of the reconciler: open runs against messages and leases; re-send or end what nothing carries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import optuna
+import redis
+from mlflow.tracking import MlflowClient
+
+from models.logs import log_context
+from models.messages import (
+    QUEUES,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    Message,
+    RangeTestMessage,
+    StudyStepMessage,
+    TrialMessage,
+    queue_lists,
+    send,
+)
+from models.spec.study import StudySpec
+from models.store import runs
+from models.store.budget import StudyBudget
+from models.store.keys import RECONCILER_COUNTS_KEY, RECONCILER_LOCK_KEY, RECONCILER_SUSPECTS_KEY, cancel_key, lease_key, resent_key
+from models.store.runs import KIND, TAG, TERMINAL_STATUSES
+from models.store.search import USER_ATTR, open_storage, storage_kind
+from workers.callbacks.announce import announce_end
+from workers.reconciler.judge import Messages, Seen, Verdict, judge_run, judge_slot, parse_messages, run_status
+from workers.settings import WorkerSettings
+from workers.study.report import finish_study
+from workers.study.step import restore_counters
+from workers.training.outcomes import Ending
+
+__all__ = ["Action", "Clients", "LockLost", "Reconciler", "SweepLock", "read_messages"]
+
+log = logging.getLogger("workers.reconciler")
+
+
+class Action(NamedTuple):
+    """One thing a sweep did: to which run, what, why."""
+
+    kind: str
+    action: str
+    run_id: str
+    why: str
+
+
+class LockLost(Exception):
+    """The sweep lock lapsed and another reconciler took it: this sweep stops where it is."""
+
+
+class SweepLock:
+    """One sweep at a time across hosts: SET NX PX with a token, renewed while sweeping, kept half an interval after.
+
+    Every worker tries every 0.5-1 interval, so the fleet sweeps about once or twice an interval,
+    however many workers there are.
+    """
+
+    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+
+    def __init__(self, client: redis.Redis, interval_s: float):
+        self.client = client
+        self.hold_ms = max(1000, int(interval_s * 1000))
+        self.token = uuid.uuid4().hex
+
+    def acquire(self) -> bool:
+        return bool(self.client.set(RECONCILER_LOCK_KEY, self.token, nx=True, px=self.hold_ms))
+
+    def hold(self, fraction: float = 1.0) -> None:
+        """Keep the lock ``fraction`` of an interval from now; LockLost if it lapsed and another took it."""
+        if not self.client.eval(self._RENEW, 1, RECONCILER_LOCK_KEY, self.token, max(1, int(self.hold_ms * fraction))):
+            raise LockLost("the sweep lock lapsed and another reconciler took it")
+
+
+@dataclass
+class Clients:
+    """What the reconciler, and a study's report it may call, need of a worker runtime: no device, no CUDA."""
+
+    settings: WorkerSettings
+    mlflow: MlflowClient
+    redis: redis.Redis
+
+
+def read_messages(client: redis.Redis, now: float) -> Messages:
+    """Every queue's waiting messages and the unacked ones, read in one transaction (one consistent view)."""
+    pipe = client.pipeline(transaction=True)
+    for name in (name for queue in QUEUES for name in queue_lists(queue)):
+        pipe.lrange(name, 0, -1)
+    pipe.hgetall(UNACKED_KEY)
+    pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+    *lists, unacked, index = pipe.execute()
+    return parse_messages((item for items in lists for item in items), unacked, dict(index), now)
+
+
+class Reconciler:
+    """Sweeps the experiment's open runs against the queues and leases (see :mod:`workers.reconciler`)."""
+
+    def __init__(self, clients: Clients, send_message: Callable[[Message, str], None]):
+        self.clients = clients
+        self.settings = clients.settings
+        self.send = send_message
+        self.lock = SweepLock(clients.redis, self.settings.reconcile_interval_s)
+        self.experiment_id: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> Reconciler:
+        """Its own clients (never the worker runtime's, which owns the device), sending with the workers' Celery app."""
+        import mlflow
+
+        from workers.celery_app import app
+
+        # As the runtime does in the pool: a dead MLflow fails a sweep in seconds (the next one tries again), not minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.mlflow_max_retries))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.mlflow_timeout_s))
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)  # a study's report registers its model with the fluent API
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.broker_timeout_s, socket_connect_timeout=settings.broker_timeout_s)
+        return cls(Clients(settings, MlflowClient(settings.mlflow_tracking_uri), client), lambda message, queue: send(app, message, queue))
+
+    def run(self, stop: threading.Event) -> None:
+        """Sweep whenever the lock is free, until ``stop`` is set; a failed sweep is logged and tried again."""
+        interval = self.settings.reconcile_interval_s
+        while not stop.wait(interval * random.uniform(0.5, 1.0)):
+            try:
+                if self.lock.acquire():
+                    self.sweep()
+            except LockLost as exc:
+                log.warning("reconciler: sweep stopped: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - MLflow or Redis down: a later sweep tries again
+                log.warning("reconciler: sweep failed (%s: %s); trying again in about %.0fs", type(exc).__name__, exc, interval)
+
+    def sweep(self) -> list[Action]:
+        """One pass over the open runs (the caller holds the lock); the actions taken."""
+        sweep = _Sweep(self)
+        sweep.run()
+        return sweep.actions
+
+
+class _Sweep:
+    """One sweep: what it saw, the findings waiting out their grace, what it did."""
+
+    def __init__(self, reconciler: Reconciler):
+        self.r = reconciler
+        self.settings = reconciler.settings
+        self.redis = reconciler.clients.redis
+        self.mlflow = reconciler.clients.mlflow
+        self.grace_s = self.settings.reconcile_grace_s
+        # Longer than any retry (or a check on a held lease) keeps a message unacked on a live worker.
+        self.stale_s = self.grace_s + max(self.settings.retry_backoff_max_s, self.settings.lease_ttl_s)
+        self.actions: list[Action] = []
+        seconds, micros = self.redis.time()  # one clock for every host: Redis'
+        self.now = seconds + micros / 1e6
+        self.first_seen = {k.decode(): float(v) for k, v in self.redis.hgetall(RECONCILER_SUSPECTS_KEY).items()}
+        self.seen_now: dict[str, float] = {}
+
+    def run(self) -> None:
+        experiment_id = self._experiment_id()
+        if experiment_id is None:
+            return  # nothing was ever accepted
+        # Messages first, runs second: a run created after this read has no message in it, and waits out the grace.
+        self.messages = read_messages(self.redis, self.now)
+        open_runs = self._open_runs(experiment_id)
+        children: dict[str, list[Any]] = defaultdict(list)
+        for run in open_runs:
+            if run.data.tags.get(TAG.STUDY_ID) and run.data.tags.get(TAG.KIND) != KIND.STUDY:
+                children[run.data.tags[TAG.STUDY_ID]].append(run)
+        studies = set()
+        for run in open_runs:
+            kind, run_id = run.data.tags.get(TAG.KIND), run.info.run_id
+            try:
+                if kind == KIND.STUDY:
+                    studies.add(run_id)
+                    self.study(run, children.get(run_id, []))
+                elif kind in (KIND.TRIAL, KIND.LR_FINDER) and not run.data.tags.get(TAG.STUDY_ID):
+                    self.standalone(run)
+            except LockLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the sweep
+                log.warning("reconciler: could not check %s %s (%s: %s)", kind, run_id, type(exc).__name__, exc)
+        for study_id, kids in children.items():
+            if study_id not in studies:  # the study has ended (or is another experiment's): what it left open ends too
+                self.orphans(study_id, kids, parent_open=False, carried=set())
+        self._save_first_seen()
+        self.r.lock.hold(0.5)  # the next sweep, by any worker, in half an interval or more
+
+    # --- a trial or range test of no study ---
+
+    def standalone(self, run: Any) -> None:
+        run_id, status, kind = run.info.run_id, run_status(run), run.data.tags[TAG.KIND]
+        verdict = judge_run(status, self.seen(run_id, run_id), self.stale_s)
+        if verdict is None or not self.stranded(f"{kind}:{run_id}", verdict) or not self.still(run_id, status, lease_key(run_id)):
+            return
+        spec = run.data.tags.get(TAG.SPEC)
+        if verdict.action == "cancelled":
+            self.end(run, "KILLED", "cancelled", "cancelled on request", verdict.why, action="cancelled")
+        elif spec is None:
+            self.end(run, "FAILED", "error", "its spec is not on its run, so it cannot be sent again", verdict.why, action="ended")
+        else:
+            payload = json.loads(spec)
+            message: Message = TrialMessage(trial_id=run_id, spec=payload) if kind == KIND.TRIAL else RangeTestMessage(run_id=run_id, spec=payload)
+            self.resend(kind, run_id, message, run.data.tags.get(TAG.QUEUE, "gpu"), verdict.why)
+
+    # --- a study ---
+
+    def study(self, run: Any, kids: list[Any]) -> None:
+        """Restore its counters, re-send its stranded slots, end its orphans, and top it up or finish it when idle."""
+        study_id, status = run.info.run_id, run_status(run)
+        ours = storage_kind(self.settings.study_storage)
+        if run.data.tags.get(TAG.STUDY_STORAGE, ours) != ours:
+            return  # kept in another kind of storage: the workers that share it reconcile it
+        budget = StudyBudget(self.redis, study_id)
+        queue = run.data.tags.get(TAG.QUEUE, "gpu")
+        state = budget.state()
+        if not state:
+            verdict = Verdict("restored", "its slot counters are missing (Redis lost them): rebuilt from the Optuna storage, then topped up")
+            loaded = self.stranded(f"study:{study_id}:counters", verdict) and self.load_study(study_id)
+            if not loaded or not self.still(study_id, status):
+                return
+
+            def restore() -> None:
+                if restore_counters(budget, *loaded):  # else a step rebuilt them first, and topped up itself
+                    self._send_steps(study_id, budget.top_up().slots, queue)
+
+            self.act(KIND.STUDY, study_id, "restored", verdict.why, restore)
+            state = budget.state()
+            if not state:
+                return
+        in_flight = budget.in_flight(int(state["claimed"]))
+        lr_lease = bool(self.redis.exists(lease_key(f"{study_id}-lr-auto")))
+        lr_open = any(k.data.tags.get(TAG.KIND) == KIND.LR_FINDER and run_status(k) == "RUNNING" for k in kids)
+        lr_auto = "held" if lr_lease else ("lost" if lr_open else None)
+        open_status = {k.info.run_id: run_status(k) for k in kids}
+        carried: set[str] = set()
+        for slot in in_flight:
+            record = budget.slot_record(slot)
+            trial_id = record[0] if record else None
+            trial_status = None
+            if trial_id is not None:
+                carried.add(trial_id)
+                trial_status = open_status.get(trial_id) or run_status(self.mlflow.get_run(trial_id))
+            step = StudyStepMessage(study_id=study_id, slot=slot)
+            verdict = judge_slot(trial_status, self.seen(trial_id, step.task_id), lr_auto, self.grace_s, self.stale_s)
+            if verdict is None or not self.stranded(f"study:{study_id}:slot:{slot}", verdict):
+                continue
+            if trial_id is None:
+                if budget.slot_record(slot) is not None or self._settled(budget, study_id, slot, queue, carried):
+                    continue
+            elif not self.still(trial_id, trial_status, lease_key(trial_id)):
+                continue
+            self.resend(KIND.STUDY, study_id, step, queue, f"slot {slot}: {verdict.why}")
+        self.orphans(study_id, kids, parent_open=True, carried=carried)
+        if not in_flight:
+            self._idle(run, budget, state, queue)
+
+    def _settled(self, budget: StudyBudget, study_id: str, slot: int, queue: str, carried: set[str]) -> bool:
+        """A slot with no record whose trial Optuna knows (counters rebuilt without it): settle it instead of starting another.
+
+        A running trial is recorded for the slot (and counted in ``carried``): the re-sent step resumes it.
+        An ended one has its slot released, as its step would have done. Whether the slot is settled.
+        """
+        loaded = self.load_study(study_id)
+        if not loaded:
+            return True  # not in this worker's storage: leave it
+        stored, spec = loaded
+        mine = [t for t in stored.get_trials(deepcopy=False) if t.user_attrs.get(USER_ATTR.SLOT) == slot and USER_ATTR.TRIAL_ID in t.user_attrs]
+        if not mine:
+            return False
+        trial = mine[-1]
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            budget.record_slot(slot, trial.user_attrs[USER_ATTR.TRIAL_ID], trial.number)
+            carried.add(trial.user_attrs[USER_ATTR.TRIAL_ID])
+            return False
+        top = budget.top_up(release_slot=slot)
+        why = f"slot {slot}: its trial #{trial.number} ended but the slot was never released"
+        self.act(KIND.STUDY, study_id, "released", why, lambda: self._send_steps(study_id, top.slots, queue))
+        if top.idle and top.released:
+            self._finish(study_id, stored, spec, budget.stopped(), "its last slot released, nothing left in flight")
+        return True
+
+    def _idle(self, run: Any, budget: StudyBudget, state: dict[str, str], queue: str) -> None:
+        """Nothing in flight: send the slots the budget still allows, or end the study with its results."""
+        study_id = run.info.run_id
+        verdict = Verdict("finished", "nothing in flight and nothing carries it")
+        loaded = self.stranded(f"study:{study_id}:idle", verdict) and self.load_study(study_id)
+        if not loaded or not self.still(study_id, run_status(run)):
+            return
+        stored, spec = loaded
+        stopped = state.get("stopped") or json.loads(stored.user_attrs.get(USER_ATTR.STOPPED, "{}") or "{}").get("why", "")
+        left = int(state["budget"]) - int(state["claimed"])
+        if not stopped and left > 0:
+            top = budget.top_up()
+            why = f"nothing in flight with {left} trials left to run: sent slots {top.slots}"
+            if top.slots:
+                self.act(KIND.STUDY, study_id, "topped_up", why, lambda: self._send_steps(study_id, top.slots, queue))
+            return
+        self._finish(study_id, stored, spec, stopped, "nothing in flight and nothing left to start")
+
+    def _send_steps(self, study_id: str, slots: list[int], queue: str) -> None:
+        for slot in slots:  # one not sent stays in flight with no message: a later sweep re-sends it
+            self.r.send(StudyStepMessage(study_id=study_id, slot=slot), queue)
+
+    def _finish(self, study_id: str, stored: optuna.Study, spec: StudySpec, stopped: str, why: str) -> None:
+        def do() -> None:
+            try:
+                finish_study(study_id, self.r.clients, stored, spec, stopped)  # type: ignore[arg-type] - a runtime without a device
+            except Exception as exc:  # noqa: BLE001 - never leave the parent open with nothing left to end it (as a step does)
+                runs.end_run(self.mlflow, study_id, "FAILED", "error", f"the study ended but its results could not be recorded: {exc}")
+
+        self.act(KIND.STUDY, study_id, "cancelled" if stopped == "cancelled" else "finished", why, do)
+
+    def orphans(self, study_id: str, kids: list[Any], parent_open: bool, carried: set[str]) -> None:
+        """End a study's open trials and range tests that no slot in flight (nor the lr_auto lease) carries."""
+        lr_lease = bool(self.redis.exists(lease_key(f"{study_id}-lr-auto")))
+        for run in kids:
+            run_id, status, kind = run.info.run_id, run_status(run), run.data.tags.get(TAG.KIND, KIND.TRIAL)
+            if run_id in carried or (lr_lease if kind == KIND.LR_FINDER else self.redis.exists(lease_key(run_id))):
+                continue
+            at_once = kind == KIND.LR_FINDER and status == "RUNNING"  # it runs inside the lr_auto lease, which lapsed
+            why = "its study's lr_auto range test lost its worker" if at_once else (
+                "no step of its study carries it" if parent_open else "its study has ended")
+            verdict = Verdict("ended", why, after_grace=not at_once)
+            if not self.stranded(f"{kind}:{run_id}:orphan", verdict) or not self.still(run_id, status):
+                continue
+            if self.redis.exists(cancel_key(run_id)) or (not parent_open and self.mlflow.get_run(study_id).info.status == "KILLED"):
+                self.end(run, "KILLED", "cancelled", "cancelled with its study", why, action="cancelled")
+            else:
+                self.end(run, "FAILED", "worker_lost", "its worker was lost and nothing resumes it", why, action="ended")
+
+    # --- seeing and acting ---
+
+    def seen(self, run_id: str | None, task_id: str) -> Seen:
+        """Redis' view of a run (its lease and cancel flag) and of a task's message."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(lease_key(run_id) if run_id else "-")
+        pipe.exists(cancel_key(run_id) if run_id else "-")
+        pipe.exists(resent_key(task_id))
+        lease, cancel, resent = (bool(v) for v in pipe.execute())
+        return Seen(bool(run_id) and lease, bool(run_id) and cancel, task_id in self.messages.waiting, self.messages.held_for(task_id), resent)
+
+    def resend(self, kind: str, run_id: str, message: Message, queue: str, why: str) -> None:
+        """Send ``message`` again, and remember it for the grace (the copy on its way carries the work)."""
+
+        def do() -> None:
+            self.r.send(message, queue)
+            self.redis.set(resent_key(message.task_id), "1", ex=max(1, int(self.grace_s)))
+
+        self.act(kind, run_id, "resent", why, do)
+
+    def stranded(self, finding: str, verdict: Verdict) -> bool:
+        """Note ``finding`` (kept while later sweeps see it too); whether to act now: at once, or seen so for the grace."""
+        first = self.first_seen.get(finding, self.now)
+        self.seen_now[finding] = first
+        return not verdict.after_grace or self.now - first >= self.grace_s
+
+    def still(self, run_id: str, status: str | None, lease: str | None = None) -> bool:
+        """Read the run (and its lease) again right before acting: a worker may have taken or ended it since."""
+        if lease is not None and self.redis.exists(lease):
+            return False
+        return run_status(self.mlflow.get_run(run_id)) == status
+
+    def act(self, kind: str, run_id: str, action: str, why: str, do: Callable[[], Any]) -> None:
+        """Do one action (the lock still held), log it as one line and count it."""
+        self.r.lock.hold()
+        do()
+        with log_context(**({"study_id": run_id} if kind == KIND.STUDY else {"trial_id": run_id})):
+            log.warning("reconciler: %s %s %s: %s", action, kind, run_id, why)
+        self.redis.hincrby(RECONCILER_COUNTS_KEY, f"{kind}:{action}", 1)
+        self.actions.append(Action(kind, action, run_id, why))
+
+    def end(self, run: Any, status: str, outcome: str, reason: str, why: str, *, action: str) -> None:
+        """End a run no worker will end (models.store.runs.end_run); a trial's end is counted and announced as a worker's is."""
+        run_id, kind = run.info.run_id, run.data.tags.get(TAG.KIND, KIND.TRIAL)
+        ending = Ending(status, outcome, f"{reason} (ended by the reconciler: {why})")
+
+        def do() -> None:
+            runs.end_run(self.mlflow, run_id, ending.mlflow_status, ending.outcome, ending.reason)
+            if kind == KIND.TRIAL:
+                callback = json.loads(run.data.tags.get(TAG.SPEC) or "{}").get("callback_url")
+                announce_end(run_id, ending, callback, self.r.clients)  # type: ignore[arg-type] - a runtime without a device
+
+        self.act(kind, run_id, action, why, do)
+
+    def load_study(self, study_id: str) -> tuple[optuna.Study, StudySpec] | None:
+        """The study from this worker's storage, with its spec; None (logged) when it is not there."""
+        try:
+            stored = optuna.load_study(study_name=study_id, storage=open_storage(self.settings.study_storage))
+        except KeyError:
+            log.warning("reconciler: study %s is not in this worker's %s storage; left alone", study_id, storage_kind(self.settings.study_storage))
+            return None
+        return stored, StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
+
+    # --- reading ---
+
+    def _experiment_id(self) -> str | None:
+        if self.r.experiment_id is None:
+            experiment = self.mlflow.get_experiment_by_name(self.settings.experiment)
+            self.r.experiment_id = experiment.experiment_id if experiment is not None else None
+        return self.r.experiment_id
+
+    def _open_runs(self, experiment_id: str) -> list[Any]:
+        """The experiment's SCHEDULED and RUNNING runs (the tracking server takes no IN on statuses: not the ended ones)."""
+        ended = " and ".join(f"attributes.status != '{status}'" for status in TERMINAL_STATUSES)
+        found: list[Any] = []
+        token = None
+        while True:
+            page = self.mlflow.search_runs([experiment_id], filter_string=ended, max_results=1000, page_token=token)
+            found.extend(run for run in page if run.info.status in ("SCHEDULED", "RUNNING"))
+            token = page.token
+            if not token:
+                return found
+
+    def _save_first_seen(self) -> None:
+        """Keep only the findings seen on this sweep: one that stopped being true starts its grace again."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(RECONCILER_SUSPECTS_KEY)
+        if self.seen_now:
+            pipe.hset(RECONCILER_SUSPECTS_KEY, mapping=self.seen_now)
+            pipe.expire(RECONCILER_SUSPECTS_KEY, int(max(3600, 10 * self.grace_s)))
+        pipe.execute()
