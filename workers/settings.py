@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.callbacks import CallbackDestinations
+from models.store.placement import StudyPlacement
 
 __all__ = ["WorkerSettings"]
 
 
-class WorkerSettings(BaseSettings, CallbackDestinations):
+class WorkerSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     """Settings of a worker; read once per process and passed to the code that needs them."""
 
     # hide_input_in_errors: a refused setting is logged at start-up without the values (URLs with passwords, tokens) beside it.
@@ -40,17 +41,6 @@ class WorkerSettings(BaseSettings, CallbackDestinations):
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Share of a GPU's memory batch_size 'auto' may fill.")
     cpu_devices: int = Field(default=1, ge=1, le=64, description="Processes a trial with 'devices' > 1 may use on a CPU host (gloo).")
     max_params: int = Field(default=200_000_000, ge=1, description="Largest network a study's sampled configuration may have (the API's CONVTUNE_MAX_PARAMS).")
-    study_storage: str = Field(
-        default=".convtune/studies.journal",
-        description="Optuna storage of studies, the same for the API and every worker: a journal file path (one host) or a database URL (postgresql://...).",
-    )
-    deployment: Literal["single-host", "distributed"] = Field(
-        default="single-host",
-        description=(
-            "single-host: the API and every worker run on this one host, where a journal file may hold the studies; "
-            "distributed (the images' default): separate hosts, containers or replicas, so study_storage must be a database they all reach."
-        ),
-    )
     # Failures (issue 9, workers.failures): infrastructure errors that escape a task are retried, never acked away.
     retry_backoff_s: int = Field(default=5, ge=1, description="Delay bound of the first retry after an infrastructure error; doubled per retry (full jitter).")
     retry_backoff_max_s: int = Field(default=300, ge=1, description="Largest delay bound between two retries.")
@@ -70,14 +60,3 @@ class WorkerSettings(BaseSettings, CallbackDestinations):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
-    @model_validator(mode="after")
-    def _one_study_storage(self) -> WorkerSettings:
-        """The API and every worker must open the same studies: a local file is one host's alone."""
-        local = "://" not in self.study_storage or self.study_storage.startswith(("sqlite:", "file:"))
-        if self.deployment == "distributed" and local:
-            raise ValueError(
-                f"CONVTUNE_STUDY_STORAGE={self.study_storage!r} is a local file, but CONVTUNE_DEPLOYMENT=distributed: every host would "
-                "keep studies of its own. Set CONVTUNE_STUDY_STORAGE to a database URL the API and all workers share "
-                "(postgresql://USER:PASSWORD@HOST:5432/DB), or CONVTUNE_DEPLOYMENT=single-host if they all run on this one host."
-            )
-        return self

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.callbacks import CallbackDestinations
+from models.store.placement import StudyPlacement
 
 __all__ = ["ApiSettings", "TokenConfig"]
 
@@ -23,7 +24,7 @@ class TokenConfig(BaseModel):
     scopes: list[Scope] = Field(min_length=1, description="read: GET; submit: create and cancel; admin: everything.")
 
 
-class ApiSettings(BaseSettings, CallbackDestinations):
+class ApiSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     """Settings of the API; built once in ``create_app`` and passed to whatever needs them."""
 
     # hide_input_in_errors: a refused setting is logged at start-up without the values (URLs with passwords, tokens) beside it.
@@ -56,17 +57,6 @@ class ApiSettings(BaseSettings, CallbackDestinations):
         ),
     )
     page_size_max: int = 200
-    study_storage: str = Field(
-        default=".convtune/studies.journal",
-        description="Optuna storage of studies, the same for the API and every worker: a journal file path (one host) or a database URL (postgresql://...).",
-    )
-    deployment: Literal["single-host", "distributed"] = Field(
-        default="single-host",
-        description=(
-            "single-host: the API and every worker run on this one host, where a journal file may hold the studies; "
-            "distributed (the images' default): separate hosts, containers or replicas, so study_storage must be a database they all reach."
-        ),
-    )
     # Issue 5: auth, limits, observability, callbacks.
     auth_disabled: bool = Field(default=False, description="Serve without authentication (local stack and tests only); logged loudly at start-up.")
     auth_tokens: list[TokenConfig] = Field(default_factory=list, description="JSON list of {name, sha256, scopes}.")
@@ -83,14 +73,3 @@ class ApiSettings(BaseSettings, CallbackDestinations):
     def ui_url(self) -> str:
         return (self.mlflow_ui_url or self.mlflow_tracking_uri).rstrip("/")
 
-    @model_validator(mode="after")
-    def _one_study_storage(self) -> ApiSettings:
-        """The API and every worker must open the same studies: a local file is one host's alone."""
-        local = "://" not in self.study_storage or self.study_storage.startswith(("sqlite:", "file:"))
-        if self.deployment == "distributed" and local:
-            raise ValueError(
-                f"CONVTUNE_STUDY_STORAGE={self.study_storage!r} is a local file, but CONVTUNE_DEPLOYMENT=distributed: every host would "
-                "keep studies of its own. Set CONVTUNE_STUDY_STORAGE to a database URL the API and all workers share "
-                "(postgresql://USER:PASSWORD@HOST:5432/DB), or CONVTUNE_DEPLOYMENT=single-host if they all run on this one host."
-            )
-        return self
