@@ -24,6 +24,10 @@ settings = _settings = WorkerSettings()
 # since it sends through this app and ends studies through the tasks' modules.
 app = Celery("convtune-workers", include=["workers.tasks", "workers.reconciler"])
 app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s, socket_timeout_s=_settings.broker_timeout_s))
+# A pool process warms up before it says it is up (torch's first optimizer step, _warm_up below): about
+# 1 s on an idle host, 9 s seen on a loaded 2-core one. Celery's default wait of 4 s then killed every
+# new pool process before it was up, one after another, and the worker never trained again.
+app.conf.worker_proc_alive_timeout = 120
 
 
 @setup_logging.connect

@@ -14,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from workers.settings import WorkerSettings
+from workers.training.threads import apply_threads, thread_policy
 
 __all__ = ["WorkerRuntime", "runtime"]
 
@@ -29,22 +30,26 @@ class WorkerRuntime:
         # server: fail in seconds instead, and let the task's retry policy (workers.failures) wait.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.mlflow_max_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.mlflow_timeout_s))
+        # Ending a run would otherwise read it back (one more request per run) to print its URL on stdout.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.mlflow = MlflowClient(settings.mlflow_tracking_uri)
-        # log_model only exists in MLflow's fluent API, which reads the process-wide tracking URI.
+        # mlflow.register_model (a study's register_as) reads the process-wide tracking URI.
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.broker_timeout_s, socket_connect_timeout=settings.broker_timeout_s)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A worker owns the GPUs it sees; on a CPU host, the processes it may spawn for one trial.
         self.devices_owned = torch.cuda.device_count() if self.device.type == "cuda" else settings.cpu_devices
+        self.threads = thread_policy(settings.host_training_processes, settings.torch_threads)
 
     def warm_up(self) -> None:
-        """Run a first optimizer step: it imports torch._dynamo (~1 s) once per process, not per trial."""
+        """Take this process's share of the cores, then run a first optimizer step: it imports torch._dynamo (~1 s) once per process, not per trial."""
         t0 = time.perf_counter()
+        apply_threads(self.threads)
         param = torch.nn.Parameter(torch.zeros(1, device=self.device))
         optimizer = torch.optim.AdamW([param])
         param.sum().backward()
         optimizer.step()
-        log.info("worker warmed up on %s in %.2fs", self.device, time.perf_counter() - t0)
+        log.info("worker warmed up on %s in %.2fs; %s", self.device, time.perf_counter() - t0, self.threads)
 
     def checkpoint_path(self, run_id: str) -> Path:
         return self.settings.checkpoint_dir / f"{run_id}.pt"

@@ -35,11 +35,16 @@ class WorkerSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     )
     max_attempts: int = Field(default=3, ge=1, description="Starts of one trial before it is failed as worker_lost.")
     cancel_check_steps: int = Field(default=50, ge=1, description="Training steps between two looks at the cancel flag.")
-    log_model: bool = Field(default=True, description="Log the trained model with mlflow.pytorch.log_model.")
+    log_model: bool = Field(default=True, description="Log each trained model as an MLflow pytorch model (pt2) in the run's model/ artifacts.")
     # Tuning (issue 4): batch_size 'auto' and data-parallel trials.
     cpu_memory_limit_mb: int = Field(default=2048, ge=16, description="What batch_size 'auto' may use for one training step on the CPU.")
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Share of a GPU's memory batch_size 'auto' may fill.")
     cpu_devices: int = Field(default=1, ge=1, le=64, description="Processes a trial with 'devices' > 1 may use on a CPU host (gloo).")
+    # Threads (issue 10, workers.training.threads): the host's usable cores divided between its training processes.
+    host_training_processes: int = Field(
+        default=1, ge=1, le=1024, description="Training processes sharing this host's cores (set by 'convtune worker' and 'convtune up'); each takes an equal share.",
+    )
+    torch_threads: int | None = Field(default=None, ge=1, le=1024, description="Intra-op threads of each training process; default: its share of the usable cores.")
     max_params: int = Field(default=200_000_000, ge=1, description="Largest network a study's sampled configuration may have (the API's CONVTUNE_MAX_PARAMS).")
     # Failures (issue 9, workers.failures): infrastructure errors that escape a task are retried, never acked away.
     retry_backoff_s: int = Field(default=5, ge=1, description="Delay bound of the first retry after an infrastructure error; doubled per retry (full jitter).")

@@ -41,6 +41,7 @@ __all__ = [
     "SearchedStudy",
     "apply_params",
     "combination_problems",
+    "corner_points",
     "grid_points",
     "param_values",
     "path_problems",
@@ -238,6 +239,11 @@ def _assignments(spec: SearchedStudy, values: dict[str, Sequence[Any]]) -> Itera
             del assigned[key]
 
     return walk(0, {})
+
+
+def corner_points(spec: SearchedStudy) -> Iterator[dict[str, Any]]:
+    """Every combination of the parameters' corner values (a range's ends, every choice), conditions applied (lazy)."""
+    return _assignments(spec, {k: param_values(p, corners_only=True) for k, p in spec.search_space.items()})
 
 
 def grid_points(spec: SearchedStudy) -> list[dict[str, Any]]:

@@ -1,11 +1,13 @@
-"""The study spec: a base trial spec, a search space over its fields, a sampler, a pruner, a budget.
+"""The study spec: a base trial spec, a search space over its fields, objectives and budgets, a sampler, a pruner.
 
 It is the body of ``POST /studies``, is stored with the study in its Optuna storage (as JSON) and is
 re-validated by every worker step. The search space and its checks are :mod:`models.spec.space`'s:
 validation checks each path exists and may be searched, that every value the space can produce
 passes the trial spec's own bounds and validators, and, when the input's shape is known here (the
 built-in data sets), that every value is feasible with at least one combination of the others.
-Errors name the field (``search_space.optim.lr.high``). This module must not import torch.
+Objectives, constraints and the rule that chooses a trial are :mod:`models.spec.objectives`'s; a
+size budget no corner of the space meets, pruning or a target with several objectives are refused
+here too. Errors name the field (``search_space.optim.lr.high``). This module must not import torch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import BeforeValidator, Field, HttpUrl, ValidationError, Validatio
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from models.spec.base import Spec
+from models.spec.objectives import EPOCH_MEASURES, LATENCY_MEASURES, ConstraintSpec, ObjectiveSpec, RegisterSpec, constraint_problems
 from models.spec.plan import builtin_input
 from models.spec.space import (
     GRID_LIMIT,
@@ -32,29 +35,16 @@ from models.spec.space import (
 from models.spec.trial import TrialSpec
 from models.spec.tuning import LrAutoSpec
 
-__all__ = ["ObjectiveSpec", "PrunerSpec", "SamplerSpec", "StudySpec"]
-
-
-class ObjectiveSpec(Spec):
-    """What a study optimises: a per-epoch metric, its direction, and which epoch's value counts."""
-
-    metric: Literal["val_accuracy", "val_loss", "train_loss"] = "val_accuracy"
-    direction: Literal["maximize", "minimize"] | None = Field(default=None, description="Default: maximize accuracy, minimize losses.")
-    value: Literal["last_epoch", "best_epoch"] = Field(
-        default="last_epoch", description="The trial's value: its last epoch's metric (the logged model's) or its best epoch's.",
-    )
-
-    @property
-    def resolved_direction(self) -> str:
-        return self.direction or ("maximize" if self.metric == "val_accuracy" else "minimize")
+__all__ = ["ConstraintSpec", "ObjectiveSpec", "PrunerSpec", "RegisterSpec", "SamplerSpec", "StudySpec"]
 
 
 class SamplerSpec(Spec):
     """Optuna's sampler. ``grid`` enqueues every point of the space (which must then be enumerable)."""
 
-    name: Literal["tpe", "random", "grid", "cmaes", "gp"] = "tpe"
+    name: Literal["tpe", "random", "grid", "cmaes", "gp", "nsga2"] = "tpe"
     n_startup_trials: int = Field(default=8, ge=0, le=1000, description="Random trials before TPE, CMA-ES or GP model the results.")
     multivariate: bool = Field(default=False, description="TPE only: model the parameters jointly.")
+    population_size: int = Field(default=50, ge=2, le=1000, description="nsga2 only: trials per generation.")
 
 
 class PrunerSpec(Spec):
@@ -73,6 +63,17 @@ def _name_is_sampler(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+def _name_is_register(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+# Optuna's pruners judge one objective's intermediate values, epoch by epoch.
+NO_PRUNING = (
+    "Optuna's pruners judge one objective's per-epoch values: they do not support several objectives "
+    "or an objective that is not logged every epoch; set pruner to none (or leave it out)"
+)
+
+
 class StudySpec(Spec):
     """A search over trial specs: what varies, how it is sampled and pruned, and the budget."""
 
@@ -82,7 +83,18 @@ class StudySpec(Spec):
         max_length=32,
         description="Dotted trial-spec path -> a range or a choice list, sampled in this order (conditions may refer to earlier keys).",
     )
-    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    objective: ObjectiveSpec | None = Field(default=None, description="One objective (default: maximize val_accuracy); or give objectives.")
+    objectives: list[ObjectiveSpec] | None = Field(
+        default=None, min_length=1, max_length=4,
+        description="Several objectives (a Pareto front), e.g. [{metric: val_accuracy}, {metric: flops_per_sample}]; not with objective.",
+    )
+    constraints: list[ConstraintSpec] = Field(
+        default_factory=list, max_length=16,
+        description=(
+            "Hard budgets, e.g. {metric: flops_per_sample, max: 2e6}. Sizes (params, flops_per_sample) are checked on each "
+            "sampled configuration before it trains (over_budget: never trained); metrics and latencies after training."
+        ),
+    )
     sampler: Annotated[SamplerSpec, BeforeValidator(_name_is_sampler)] = Field(default_factory=SamplerSpec)
     pruner: Annotated[PrunerSpec, BeforeValidator(_name_is_sampler)] = Field(default_factory=PrunerSpec)
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the sampler (each trial's draw is seeded from it).")
@@ -93,9 +105,12 @@ class StudySpec(Spec):
     warm_start: list[dict[str, JsonValue]] = Field(
         default_factory=list, max_length=1000, description="Known configurations (search-space key -> value) to try first.",
     )
-    register_as: str | None = Field(
-        default=None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$",
-        description="Register the best trial's model as a new version of this MLflow registered model.",
+    register_as: Annotated[RegisterSpec | None, BeforeValidator(_name_is_register)] = Field(
+        default=None,
+        description=(
+            "Register the chosen trial's model as a new version of this MLflow registered model: a name (the best trial), or "
+            "{name, rule: best|knee, metric, where: [{metric, max|min}]}."
+        ),
     )
     register_alias: str = Field(default="candidate", min_length=1, max_length=100, pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
     tags: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")], Annotated[str, Field(max_length=500)]] = Field(
@@ -113,11 +128,85 @@ class StudySpec(Spec):
     )
 
     @property
+    def goals(self) -> list[ObjectiveSpec]:
+        """The objectives in order: ``objectives``, else ``objective``, else maximize val_accuracy."""
+        return list(self.objectives) if self.objectives else [self.objective or ObjectiveSpec()]
+
+    @property
+    def primary(self) -> ObjectiveSpec:
+        return self.goals[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.goals) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return [g.resolved_direction for g in self.goals]
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether its trials must time inference: an objective or constraint names a latency, or the base asks for it."""
+        named = {g.metric for g in self.goals} | {c.metric for c in self.constraints}
+        if self.register_as is not None:
+            named |= {self.register_as.metric or ""} | {w.metric for w in self.register_as.where}
+        return self.base.latency is not None or bool(named & set(LATENCY_MEASURES))
+
+    @property
+    def selection(self) -> RegisterSpec | None:
+        """The rule that chooses the study's trial; None: the best by the (first) objective, or the knee of a two-objective front."""
+        return self.register_as
+
+    @property
+    def selection_rule(self) -> str:
+        """The rule that chooses the study's trial, for a person."""
+        if self.register_as is not None:
+            return self.register_as.describe(self.primary.metric)
+        return "knee of the front" if len(self.goals) == 2 else f"best {self.primary.metric}"
+
+    @property
     def budget(self) -> int:
         """The number of trials to run."""
         if self.n_trials is not None:
             return self.n_trials
         return len(grid_points(self)) if self.sampler.name == "grid" else 20
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_pruner_without_epochs(cls, data: Any) -> Any:
+        # The default pruner cannot judge several objectives or a size: such a study prunes nothing unless told to (then a 422).
+        if isinstance(data, dict) and "pruner" not in data:
+            raw = data.get("objectives") or [data.get("objective") or {}]
+            metrics = [o.get("metric", "val_accuracy") if isinstance(o, dict) else getattr(o, "metric", None) for o in raw] if isinstance(raw, list) else []
+            if len(metrics) > 1 or any(m not in EPOCH_MEASURES for m in metrics):
+                data = {**data, "pruner": "none"}
+        return data
+
+    @model_validator(mode="after")
+    def _goals_fit(self) -> StudySpec:
+        problems: Problems = []
+        if self.objective is not None and self.objectives is not None:
+            problems.append((("objectives",), "give objective (one) or objectives (several), not both"))
+        metrics = [g.metric for g in self.goals]
+        problems += [(("objectives", i, "metric"), f"{m} is already an objective") for i, m in enumerate(metrics) if m in metrics[:i]]
+        where = "objectives" if self.objectives else "objective"
+        if self.pruner.name != "none" and (self.multi_objective or self.primary.metric not in EPOCH_MEASURES):
+            what = f"{len(metrics)} objectives" if self.multi_objective else f"{where}.metric {self.primary.metric}, which is not logged every epoch"
+            problems.append((("pruner",), f"this study has {what}: {NO_PRUNING}"))
+        if self.target is not None and self.multi_objective:
+            problems.append((("target",), "a study with several objectives has no single value to compare with a target: remove target"))
+        if self.sampler.name == "cmaes" and self.multi_objective:
+            problems.append((("sampler", "name"), "CMA-ES optimises one objective: use tpe, nsga2, gp, random or grid with several"))
+        if self.register_as is not None and self.register_as.rule == "knee" and len(metrics) != 2:
+            problems.append((("register_as", "rule"), f"the knee is defined on a front of two objectives; this study has {len(metrics)}"))
+        bounds: set[str] = set()
+        for i, c in enumerate(self.constraints):
+            if bounds & set(c.violations(None)):
+                problems.append((("constraints", i), f"{c} repeats a bound of an earlier constraint"))
+            bounds |= set(c.violations(None))
+        if problems:
+            raise _invalid(problems)
+        return self
 
     @model_validator(mode="after")
     def _lr_auto_fits(self) -> StudySpec:
@@ -143,6 +232,8 @@ class StudySpec(Spec):
             problems = value_problems(self) + _budget_problems(self)
         if not problems:
             problems = combination_problems(self, builtin_input(self.base.data))
+        if not problems:
+            problems = constraint_problems(self, self.constraints, builtin_input(self.base.data))
         if problems:
             raise _invalid(problems)
         return self

@@ -26,6 +26,7 @@ __all__ = [
     "ConvNetSpec",
     "DataSpec",
     "DivergenceSpec",
+    "LatencySpec",
     "OptimSpec",
     "TrialSpec",
     "flatten_params",
@@ -39,9 +40,9 @@ SCHEDULES = ("none", "step", "cosine", "onecycle", "exponential")
 BUILTIN_DATASETS = ("digits", "shapes")
 FILE_DATASETS = ("npz", "folder")
 
-# TrialSpec fields that say what a run is called, where it runs and whom it tells, not how it trains:
+# TrialSpec fields that say what a run is called, where it runs, whom it tells and what it measures, not how it trains:
 # they are not MLflow params (flatten_params) and a study cannot search them (models.spec.space).
-NON_HYPERPARAMETERS = ("name", "tags", "queue", "callback_url")
+NON_HYPERPARAMETERS = ("name", "tags", "queue", "callback_url", "latency")
 
 # Optimizers that take a momentum term, and those that take Adam's betas.
 MOMENTUM_OPTIMIZERS = ("momentum", "nesterov", "rmsprop")
@@ -236,6 +237,18 @@ class DivergenceSpec(Spec):
     min_progress: float = Field(default=0.02, gt=0.0, lt=1.0, description="Fraction of the first loss an epoch's mean loss must have shed to count as progress.")
 
 
+class LatencySpec(Spec):
+    """Measure inference latency at the end of training (workers.training.latency), logged as metrics.
+
+    ``latency_ms``: milliseconds per sample at batch 1; ``latency_ms_batch``: per sample at ``batch``;
+    each the median of ``repeats`` timed forward passes after ``warmup`` untimed ones, on the worker's device.
+    """
+
+    batch: int = Field(default=32, ge=1, le=4096, description="The stated batch of latency_ms_batch.")
+    warmup: int = Field(default=5, ge=0, le=1000, description="Untimed forward passes first (caches, allocator, kernels).")
+    repeats: int = Field(default=20, ge=1, le=10_000, description="Timed forward passes; the median is logged.")
+
+
 class TrialSpec(Spec):
     """One training run: architecture, optimisation, data and budget."""
 
@@ -257,6 +270,9 @@ class TrialSpec(Spec):
     callback_url: HttpUrl | None = Field(
         default=None,
         description="Receives a signed POST (X-Convtune-Signature, HMAC-SHA256) when the trial ends; retried with backoff. Not an MLflow param.",
+    )
+    latency: LatencySpec | None = Field(
+        default=None, description="Measure inference latency at the end of training (latency_ms, latency_ms_batch metrics); off when absent.",
     )
 
     @model_validator(mode="after")

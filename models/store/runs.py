@@ -10,7 +10,7 @@ way (SCHEDULED, its tags and params logged once, at creation) and ends the same 
     running         RUNNING         -
     succeeded       FINISHED        succeeded (or duplicate: a study trial that reused a twin's result)
     pruned          FINISHED        pruned
-    failed          FAILED          diverged, timeout, out_of_memory, invalid_data, infeasible, worker_lost, error
+    failed          FAILED          diverged, timeout, out_of_memory, invalid_data, infeasible, over_budget, worker_lost, error
     cancelled       KILLED          cancelled
 
 The functions take an ``MlflowClient``; the API translates MLflow's errors where it calls them
@@ -37,8 +37,9 @@ __all__ = [
 # Every ended trial carries exactly one outcome; 'succeeded' is the only good one.
 TrialOutcome = Literal[
     "succeeded", "diverged", "pruned", "out_of_memory", "timeout", "cancelled", "worker_lost", "invalid_data", "error",
-    # a study trial whose sampled architecture cannot run on its input; one that reused a twin's result
-    "infeasible", "duplicate",
+    # a study trial whose sampled architecture cannot run on its input; one that reused a twin's result;
+    # one whose sampled configuration breaks the study's size budget (never trained)
+    "infeasible", "duplicate", "over_budget",
 ]
 # MLflow run statuses of a run that has ended: a message for such a run is a duplicate.
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -86,6 +87,7 @@ class TAG:
     STUDY_STORAGE = "convtune.study_storage"
     STUDY_SPEC = "convtune.study_spec"  # the StudySpec as JSON, when it fits in a tag (else the study/spec.json artifact)
     TRIAL_COUNTS = "convtune.trial_counts"
+    SELECTION = "convtune.selection"  # the rule that chose the study's trial (models.spec.objectives)
     BEST_TRIAL_ID = "convtune.best_trial_id"
     BEST_TRIAL_NUMBER = "convtune.best_trial_number"
     BEST_PREFIX = "convtune.best."  # + a searched path: the best trial's value of it
@@ -160,9 +162,9 @@ def create_run(
     run = client.create_run(experiment_id, run_name=name, tags={TAG.RUN_NAME: name, **tags})
     run_id = run.info.run_id
     try:
-        client.update_run(run_id, status="SCHEDULED")
+        _set_status(client, run_id, "SCHEDULED")
         items = [Param(k, v) for k, v in (params or {}).items()]
-        accepted = [RunTag(TAG.ACCEPTED_AT, _now())]
+        accepted = [RunTag(TAG.ACCEPTED_AT, now())]
         for i in range(0, max(len(items), 1), 100):  # log_batch takes at most 100 params a call
             client.log_batch(run_id, params=items[i : i + 100], tags=accepted if i == 0 else [])
     except Exception:
@@ -181,10 +183,10 @@ def start_run(client: MlflowClient, run_id: str, tags: Mapping[str, str] | None 
 
     items = [RunTag(k, v) for k, v in (tags or {}).items()]
     if first:
-        items.append(RunTag(TAG.STARTED_AT, _now()))
+        items.append(RunTag(TAG.STARTED_AT, now()))
     if items:
         client.log_batch(run_id, tags=items)
-    client.update_run(run_id, status="RUNNING")
+    _set_status(client, run_id, "RUNNING")
 
 
 def end_run(
@@ -215,8 +217,21 @@ def reopen_run(client: MlflowClient, run_id: str, tags: Mapping[str, str] | None
     client.update_run(run_id, status="RUNNING")
 
 
-def _now() -> str:
+def now() -> str:
+    """The time as the ``*_at`` tags hold it (ISO 8601, UTC)."""
     return datetime.now(timezone.utc).isoformat()
+
+
+def _set_status(client: MlflowClient, run_id: str, status: str) -> None:
+    """``client.update_run(run_id, status=status)`` in one request: MlflowClient reads the whole run first (for
+    its end time, which a status change keeps), a second round trip on every accept (issue 10)."""
+    from mlflow.entities import RunStatus
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if store is None or not hasattr(store, "update_run_info"):
+        client.update_run(run_id, status=status)
+        return
+    store.update_run_info(run_id, RunStatus.from_string(status), end_time=None, run_name=None)
 
 
 def _millis() -> int:

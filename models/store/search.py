@@ -1,7 +1,9 @@
 """Optuna glue the API and the workers share: storages, the space as distributions, samplers, pruners.
 
 Samplers and pruners are not stored by Optuna: every worker step rebuilds them from the study spec
-(:func:`make_sampler`, :func:`make_pruner`). A categorical parameter whose choices are not plain
+(:func:`make_sampler`, :func:`make_pruner`). Budgets reach the samplers as Optuna constraints
+(``Trial.set_constraint``, which Optuna 5 reads in place of the deprecated ``constraints_func``);
+:func:`candidates`, :func:`front` and :func:`chosen` read a study's results back for the spec's rules. A categorical parameter whose choices are not plain
 scalars (``model.channels: [[16, 32], [32, 64]]``) travels through Optuna as JSON strings and is
 decoded by :func:`decode_params`. This module imports optuna but never torch.
 """
@@ -15,14 +17,18 @@ from typing import Any
 
 import optuna
 
+from models.spec.objectives import Candidate, choose, pareto_front
 from models.spec.space import CategoricalParam, FloatParam, IntParam, param_values
 from models.spec.study import StudySpec
 
 __all__ = [
     "TRIAL_STATES",
     "USER_ATTR",
+    "candidates",
+    "chosen",
     "decode_params",
     "encode_params",
+    "front",
     "make_pruner",
     "make_sampler",
     "open_storage",
@@ -53,6 +59,8 @@ class USER_ATTR:
     DUPLICATE_OF = "convtune.duplicate_of"  # trial: number of the trial whose result it reused
     SLOT = "convtune.slot"
     LR_AUTO = "convtune.lr_auto"  # study: the range its lr_auto range test found, or why none was
+    MEASURES = "convtune.measures"  # trial: {measure: value} of its sizes, last metrics and latencies (models.spec.objectives)
+    OVER_BUDGET = "convtune.over_budget"  # trial: the budgets it broke (before training: never trained; after: not chosen)
 
 
 def storage_kind(url: str) -> str:
@@ -146,6 +154,8 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False)
     if s.name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size)
     # random, and grid: a grid's points are all enqueued when the study is created.
     return optuna.samplers.RandomSampler(seed=seed)
 
@@ -163,6 +173,39 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         epochs = max(param_values(searched)) if searched else spec.base.optim.epochs
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource or epochs, reduction_factor=p.reduction_factor)
     return optuna.pruners.NopPruner()
+
+
+def candidates(study: optuna.Study, spec: StudySpec) -> list[Candidate]:
+    """The study's completed trials that trained (a duplicate only reused its twin's result), as the spec's rules see them."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get(USER_ATTR.DUPLICATE_OF) is not None or t.values is None:
+            continue
+        measures = {k: float(v) for k, v in (t.user_attrs.get(USER_ATTR.MEASURES) or {}).items() if v is not None}
+        for goal, value in zip(spec.goals, t.values, strict=False):
+            measures.setdefault(goal.metric, float(value))
+        feasible = all(v <= 0 for v in t.constraints.values())
+        out.append(Candidate(t.number, tuple(float(v) for v in t.values), measures, feasible))
+    return out
+
+
+def front(study: optuna.Study, spec: StudySpec) -> list[Candidate]:
+    """The Pareto front of the study's feasible trials (with one objective: its best trial)."""
+    found = candidates(study, spec)
+    if not spec.multi_objective:
+        best = choose(found, spec.goals)
+        return [best] if best else []
+    return pareto_front(found, spec.directions)
+
+
+def chosen(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
+    """The trial the spec's rule chooses (register_as's, else the best, or the knee of a two-objective front); None when none qualifies."""
+    rule = spec.selection
+    if rule is not None:
+        pick = choose(candidates(study, spec), spec.goals, rule=rule.rule, metric=rule.metric, direction=rule.direction, where=rule.where)
+    else:
+        pick = choose(candidates(study, spec), spec.goals, rule="knee" if len(spec.goals) == 2 else "best")
+    return None if pick is None else study.get_trials(deepcopy=False)[pick.number]
 
 
 # Short labels of the usual parameters, so a list of runs reads "lr=3e-3 bs=32 k3 maxpool relu".

@@ -48,10 +48,12 @@ def api(bind: str, workers: int) -> None:
 
 @main.command()
 @click.option("--cpu-workers", default=1, show_default=True, help="worker processes on a host without GPUs")
+@click.option("--trials-per-worker", default=1, show_default=True, envvar="CONVTUNE_TRIALS_PER_WORKER", type=click.IntRange(1, 64),
+              help="trials each worker trains at once (small trials: more than 1 overlaps one's MLflow writes with another's training)")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--stop-timeout", default=90.0, show_default=True, envvar="CONVTUNE_WORKER_STOP_TIMEOUT_S",
               help="on SIGINT/SIGTERM, seconds a worker may take to finish its running task before it is killed")
-def worker(cpu_workers: int, loglevel: str, stop_timeout: float) -> None:
+def worker(cpu_workers: int, trials_per_worker: int, loglevel: str, stop_timeout: float) -> None:
     """Start one Celery worker process per visible GPU (concurrency 1), or CPU workers on a CPU host,
     plus the light callback worker; all of them live and stop with this process.
 
@@ -66,7 +68,7 @@ def worker(cpu_workers: int, loglevel: str, stop_timeout: float) -> None:
     children: list[tuple[str, subprocess.Popen]] = []
     code = EXIT_OK
     try:
-        for name, argv, env in worker_commands(gpu_count(), cpu_workers, loglevel):  # stdout and stderr inherited: one stream, as a container's log wants
+        for name, argv, env in worker_commands(gpu_count(), cpu_workers, loglevel, trials_per_worker):  # stdout and stderr inherited: one stream, as a container's log wants
             children.append((name, spawn(argv, env)))
         while (dead := next(((n, c) for n, c in children if c.poll() is not None), None)) is None:
             time.sleep(0.5)
@@ -88,9 +90,11 @@ def worker(cpu_workers: int, loglevel: str, stop_timeout: float) -> None:
 @click.option("--api-port", default=8000, show_default=True)
 @click.option("--mlflow-port", default=5000, show_default=True)
 @click.option("--cpu-workers", default=1, show_default=True)
+@click.option("--trials-per-worker", default=1, show_default=True, envvar="CONVTUNE_TRIALS_PER_WORKER", type=click.IntRange(1, 64),
+              help="trials each worker trains at once (small trials: more than 1 overlaps one's MLflow writes with another's training)")
 @click.option("--demo", is_flag=True, help="submit the demo trials once the stack is up")
 @click.option("--detach-after-demo", is_flag=True, help="with --demo: stop the stack after the demo instead of serving on")
-def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, demo: bool, detach_after_demo: bool) -> None:
+def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, trials_per_worker: int, demo: bool, detach_after_demo: bool) -> None:
     """Start the local stack (Redis if needed, MLflow, workers, API); Ctrl-C stops all of it."""
 
     from service.client import ApiProblem, Unreachable
@@ -98,7 +102,7 @@ def up(home: Path, api_port: int, mlflow_port: int, cpu_workers: int, demo: bool
 
     stop_on_signals()  # Ctrl-C and SIGTERM both land in `except KeyboardInterrupt`, even from `convtune up &`
     console = _console()
-    config = StackConfig(home=home, redis_url=os.environ.get("CONVTUNE_REDIS_URL", "redis://127.0.0.1:6379/0"), api_port=api_port, mlflow_port=mlflow_port, cpu_workers=cpu_workers)
+    config = StackConfig(home=home, redis_url=os.environ.get("CONVTUNE_REDIS_URL", "redis://127.0.0.1:6379/0"), api_port=api_port, mlflow_port=mlflow_port, cpu_workers=cpu_workers, trials_per_worker=trials_per_worker)
     stack = Stack(config, say=lambda m: console.print(f"[green]>[/] {m}"))
     try:
         stack.up()

@@ -3,7 +3,8 @@
 A requirement is ``METRIC OP NUMBER`` (``val_accuracy>=0.97``, ``val_loss<0.2``). ``METRIC`` is
 the latest logged value of a trial's metric (what its logged model scores), or ``best.METRIC``
 for the best epoch's value (val_accuracy and val_loss). For a study, requirements apply to its
-best trial. Everything here is plain data in, text out: no HTTP, no terminal.
+chosen trial (the best, or the one its rule picks from the Pareto front; :func:`front_table`
+prints the front). Everything here is plain data in, text out: no HTTP, no terminal.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Check", "Requirement", "junit_xml", "markdown_summary", "parse_requirement"]
+__all__ = ["Check", "Requirement", "front_table", "junit_xml", "markdown_summary", "parse_requirement"]
 
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
 _PATTERN = re.compile(r"^\s*(?P<metric>[A-Za-z_][\w.\-]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
@@ -49,11 +50,12 @@ def parse_requirement(text: str) -> Requirement:
 
 
 def metric_value(trial: dict[str, Any], metric: str) -> float | None:
-    """A trial's latest ``metric``, or its best-epoch value for ``best.<metric>``; None when not logged."""
+    """A trial's latest ``metric`` (or its size: params, flops_per_sample), or its best-epoch value for ``best.<metric>``; None when not known."""
     if metric.startswith("best."):
         best = (trial.get("best") or {}).get(metric.removeprefix("best."))
         return None if best is None else float(best["value"])
-    value = (trial.get("metrics") or {}).get(metric)
+    sizes = {"params": trial.get("params_count"), "flops_per_sample": trial.get("flops_per_sample")}  # known before training
+    value = sizes[metric] if metric in sizes else (trial.get("metrics") or {}).get(metric)
     return None if value is None else float(value)
 
 
@@ -118,6 +120,41 @@ def junit_xml(suite_name: str, trials: list[dict[str, Any]], checks_by_trial: di
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def front_table(study: dict[str, Any]) -> str:
+    """A study's Pareto front as a text table (empty for a single objective), the chosen trial marked with ``*``."""
+    front = study.get("front") or []
+    if not front:
+        return ""
+    metrics = [o["metric"] for o in study.get("objectives") or []]
+    chosen = study.get("best") or {}
+    headers = ["", "trial", *[f"{m} ({_arrow(o)})" for m, o in zip(metrics, study["objectives"], strict=True)], "params", "MLflow"]
+    rows = [
+        ["*" if t["number"] == chosen.get("number") else "", f"#{t['number']}", *[_number(t["values"].get(m)) for m in metrics],
+         " ".join(f"{k.rsplit('.', 1)[-1]}={_compact(v)}" for k, v in t["params"].items()), t.get("mlflow_url") or "-"]
+        for t in front
+    ]
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = [f"Pareto front: {len(front)} trials; * chosen by {chosen.get('rule') or 'its rule'}"]
+    lines += ["  " + "  ".join(str(c).rjust(w) if 1 < i < len(headers) - 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _arrow(objective: dict[str, str]) -> str:
+    return "max" if objective.get("direction") == "maximize" else "min"
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+
+
+def _compact(value: Any) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _cell(value: Any) -> str:

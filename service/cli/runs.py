@@ -11,6 +11,7 @@ import click
 
 from service.cli.calls import SPEC_FILE, client_options, echo_json, load_spec, outputs_from_options, result_options, run_client
 from service.cli.follow import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Outputs, Progress, conclude
+from service.cli.reports import front_table
 
 __all__ = ["RUN_COMMANDS"]
 
@@ -53,7 +54,7 @@ def study() -> None:
 @client_options
 @result_options
 def study_create(spec_file: Path, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
-    """Create a study from a spec (YAML or JSON); with --wait, follow it and gate on its best trial."""
+    """Create a study from a spec (YAML or JSON); with --wait, follow it and gate on its chosen trial (printing a front)."""
     from service.client import ConvtuneClient
 
     spec, outputs = load_spec(spec_file), outputs_from_options(as_json, junit, summary, requirements)
@@ -83,6 +84,9 @@ def _follow_study(client: Any, study_id: str, timeout: float | None, outputs: Ou
     ok = current["state"] not in ("failed", "cancelled") and best is not None
     if best is None and current["state"] not in ("failed", "cancelled"):
         current = {**current, "reason": current.get("reason") or "no trial of the study completed"}
+    front = front_table(current)
+    if front and not outputs.as_json:  # --json carries the front in the study document
+        click.echo(front)
     return conclude("study", current, trials, best, outputs, ok=ok)
 
 
@@ -178,7 +182,7 @@ def cancel(some_id: str, api_url: str, token: str | None, retries: int, as_json:
 @client_options
 @result_options
 def best(study_id: str, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None, requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None) -> None:
-    """Show a study's best trial so far (with --wait: at its end) and gate on it."""
+    """Show a study's chosen trial so far (with --wait: at its end) and its Pareto front, and gate on the chosen trial."""
     from service.client import ConvtuneClient
 
     outputs = outputs_from_options(as_json, junit, summary, requirements)

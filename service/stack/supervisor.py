@@ -47,6 +47,7 @@ class StackConfig:
     mlflow_port: int = 5000
     api_workers: int = 2
     cpu_workers: int = 1
+    trials_per_worker: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -85,15 +86,24 @@ def gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def worker_commands(gpus: int, cpu_workers: int, loglevel: str = "INFO") -> list[tuple[str, list[str], dict[str, str]]]:
-    """One Celery worker process per GPU (concurrency 1, queue ``gpu``), or ``cpu_workers`` on a CPU host."""
-    base = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork", "-c", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+def worker_commands(gpus: int, cpu_workers: int, loglevel: str = "INFO", trials_per_worker: int = 1) -> list[tuple[str, list[str], dict[str, str]]]:
+    """One Celery worker per GPU (queue ``gpu``), or ``cpu_workers`` on a CPU host, each training ``trials_per_worker`` trials at once.
+
+    Every training process (a worker's pool child) takes an equal share of the host's cores
+    (workers.training.threads); on a GPU host, trials sharing a GPU share its memory too.
+    """
+    concurrency = str(trials_per_worker)
+    base = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork", "-c", concurrency, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     # Plus one light worker that delivers callbacks (threads, no torch), so a receiver never holds a GPU.
     callbacks = ("callbacks", [sys.executable, "-m", "celery", "-A", "workers.callbacks.app", "worker", "-P", "threads", "-c", "4", "--loglevel", loglevel,
                                "--without-gossip", "--without-mingle", "-Q", "callbacks", "-n", "callbacks@%h"], {"CUDA_VISIBLE_DEVICES": ""})
+    processes = (gpus or cpu_workers) * trials_per_worker
+    share = {"CONVTUNE_HOST_TRAINING_PROCESSES": os.environ.get("CONVTUNE_HOST_TRAINING_PROCESSES", str(processes))}
     if gpus:
-        return [*((f"gpu{i}", [*base, "-Q", "gpu", "-n", f"gpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(gpus)), callbacks]
-    return [*((f"cpu{i}", [*base, "-Q", "cpu", "-n", f"cpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": ""}) for i in range(cpu_workers)), callbacks]
+        if trials_per_worker > 1 and "CONVTUNE_GPU_MEMORY_FRACTION" not in os.environ:
+            share["CONVTUNE_GPU_MEMORY_FRACTION"] = f"{0.9 / trials_per_worker:.3f}"  # batch_size 'auto' leaves room for the GPU's other trials
+        return [*((f"gpu{i}", [*base, "-Q", "gpu", "-n", f"gpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": str(i), **share}) for i in range(gpus)), callbacks]
+    return [*((f"cpu{i}", [*base, "-Q", "cpu", "-n", f"cpu{i}@%h"], {"CUDA_VISIBLE_DEVICES": "", **share}) for i in range(cpu_workers)), callbacks]
 
 
 def api_command(bind: str, workers: int) -> list[str]:
@@ -189,7 +199,7 @@ class Stack:
         self.ensure_redis()
         self.start_mlflow()
         env = self.env()
-        for name, argv, extra in worker_commands(gpu_count(), self.config.cpu_workers):
+        for name, argv, extra in worker_commands(gpu_count(), self.config.cpu_workers, trials_per_worker=self.config.trials_per_worker):
             self.start(f"worker-{name}", argv, {**env, **extra})
         api = api_command(f"{self.config.api_host}:{self.config.api_port}", self.config.api_workers)
         self.start("api", api, env)

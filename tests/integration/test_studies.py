@@ -307,8 +307,10 @@ def test_a_study_trial_whose_worker_dies_resumes_from_its_checkpoint(studies, st
     accepted = submit(studies, body)
     first = wait_for_study(studies, accepted["id"], until=lambda s: s["counts"].get("running", 0) == 1, timeout_s=60)
     assert first["state"] == "running"
-    trial_id = trials_of(studies, accepted["id"])[0]["trial_id"]
     deadline = time.monotonic() + 60
+    while (trial_id := trials_of(studies, accepted["id"])[0]["trial_id"]) is None:  # sampled, its run not created yet
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     while int(mlflow_client.get_run(trial_id).data.tags.get("convtune.epochs_done", 0)) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.2)

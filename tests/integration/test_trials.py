@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -44,7 +46,15 @@ def test_trial_trains_to_success_and_mlflow_holds_it(client, worker, mlflow_clie
     artifacts = {a.path for a in mlflow_client.list_artifacts(accepted["id"])}
     assert {"history.json", "model_summary.json", "plots"} <= artifacts
     plots = {a.path for a in mlflow_client.list_artifacts(accepted["id"], "plots")}
-    assert {"plots/learning_curve.png", "plots/confusion_matrix.png"} <= plots
+    assert {"plots/learning_curve.svg", "plots/confusion_matrix.svg"} <= plots
+    # The summary is a table as MlflowClient.log_table writes it, and MLflow's UI knows it as one.
+    with open(mlflow_client.download_artifacts(accepted["id"], "model_summary.json")) as f:
+        table = json.load(f)
+    assert table["columns"][:2] and len(table["data"]) >= 2 and all(len(row) == len(table["columns"]) for row in table["data"])
+    assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "model_summary.json", "type": "table"}]
+    assert run.data.tags["convtune.device"] == "cpu" and run.data.tags["convtune.attempts"] == "1"
+    history = json.loads(open(mlflow_client.download_artifacts(accepted["id"], "history.json")).read())
+    assert [round(h["val_accuracy"], 6) for h in history] == [round(m.value, 6) for m in sorted(mlflow_client.get_metric_history(accepted["id"], "val_accuracy"), key=lambda m: m.step)]
 
     import mlflow.pytorch
     import torch

@@ -82,7 +82,7 @@ def test_range_test_then_its_suggestion_trains_and_ten_times_its_largest_stable_
     # What a person looks at on a finished trial: confusion matrix, summary table, throughput per epoch.
     artifacts = {a.path for a in mlflow_client.list_artifacts(good["id"])}
     assert {"confusion_matrix.json", "model_summary.json", "model_summary.txt"} <= artifacts
-    assert "plots/confusion_matrix.png" in {a.path for a in mlflow_client.list_artifacts(good["id"], "plots")}
+    assert "plots/confusion_matrix.svg" in {a.path for a in mlflow_client.list_artifacts(good["id"], "plots")}
     with open(mlflow_client.download_artifacts(good["id"], "confusion_matrix.json")) as f:
         matrix = json.load(f)["matrix"]
     assert len(matrix) == 10 and sum(matrix[i][i] for i in range(10)) / sum(map(sum, matrix)) == pytest.approx(trained["metrics"]["val_accuracy"])

@@ -9,6 +9,7 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
+from models.spec.objectives import Candidate, ConstraintSpec, ObjectiveSpec, choose, knee, pareto_front
 from models.spec.space import CategoricalParam, apply_params, grid_points
 from models.spec.study import StudySpec
 from models.spec.trial import NON_HYPERPARAMETERS, TrialSpec, flatten_params
@@ -30,8 +31,8 @@ def errors_of(**fields: Any) -> dict[str, str]:
 def test_defaults_tpe_asha_twenty_trials_maximising_val_accuracy() -> None:
     spec = study()
     assert (spec.sampler.name, spec.pruner.name, spec.budget, spec.parallelism) == ("tpe", "successive_halving", 20, 2)
-    assert spec.objective.metric == "val_accuracy" and spec.objective.resolved_direction == "maximize"
-    assert StudySpec.model_validate({**spec.model_dump(), "objective": {"metric": "val_loss"}}).objective.resolved_direction == "minimize"
+    assert spec.primary.metric == "val_accuracy" and spec.primary.resolved_direction == "maximize" and not spec.multi_objective
+    assert StudySpec.model_validate({**spec.model_dump(), "objective": {"metric": "val_loss"}}).primary.resolved_direction == "minimize"
 
 
 def test_the_default_pruner_accepts_one_epoch_trials() -> None:
@@ -159,7 +160,7 @@ def test_every_pruner_is_optunas(name: str) -> None:
     assert type(pruner).__name__ == expected
 
 
-@pytest.mark.parametrize("name", ["tpe", "random", "grid", "cmaes", "gp"])
+@pytest.mark.parametrize("name", ["tpe", "random", "grid", "cmaes", "gp", "nsga2"])
 def test_every_sampler_samples_the_space(name: str) -> None:
     search_space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}, "optim.batch_size": {"type": "int", "low": 16, "high": 64, "step": 16}}
     if name == "grid":
@@ -189,3 +190,119 @@ def test_the_spec_round_trips_through_json_as_the_storage_keeps_it() -> None:
     spec = study(search_space={"model.channels": [[8, 16], [16, 32]], "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, warm_start=[{"model.channels": [8, 16]}])
     assert StudySpec.model_validate_json(spec.model_dump_json()) == spec
     assert json.loads(spec.model_dump_json())["search_space"]["model.channels"]["type"] == "categorical"
+
+
+# --- objectives, budgets and the rule that chooses a trial (issue 13) ----------------------------------
+
+SHAPES = {"model": {"channels": [8, 16], "convs_per_stage": 1}, "optim": {"epochs": 1}, "data": {"name": "shapes", "image_size": 16}}
+CHANNELS = {"model.channels": [[4, 8], [8, 16], [32, 64]]}  # 16x16x3 shapes: 92,224 to 2,802,176 FLOPs per sample
+TWO_GOALS = [{"metric": "val_accuracy"}, {"metric": "flops_per_sample"}]
+
+
+def budgeted(**fields: Any) -> StudySpec:
+    return StudySpec.model_validate({"base": SHAPES, "search_space": CHANNELS, **fields})
+
+
+def budget_errors(**fields: Any) -> dict[str, str]:
+    with pytest.raises(ValidationError) as caught:
+        budgeted(**fields)
+    return {".".join(str(p) for p in e["loc"]): e["msg"] for e in caught.value.errors(include_url=False)}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fragment"),
+    [
+        pytest.param({"objective": {"metric": "val_loss"}, "objectives": TWO_GOALS}, "objectives", "not both", id="objective-and-objectives"),
+        pytest.param({"objectives": [{"metric": "val_accuracy"}, {"metric": "val_accuracy", "direction": "minimize"}]}, "objectives.1.metric", "already an objective", id="same-objective-twice"),
+        pytest.param({"objectives": TWO_GOALS, "pruner": "median"}, "pruner", "pruners", id="pruning-several-objectives"),
+        pytest.param({"objective": {"metric": "latency_ms"}, "pruner": "successive_halving"}, "pruner", "not logged every epoch", id="pruning-a-latency"),
+        pytest.param({"objectives": TWO_GOALS, "target": 0.9}, "target", "no single value", id="target-with-several-objectives"),
+        pytest.param({"objectives": TWO_GOALS, "sampler": "cmaes"}, "sampler.name", "CMA-ES optimises one objective", id="cmaes-with-several-objectives"),
+        pytest.param({"register_as": {"name": "m", "rule": "knee"}}, "register_as.rule", "two objectives", id="knee-of-one-objective"),
+        pytest.param({"objectives": [{"metric": "val_loss_typo"}, {"metric": "params"}]}, "objectives.0.metric", "val_accuracy", id="unknown-measure"),
+        pytest.param({"constraints": [{"metric": "params"}]}, "constraints.0", "needs a bound", id="constraint-without-bound"),
+        pytest.param({"constraints": [{"metric": "params", "min": 10, "max": 5}]}, "constraints.0", "above max", id="constraint-min-above-max"),
+        pytest.param({"constraints": [{"metric": "val_accuracy", "min": 1.5}]}, "constraints.0", "can never be met", id="accuracy-above-one"),
+        pytest.param({"constraints": [{"metric": "params", "max": 1000}, {"metric": "params", "max": 1000}]}, "constraints.1", "repeats a bound", id="same-bound-twice"),
+        pytest.param({"constraints": [{"metric": "flops_per_sample", "max": 50_000}]}, "constraints.0", "no corner of the search space meets flops_per_sample <= 50,000", id="flops-budget-no-corner-meets"),
+        pytest.param({"constraints": [{"metric": "params", "min": 10_000_000}]}, "constraints.0", "no corner", id="params-floor-no-corner-meets"),
+    ],
+)
+def test_invalid_objectives_and_budgets_name_the_field(fields: dict[str, Any], field: str, fragment: str) -> None:
+    errors = budget_errors(**fields)
+    assert field in errors, errors
+    assert fragment in errors[field], errors[field]
+
+
+def test_a_corner_infeasible_budget_says_what_the_corners_reach() -> None:
+    message = budget_errors(constraints=[{"metric": "flops_per_sample", "max": 50_000}])["constraints.0"]
+    assert "ranges from 92,224 to 2,802,176" in message, message
+    assert budgeted(constraints=[{"metric": "flops_per_sample", "max": 100_000}]).constraints[0].max == 100_000  # one corner fits: accepted
+
+
+def test_several_objectives_turn_the_default_pruner_off_and_keep_the_single_form_working() -> None:
+    multi = budgeted(objectives=TWO_GOALS)
+    assert multi.multi_objective and multi.pruner.name == "none" and multi.directions == ["maximize", "minimize"]
+    assert budgeted(objective={"metric": "latency_ms"}).pruner.name == "none" and budgeted().pruner.name == "successive_halving"
+    assert budgeted(objectives=TWO_GOALS).measures_latency is False
+    assert budgeted(objectives=[{"metric": "val_accuracy"}, {"metric": "latency_ms"}]).measures_latency is True
+    assert budgeted(constraints=[{"metric": "latency_ms_batch", "max": 5}]).measures_latency is True
+    assert budgeted(base={**SHAPES, "latency": {"batch": 8}}).measures_latency is True  # the explicit opt-in
+
+
+def test_register_as_keeps_its_plain_form_and_states_its_rule() -> None:
+    assert budgeted(register_as="digits-net").register_as.name == "digits-net"
+    assert budgeted(register_as="digits-net").selection_rule == "best val_accuracy"
+    assert budgeted(objectives=TWO_GOALS).selection_rule == "knee of the front"
+    rule = budgeted(objectives=TWO_GOALS, register_as={"name": "m", "metric": "val_accuracy", "where": [{"metric": "flops_per_sample", "max": 1e6}]})
+    assert rule.selection_rule == "best val_accuracy where flops_per_sample <= 1,000,000"
+    two_epochs = {**SHAPES, "optim": {"epochs": 2}}  # a 1-epoch dump's pruner.min_resource=1 is refused outside the storage
+    for spec in (rule, budgeted(base=two_epochs, register_as="x", constraints=[{"metric": "params", "max": 5e4}])):
+        assert StudySpec.model_validate_json(spec.model_dump_json()) == spec  # stored and re-read by every worker step
+        assert StudySpec.model_validate(spec.model_dump(mode="json")) == spec  # /extend re-validates the dump
+
+
+def test_constraint_values_are_relative_and_unknown_counts_as_met() -> None:
+    budget = ConstraintSpec(metric="flops_per_sample", max=2e6)
+    assert budget.violations(3e6) == {"flops_per_sample<=2e+06": pytest.approx(0.5)}
+    assert budget.violations(1e6)["flops_per_sample<=2e+06"] < 0 and budget.violations(None)["flops_per_sample<=2e+06"] == 0
+    assert budget.broken_by(3_145_728) == "flops_per_sample 3,145,728 > max 2,000,000" and budget.broken_by(2e6) is None
+    assert ConstraintSpec(metric="val_accuracy", min=0.9).broken_by(0.85) == "val_accuracy 0.85 < min 0.9"
+
+
+GOALS = [ObjectiveSpec(metric="val_accuracy"), ObjectiveSpec(metric="flops_per_sample")]
+
+
+def points(*rows: tuple[float, float], feasible: tuple[int, ...] = ()) -> list[Candidate]:
+    return [Candidate(i, (acc, flops), {"val_accuracy": acc, "flops_per_sample": flops}, i not in feasible) for i, (acc, flops) in enumerate(rows)]
+
+
+def test_the_front_keeps_the_feasible_non_dominated_trials() -> None:
+    trials = points((0.90, 1e5), (0.95, 4e5), (0.97, 2e6), (0.93, 8e5), (0.99, 1e7), feasible=(4,))  # #3 is dominated by #1; #4 broke a budget
+    assert [c.number for c in pareto_front(trials, ["maximize", "minimize"])] == [2, 1, 0]
+
+
+def test_the_knee_is_the_bend_of_a_two_objective_front() -> None:
+    front = pareto_front(points((0.50, 1e5), (0.94, 2e5), (0.96, 2e6), (0.97, 4e6)), ["maximize", "minimize"])
+    assert knee(front, ["maximize", "minimize"]).number == 1  # most of the accuracy for a twentieth of the FLOPs
+
+
+def test_choose_best_within_where_or_the_knee() -> None:
+    trials = points((0.90, 1e5), (0.95, 4e5), (0.97, 2e6))
+    assert choose(trials, GOALS).number == 2  # best val_accuracy
+    assert choose(trials, GOALS, where=[ConstraintSpec(metric="flops_per_sample", max=1e6)]).number == 1
+    assert choose(trials, GOALS, metric="flops_per_sample").number == 0
+    assert choose(trials, GOALS, rule="knee").number == 1
+    assert choose(trials, GOALS, where=[ConstraintSpec(metric="flops_per_sample", max=10)]) is None
+
+
+def test_budgets_reach_optunas_samplers_as_constraints() -> None:
+    """What a study step tells Optuna: TPE ranks an over-budget trial as infeasible; the best and the front skip it."""
+    spec = budgeted(objectives=TWO_GOALS, constraints=[{"metric": "flops_per_sample", "max": 1e6}], sampler="nsga2")
+    s = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec, 0))
+    for acc, flops in ((0.9, 2e5), (0.99, 3e6), (0.95, 8e5)):
+        trial = s.ask()
+        for key, value in spec.constraints[0].violations(flops).items():
+            trial.set_constraint(key, value)
+        s.tell(trial, [acc, flops])
+    assert [t.number for t in s.best_trials] == [0, 2] and s.trials[1].constraints == {"flops_per_sample<=1e+06": pytest.approx(2.0)}

@@ -1,8 +1,14 @@
-"""The end of a study: its parent run gets the best trial, the plots, the tables, and a registered model.
+"""The end of a study: its parent run gets the chosen trial, the plots, the tables, and a registered model.
 
-Called by the step that leaves nothing in flight (see :mod:`workers.study.step`). The parent run gets:
+Called by the step that leaves nothing in flight (see :mod:`workers.study.step`). The *chosen* trial is
+the one the spec's rule picks among the trials that met every budget (``register_as``'s rule, else the
+best by the objective, or the knee of a two-objective front: :func:`models.store.search.chosen`).
+The parent run gets:
 
-- metrics ``best_<metric>``, ``best_trial_number``, ``trials_<outcome>`` counts and ``epochs_trained``;
+- metrics ``best_<metric>`` (per objective), ``best_trial_number``, ``trials_<outcome>`` counts and
+  ``epochs_trained``; the tag ``convtune.selection`` says which rule chose the trial;
+- with several objectives, ``study/pareto_front.json`` (a table: each front trial's values, params
+  and run) and ``plots/pareto_front.png`` (every trained trial, the front and the chosen one);
 - params ``best.<path>`` when the study first ends (MLflow params are immutable; after ``/extend``
   the tags ``convtune.best.<path>``, the metric and ``study/best.json`` follow the new best);
 - ``plots/optimization_history.png``, ``plots/param_importances.png``, ``plots/parallel_coordinate.png``
@@ -24,10 +30,11 @@ import optuna
 from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 
+from models.spec.objectives import SIZE_MEASURES
 from models.spec.study import StudySpec
 from models.store import runs
 from models.store.runs import TAG, registered_owner
-from models.store.search import TRIAL_STATES, USER_ATTR, decode_params
+from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
 from workers.training.outcomes import Ending
@@ -42,32 +49,36 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
     _fail_orphans(stored)
     trials = stored.get_trials(deepcopy=False)
     counts = Counter(t.user_attrs.get(USER_ATTR.OUTCOME, TRIAL_STATES.get(t.state.name, "other")) for t in trials if t.state != TrialState.WAITING)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = _trained(stored, stored.best_trial) if complete else None
-    metric = spec.objective.metric
+    best = chosen(stored, spec)
     now = int(time.time() * 1000)
     epochs = sum(int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)) for t in trials)
     metrics = [Metric(f"trials_{outcome}", n, now, 0) for outcome, n in counts.items()]
     metrics += [Metric("trials_total", sum(counts.values()), now, 0), Metric("epochs_trained", epochs, now, 0)]
-    tags = [RunTag(TAG.TRIAL_COUNTS, json.dumps(dict(counts)))]
+    tags = [RunTag(TAG.TRIAL_COUNTS, json.dumps(dict(counts))), RunTag(TAG.SELECTION, spec.selection_rule)]
     if best is not None:
-        metrics += [Metric(f"best_{metric}", float(best.value), now, 0), Metric("best_trial_number", best.number, now, 0)]
+        metrics += [Metric(f"best_{g.metric}", v, now, 0) for g, v in zip(spec.goals, best.values, strict=True)]
+        metrics.append(Metric("best_trial_number", best.number, now, 0))
         best_params = decode_params(spec, best.params)
         tags += [RunTag(TAG.BEST_TRIAL_ID, best.user_attrs.get(USER_ATTR.TRIAL_ID, "")), RunTag(TAG.BEST_TRIAL_NUMBER, str(best.number))]
         tags += [RunTag(f"{TAG.BEST_PREFIX}{k}", json.dumps(v)) for k, v in best_params.items()]
     rt.mlflow.log_batch(study_id, metrics=metrics, tags=tags)
     if best is not None:
         _log_best_params(rt, study_id, decode_params(spec, best.params))
-        rt.mlflow.log_dict(study_id, {"trial_number": best.number, "trial_id": best.user_attrs.get(USER_ATTR.TRIAL_ID), "value": best.value, "params": decode_params(spec, best.params)}, "study/best.json")
+        rt.mlflow.log_dict(study_id, {**_best_info(spec, best), "rule": spec.selection_rule}, "study/best.json")
     _log_artifacts(rt, study_id, stored, spec)
     registered = _register(rt, study_id, spec, best) if best is not None and spec.register_as else None
 
     if stopped == "cancelled":
         ending = Ending("KILLED", "cancelled", "cancelled on request")
     elif best is None:
-        ending = Ending("FAILED", "error", f"no trial completed ({_count_text(counts)})")
+        within = " within its budgets" if spec.constraints or (spec.register_as and spec.register_as.where) else ""
+        ending = Ending("FAILED", "error", f"no trial completed{within} ({_count_text(counts)})")
     else:
-        reason = f"{sum(counts.values())} trials ({_count_text(counts)}); best {metric} {best.value:.4f} by trial #{best.number}"
+        shown = ", ".join(f"{g.metric} {_shown(v)}" for g, v in zip(spec.goals, best.values, strict=True))
+        chose = f"best {shown}" if spec.selection is None and not spec.multi_objective else f"{spec.selection_rule}: {shown}"
+        reason = f"{sum(counts.values())} trials ({_count_text(counts)}); {chose} by trial #{best.number}"
+        if spec.multi_objective:
+            reason += f"; {len(front(stored, spec))} trials on the Pareto front"
         if stopped in ("target", "timeout"):
             reason += f"; stopped early: {json.loads(stored.user_attrs.get(USER_ATTR.STOPPED, '{}')).get('reason', stopped)}"
         ending = Ending("FINISHED", "succeeded", reason)
@@ -75,18 +86,21 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
         ending = Ending(ending.mlflow_status, ending.outcome, f"{ending.reason}; registered as {registered}")
     runs.end_run(rt.mlflow, study_id, ending.mlflow_status, ending.outcome, ending.reason)
     log.info("study %s ended %s: %s", study_id, ending.outcome, ending.reason)
-    best_info = None if best is None else {
-        "trial_id": best.user_attrs.get(USER_ATTR.TRIAL_ID), "number": best.number, "value": float(best.value), "params": decode_params(spec, best.params),
-    }
+    best_info = None if best is None else _best_info(spec, best)
     announce_study_end(
         study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), ending=ending, best=best_info, counts=dict(counts),
     )
 
 
-def _trained(stored: optuna.Study, best: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
-    """The trial that trained the best configuration: a duplicate only reused its twin's value (and has no model)."""
-    twin = best.user_attrs.get(USER_ATTR.DUPLICATE_OF)
-    return best if twin is None else stored.get_trials(deepcopy=False)[int(twin)]
+def _best_info(spec: StudySpec, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {
+        "trial_id": best.user_attrs.get(USER_ATTR.TRIAL_ID), "number": best.number, "value": float(best.values[0]),
+        "values": {g.metric: float(v) for g, v in zip(spec.goals, best.values, strict=True)}, "params": decode_params(spec, best.params),
+    }
+
+
+def _shown(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
 
 
 def _count_text(counts: Counter) -> str:
@@ -118,15 +132,21 @@ def trial_rows(stored: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
             continue
         row = {
             "number": t.number, "trial_id": t.user_attrs.get(USER_ATTR.TRIAL_ID), "state": TRIAL_STATES.get(t.state.name, t.state.name.lower()),
-            "outcome": t.user_attrs.get(USER_ATTR.OUTCOME), "value": t.value, "epochs": t.user_attrs.get(USER_ATTR.EPOCHS, 0),
+            "outcome": t.user_attrs.get(USER_ATTR.OUTCOME), "value": t.values[0] if t.values else None, "epochs": t.user_attrs.get(USER_ATTR.EPOCHS, 0),
             "duration_s": t.duration.total_seconds() if t.duration else None,
         }
+        if spec.multi_objective:
+            row.update({f"values.{g.metric}": v for g, v in zip(spec.goals, t.values or [None] * len(spec.goals), strict=True)})
+        if spec.constraints:
+            row["over_budget"] = "; ".join(t.user_attrs.get(USER_ATTR.OVER_BUDGET) or []) or None
         row.update({f"params.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in decode_params(spec, t.params).items()})
         rows.append(row)
     return rows
 
 
 def _log_artifacts(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec: StudySpec) -> None:
+    if spec.multi_objective:
+        _log_front(rt, study_id, stored, spec)
     rows = trial_rows(stored, spec)
     if rows:
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("params."), list(rows[0]).index(k) if k in rows[0] else 99, k))
@@ -152,6 +172,64 @@ def _log_artifacts(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec:
             log.info("study %s: no %s plot: %s", study_id, name, exc)
 
 
+def _log_front(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec: StudySpec) -> None:
+    """The Pareto front as a table (``study/pareto_front.json``) and a plot of its first two objectives (``plots/pareto_front.png``)."""
+    points = front(stored, spec)
+    trials = stored.get_trials(deepcopy=False)
+    rows = [
+        {
+            "number": c.number, "trial_id": trials[c.number].user_attrs.get(USER_ATTR.TRIAL_ID),
+            **{g.metric: v for g, v in zip(spec.goals, c.values, strict=True)},
+            **{f"params.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in decode_params(spec, trials[c.number].params).items()},
+        }
+        for c in points
+    ]
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        rt.mlflow.log_table(study_id, data={k: [r.get(k) for r in rows] for k in keys}, artifact_file="study/pareto_front.json")
+    try:
+        pick = chosen(stored, spec)
+        figure = _front_figure(spec, candidates(stored, spec), points, None if pick is None else pick.number)
+        rt.mlflow.log_figure(study_id, figure, "plots/pareto_front.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    except Exception as exc:  # noqa: BLE001 - a plot is a bonus, the table carries the front
+        log.info("study %s: no pareto_front plot: %s", study_id, exc)
+
+
+def _front_figure(spec: StudySpec, every: list[Any], points: list[Any], chosen_number: int | None) -> Any:
+    """Every trained trial (grey; over a budget: red), the front (joined, blue) and the chosen trial (star), on the first two objectives."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_goal, y_goal = spec.goals[0], spec.goals[1]
+    figure, ax = plt.subplots(figsize=(8, 5.5))
+    for feasible, color, label in ((True, "0.6", "trained"), (False, "tab:red", "over a budget")):
+        group = [c for c in every if c.feasible is feasible]
+        if group:
+            ax.scatter([c.values[0] for c in group], [c.values[1] for c in group], color=color, s=24, label=label, zorder=2)
+    ax.plot([c.values[0] for c in points], [c.values[1] for c in points], "o-", color="tab:blue", label="Pareto front", zorder=3)
+    for c in points:
+        ax.annotate(f"#{c.number}", (c.values[0], c.values[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if chosen_number is not None:
+        pick = next(c for c in every if c.number == chosen_number)
+        ax.scatter([pick.values[0]], [pick.values[1]], marker="*", s=260, color="tab:orange", edgecolor="black", label=f"chosen: #{pick.number}", zorder=4)
+    ax.set_xlabel(f"{x_goal.metric} ({x_goal.resolved_direction})")
+    ax.set_ylabel(f"{y_goal.metric} ({y_goal.resolved_direction})")
+    if x_goal.metric in SIZE_MEASURES:  # sizes span orders of magnitude
+        ax.set_xscale("log")
+    if y_goal.metric in SIZE_MEASURES:
+        ax.set_yscale("log")
+    ax.set_title(f"Pareto front: {len(points)} of {len(every)} trained trials")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def _plots() -> dict[str, Any]:
     import matplotlib
 
@@ -171,7 +249,8 @@ def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.tr
     import mlflow
 
     run_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
-    name, alias = spec.register_as, spec.register_alias
+    assert spec.register_as is not None, "called only for a study that registers"
+    name, alias = spec.register_as.name, spec.register_alias
     owner = rt.mlflow.get_run(study_id).data.tags.get(TAG.OWNER)
     try:
         holder = registered_owner(rt.mlflow, name)

@@ -14,11 +14,17 @@ A step that meets an infrastructure error raises it, Optuna told nothing, for it
 (the delivery holding the lease now finishes the slot); a step given up ends its slot's trial as
 ``error`` and goes on (:func:`abandon_step`).
 
+Budgets (the spec's ``constraints``) on sizes are checked on the sampled configuration before it is
+sent: one that breaks them is never trained (``over_budget``, zero epochs, no worker time). Every
+trial that ends COMPLETE or PRUNED tells Optuna its constraint values (:mod:`workers.study.measures`),
+those on metrics and latencies once it trained; with several objectives the trial's value is the list
+of its objectives' values, and nothing is reported per epoch (Optuna's pruners judge one objective).
+
 How a trial's outcome becomes an Optuna state:
 
-    succeeded                               COMPLETE  its value
+    succeeded                               COMPLETE  its value (or values)
     pruned, diverged, timeout, out_of_memory,
-    infeasible                              PRUNED    the configuration is bad: the sampler learns it
+    infeasible, over_budget                 PRUNED    the configuration is bad: the sampler learns it
     cancelled, error, invalid_data,
     worker_lost                             FAIL      nothing learnt about the configuration
     duplicate (same params as trial N)      N's state and value, reused, not trained again
@@ -39,10 +45,11 @@ from optuna.trial import TrialState
 from pydantic import ValidationError
 
 from models.data.sets import InvalidData, describe
+from models.spec.objectives import EPOCH_MEASURES
 from models.spec.plan import InfeasibleArchitecture, plan_network
 from models.spec.space import apply_params
 from models.spec.study import StudySpec
-from models.spec.trial import TrialSpec, flatten_params
+from models.spec.trial import LatencySpec, TrialSpec, flatten_params
 from models.store import runs
 from models.store.budget import StudyBudget
 from models.store.keys import lease_key
@@ -51,6 +58,7 @@ from models.store.search import USER_ATTR, make_pruner, make_sampler, open_stora
 from workers.callbacks.announce import count_outcome
 from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
+from workers.study.measures import broken_budgets, constrain, final_measures, over_budget_reason, sizes, trial_sizes
 from workers.study.report import finish_study
 from workers.training.outcomes import Ending, Pruned, Superseded
 from workers.trial.execution import LeaseHeld, abandon_run, execute_trial
@@ -62,7 +70,8 @@ log = logging.getLogger(__name__)
 # Optuna logs each trial that ends FAIL with a traceback; convtune logs the outcome and reason itself.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 SendStep = Callable[[str, int, str], None]  # (study_id, slot, queue)
-PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible")
+PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible", "over_budget")
+Value = float | list[float]  # what the objective returns: one value, or one per objective
 
 
 class TrialFailed(Exception):
@@ -194,7 +203,7 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
     )
     study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
     if spec.target is not None and _target_reached(study, spec):
-        _stop(budget, stored, "target", f"a trial reached the target {spec.objective.metric} {spec.target:g}")
+        _stop(budget, stored, "target", f"a trial reached the target {spec.primary.metric} {spec.target:g}")
     return objective.outcome
 
 
@@ -207,14 +216,17 @@ class StudyObjective:
         self.study_id, self.slot, self.spec, self.rt, self.budget = study_id, slot, spec, rt, budget
         self.experiment_id, self.queue, self.owner = experiment_id, queue, owner
         self.outcome = "error"
+        self.sizes: dict[str, float] | None = None  # of the sampled configuration, from its plan
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> Value:
         params = suggest(trial, self.spec)
         trial.set_user_attr(USER_ATTR.SLOT, self.slot)
         name = f"{trial_label(params)} #{trial.number}"
         try:
             trial_spec: TrialSpec | None = apply_params(self.spec.base, params, name=name)
             problem = None
+            if self.spec.measures_latency and trial_spec.latency is None:  # an objective or budget names a latency
+                trial_spec = trial_spec.model_copy(update={"latency": LatencySpec()})
         except ValidationError as exc:
             trial_spec, problem = None, f"the sampled configuration is not a valid trial: {exc.errors(include_url=False)[0]['msg']}"
         plan, infeasible = None, None
@@ -229,6 +241,7 @@ class StudyObjective:
             limit = self.rt.settings.max_params
             if plan is not None and plan.params > limit:  # the API checked the base; a sampled configuration may be larger
                 infeasible = f"the sampled network has {plan.params:,} parameters; this service allows at most {limit:,} (CONVTUNE_MAX_PARAMS)"
+        self.sizes = sizes(plan)
         trial_id = self._create_run(trial, name, params, trial_spec, plan)
         trial.set_user_attr(USER_ATTR.TRIAL_ID, trial_id)
         self.budget.record_slot(self.slot, trial_id, trial.number)
@@ -239,6 +252,12 @@ class StudyObjective:
             return self._end(trial, trial_id, "KILLED", "cancelled", "the study was cancelled before this trial started")
         if problem:
             return self._end(trial, trial_id, "FAILED", "invalid_data" if trial_spec else "error", problem)
+        over = broken_budgets(self.spec, self.sizes) if not infeasible else []
+        if over:  # checked before dispatch: never trained, and the sampler learns the boundary
+            trial.set_user_attr(USER_ATTR.OVER_BUDGET, over)
+            trial.set_user_attr(USER_ATTR.MEASURES, self.sizes)
+            constrain(trial, self.spec, self.sizes)
+            return self._end(trial, trial_id, "FAILED", "over_budget", over_budget_reason(over, self.sizes))
         twin = _twin(trial)
         if twin is not None:
             return self._reuse(trial, trial_id, twin)
@@ -246,16 +265,20 @@ class StudyObjective:
             return self._end(trial, trial_id, "FAILED", "infeasible", infeasible)
         return self._train(trial, trial_id, trial_spec)
 
-    def _train(self, trial: optuna.Trial, trial_id: str, trial_spec: TrialSpec) -> float:
-        metric, pruner = self.spec.objective.metric, self.spec.pruner.name
-        values: list[float] = []
+    def _train(self, trial: optuna.Trial, trial_id: str, trial_spec: TrialSpec) -> Value:
+        primary, pruner = self.spec.primary, self.spec.pruner.name
+        # Optuna's report() and its pruners take one objective's value per epoch.
+        reports = not self.spec.multi_objective and primary.metric in EPOCH_MEASURES
+        history: list[dict[str, float]] = []
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-            value = float(metrics[metric])
-            values.append(value)
+            history.append(dict(metrics))
+            if not reports:
+                return
+            value = float(metrics[primary.metric])
             trial.report(value, epoch)
             if trial.should_prune():
-                raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {metric} {value:.4f}")
+                raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {primary.metric} {value:.4f}")
 
         try:
             ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end)
@@ -269,15 +292,34 @@ class StudyObjective:
             tags = self.rt.mlflow.get_run(trial_id).data.tags
             ending = Ending("FAILED", tags.get(TAG.OUTCOME, "error"), tags.get(TAG.REASON, "ended by an earlier delivery"))
         outcome, reason = ending.outcome, ending.reason
-        self._record(trial, outcome, reason, len(values))
-        if outcome == "succeeded" and values:
-            better = max if self.spec.objective.resolved_direction == "maximize" else min
-            return values[-1] if self.spec.objective.value == "last_epoch" else better(values)
+        known = self.sizes if self.sizes is not None else trial_sizes(trial_spec, self.rt.settings.data_root)
+        if outcome == "succeeded" and history:
+            return self._result(trial, trial_id, reason, history, known)
+        constrain(trial, self.spec, known)
+        self._record(trial, outcome, reason, len(history))
         if outcome in PRUNED_OUTCOMES:
             raise optuna.TrialPruned(reason)
         raise TrialFailed(reason)
 
-    def _reuse(self, trial: optuna.Trial, trial_id: str, twin: optuna.trial.FrozenTrial) -> float:
+    def _result(self, trial: optuna.Trial, trial_id: str, reason: str, history: list[dict[str, float]], known: dict[str, float]) -> Value:
+        """A trained trial's value(s), its measures and constraint values; a budget on a metric it broke is told, not hidden."""
+        logged = self.rt.mlflow.get_run(trial_id).data.metrics if self.spec.measures_latency else {}
+        measures = final_measures(self.spec, history, known, logged)
+        trial.set_user_attr(USER_ATTR.MEASURES, measures)
+        missing = [g.metric for g in self.spec.goals if g.metric not in measures]
+        if missing:
+            self._record(trial, "error", f"{reason}; but it has no {', '.join(missing)} to optimise", len(history))
+            raise TrialFailed(f"no {', '.join(missing)} measured")
+        constrain(trial, self.spec, measures)
+        broken = broken_budgets(self.spec, measures)
+        if broken:
+            trial.set_user_attr(USER_ATTR.OVER_BUDGET, broken)
+            reason = f"{reason}; over budget after training (not chosen): {'; '.join(broken)}"
+        self._record(trial, "succeeded", reason, len(history))
+        values = [measures[g.metric] for g in self.spec.goals]
+        return values if self.spec.multi_objective else values[0]
+
+    def _reuse(self, trial: optuna.Trial, trial_id: str, twin: optuna.trial.FrozenTrial) -> Value:
         """Give this trial its twin's result instead of training the same configuration again."""
         twin_run = twin.user_attrs.get(USER_ATTR.TRIAL_ID, "?")
         trial.set_user_attr(USER_ATTR.DUPLICATE_OF, twin.number)
@@ -286,18 +328,23 @@ class StudyObjective:
             self._end_run(trial_id, "FINISHED", "duplicate", reason)
             self._record(trial, "duplicate", reason, 0)
             raise TrialFailed(reason)
-        for step, value in sorted(twin.intermediate_values.items()):
-            trial.report(value, step)
+        if not self.spec.multi_objective:
+            for step, value in sorted(twin.intermediate_values.items()):
+                trial.report(value, step)
+        for key, value in twin.constraints.items():
+            trial.set_constraint(key, value)
+        if USER_ATTR.MEASURES in twin.user_attrs:
+            trial.set_user_attr(USER_ATTR.MEASURES, twin.user_attrs[USER_ATTR.MEASURES])
         state = "value" if twin.state == TrialState.COMPLETE else "pruning"
         reason = f"same parameters as trial #{twin.number} (run {twin_run}): its {state} reused, not trained again"
-        metrics = {self.spec.objective.metric: twin.value} if twin.value is not None else {}
+        metrics = {g.metric: v for g, v in zip(self.spec.goals, twin.values or [], strict=False)}
         self._end_run(trial_id, "FINISHED", "duplicate", reason, metrics)
         self._record(trial, "duplicate", reason, 0)
         if twin.state == TrialState.COMPLETE:
-            return float(twin.value)
+            return list(twin.values) if self.spec.multi_objective else float(twin.value)
         raise optuna.TrialPruned(reason)
 
-    def _end(self, trial: optuna.Trial, trial_id: str, status: str, outcome: str, reason: str) -> float:
+    def _end(self, trial: optuna.Trial, trial_id: str, status: str, outcome: str, reason: str) -> Value:
         self._end_run(trial_id, status, outcome, reason)
         self._record(trial, outcome, reason, 0)
         if outcome in PRUNED_OUTCOMES:
@@ -343,7 +390,7 @@ def _target_reached(study: optuna.Study, spec: StudySpec) -> bool:
         best = study.best_value
     except ValueError:
         return False
-    return best >= spec.target if spec.objective.resolved_direction == "maximize" else best <= spec.target  # type: ignore[operator]
+    return best >= spec.target if spec.primary.resolved_direction == "maximize" else best <= spec.target  # type: ignore[operator]
 
 
 def _stop(budget: StudyBudget, stored: optuna.Study, why: str, reason: str) -> None:

@@ -64,9 +64,12 @@ def train_data_parallel(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext)
     with tempfile.TemporaryDirectory(prefix="convtune-ddp-") as tmp:
         init_method = f"file://{tmp}/rendezvous"
         (Path(tmp) / "spec.json").write_text(spec.model_dump_json())
+        # The ranks divide this worker's share of the cores (workers.training.threads) between them.
+        threads = torch.get_num_threads()
+        per_rank = max(1, threads // world)
         common = [
             "--world", str(world), "--init-method", init_method, "--spec", f"{tmp}/spec.json", "--device", device.type,
-            "--check-every", str(ctx.check_every_steps),
+            "--check-every", str(ctx.check_every_steps), "--threads", str(per_rank),
             *(["--data-root", str(ctx.data_root)] if ctx.data_root is not None else []),
             *(["--checkpoint", str(ctx.checkpoint_path)] if ctx.checkpoint_path is not None else []),
         ]
@@ -75,6 +78,7 @@ def train_data_parallel(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext)
             for rank in range(1, world)
         ]
         in_step = False
+        torch.set_num_threads(per_rank)
         try:
             dist.init_process_group(_backend(device), init_method=init_method, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
             log.info("data-parallel trial on %d %s processes", world, device.type)
@@ -93,6 +97,7 @@ def train_data_parallel(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext)
             leave_group(in_step)
             for child in children:
                 _stop(child, wait_s=30)
+            torch.set_num_threads(threads)
 
 
 def _backend(device: torch.device) -> str:
@@ -172,11 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="a file holding the TrialSpec as JSON")
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--check-every", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of this rank: its share of rank 0's")
     parser.add_argument("--data-root")
     parser.add_argument("--checkpoint")
     parser.add_argument("--error", help="where to write this rank's ending if it fails")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"rank {args.rank}: %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
     payload = json.loads(Path(args.spec).read_text())
     train_rank(args.rank, args.world, args.init_method, payload, args.device, args.data_root, args.checkpoint, args.check_every, args.error)
 

@@ -1,7 +1,8 @@
 """Training one trial: ``run_trial(spec, tracker, ctx) -> TrialResult``, read top to bottom.
 
-Data lives in memory as tensors (on the GPU when there is one) and is batched by index: the data
-sets are small and a DataLoader's worker processes would cost more than they save. Every epoch
+Data lives in memory as tensors (on the GPU when there is one), built once per process for the
+built-in sets (:mod:`workers.training.data`), and is batched by index: the data sets are small and
+a DataLoader's worker processes would cost more than they save. Every epoch
 ends with an evaluation, one batched metrics call to the tracker and a checkpoint, so a trial
 redelivered after its worker died resumes from its last finished epoch.
 """
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR, StepLR
 
-from models.data.sets import load
 from models.nets.convnet import build_model
 from models.spec.plan import plan_network
 from models.spec.trial import OptimSpec, TrialSpec
 from workers.training.batching import BatchPlan, MemoryProbe, plan_batches
+from workers.training.data import device_data
 from workers.training.divergence import DivergenceDetector
 from workers.training.outcomes import Cancelled, Superseded, TimedOut, TrialStopped
 from workers.training.parallel import Parallel
@@ -82,8 +83,8 @@ class TrialResult:
 
 def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialResult:
     """Train ``spec`` to the end of its epochs and log everything to ``tracker``."""
-    data = load(spec.data, ctx.data_root)
-    x_train, y_train, x_val, y_val = (torch.from_numpy(a).to(ctx.device) for a in (data.x_train, data.y_train, data.x_val, data.y_val))
+    data = device_data(spec.data, ctx.data_root, ctx.device)
+    x_train, y_train, x_val, y_val = data.x_train, data.y_train, data.x_val, data.y_val
     loss_fn = make_loss(spec.model.head, data.info.num_classes)
     batches = resolve_batches(spec, data.info, loss_fn, x_train, y_train, ctx)
     optim = spec.optim.model_copy(update={"lr": batches.lr})
@@ -122,7 +123,8 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
         guard.check_owner(epoch)  # a worker that lost the trial neither logs nor checkpoints: the next holder does
         tracker.log_epoch(epoch, metrics)
         guard.divergence.end_epoch(epoch, train_loss, metrics["lr"])
-        if (ctx.parallel is None or ctx.parallel.rank == 0) and ctx.still_owner():
+        # The last epoch needs none: the run ends next (a delivery that dies first trains that epoch again, logged once).
+        if epoch < spec.optim.epochs and (ctx.parallel is None or ctx.parallel.rank == 0) and ctx.still_owner():
             save_checkpoint(ctx.checkpoint_path, epoch, model, optimizer, scheduler, history, guard.divergence)
         stop = None
         if ctx.on_epoch_end is not None:

@@ -33,6 +33,7 @@ from models.store.runs import TERMINAL_STATUSES
 from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.training.devices import train_on_devices
+from workers.training.latency import measure_latency
 from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.train import TrainingContext
 from workers.trial.lease import Lease
@@ -91,7 +92,7 @@ def _train(
         return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id))
     if attempt > 1:
         log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
-    tracker.start(str(rt.device), attempt)
+    tracker.starting(str(rt.device), attempt)  # RUNNING once its batches are resolved (log_batches), in one request
     ctx = TrainingContext(
         device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
         should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), still_owner=lease.held, check_every_steps=rt.settings.cancel_check_steps,
@@ -101,6 +102,9 @@ def _train(
     ending: Ending | None = None
     try:
         result = train_on_devices(spec, tracker, ctx, rt.devices_owned)
+        if spec.latency is not None:  # timed only when the spec asks for it (issue 13)
+            for key, value in measure_latency(spec, ctx.device, ctx.data_root).items():
+                rt.mlflow.log_metric(trial_id, key, value)
         if result.confusion is not None:
             tracker.log_confusion(result.confusion, result.class_names or [])
     except Superseded:

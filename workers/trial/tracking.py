@@ -5,6 +5,12 @@ again (MLflow params are immutable); it moves the run to RUNNING, logs metrics w
 ``step=epoch`` in one ``log_batch`` per epoch, the model and plots at the end, and ends the run
 with convtune's outcome and reason tags.
 
+Artifacts (the summary table, the curves, the confusion matrix, the model) are uploaded a few at a
+time on the process's upload threads while the worker goes on (evaluating, exporting the next
+file); :meth:`MlflowTracker.finish` waits for all of them before it ends the run, so a run seen
+ended has every artifact, and an upload that failed (MLflow down) fails the delivery as any other
+MLflow error does, for the task to retry.
+
 Once told who owns the run (``still_owner``, the lease's :meth:`~workers.trial.lease.Lease.held`),
 it writes nothing for a worker that lost it: the next holder logs those epochs again. An epoch is
 logged once across deliveries: a worker that died between logging an epoch and checkpointing it
@@ -17,23 +23,31 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from torch import nn
 
 from models.store import runs
 from models.store.runs import TAG
 from workers.training.batching import BatchPlan
 from workers.training.outcomes import Ending, Superseded
+from workers.trial.export import exporter
+from workers.trial.figures import confusion_svg, learning_curve_svg
 
-__all__ = ["MlflowTracker", "pip_requirements"]
+__all__ = ["MlflowTracker", "Uploads", "pip_requirements"]
 
 log = logging.getLogger(__name__)
+UPLOAD_THREADS = 4
 
 
 def pip_requirements() -> list[str]:
@@ -41,6 +55,52 @@ def pip_requirements() -> list[str]:
     import numpy
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"]
+
+
+class Uploads:
+    """One run's artifact uploads, run on the process's upload threads; :meth:`wait` for them all."""
+
+    _pool: ThreadPoolExecutor | None = None  # per process, made on first use (after a prefork worker forks)
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.pending: list[Future] = []
+        self._staging: Path | None = None
+
+    @classmethod
+    def pool(cls) -> ThreadPoolExecutor:
+        if cls._pool is None:
+            cls._pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="artifact-upload")
+        return cls._pool
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.pending.append(self.pool().submit(fn, *args, **kwargs))
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.submit(self.client.log_text, self.run_id, text, artifact_file)
+
+    def directory(self, local: Path, artifact_path: str) -> None:
+        """Every file under ``local``, each its own upload, as ``artifact_path/...``."""
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            parent = file.parent.relative_to(local)
+            self.submit(self.client.log_artifact, self.run_id, str(file), "/".join(filter(None, (artifact_path, *parent.parts))))
+
+    def staging(self) -> Path:
+        """A local directory for files waiting to be uploaded, removed by :meth:`wait`."""
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix=f"convtune-{self.run_id}-"))
+        return self._staging
+
+    def wait(self) -> None:
+        """Block until every upload is done; raise the first one's error."""
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pending = []
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None
 
 
 class MlflowTracker:
@@ -53,6 +113,8 @@ class MlflowTracker:
         # Whether this worker still holds the run (set once it takes the lease); writes are skipped once it does not.
         self.still_owner: Callable[[], bool] = lambda: True
         self.logged_through = 0  # the last epoch the run has, as :meth:`status` read it
+        self.uploads = Uploads(client, run_id)
+        self._starting: dict[str, str] | None = None  # start tags not sent yet (:meth:`starting`)
 
     def _may_write(self, what: str) -> bool:
         if self.still_owner():
@@ -73,6 +135,10 @@ class MlflowTracker:
         """Mark the run RUNNING on this worker."""
         runs.start_run(self.client, self.run_id, {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt)}, first=attempt == 1)
 
+    def starting(self, device: str, attempt: int) -> None:
+        """Like :meth:`start`, sent with the batches (:meth:`log_batches`) when training begins: two requests fewer per trial."""
+        self._starting = {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **({TAG.STARTED_AT: runs.now()} if attempt == 1 else {})}
+
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if not self._may_write(f"epoch {epoch}"):
             return
@@ -88,36 +154,32 @@ class MlflowTracker:
         """The model summary table: each layer, its output shape, parameters and FLOPs."""
         if not self._may_write("the model summary"):
             return
-        self.client.log_table(self.run_id, data=_columns(rows), artifact_file="model_summary.json")
-        self.client.log_text(self.run_id, _summary_text(rows), "model_summary.txt")
+        # What MlflowClient.log_table writes (pandas' "split" JSON, tagged as a table for the UI), without
+        # its four requests and pandas: this run has no table yet, and the tag goes with the start tags.
+        keys = list(rows[0]) if rows else []
+        table = {"columns": keys, "data": [[json.dumps(r[k]) if isinstance(r[k], (list, tuple)) else r[k] for k in keys] for r in rows]}
+        self.uploads.text(json.dumps(table), "model_summary.json")
+        self.uploads.text(_summary_text(rows), "model_summary.txt")
+        tables = {MLFLOW_LOGGED_ARTIFACTS: json.dumps([{"path": "model_summary.json", "type": "table"}])}
+        if self._starting is not None:
+            self._starting.update(tables)
+        else:
+            self.uploads.submit(self.client.set_tag, self.run_id, MLFLOW_LOGGED_ARTIFACTS, tables[MLFLOW_LOGGED_ARTIFACTS])
 
     def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None:
         """At the end of training: the learning curves and the trained model."""
         if not self._may_write("the results"):
             return
-        self.client.log_figure(self.run_id, learning_curve(history), "plots/learning_curve.png")
-        self.client.log_dict(self.run_id, history, "history.json")
+        self.uploads.text(learning_curve_svg(history), "plots/learning_curve.svg")
+        self.uploads.text(json.dumps(history, indent=2), "history.json")
         if self.log_model_enabled:
             self._log_model(model, example)
 
     def _log_model(self, model: nn.Module, example: torch.Tensor) -> None:
-        import mlflow
-        import mlflow.pytorch
-        from mlflow.models import infer_signature
-
-        predictor = _Predictor(model).cpu().eval()
-        x = example.detach().cpu()
-        with torch.no_grad():
-            y = predictor(x)
-        signature = infer_signature(x.numpy(), y.numpy())
-        # The fluent API is the only way to log a model. Its context would end the run FINISHED while
-        # the rest of the results are still being logged (clients would see 'succeeded' with no
-        # outcome yet), so it is left RUNNING here and :meth:`finish` gives it its real ending.
-        mlflow.start_run(run_id=self.run_id)
-        try:
-            mlflow.pytorch.log_model(predictor, name="model", signature=signature, input_example=x.numpy(), pip_requirements=pip_requirements())
-        finally:
-            mlflow.end_run(status="RUNNING")
+        """The served net (:class:`_Predictor`), as an MLflow pytorch model in ``model/`` (see :mod:`workers.trial.export`)."""
+        local = self.uploads.staging() / "model"
+        exporter().save(_Predictor(model).cpu().eval(), example, local, self.run_id, pip_requirements())
+        self.uploads.directory(local, "model")
 
     def log_batches(self, plan: BatchPlan) -> None:
         """The batches the worker resolved (batch size, accumulation, effective LR), as tags: params are the API's, once."""
@@ -128,21 +190,28 @@ class MlflowTracker:
             TAG.EFFECTIVE_BATCH_SIZE: str(plan.effective), TAG.LR_EFFECTIVE: f"{plan.lr:.6g}",
             **({TAG.BATCH_PROBE: plan.note} if plan.note else {}),
         }
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        starting, self._starting = self._starting, None
+        if starting is None:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        else:
+            runs.start_run(self.client, self.run_id, {**starting, **tags}, first=False)  # STARTED_AT, when first, is in ``starting``
 
     def log_confusion(self, matrix: list[list[int]], class_names: list[str]) -> None:
         """The final model's confusion matrix on the validation set, as a plot and as JSON."""
         if not self._may_write("the confusion matrix"):
             return
         names = class_names if len(class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
-        self.client.log_dict(self.run_id, {"classes": names, "matrix": matrix, "rows": "true class", "columns": "predicted class"}, "confusion_matrix.json")
-        self.client.log_figure(self.run_id, confusion_figure(matrix, names), "plots/confusion_matrix.png")
+        document = {"classes": names, "matrix": matrix, "rows": "true class", "columns": "predicted class"}
+        self.uploads.text(json.dumps(document, indent=2), "confusion_matrix.json")
+        self.uploads.text(confusion_svg(matrix, names), "plots/confusion_matrix.svg")
 
     def finish(self, ending: Ending) -> None:
-        """End the run with its MLflow status and convtune's outcome and reason; Superseded if this worker lost it."""
+        """Wait for the uploads, then end the run with its MLflow status and convtune's outcome and reason; Superseded if this worker lost it."""
+        self.uploads.wait()
         if not self.still_owner():
             raise Superseded(f"this worker lost the lease of run {self.run_id} before ending it ({ending.outcome})")
-        runs.end_run(self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason)
+        starting, self._starting = self._starting, None  # it ended before training began: its start tags go with the ending
+        runs.end_run(self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason, tags=starting)
 
 
 class _Predictor(nn.Module):
@@ -154,57 +223,6 @@ class _Predictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.output_activation(self.net(x))  # (N, K)
-
-
-def learning_curve(history: list[dict[str, float]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    epochs = list(range(1, len(history) + 1))
-    fig = Figure(figsize=(9, 3.5))
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    loss_ax.legend()
-    acc_ax.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy", ylim=(0, 1))
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def confusion_figure(matrix: list[list[int]], names: list[str]) -> Any:
-    """Counts of true (rows) against predicted (columns) classes, each cell annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    k = len(matrix)
-    side = min(12.0, 2.5 + 0.45 * k)
-    fig = Figure(figsize=(side, side))
-    ax = fig.subplots()
-    image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted class", ylabel="true class", title="Confusion matrix (validation)")
-    ax.set_xticklabels(names, rotation=45, ha="right")
-    ax.set_yticklabels(names)
-    if k <= 30:
-        top = max((max(row) for row in matrix), default=0)
-        for i, row in enumerate(matrix):
-            for j, count in enumerate(row):
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > top / 2 else "black")
-    fig.tight_layout()
-    return fig
-
-
-def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    keys = list(rows[0]) if rows else []
-    return {k: [json.dumps(r[k]) if isinstance(r[k], (list, tuple)) else r[k] for r in rows] for k in keys}
 
 
 def _summary_text(rows: list[dict[str, Any]]) -> str:

@@ -17,11 +17,12 @@ import redis
 
 from models.data import InvalidData, describe
 from models.messages import StudyStepMessage
-from models.spec.space import grid_points, param_values, space_problems
+from models.spec.objectives import constraint_problems
+from models.spec.space import grid_points, space_problems
 from models.spec.study import StudySpec
 from models.store.runs import KIND, TAG, registered_owner
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
-from service.api.admission import check_callback_url, check_dataset_size, check_params
+from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space
 from service.api.auth import is_owner
 from service.api.errors import FieldError, Forbidden, InfeasibleSpec, InvalidSpec, ServiceUnavailable
 from service.api.limits import check_queued_quota
@@ -39,7 +40,7 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) ->
     """Check, record (parent run + Optuna study), send the first steps; the study id."""
     check_study(s, spec)
     if spec.register_as:
-        check_model_owner(s, spec.register_as, owner)
+        check_model_owner(s, spec.register_as.name, owner)
     check_queued_quota(s.runs, owner, s.settings)
     queue = spec.base.queue or s.settings.default_queue
     study_id = _create_parent(s, spec, queue, owner)
@@ -69,17 +70,16 @@ def check_study(s: Services, spec: StudySpec) -> None:
     check_callback_url(spec.base.callback_url, s.settings, "base.callback_url")
     check_params(spec.base, s.settings, field_prefix="base.")
     check_dataset_size(spec.base, s.settings, field_prefix="base.")  # data.* is never searched
-    searched = spec.search_space.get("optim.epochs")
-    epochs = max([spec.base.optim.epochs, *(param_values(searched) if searched else [])])
-    if epochs > s.settings.max_epochs:
+    if spec.base.optim.epochs > s.settings.max_epochs:
         message = f"at most {s.settings.max_epochs} epochs are allowed on this service"
         raise InvalidSpec(message, errors=[FieldError(field="base.optim.epochs", message=message)])
+    check_space(spec, s.settings)  # the epochs it searches, and the size of every configuration it makes
     if spec.base.data.name in ("npz", "folder") and s.settings.data_root is not None:
         try:
             info = describe(spec.base.data, s.settings.data_root)
         except InvalidData as exc:
             raise InvalidSpec(str(exc), errors=[FieldError(field="base.data.path", message=str(exc))]) from exc
-        problems = space_problems(spec, info)
+        problems = space_problems(spec, info) or constraint_problems(spec, spec.constraints, info)
         if problems:
             errors = [FieldError(field=".".join(str(p) for p in loc), message=m) for loc, m in problems]
             raise InfeasibleSpec(f"{len(errors)} problem(s) with the search space on this data: {errors[0].message}", errors=errors)
@@ -102,8 +102,10 @@ def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None
 
 def _create_parent(s: Services, spec: StudySpec, queue: str, owner: str) -> str:
     params = {
-        "study.sampler": spec.sampler.name, "study.pruner": spec.pruner.name, "study.objective": spec.objective.metric,
-        "study.direction": spec.objective.resolved_direction, "study.seed": str(spec.seed), "study.parallelism": str(spec.parallelism),
+        "study.sampler": spec.sampler.name, "study.pruner": spec.pruner.name, "study.objective": ",".join(g.metric for g in spec.goals),
+        "study.direction": ",".join(spec.directions), "study.seed": str(spec.seed), "study.parallelism": str(spec.parallelism),
+        **({"study.constraints": "; ".join(str(c) for c in spec.constraints)[:6000]} if spec.constraints else {}),
+        **({"study.register_rule": spec.selection_rule[:6000]} if spec.register_as else {}),
         **{f"space.{k}": json.dumps(p.model_dump(exclude_none=True, exclude={"type"}) if p.type != "categorical" else p.choices)[:6000] for k, p in spec.search_space.items()},
     }
     spec_json = spec.model_dump_json()
@@ -128,7 +130,7 @@ def _create_study(store: StudyStore, study_id: str, spec: StudySpec, queue: str)
     import optuna
 
     with store.storage_errors():
-        study = optuna.create_study(storage=open_storage(store.settings.study_storage), study_name=study_id, direction=spec.objective.resolved_direction)
+        study = optuna.create_study(storage=open_storage(store.settings.study_storage), study_name=study_id, directions=spec.directions)
         for key, value in ((USER_ATTR.SPEC, spec.model_dump_json()), (USER_ATTR.BUDGET, spec.budget), (USER_ATTR.QUEUE, queue), (USER_ATTR.STARTED_AT, time.time())):
             study.set_user_attr(key, value)
         # Warm-start points first, then the grid: each worker step takes the next enqueued point.

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from service.api.schemas import PageToken
 
 __all__ = [
-    "StudyAccepted", "StudyBest", "StudyExtend", "StudyList", "StudyListQuery", "StudyPath", "StudyProgress",
+    "StudyAccepted", "StudyBest", "StudyExtend", "StudyFrontTrial", "StudyList", "StudyListQuery", "StudyPath", "StudyProgress",
     "StudyPublic", "StudyTrial", "StudyTrialList", "StudyTrialQuery",
 ]
 
@@ -67,9 +67,23 @@ class StudyProgress(BaseModel):
 
 
 class StudyBest(BaseModel):
+    """The study's chosen trial: the best by its objective, or the one its selection rule picks from the front."""
+
     number: int
-    trial_id: str | None = Field(description="The best trial's id (its MLflow child run id).")
-    value: float
+    trial_id: str | None = Field(description="The chosen trial's id (its MLflow child run id).")
+    value: float = Field(description="Its (first) objective's value.")
+    values: dict[str, float] = Field(description="Each objective's value, by metric.")
+    rule: str = Field(description="The rule that chose it: best <metric>, or the knee of the front, with register_as's where.")
+    params: dict[str, Any]
+    mlflow_url: str | None
+
+
+class StudyFrontTrial(BaseModel):
+    """A trial on the Pareto front: no other trial within the budgets is as good on every objective and better on one."""
+
+    number: int
+    trial_id: str | None
+    values: dict[str, float] = Field(description="Each objective's value, by metric.")
     params: dict[str, Any]
     mlflow_url: str | None
 
@@ -87,7 +101,9 @@ class StudyPublic(BaseModel):
     name: str | None
     state: StudyState
     reason: str | None = Field(description="Why it ended that way, for a person.")
-    objective: dict[str, str]
+    objective: dict[str, str] = Field(description="The (first) objective.")
+    objectives: list[dict[str, str]] = Field(description="Every objective, in order (one unless the study has several).")
+    constraints: list[str] = Field(description="The study's budgets, e.g. 'flops_per_sample <= 2,000,000'.")
     sampler: str
     pruner: str
     parallelism: int
@@ -98,6 +114,7 @@ class StudyPublic(BaseModel):
     )
     progress: StudyProgress
     best: StudyBest | None
+    front: list[StudyFrontTrial] = Field(description="With several objectives, the Pareto front of the trials within the budgets, best first objective first; else [].")
     registered_model: RegisteredModel | None
     timings: dict[str, Any]
     spec: dict[str, Any]
@@ -113,9 +130,11 @@ class StudyTrial(BaseModel):
     state: str = Field(description="Optuna's state: running, complete, pruned, fail, waiting.")
     outcome: str | None
     reason: str | None
-    value: float | None
+    value: float | None = Field(description="Its (first) objective's value.")
+    values: dict[str, float] | None = Field(default=None, description="Each objective's value, by metric (several objectives).")
+    over_budget: list[str] | None = Field(default=None, description="The budgets it broke: before training (never trained), or after (not chosen).")
     params: dict[str, Any]
-    epochs: int = Field(description="Epochs trained (a pruned trial stopped after this many).")
+    epochs: int = Field(description="Epochs trained (a pruned trial stopped after this many; an over_budget one: 0).")
     duplicate_of: int | None
     started_at: str | None
     duration_s: float | None

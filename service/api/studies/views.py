@@ -12,7 +12,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from models.logs import bind
 from models.spec.study import StudySpec
 from models.store.runs import TAG
-from models.store.search import TRIAL_STATES, USER_ATTR, decode_params, storage_kind, trial_label
+from models.store.search import TRIAL_STATES, USER_ATTR, chosen, decode_params, front, storage_kind, trial_label
 from service.api.auth import check_owner, current_principal, redacted
 from service.api.idempotency import IdempotencyHeader, idempotent
 from service.api.limits import check_study_caps
@@ -25,6 +25,7 @@ from service.api.studies.schemas import (
     StudyAccepted,
     StudyBest,
     StudyExtend,
+    StudyFrontTrial,
     StudyList,
     StudyListQuery,
     StudyPath,
@@ -79,7 +80,7 @@ def list_studies(query: StudyListQuery):
 
 @bp.get("/<study_id>", responses={200: StudyPublic, **problems(404, 503)})
 def get_study(path: StudyPath):
-    """Show a study: state, trials per outcome, progress, the best trial and its params."""
+    """Show a study: state, trials per outcome, progress, the chosen trial and (several objectives) the Pareto front."""
     return study_public(study_store().get(path.study_id)).model_dump()
 
 
@@ -139,9 +140,9 @@ def study_public(record: StudyRecord) -> StudyPublic:
     url = url_for("studies.get_study", study_id=record.id, _external=True)
     return StudyPublic(
         id=record.id, name=tags.get(TAG.RUN_NAME), state=record.state, reason=tags.get(TAG.REASON),
-        objective={"metric": record.spec.objective.metric, "direction": record.spec.objective.resolved_direction, "value": record.spec.objective.value},
+        objective=_goal(record.spec.primary), objectives=[_goal(g) for g in record.spec.goals], constraints=[str(c) for c in record.spec.constraints],
         sampler=record.spec.sampler.name, pruner=record.spec.pruner.name, parallelism=record.spec.parallelism, queue=tags.get(TAG.QUEUE),
-        counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record), registered_model=registered,
+        counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record), front=_front(record), registered_model=registered,
         timings={"created_at": _iso(record.start_ms), "ended_at": _iso(record.end_ms) if record.terminal else None},
         spec=redacted(record.spec.model_dump(mode="json"), tags.get(TAG.OWNER)), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
         mlflow_url=s.runs.run_url(record.id, s.settings.ui_url),
@@ -154,18 +155,41 @@ def _diverged_lrs(record: StudyRecord, trials: list[Any]) -> list[float]:
     return sorted(lrs)
 
 
+def _goal(goal: Any) -> dict[str, str]:
+    return {"metric": goal.metric, "direction": goal.resolved_direction, "value": goal.value}
+
+
 def _best(record: StudyRecord) -> StudyBest | None:
-    if record.study is None or not any(t.state.name == "COMPLETE" for t in record.study.get_trials(deepcopy=False)):
+    """The trial the spec's rule chooses among those within the budgets (a duplicate never: its twin trained)."""
+    best = chosen(record.study, record.spec) if record.study is not None else None
+    if best is None:
         return None
     s = services()
-    best = record.study.best_trial
-    if best.user_attrs.get(USER_ATTR.DUPLICATE_OF) is not None:  # show the trial that trained it, not the one that reused it
-        best = record.study.get_trials(deepcopy=False)[int(best.user_attrs[USER_ATTR.DUPLICATE_OF])]
     trial_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
     return StudyBest(
-        number=best.number, trial_id=trial_id, value=float(best.value), params=decode_params(record.spec, best.params),
+        number=best.number, trial_id=trial_id, value=float(best.values[0]), values=_values(record, best.values),
+        rule=record.spec.selection_rule, params=decode_params(record.spec, best.params),
         mlflow_url=s.runs.run_url(trial_id, s.settings.ui_url) if trial_id else None,
     )
+
+
+def _front(record: StudyRecord) -> list[StudyFrontTrial]:
+    if record.study is None or not record.spec.multi_objective:
+        return []
+    s = services()
+    trials = record.study.get_trials(deepcopy=False)
+    out = []
+    for point in front(record.study, record.spec):
+        trial_id = trials[point.number].user_attrs.get(USER_ATTR.TRIAL_ID)
+        out.append(StudyFrontTrial(
+            number=point.number, trial_id=trial_id, values=_values(record, point.values), params=decode_params(record.spec, trials[point.number].params),
+            mlflow_url=s.runs.run_url(trial_id, s.settings.ui_url) if trial_id else None,
+        ))
+    return out
+
+
+def _values(record: StudyRecord, values: Any) -> dict[str, float]:
+    return {g.metric: float(v) for g, v in zip(record.spec.goals, values, strict=True)}
 
 
 def _trial(record: StudyRecord, t: Any) -> StudyTrial:
@@ -173,7 +197,8 @@ def _trial(record: StudyRecord, t: Any) -> StudyTrial:
     trial_id = t.user_attrs.get(USER_ATTR.TRIAL_ID)
     return StudyTrial(
         number=t.number, trial_id=trial_id, name=None if trial_id is None else _trial_name(record, t), state=TRIAL_STATES.get(t.state.name, t.state.name.lower()),
-        outcome=t.user_attrs.get(USER_ATTR.OUTCOME), reason=t.user_attrs.get(USER_ATTR.REASON), value=t.value,
+        outcome=t.user_attrs.get(USER_ATTR.OUTCOME), reason=t.user_attrs.get(USER_ATTR.REASON), value=t.values[0] if t.values else None,
+        values=_values(record, t.values) if t.values and record.spec.multi_objective else None, over_budget=t.user_attrs.get(USER_ATTR.OVER_BUDGET),
         params=decode_params(record.spec, t.params), epochs=int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)), duplicate_of=t.user_attrs.get(USER_ATTR.DUPLICATE_OF),
         started_at=t.datetime_start.astimezone(timezone.utc).isoformat() if t.datetime_start else None,
         duration_s=t.duration.total_seconds() if t.duration else None,

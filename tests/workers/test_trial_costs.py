@@ -1,0 +1,153 @@
+"""What a worker does once per process instead of once per trial (issue 10), and that nothing is lost by it.
+
+- threads: the host's usable cores divided between its training processes;
+- data: the built-in sets built once per process, files read every time;
+- export: each architecture exported once, every trial's model still its own weights, loadable;
+- figures: the learning curves and the confusion matrix as SVG documents.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.data.sets import describe
+from models.nets.convnet import build_model
+from models.spec.trial import DataSpec, ConvNetSpec
+from workers.training import data as data_cache
+from workers.training.threads import apply_threads, thread_policy, usable_cpus
+from workers.trial.export import ModelExporter
+from workers.trial.figures import confusion_svg, learning_curve_svg
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cpus", "processes", "intra"), [(2, 2, 1), (2, 1, 2), (16, 2, 8), (16, 3, 5), (2, 4, 1), (1, 1, 1)])
+def test_the_cores_are_shared_evenly_between_training_processes(cpus: int, processes: int, intra: int) -> None:
+    policy = thread_policy(processes, cpus=cpus)
+    assert (policy.intra_op, policy.inter_op) == (intra, 1)
+
+
+def test_an_explicit_thread_count_wins() -> None:
+    assert thread_policy(2, override=3, cpus=2).intra_op == 3
+
+
+def test_a_cgroup_quota_caps_the_usable_cores(tmp_path: Path) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # a container limited to 1.5 cores
+    assert usable_cpus(quota) == 1
+    quota.write_text("max 100000\n")
+    assert usable_cpus(quota) == len(__import__("os").sched_getaffinity(0))
+    assert usable_cpus(tmp_path / "absent") >= 1
+
+
+def test_the_policy_is_applied_to_torch() -> None:
+    before = torch.get_num_threads()
+    try:
+        apply_threads(thread_policy(1, override=1, cpus=4))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def test_a_builtin_set_is_built_once_per_process_and_device() -> None:
+    data_cache.clear()
+    spec = DataSpec(name="digits")
+    first = data_cache.device_data(spec, None, torch.device("cpu"))
+    again = data_cache.device_data(DataSpec(name="digits"), None, torch.device("cpu"))
+    assert again is first
+    other_seed = data_cache.device_data(DataSpec(name="digits", seed=1), None, torch.device("cpu"))
+    assert other_seed is not first and not torch.equal(other_seed.y_val, first.y_val)  # another split
+
+
+def test_files_are_read_again_every_time(tmp_path: Path) -> None:
+    data_cache.clear()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.random((40, 8, 8), dtype=np.float32), labels=np.arange(40) % 2)
+    spec = DataSpec(name="npz", path="d.npz")
+    first = data_cache.device_data(spec, tmp_path, torch.device("cpu"))
+    np.savez(tmp_path / "d.npz", images=rng.random((60, 8, 8), dtype=np.float32), labels=np.arange(60) % 2)
+    again = data_cache.device_data(spec, tmp_path, torch.device("cpu"))
+    assert len(again.x_train) + len(again.x_val) == 60 != len(first.x_train) + len(first.x_val)
+
+
+# --- model export ----------------------------------------------------------------------------------
+
+
+def _net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(ConvNetSpec(channels=[4, 8]), describe(DataSpec(name="digits"), None))
+    return model.eval()
+
+
+def test_each_trial_gets_its_own_weights_from_one_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pytorch
+
+    exports = []
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    exporter = ModelExporter()
+    x = torch.randn(2, 1, 8, 8)
+    nets = [_net(seed) for seed in (1, 2, 3)]
+    for i, net in enumerate(nets):
+        exporter.save(net, x, tmp_path / f"run{i}", f"run{i}", ["torch"])
+    assert len(exports) == 1  # the architecture was exported once, for the first trial
+
+    probe = torch.randn(5, 1, 8, 8)  # another batch size: the exported batch dimension is dynamic
+    for i, net in enumerate(nets):
+        loaded = mlflow.pytorch.load_model(str(tmp_path / f"run{i}"))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(probe), net(probe))
+        mlmodel = (tmp_path / f"run{i}" / "MLmodel").read_text()
+        assert f"run_id: run{i}" in mlmodel and "signature:" in mlmodel
+    uuids = {line for i in range(3) for line in (tmp_path / f"run{i}" / "MLmodel").read_text().splitlines() if line.startswith("model_uuid")}
+    assert len(uuids) == 3
+
+
+def test_another_architecture_is_exported_for_itself(tmp_path: Path) -> None:
+    import mlflow.pytorch
+
+    exporter = ModelExporter()
+    x = torch.randn(2, 1, 8, 8)
+    small = _net(1)
+    torch.manual_seed(0)
+    wide = build_model(ConvNetSpec(channels=[8, 16]), describe(DataSpec(name="digits"), None)).eval()
+    exporter.save(small, x, tmp_path / "small", "a", ["torch"])
+    exporter.save(wide, x, tmp_path / "wide", "b", ["torch"])
+    with torch.no_grad():
+        torch.testing.assert_close(mlflow.pytorch.load_model(str(tmp_path / "wide"))(x), wide(x))
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+
+def test_the_learning_curve_is_an_svg_with_a_line_per_series() -> None:
+    history = [{"train_loss": 2.0 / e, "val_loss": 2.1 / e, "val_accuracy": 0.1 * e} for e in range(1, 6)]
+    root = ET.fromstring(learning_curve_svg(history))
+    assert root.tag == f"{SVG}svg"
+    lines = root.findall(f"{SVG}polyline")
+    assert len(lines) == 3 and all(len(line.get("points", "").split()) == 5 for line in lines)
+
+
+def test_a_diverged_epoch_does_not_break_the_curve() -> None:
+    history = [{"train_loss": 2.0, "val_loss": float("nan"), "val_accuracy": 0.1}, {"train_loss": float("inf"), "val_loss": 2.0, "val_accuracy": 0.2}]
+    ET.fromstring(learning_curve_svg(history))
+    ET.fromstring(learning_curve_svg(history[:1]))  # one epoch
+
+
+def test_the_confusion_matrix_shows_every_count_and_escapes_class_names() -> None:
+    matrix = [[5, 1], [0, 7]]
+    root = ET.fromstring(confusion_svg(matrix, ["<cat>", "dog & co"]))
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert {"5", "1", "0", "7", "<cat>", "dog & co"} <= set(texts)
+    assert len([r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]) == 4

@@ -1,0 +1,191 @@
+"""A trained net as an MLflow pytorch model (pt2), each architecture exported once per worker process.
+
+``mlflow.pytorch.log_model`` costs about 1.1 s per trial here (``bench/trial_overhead.py``): it
+traces the net with ``torch.export`` (0.8 s), then loads the result back to check that its input
+example serves (0.5 s), then makes some twenty requests. For a study's trials most of that is the
+same work again: the architecture (and so the exported graph) repeats, only the weights change.
+
+So the first trial of an architecture is saved by ``mlflow.pytorch.save_model`` into a template
+directory kept for the process (MLmodel with its signature, environment files, input example, and
+``data/model.pt2``), and its exported program is loaded once. Every trial of that architecture then
+copies the template, writes its own weights into the program, checks the program computes what the
+net does on the example, writes the archive with the graph serialised once per architecture and only
+the weights new, and gives the MLmodel its own run id, uuid and time. The result is the same directory
+``save_model`` writes: ``mlflow.pytorch.load_model("runs:/<id>/model")`` and the model registry
+read it as before. A program whose tensors do not match the net's state (a net with state outside
+its ``state_dict``), or that computes something else than the net on the example, is exported afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["ModelExporter", "exporter"]
+
+log = logging.getLogger(__name__)
+MAX_TEMPLATES = 8
+PROGRAM = Path("data") / "model.pt2"
+
+
+@dataclass
+class _Template:
+    """One architecture's saved model directory, its exported program, and the program's archive minus its weights."""
+
+    directory: Path
+    program: torch.export.ExportedProgram
+    module: nn.Module  # the program as a module, to check it against each trial's net
+    archive: dict[str, bytes] | None  # every record of data/model.pt2 but the weights (None: write it with torch.export.save)
+
+
+class ModelExporter:
+    """Saves MLflow pytorch model directories, reusing each architecture's exported program."""
+
+    def __init__(self, max_templates: int = MAX_TEMPLATES):
+        self.max_templates = max_templates
+        self._templates: OrderedDict[str, _Template] = OrderedDict()
+        self._home: Path | None = None
+
+    def save(self, model: nn.Module, example: torch.Tensor, path: Path, run_id: str, pip_requirements: list[str]) -> None:
+        """Write ``model`` (eval mode, on the CPU, called on ``example``) as an MLflow model at ``path``."""
+        key = _architecture_key(model, example)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(key, model, example, pip_requirements)
+        else:
+            self._templates.move_to_end(key)
+        if not (_load_weights(template, model) and _agrees(template, model, example)):
+            log.info("the exported program does not match the net; exporting it afresh")
+            self._templates.pop(key, None)
+            template = self._template(key, model, example, pip_requirements)
+            _load_weights(template, model)
+        shutil.copytree(template.directory, path)
+        _write_program(template, path / PROGRAM)
+        _stamp(path, run_id)
+
+    def _template(self, key: str, model: nn.Module, example: torch.Tensor, pip_requirements: list[str]) -> _Template:
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        if self._home is None:
+            self._home = Path(tempfile.mkdtemp(prefix="convtune-export-"))
+        directory = self._home / key
+        shutil.rmtree(directory, ignore_errors=True)
+        x = example.detach().cpu()
+        with torch.no_grad():
+            y = model(x)
+        mlflow.pytorch.save_model(
+            model, directory, serialization_format="pt2", signature=infer_signature(x.numpy(), y.numpy()),
+            input_example=x.numpy(), pip_requirements=pip_requirements,
+        )
+        program = torch.export.load(directory / PROGRAM)
+        template = _Template(directory, program, program.module(), _archive_without_weights(directory / PROGRAM))
+        self._templates[key] = template
+        while len(self._templates) > self.max_templates:
+            old, _ = self._templates.popitem(last=False)
+            shutil.rmtree(self._home / old, ignore_errors=True)
+        return template
+
+
+def _architecture_key(model: nn.Module, example: torch.Tensor) -> str:
+    """What the exported graph depends on: the modules, the state's names, shapes and dtypes, and the example."""
+    digest = hashlib.sha256(repr(model).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    x = example.detach().cpu().contiguous()
+    digest.update(f"{tuple(x.shape)}:{x.dtype}".encode())
+    digest.update(x.numpy().tobytes())  # the saved input example
+    return digest.hexdigest()[:32]
+
+
+@torch.no_grad()
+def _load_weights(template: _Template, model: nn.Module) -> bool:
+    """Copy ``model``'s state into the template's program and module; False when their tensors do not correspond one to one."""
+    state = model.state_dict()
+    target = template.program.state_dict
+    if set(target) != set(state) or any(isinstance(v, torch.Tensor) for v in template.program.constants.values()):
+        return False
+    for name, tensor in state.items():
+        if target[name].shape != tensor.shape or target[name].dtype != tensor.dtype:
+            return False
+        target[name].copy_(tensor.detach())
+    try:
+        template.module.load_state_dict(state)
+    except RuntimeError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def _agrees(template: _Template, model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether the program, with ``model``'s weights, computes what ``model`` does on ``example`` (state outside the key would show here)."""
+    x = example.detach().cpu()
+    return bool(torch.allclose(template.module(x), model(x), rtol=1e-4, atol=1e-5))
+
+
+def _archive_without_weights(program_file: Path) -> dict[str, bytes] | None:
+    """The records of a saved program that do not depend on its weights; None if this torch's archive layout is not the one known here."""
+    try:
+        from torch.export.pt2_archive import _package as pt2
+
+        with pt2.PT2ArchiveReader(str(program_file)) as reader:
+            names = reader.get_file_names()
+            records = {n: reader.read_bytes(n) for n in names if not n.startswith((pt2.WEIGHTS_DIR, ".data/"))}
+        if pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format("model") not in names:
+            return None
+        return records
+    except (ImportError, AttributeError, RuntimeError, AssertionError) as exc:
+        log.info("models are saved with torch.export.save: %s", exc)
+        return None
+
+
+def _write_program(template: _Template, program_file: Path) -> None:
+    """What ``torch.export.save(template.program, ...)`` writes, with the graph serialised once per architecture.
+
+    Serialising the graph is most of ``torch.export.save``'s time (tens to a hundred milliseconds),
+    and it is the same for every trial of an architecture: only the weights records are written
+    anew (torch's own writer and weight packaging), the other records are the template's.
+    """
+    if template.archive is None:
+        torch.export.save(template.program, program_file)
+        return
+    from torch.export.pt2_archive import _package as pt2
+
+    with pt2.PT2ArchiveWriter(str(program_file)) as writer:
+        config = pt2._package_state_dict("model", template.program, writer)
+        pt2._package_payload_config(writer, config, pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format("model"))
+        for name, data in template.archive.items():
+            if not writer.has_record(name):
+                writer.write_bytes(name, data)
+
+
+def _stamp(path: Path, run_id: str) -> None:
+    """Make the copied MLmodel this run's: its run id, a new uuid, the time it was created."""
+    from mlflow.models import Model
+
+    model = Model.load(path / "MLmodel")
+    model.run_id = run_id
+    model.model_uuid = uuid.uuid4().hex
+    model.utc_time_created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+    model.save(path / "MLmodel")
+
+
+_exporter: ModelExporter | None = None
+
+
+def exporter() -> ModelExporter:
+    """This process's exporter."""
+    global _exporter
+    if _exporter is None:
+        _exporter = ModelExporter()
+    return _exporter
