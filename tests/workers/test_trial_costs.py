@@ -30,13 +30,18 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.mark.parametrize(("cpus", "processes", "intra"), [(2, 2, 1), (2, 1, 2), (16, 2, 8), (16, 3, 5), (2, 4, 1), (1, 1, 1)])
-def test_the_cores_are_shared_evenly_between_training_processes(cpus: int, processes: int, intra: int) -> None:
+def test_the_cores_are_shared_evenly_between_training_processes(cpus: int, processes: int, intra: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     policy = thread_policy(processes, cpus=cpus)
     assert (policy.intra_op, policy.inter_op) == (intra, 1)
 
 
-def test_an_explicit_thread_count_wins() -> None:
-    assert thread_policy(2, override=3, cpus=2).intra_op == 3
+def test_an_explicit_thread_count_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert thread_policy(1, override=3, cpus=16).intra_op == 3  # CONVTUNE_TORCH_THREADS
+    assert thread_policy(1, cpus=16).intra_op == 2  # an operator's OMP_NUM_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert thread_policy(1, cpus=16).intra_op == 16
 
 
 def test_a_cgroup_quota_caps_the_usable_cores(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ itself, at start, with nothing for the operator to export:
   divide their worker's share again;
 - one inter-op thread: a conv net's ops run one after another, and a second pool only adds threads
   that contend for the same cores;
-- ``CONVTUNE_TORCH_THREADS`` overrides the intra-op count.
+- ``CONVTUNE_TORCH_THREADS``, or else an exported ``OMP_NUM_THREADS``, overrides the intra-op count.
 
 On a GPU host the same share is given to the CPU side (data indexing, the optimizer's launches).
 """
@@ -58,11 +58,24 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 
 def thread_policy(processes: int, override: int | None = None, cpus: int | None = None) -> ThreadPolicy:
-    """The threads of one of ``processes`` training processes sharing this host's usable cores."""
+    """The threads of one of ``processes`` training processes sharing this host's usable cores.
+
+    ``override`` (CONVTUNE_TORCH_THREADS) wins, then an operator's ``OMP_NUM_THREADS``, then the share.
+    """
     cpus = usable_cpus() if cpus is None else cpus
+    if override is None:
+        override = _omp_threads()
     processes = max(1, processes)
     intra = override if override is not None else max(1, cpus // processes)
     return ThreadPolicy(intra_op=intra, inter_op=1, cpus=cpus, processes=processes)
+
+
+def _omp_threads() -> int | None:
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value >= 1 else None
 
 
 def apply_threads(policy: ThreadPolicy) -> None:
