@@ -58,14 +58,21 @@ def pip_requirements() -> list[str]:
 
 
 class Uploads:
-    """One run's artifact uploads, run on the process's upload threads; :meth:`wait` for them all."""
+    """One run's artifact uploads, run on the process's upload threads; :meth:`wait` for them all.
+
+    Files go straight to the run's artifact repository, resolved once per run: through
+    ``MlflowClient.log_artifact`` each upload first reads the run for its artifact URI (until
+    MLflow's cache has it, which concurrent first uploads all miss).
+    """
 
     _pool: ThreadPoolExecutor | None = None  # per process, made on first use (after a prefork worker forks)
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client, self.run_id = client, run_id
+        self.artifact_uri: str | None = None  # known once the run was read (MlflowTracker.status)
         self.pending: list[Future] = []
         self._staging: Path | None = None
+        self._repository: Any = None
 
     @classmethod
     def pool(cls) -> ThreadPoolExecutor:
@@ -76,14 +83,31 @@ class Uploads:
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self.pending.append(self.pool().submit(fn, *args, **kwargs))
 
+    def file(self, local: Path, artifact_path: str | None = None) -> None:
+        """Upload ``local`` into ``artifact_path`` (a directory of the run's artifacts; None: the root)."""
+        repository = self.repository()
+        self.submit(repository.log_artifact, str(local), artifact_path)
+
     def text(self, text: str, artifact_file: str) -> None:
-        self.submit(self.client.log_text, self.run_id, text, artifact_file)
+        directory, _, name = artifact_file.rpartition("/")
+        local = self.staging() / "text" / artifact_file
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text, encoding="utf-8")
+        self.file(local, directory or None)
 
     def directory(self, local: Path, artifact_path: str) -> None:
         """Every file under ``local``, each its own upload, as ``artifact_path/...``."""
         for file in sorted(p for p in local.rglob("*") if p.is_file()):
             parent = file.parent.relative_to(local)
-            self.submit(self.client.log_artifact, self.run_id, str(file), "/".join(filter(None, (artifact_path, *parent.parts))))
+            self.file(file, "/".join((artifact_path, *parent.parts)))
+
+    def repository(self) -> Any:
+        if self._repository is None:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            uri = self.artifact_uri or self.client.get_run(self.run_id).info.artifact_uri
+            self._repository = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
+        return self._repository
 
     def staging(self) -> Path:
         """A local directory for files waiting to be uploaded, removed by :meth:`wait`."""
@@ -126,6 +150,7 @@ class MlflowTracker:
         """The run's MLflow status (and, kept, the last epoch it has logged)."""
         run = self.client.get_run(self.run_id)
         self.logged_through = int(run.data.tags.get(TAG.EPOCHS_DONE, "0"))
+        self.uploads.artifact_uri = run.info.artifact_uri
         return run.info.status
 
     def tags(self) -> dict[str, str]:
