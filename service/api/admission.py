@@ -5,16 +5,29 @@ its data, this service's limits, where its callbacks may go. Each refusal is a 4
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import json
+import logging
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as ResolveTimeout
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from models.data import InvalidData, describe
 from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network
+from models.spec.space import MAX_COMBINATIONS, SearchedStudy, apply_params, corner_points, param_values
 from models.spec.trial import TrialSpec
 from service.api.errors import FieldError, InfeasibleSpec, InvalidSpec
 from service.api.settings import ApiSettings
 
-__all__ = ["admit_trial", "check_callback_url", "check_dataset_size", "check_feasible", "check_params"]
+__all__ = ["admit_trial", "check_callback_url", "check_dataset_size", "check_feasible", "check_params", "check_space"]
+
+log = logging.getLogger(__name__)
+RESOLVE_TIMEOUT_S = 2.0  # a callback host's DNS lookup at submit; past it the callback worker's check at connect decides
+_resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-dns")
 
 
 def admit_trial(spec: TrialSpec, settings: ApiSettings, field_prefix: str = "") -> NetworkPlan | None:
@@ -52,14 +65,61 @@ def check_params(spec: TrialSpec, settings: ApiSettings, field_prefix: str = "")
     _check_size(plan, settings, field_prefix)
 
 
+def check_space(spec: SearchedStudy, settings: ApiSettings) -> None:
+    """A study's limits beyond its base: the epochs its space may set, and the size of every configuration it makes.
+
+    Each corner combination of the space (:func:`models.spec.space.corner_points`: a range's ends, every
+    choice) that is a feasible trial is sized like one; one over a limit is a 422 naming the searched
+    field that makes it so (a value too large with every other, else the first model field of the
+    combination). A space with more than ``MAX_COMBINATIONS`` corners is checked on its first ones here
+    and every sampled configuration again by the worker.
+    """
+    searched = spec.search_space.get("optim.epochs")
+    if searched is not None and max(param_values(searched)) > settings.max_epochs:
+        most = max(param_values(searched))
+        _refuse("search_space.optim.epochs", f"the space reaches {most}; at most {settings.max_epochs} epochs are allowed on this service (CONVTUNE_MAX_EPOCHS)")
+    if not any(key == "model" or key.startswith("model.") for key in spec.search_space):
+        return  # the network is the base's, which check_params sized
+    try:
+        info = describe(spec.base.data, settings.data_root)
+    except InvalidData:
+        return  # the study's data check refuses it, naming base.data.path
+    if info is None:
+        return  # only the workers see the data: they size each sampled configuration
+    fitting: set[tuple[str, str]] = set()
+    over: list[tuple[dict, str]] = []
+    for combo in itertools.islice(corner_points(spec), MAX_COMBINATIONS):
+        try:
+            plan = plan_network(apply_params(spec.base, combo).model, info)
+        except (ValidationError, InfeasibleArchitecture):
+            continue  # never trained as it is: the space's own checks judge it
+        values = {(key, json.dumps(value, sort_keys=True)) for key, value in combo.items()}
+        problem = _size_problem(plan, settings)
+        if problem is None:
+            fitting |= values
+        else:
+            over.append((combo, problem))
+    if not over:
+        return
+    combo, problem = over[0]
+    culprits = [key for combo_, _ in over for key, value in combo_.items() if (key, json.dumps(value, sort_keys=True)) not in fitting]
+    field = culprits[0] if culprits else next(k for k in combo if k == "model" or k.startswith("model."))
+    _refuse(f"search_space.{field}", f"the configuration {json.dumps(combo, sort_keys=True)} of the search space is too large: {problem}")
+
+
+def _size_problem(plan: NetworkPlan, settings: ApiSettings) -> str | None:
+    if plan.params > settings.max_params:
+        return f"the network has {plan.params:,} parameters; this service allows at most {settings.max_params:,} (CONVTUNE_MAX_PARAMS)"
+    if plan.flops > settings.max_flops_per_sample:
+        limit = settings.max_flops_per_sample
+        return f"the network costs {plan.flops:,} FLOPs per sample; this service allows at most {limit:,} (CONVTUNE_MAX_FLOPS_PER_SAMPLE)"
+    return None
+
+
 def _check_size(plan: NetworkPlan | None, settings: ApiSettings, field_prefix: str) -> None:
-    if plan is not None and plan.params > settings.max_params:
-        _refuse(f"{field_prefix}model.channels", f"the network has {plan.params:,} parameters; this service allows at most {settings.max_params:,}")
-    if plan is not None and plan.flops > settings.max_flops_per_sample:
-        _refuse(
-            f"{field_prefix}model.channels",
-            f"the network costs {plan.flops:,} FLOPs per sample; this service allows at most {settings.max_flops_per_sample:,} (CONVTUNE_MAX_FLOPS_PER_SAMPLE)",
-        )
+    problem = _size_problem(plan, settings) if plan is not None else None
+    if problem:
+        _refuse(f"{field_prefix}model.channels", problem)
 
 
 def check_feasible(spec: TrialSpec, data_root: Path | None, field_prefix: str = "") -> NetworkPlan | None:
@@ -82,30 +142,40 @@ def check_feasible(spec: TrialSpec, data_root: Path | None, field_prefix: str = 
 def check_callback_url(url: object | None, settings: ApiSettings, field: str) -> None:
     """Refuse (422 on ``field``) a callback URL the workers may not POST to from inside the network.
 
-    A literal address must be public (or in ``CONVTUNE_CALLBACK_ALLOWED_NETWORKS``) and its port
-    allowed; a host name must match ``CONVTUNE_CALLBACK_HOSTS`` when that list is set. What a name
-    resolves to is checked again by the callback worker when it connects (no DNS rebinding).
+    A host must match ``CONVTUNE_CALLBACK_HOSTS`` when that list is set. Its address, a literal or every
+    address its name resolves to now, must be public (or in ``CONVTUNE_CALLBACK_ALLOWED_NETWORKS``) and
+    its port allowed. A name that does not resolve here in ``RESOLVE_TIMEOUT_S`` passes: the callback
+    worker checks the addresses it connects to, whatever this check saw (no DNS rebinding).
     """
     if url is None:
         return
     parts = urlsplit(str(url))
-    host = (parts.hostname or "").lower()
+    host = (parts.hostname or "").lower().removesuffix(".")  # "localhost." is localhost
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass  # a name: the worker checks the addresses it resolves to
-    else:
-        problem = settings.destination_problem(host, port)
-        if problem:
-            _refuse(field, f"callbacks may not go to {host}:{port}: {problem}")
     allowed = settings.callback_hosts
-    if allowed is None:
-        return
-    for pattern in (p.lower() for p in allowed):
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
-            return
-    _refuse(field, f"callbacks may only go to {', '.join(allowed) or 'no host'} on this service, not {host!r}")
+    if allowed is not None and not any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in (p.lower() for p in allowed)):
+        _refuse(field, f"callbacks may only go to {', '.join(allowed) or 'no host'} on this service, not {host!r} (CONVTUNE_CALLBACK_HOSTS)")
+    try:
+        addresses, literal = [str(ipaddress.ip_address(host))], True
+    except ValueError:
+        addresses, literal = _resolve(host, port), False  # a name
+    for address in addresses:
+        problem = settings.destination_problem(address, port)
+        if problem:
+            where = f"{host}:{port}" if literal else f"{host}:{port} (it resolves to {address})"
+            _refuse(field, f"callbacks may not go to {where}: {problem}")
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to now; none when it does not resolve in time (the worker decides then)."""
+    try:
+        infos = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM).result(timeout=RESOLVE_TIMEOUT_S)
+    except ResolveTimeout:
+        log.warning("callback host %s did not resolve within %.0fs; the callback worker checks it when it connects", host, RESOLVE_TIMEOUT_S)
+        return []
+    except (OSError, UnicodeError, ValueError):
+        return []  # no such name (yet): the callback worker checks it when it connects
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def _refuse(field: str, message: str) -> None:
