@@ -46,6 +46,7 @@ class WorkerSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     )
     torch_threads: int | None = Field(default=None, ge=1, le=1024, description="Intra-op threads of each training process; default: its share of the usable cores.")
     max_params: int = Field(default=200_000_000, ge=1, description="Largest network a study's sampled configuration may have (the API's CONVTUNE_MAX_PARAMS).")
+    max_flops_per_sample: int = Field(default=50 * 10**9, ge=1, description="Largest forward FLOPs per sample of a sampled configuration (the API's setting).")
     # Failures (issue 9, workers.failures): infrastructure errors that escape a task are retried, never acked away.
     retry_backoff_s: int = Field(default=5, ge=1, description="Delay bound of the first retry after an infrastructure error; doubled per retry (full jitter).")
     retry_backoff_max_s: int = Field(default=300, ge=1, description="Largest delay bound between two retries.")

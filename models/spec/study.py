@@ -101,7 +101,7 @@ class StudySpec(Spec):
     n_trials: int | None = Field(default=None, ge=1, le=10_000, description="Trials to run; default 20, or the whole grid.")
     parallelism: int = Field(default=2, ge=1, le=256, description="Most trials running at once.")
     timeout_s: float | None = Field(default=None, gt=0, le=30 * 24 * 3600, description="Start no trial after this long (running ones finish).")
-    target: float | None = Field(default=None, description="Stop once a trial's value reaches this (in the objective's direction).")
+    target: float | None = Field(default=None, allow_inf_nan=False, description="Stop once a trial's value reaches this (in the objective's direction).")
     warm_start: list[dict[str, JsonValue]] = Field(
         default_factory=list, max_length=1000, description="Known configurations (search-space key -> value) to try first.",
     )

@@ -238,9 +238,12 @@ class StudyObjective:
                 infeasible = f"infeasible architecture: {exc}"
             except InvalidData as exc:
                 problem = str(exc)
-            limit = self.rt.settings.max_params
-            if plan is not None and plan.params > limit:  # the API checked the base; a sampled configuration may be larger
+            # The API sized the base and the space's corners (up to its limit); a sampled configuration may still be larger.
+            limit, flops_limit = self.rt.settings.max_params, self.rt.settings.max_flops_per_sample
+            if plan is not None and plan.params > limit:
                 infeasible = f"the sampled network has {plan.params:,} parameters; this service allows at most {limit:,} (CONVTUNE_MAX_PARAMS)"
+            elif plan is not None and plan.flops > flops_limit:
+                infeasible = f"the sampled network needs {plan.flops:,} FLOPs per sample; this service allows at most {flops_limit:,} (CONVTUNE_MAX_FLOPS_PER_SAMPLE)"
         self.sizes = sizes(plan)
         trial_id = self._create_run(trial, name, params, trial_spec, plan)
         trial.set_user_attr(USER_ATTR.TRIAL_ID, trial_id)
