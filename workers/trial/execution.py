@@ -92,6 +92,8 @@ def _train(
         return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id))
     if attempt > 1:
         log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
+    else:
+        log.info("trial %s: training on %s", trial_id, rt.device)  # which worker trained what, in its own log
     tracker.starting(str(rt.device), attempt)  # RUNNING once its batches are resolved (log_batches), in one request
     ctx = TrainingContext(
         device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
