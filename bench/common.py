@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.conftest import free_port, wait_for as wait_until  # noqa: E402 - the suite's own, after ROOT is importable
+
 __all__ = [
     "ROOT", "Stack", "Target", "convtune_up", "emit", "free_port", "median", "mlflow_server", "note", "print_table", "private_redis", "wait_until",
 ]
@@ -40,21 +41,6 @@ _T0 = time.monotonic()
 def note(message: str) -> None:
     """A progress line on stderr, stamped with the seconds since the benchmark started."""
     print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
 
 
 def median(values: Sequence[float]) -> float:
