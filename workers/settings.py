@@ -36,6 +36,14 @@ class WorkerSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     max_attempts: int = Field(default=3, ge=1, description="Starts of one trial before it is failed as worker_lost.")
     cancel_check_steps: int = Field(default=50, ge=1, description="Training steps between two looks at the cancel flag.")
     log_model: bool = Field(default=True, description="Log each trained model as an MLflow pytorch model (pt2) in the run's model/ artifacts.")
+    artifacts_destination: str | None = Field(
+        default=None,
+        description=(
+            "The MLflow server's --artifacts-destination, when this worker can write there too (the same directory on one host, "
+            "or the same object store): artifacts go straight there instead of one request to the server per file. "
+            "'convtune up' sets it for the server it starts; unset: every file goes through the server."
+        ),
+    )
     # Tuning (issue 4): batch_size 'auto' and data-parallel trials.
     cpu_memory_limit_mb: int = Field(default=2048, ge=16, description="What batch_size 'auto' may use for one training step on the CPU.")
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Share of a GPU's memory batch_size 'auto' may fill.")

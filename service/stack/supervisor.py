@@ -167,6 +167,8 @@ class Stack:
         self.config = config
         self.say = say
         self.processes: list[Process] = []
+        # The artifact store of the MLflow server this stack started: its workers write there themselves.
+        self.artifacts_destination: str | None = None
         (config.home / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
@@ -191,6 +193,8 @@ class Stack:
             "CONVTUNE_AUTH_DISABLED": os.environ.get("CONVTUNE_AUTH_DISABLED", "true"),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
+            # One host: the workers put artifacts straight into the server's store, not one request per file (issue 10).
+            **({"CONVTUNE_ARTIFACTS_DESTINATION": self.artifacts_destination} if self.artifacts_destination else {}),
             **c.extra_env,
         }
 
@@ -237,6 +241,7 @@ class Stack:
         ]
         self.start("mlflow", argv, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
         self.wait_http("mlflow", f"{c.mlflow_url}/health", timeout_s=120)
+        self.artifacts_destination = str(home / "artifacts")
         self.say(f"MLflow tracking server and UI at {c.mlflow_url}")
 
     def wait_http(self, name: str, url: str, timeout_s: float) -> None:

@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import mlflow.artifacts
+import mlflow.pytorch
 import pytest
 import redis
+import torch
+from mlflow.tracking import MlflowClient
 
 from service.client import ConvtuneClient
 from tests.conftest import ARTIFACTS, free_port, wait_for
@@ -78,6 +82,13 @@ def test_up_serves_a_trial_and_ctrl_c_stops_everything(tmp_path: Path, redis_url
             trial = client.wait_trial(accepted["id"], timeout_s=120)
         assert trial["status"] == "succeeded", trial["reason"]
         assert (home / "mlflow.db").exists() and (home / "logs" / "api.log").exists()
+        # The workers wrote the artifacts straight into the server's store (issue 10); MLflow serves them as its own.
+        written = {p.relative_to(home / "artifacts").parts[2:] for p in (home / "artifacts").rglob("*") if p.is_file() and accepted["id"] in p.parts}
+        assert ("artifacts", "model", "MLmodel") in written and ("artifacts", "plots", "confusion_matrix.svg") in written, written
+        tracking = f"http://127.0.0.1:{mlflow_port}"
+        assert {a.path for a in MlflowClient(tracking).list_artifacts(accepted["id"], "plots")} >= {"plots/learning_curve.svg", "plots/confusion_matrix.svg"}
+        served = mlflow.artifacts.download_artifacts(run_id=accepted["id"], artifact_path="model", dst_path=str(tmp_path / "served"), tracking_uri=tracking)
+        assert mlflow.pytorch.load_model(served)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
         stack_pids = _descendants(up.pid)
         assert len(stack_pids) >= 4, "expected mlflow, a worker (and its pool) and gunicorn (and its workers)"
     finally:

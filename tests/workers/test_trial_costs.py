@@ -22,6 +22,7 @@ from workers.training import data as data_cache
 from workers.training.threads import apply_threads, thread_policy, usable_cpus
 from workers.trial.export import ModelExporter
 from workers.trial.figures import confusion_svg, learning_curve_svg
+from workers.trial.tracking import Uploads, direct_artifact_uri
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -156,3 +157,31 @@ def test_the_confusion_matrix_shows_every_count_and_escapes_class_names() -> Non
     texts = [t.text for t in root.iter(f"{SVG}text")]
     assert {"5", "1", "0", "7", "<cat>", "dog & co"} <= set(texts)
     assert len([r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]) == 4
+
+
+# --- artifacts straight into the server's store ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "destination", "expected"),
+    [
+        ("mlflow-artifacts:/1/abc/artifacts", "/srv/artifacts", "/srv/artifacts/1/abc/artifacts"),
+        ("mlflow-artifacts://mlflow:5000/1/abc/artifacts", "s3://bucket/prefix/", "s3://bucket/prefix/1/abc/artifacts"),
+        ("mlflow-artifacts:/1/abc/artifacts", None, "mlflow-artifacts:/1/abc/artifacts"),  # not told: through the server
+        ("s3://bucket/1/abc/artifacts", "/srv/artifacts", "s3://bucket/1/abc/artifacts"),  # the server does not proxy it
+    ],
+)
+def test_a_worker_told_the_servers_destination_writes_there(uri: str, destination: str | None, expected: str) -> None:
+    assert direct_artifact_uri(uri, destination) == expected
+
+
+def test_uploads_land_where_the_server_serves_them_from(tmp_path: Path) -> None:
+    client = type("Client", (), {"tracking_uri": "http://127.0.0.1:1"})()  # never called: the URI is known
+    uploads = Uploads(client, "abc", destination=str(tmp_path / "store"))  # type: ignore[arg-type]
+    uploads.artifact_uri = "mlflow-artifacts:/7/abc/artifacts"
+    uploads.text("{}", "plots/x.json")
+    uploads.text("hello", "notes.txt")
+    uploads.wait()
+    root = tmp_path / "store" / "7" / "abc" / "artifacts"
+    assert (root / "plots" / "x.json").read_text() == "{}"
+    assert (root / "notes.txt").read_text() == "hello"

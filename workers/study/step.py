@@ -40,6 +40,7 @@ from dataclasses import replace
 from typing import Any
 
 import optuna
+from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 from pydantic import ValidationError
@@ -245,7 +246,8 @@ class StudyObjective:
             elif plan is not None and plan.flops > flops_limit:
                 infeasible = f"the sampled network needs {plan.flops:,} FLOPs per sample; this service allows at most {flops_limit:,} (CONVTUNE_MAX_FLOPS_PER_SAMPLE)"
         self.sizes = sizes(plan)
-        trial_id = self._create_run(trial, name, params, trial_spec, plan)
+        created = self._create_run(trial, name, params, trial_spec, plan)
+        trial_id = created.run_id
         trial.set_user_attr(USER_ATTR.TRIAL_ID, trial_id)
         self.budget.record_slot(self.slot, trial_id, trial.number)
 
@@ -266,9 +268,10 @@ class StudyObjective:
             return self._reuse(trial, trial_id, twin)
         if infeasible:
             return self._end(trial, trial_id, "FAILED", "infeasible", infeasible)
-        return self._train(trial, trial_id, trial_spec)
+        return self._train(trial, trial_id, trial_spec, created)
 
-    def _train(self, trial: optuna.Trial, trial_id: str, trial_spec: TrialSpec) -> Value:
+    def _train(self, trial: optuna.Trial, trial_id: str, trial_spec: TrialSpec, created: RunInfo | None = None) -> Value:
+        """Train the trial (``created``: its run's info when this step created it, else it is read)."""
         primary, pruner = self.spec.primary, self.spec.pruner.name
         # Optuna's report() and its pruners take one objective's value per epoch.
         reports = not self.spec.multi_objective and primary.metric in EPOCH_MEASURES
@@ -284,7 +287,7 @@ class StudyObjective:
                 raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {primary.metric} {value:.4f}")
 
         try:
-            ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end)
+            ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end, created=created)
         except Superseded as exc:
             raise StepInterrupted() from exc
         except Exception as exc:
@@ -364,8 +367,8 @@ class StudyObjective:
         """End a trial that never trained (zero epochs)."""
         runs.end_run(self.rt.mlflow, trial_id, status, outcome, reason, metrics=metrics, tags={TAG.EPOCHS_DONE: "0"})
 
-    def _create_run(self, trial: optuna.Trial, name: str, params: dict[str, Any], trial_spec: TrialSpec | None, plan: Any) -> str:
-        """The trial's child run under the study's parent, params logged once, here."""
+    def _create_run(self, trial: optuna.Trial, name: str, params: dict[str, Any], trial_spec: TrialSpec | None, plan: Any) -> RunInfo:
+        """The trial's child run under the study's parent, params logged once, here; RUNNING from the start (trained at once)."""
         study = {TAG.PARENT: self.study_id, TAG.STUDY_ID: self.study_id, TAG.STUDY_TRIAL: str(trial.number)}
         if self.owner:  # the study's owner owns its trials: only it (or an admin) may cancel them
             study[TAG.OWNER] = self.owner
@@ -373,7 +376,7 @@ class StudyObjective:
             tags, flat = {TAG.KIND: "trial", TAG.QUEUE: self.queue, **study}, {k: json.dumps(v) for k, v in params.items()}
         else:
             tags, flat = trial_tags(trial_spec, plan, self.queue, **study), flatten_params(trial_spec)
-        return runs.create_run(self.rt.mlflow, self.experiment_id, name=name, tags=tags, params=flat)
+        return runs.create_started_run(self.rt.mlflow, self.experiment_id, name=name, tags=tags, params=flat)
 
 
 def _twin(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:

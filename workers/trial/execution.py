@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import redis
 import torch
+from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ValidationError
 
@@ -39,7 +40,7 @@ from workers.training.train import TrainingContext
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
-__all__ = ["LeaseHeld", "abandon_run", "admit", "count_attempt", "execute_trial", "forget_attempt", "lost_too_often"]
+__all__ = ["LeaseHeld", "abandon_run", "admit", "count_attempt", "execute_trial", "forget_attempt", "lost_too_often", "tracker_for"]
 
 log = logging.getLogger(__name__)
 SpecT = TypeVar("SpecT", bound=BaseModel)
@@ -55,14 +56,18 @@ class LeaseHeld(Exception):
 
 def execute_trial(
     trial_id: str, payload: dict, rt: WorkerRuntime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    created: RunInfo | None = None,
 ) -> Ending | None:
     """Run one delivery of ``trial_id``; how the trial ended, or None for a duplicate delivery.
 
-    ``on_epoch_end`` is a study's pruning hook (see :class:`workers.training.train.TrainingContext`).
+    ``on_epoch_end`` is a study's pruning hook (see :class:`workers.training.train.TrainingContext`);
+    ``created``, the run's info when the caller created it a moment ago (a study's step): not read back.
     Raises LeaseHeld (another worker trains it), Superseded (this worker lost the lease midway) and
     infrastructure errors (retried by the task).
     """
-    tracker = MlflowTracker(rt.mlflow, trial_id, log_model=rt.settings.log_model)
+    tracker = tracker_for(rt, trial_id, log_model=rt.settings.log_model)
+    if created is not None:
+        tracker.created(created)
     spec, ending = admit(tracker, trial_id, payload, TrialSpec, rt, "trial")
     if spec is None:
         return ending
@@ -171,10 +176,15 @@ def abandon_run(run_id: str, rt: WorkerRuntime, reason: str) -> Ending | None:
     if rt.redis.exists(lease_key(run_id)):
         log.warning("run %s: its task gave up (%s), but another worker holds its lease; left to that worker", run_id, reason)
         return None
-    tracker = MlflowTracker(rt.mlflow, run_id, log_model=False)
+    tracker = tracker_for(rt, run_id, log_model=False)
     if tracker.status() in TERMINAL_STATUSES:
         return None
     return _end(tracker, Ending("FAILED", "error", reason), rt.checkpoint_path(run_id))
+
+
+def tracker_for(rt: WorkerRuntime, run_id: str, log_model: bool) -> MlflowTracker:
+    """The tracker of ``run_id`` as this worker's settings say (model logging, where artifacts go)."""
+    return MlflowTracker(rt.mlflow, run_id, log_model=log_model, artifacts_destination=rt.settings.artifacts_destination)
 
 
 def lost_too_often(attempt: int, max_attempts: int) -> Ending:

@@ -32,7 +32,7 @@ from workers.failures import is_infrastructure
 from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.range_test import Curve, range_test
 from workers.training.train import TrainingContext
-from workers.trial.execution import LeaseHeld, admit, count_attempt, forget_attempt, lost_too_often
+from workers.trial.execution import LeaseHeld, admit, count_attempt, forget_attempt, lost_too_often, tracker_for
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
@@ -71,7 +71,7 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
     Raises LeaseHeld when another process holds its lease (a live one, or a dead one's until it
     lapses), Superseded when this worker lost the lease midway, and infrastructure errors.
     """
-    tracker = MlflowTracker(rt.mlflow, run_id, log_model=False)
+    tracker = tracker_for(rt, run_id, log_model=False)
     spec, ending = admit(tracker, run_id, payload, LrRangeSpec, rt, "range test")
     if spec is None:
         return ending.outcome if ending is not None else "skipped"
@@ -173,7 +173,7 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
         rt.mlflow, parent.info.experiment_id, name="lr_auto: range test",
         tags={TAG.KIND: KIND.LR_FINDER, TAG.PARENT: study_id, TAG.STUDY_ID: study_id, TAG.SPEC: test.model_dump_json()},
     )
-    tracker = MlflowTracker(rt.mlflow, test_id, log_model=False)
+    tracker = tracker_for(rt, test_id, log_model=False)
     tracker.still_owner = still_owner
     tracker.start(str(rt.device), 1)
     ending, result = run_and_record(test, tracker, _context(rt, should_stop, still_owner))

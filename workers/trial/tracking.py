@@ -1,13 +1,13 @@
 """A trial's MLflow run, seen from the worker: status, one batched call per epoch, artifacts.
 
-The API created the run (SCHEDULED, params and tags logged once). The worker never logs params
-again (MLflow params are immutable); it moves the run to RUNNING, logs metrics with
-``step=epoch`` in one ``log_batch`` per epoch, the model and plots at the end, and ends the run
-with convtune's outcome and reason tags.
+The API created the run (SCHEDULED, params and tags logged once), or a study's step did a moment
+before (RUNNING from the start). The worker never logs params again (MLflow params are immutable);
+it moves the run to RUNNING, logs metrics with ``step=epoch`` in one ``log_batch`` per epoch, the
+model and plots at the end, and ends the run with convtune's outcome and reason tags.
 
 Artifacts (the summary table, the curves, the confusion matrix, the model) are uploaded a few at a
 time on the process's upload threads while the worker goes on (evaluating, exporting the next
-file); :meth:`MlflowTracker.finish` waits for all of them before it ends the run, so a run seen
+file), through the server or straight into its store (:func:`direct_artifact_uri`); :meth:`MlflowTracker.finish` waits for all of them before it ends the run, so a run seen
 ended has every artifact, and an upload that failed (MLflow down) fails the delivery as any other
 MLflow error does, for the task to retry.
 
@@ -30,9 +30,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, RunInfo, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from torch import nn
@@ -44,7 +45,7 @@ from workers.training.outcomes import Ending, Superseded
 from workers.trial.export import exporter
 from workers.trial.figures import confusion_svg, learning_curve_svg
 
-__all__ = ["MlflowTracker", "Uploads", "pip_requirements"]
+__all__ = ["MlflowTracker", "Uploads", "direct_artifact_uri", "pip_requirements"]
 
 log = logging.getLogger(__name__)
 UPLOAD_THREADS = 4
@@ -57,6 +58,21 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"]
 
 
+def direct_artifact_uri(artifact_uri: str, destination: str | None) -> str:
+    """Where to write a run's artifacts: straight into the server's store when this worker can reach it.
+
+    A server started with ``--artifacts-destination D`` gives runs ``mlflow-artifacts:/<experiment>/<run>/artifacts``
+    URIs and stores what it is sent under ``D/<experiment>/<run>/artifacts``. Each file sent through it is
+    one HTTP request the (single) server answers; a worker told ``D`` (``CONVTUNE_ARTIFACTS_DESTINATION``:
+    the same directory on one host, or the same object store) writes there itself, and the server
+    serves the files as if it had stored them. Any other URI, or no destination, is returned as it is.
+    """
+    parsed = urlparse(artifact_uri)
+    if not destination or parsed.scheme != "mlflow-artifacts":
+        return artifact_uri
+    return f"{destination.rstrip('/')}/{parsed.path.lstrip('/')}"
+
+
 class Uploads:
     """One run's artifact uploads, run on the process's upload threads; :meth:`wait` for them all.
 
@@ -67,9 +83,9 @@ class Uploads:
 
     _pool: ThreadPoolExecutor | None = None  # per process, made on first use (after a prefork worker forks)
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
-        self.artifact_uri: str | None = None  # known once the run was read (MlflowTracker.status)
+    def __init__(self, client: MlflowClient, run_id: str, destination: str | None = None):
+        self.client, self.run_id, self.destination = client, run_id, destination
+        self.artifact_uri: str | None = None  # known once the run was read (MlflowTracker.status) or created
         self.pending: list[Future] = []
         self._staging: Path | None = None
         self._repository: Any = None
@@ -105,7 +121,7 @@ class Uploads:
         if self._repository is None:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-            uri = self.artifact_uri or self.client.get_run(self.run_id).info.artifact_uri
+            uri = direct_artifact_uri(self.artifact_uri or self.client.get_run(self.run_id).info.artifact_uri, self.destination)
             self._repository = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
         return self._repository
 
@@ -128,17 +144,30 @@ class Uploads:
 
 
 class MlflowTracker:
-    """Logs one trial into its existing MLflow run."""
+    """Logs one trial into its existing MLflow run.
 
-    def __init__(self, client: MlflowClient, run_id: str, log_model: bool = True):
+    ``artifacts_destination``: where the MLflow server stores proxied artifacts (its
+    ``--artifacts-destination``), when this worker can write there itself (see :func:`direct_artifact_uri`).
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, log_model: bool = True, artifacts_destination: str | None = None):
         self.client = client
         self.run_id = run_id
         self.log_model_enabled = log_model
         # Whether this worker still holds the run (set once it takes the lease); writes are skipped once it does not.
         self.still_owner: Callable[[], bool] = lambda: True
         self.logged_through = 0  # the last epoch the run has, as :meth:`status` read it
-        self.uploads = Uploads(client, run_id)
+        self.uploads = Uploads(client, run_id, artifacts_destination)
         self._starting: dict[str, str] | None = None  # start tags not sent yet (:meth:`starting`)
+        self._created: RunInfo | None = None  # this process created the run RUNNING a moment ago (:meth:`created`)
+
+    def created(self, info: RunInfo) -> None:
+        """The run was created RUNNING by this process a moment ago (``runs.create_started_run``): nothing to read back.
+
+        :meth:`status` answers from ``info`` and starting it sends only its tags: two requests fewer a trial.
+        """
+        self._created = info
+        self.uploads.artifact_uri = info.artifact_uri
 
     def _may_write(self, what: str) -> bool:
         if self.still_owner():
@@ -148,6 +177,8 @@ class MlflowTracker:
 
     def status(self) -> str:
         """The run's MLflow status (and, kept, the last epoch it has logged)."""
+        if self._created is not None:
+            return self._created.status  # nothing logged yet
         run = self.client.get_run(self.run_id)
         self.logged_through = int(run.data.tags.get(TAG.EPOCHS_DONE, "0"))
         self.uploads.artifact_uri = run.info.artifact_uri
@@ -216,8 +247,8 @@ class MlflowTracker:
             **({TAG.BATCH_PROBE: plan.note} if plan.note else {}),
         }
         starting, self._starting = self._starting, None
-        if starting is None:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if starting is None or self._created is not None:  # RUNNING already: the tags are all there is to send
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in {**(starting or {}), **tags}.items()])
         else:
             runs.start_run(self.client, self.run_id, {**starting, **tags}, first=False)  # STARTED_AT, when first, is in ``starting``
 
