@@ -19,12 +19,12 @@ The functions take an ``MlflowClient``; the API translates MLflow's errors where
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from mlflow.entities import RunInfo
+    from mlflow.entities import Metric, RunInfo
     from mlflow.tracking import MlflowClient
 
     from models.spec.plan import NetworkPlan
@@ -211,15 +211,18 @@ def start_run(client: MlflowClient, run_id: str, tags: Mapping[str, str] | None 
 
 def end_run(
     client: MlflowClient, run_id: str, status: str, outcome: str, reason: str, *,
-    metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None,
+    metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None, logged: Sequence[Metric] = (),
 ) -> None:
-    """End the run with its terminal ``status`` and exactly one ``outcome`` and ``reason`` (plus final metrics/tags)."""
+    """End the run with its terminal ``status`` and exactly one ``outcome`` and ``reason`` (plus final metrics/tags).
+
+    ``logged``: metrics stamped already (the last epoch's), sent in the same request.
+    """
     from mlflow.entities import Metric, RunTag
 
     assert status in TERMINAL_STATUSES, f"{status} is not how a run ends"
     now = _millis()
     batch = [RunTag(k, v) for k, v in (tags or {}).items()] + [RunTag(TAG.OUTCOME, outcome), RunTag(TAG.REASON, reason[:MAX_REASON])]
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()], tags=batch)
+    client.log_batch(run_id, metrics=[*logged, *(Metric(k, float(v), now, 0) for k, v in (metrics or {}).items())], tags=batch)
     client.set_terminated(run_id, status=status)
 
 

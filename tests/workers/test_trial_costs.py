@@ -185,3 +185,56 @@ def test_uploads_land_where_the_server_serves_them_from(tmp_path: Path) -> None:
     root = tmp_path / "store" / "7" / "abc" / "artifacts"
     assert (root / "plots" / "x.json").read_text() == "{}"
     assert (root / "notes.txt").read_text() == "hello"
+
+
+# --- fewer requests per trial ----------------------------------------------------------------------
+
+
+class RecordingClient:
+    """What an MlflowTracker sends, request by request (an MlflowClient's methods it calls)."""
+
+    tracking_uri = "http://127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict]] = []
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:  # noqa: ANN001
+        self.requests.append(("log_batch", {"metrics": [(m.key, m.step) for m in metrics], "tags": {t.key: t.value for t in tags}}))
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        self.requests.append(("set_terminated", {"status": status}))
+
+
+def test_the_last_epoch_goes_with_the_ending_in_one_request() -> None:
+    from mlflow.entities import RunInfo
+
+    from workers.training.outcomes import Ending
+    from workers.trial.tracking import MlflowTracker
+
+    client = RecordingClient()
+    tracker = MlflowTracker(client, "abc", log_model=False)  # type: ignore[arg-type]
+    tracker.created(RunInfo("abc", "0", "u", "RUNNING", 0, None, "active", artifact_uri="mlflow-artifacts:/0/abc/artifacts"))
+    tracker.final_epoch = 2
+    assert tracker.status() == "RUNNING" and client.requests == []  # created a moment ago: not read back
+    tracker.log_epoch(1, {"val_accuracy": 0.5})
+    tracker.log_epoch(2, {"val_accuracy": 0.75})
+    assert [r[0] for r in client.requests] == ["log_batch"]  # epoch 2 waits for the ending
+    tracker.finish(Ending("FINISHED", "succeeded", "trained 2 epochs"))
+    (_, ending), (_, terminated) = client.requests[1:]
+    assert ending["metrics"] == [("val_accuracy", 2)]  # at its epoch's step
+    assert ending["tags"]["convtune.epochs_done"] == "2" and ending["tags"]["convtune.outcome"] == "succeeded"
+    assert terminated == {"status": "FINISHED"}
+
+
+def test_a_worker_that_lost_the_trial_does_not_send_the_held_epoch() -> None:
+    from workers.training.outcomes import Ending, Superseded
+    from workers.trial.tracking import MlflowTracker
+
+    client = RecordingClient()
+    tracker = MlflowTracker(client, "abc", log_model=False)  # type: ignore[arg-type]
+    tracker.final_epoch = 1
+    tracker.log_epoch(1, {"val_accuracy": 0.5})
+    tracker.still_owner = lambda: False
+    with pytest.raises(Superseded):
+        tracker.finish(Ending("FINISHED", "succeeded", "trained 1 epoch"))
+    assert client.requests == []  # the delivery holding the lease now trains and logs that epoch

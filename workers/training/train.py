@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from workers.training.outcomes import Cancelled, Superseded, TimedOut, TrialStop
 from workers.training.parallel import Parallel
 
 __all__ = [
-    "Tracker", "TrainingContext", "TrialResult", "confusion_matrix", "evaluate", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
+    "Tracker", "TrainingContext", "Evaluation", "TrialResult", "evaluate", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
 ]
 
 
@@ -97,6 +97,7 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
     scheduler = make_scheduler(optimizer, optim, steps_per_epoch)
 
     history: list[dict[str, float]] = []
+    evaluation: Evaluation | None = None
     guard = _Guard(spec, ctx)
     start_epoch = 1 + restore_checkpoint(ctx.checkpoint_path, model, optimizer, scheduler, history, guard.divergence)
     if start_epoch == 1:
@@ -113,7 +114,8 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
             accumulate=batches.accumulate, parallel=ctx.parallel,
         )
         train_seconds = time.perf_counter() - t0
-        val_loss, val_accuracy = evaluate(model, loss_fn, x_val, y_val)
+        evaluation = evaluate(model, loss_fn, x_val, y_val, data.info.num_classes)
+        val_loss, val_accuracy = evaluation.loss, evaluation.accuracy
         metrics = {
             "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
@@ -136,7 +138,9 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
 
     tracker.log_result(model, x_val[:2], history)  # batch > 1: the exported model keeps a dynamic batch
     best_epoch, best = max(enumerate(history, start=1), key=lambda em: em[1]["val_accuracy"])
-    confusion = confusion_matrix(model, x_val, y_val, data.info.num_classes)
+    if evaluation is None:  # this delivery trained no epoch (a resumed trial whose epochs were all done)
+        evaluation = evaluate(model, loss_fn, x_val, y_val, data.info.num_classes)
+    confusion = evaluation.confusion  # the final model's, from its last evaluation
     return TrialResult(len(history), history[-1], best["val_accuracy"], best_epoch, history, confusion, data.class_names, batches)
 
 
@@ -203,28 +207,29 @@ def train_one_epoch(
     return float(total) / max(seen, 1)
 
 
+class Evaluation(NamedTuple):
+    """A model's mean loss and accuracy on a set, and its confusion counts (rows: true classes)."""
+
+    loss: float
+    accuracy: float
+    confusion: list[list[int]]
+
+
 @torch.no_grad()
-def confusion_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, chunk: int = 1024) -> list[list[int]]:
-    """Counts of (true class, predicted class) of ``model`` on ``(x, y)``: rows are true classes."""
+def evaluate(
+    model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, num_classes: int, chunk: int = 1024,
+) -> Evaluation:
+    """``model`` on ``(x, y)``: the confusion counts come from the same forward pass (the last epoch's are the trial's)."""
     model.eval()
+    loss_sum = 0.0
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=x.device)
-    for start in range(0, len(x), chunk):
-        predicted = model(x[start : start + chunk]).argmax(dim=1)
-        counts += torch.bincount(y[start : start + chunk] * num_classes + predicted, minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes).tolist()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on ``(x, y)``."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
     for start in range(0, len(x), chunk):
         logits = model(x[start : start + chunk])  # (B, K)
         target = y[start : start + chunk]
         loss_sum += float(loss_fn(logits, target)) * len(target)
-        correct += int((logits.argmax(dim=1) == target).sum())
-    return loss_sum / len(x), correct / len(x)
+        counts += torch.bincount(target * num_classes + logits.argmax(dim=1), minlength=num_classes * num_classes)
+    confusion = counts.view(num_classes, num_classes)
+    return Evaluation(loss_sum / len(x), int(confusion.diagonal().sum()) / len(x), confusion.tolist())
 
 
 def make_loss(head: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

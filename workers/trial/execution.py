@@ -100,6 +100,7 @@ def _train(
     else:
         log.info("trial %s: training on %s", trial_id, rt.device)  # which worker trained what, in its own log
     tracker.starting(str(rt.device), attempt)  # RUNNING once its batches are resolved (log_batches), in one request
+    tracker.final_epoch = spec.optim.epochs
     ctx = TrainingContext(
         device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
         should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), still_owner=lease.held, check_every_steps=rt.settings.cancel_check_steps,

@@ -160,6 +160,9 @@ class MlflowTracker:
         self.uploads = Uploads(client, run_id, artifacts_destination)
         self._starting: dict[str, str] | None = None  # start tags not sent yet (:meth:`starting`)
         self._created: RunInfo | None = None  # this process created the run RUNNING a moment ago (:meth:`created`)
+        # The trial's last epoch: its metrics wait for the ending and go in its request (:meth:`finish`), one fewer a trial.
+        self.final_epoch: int | None = None
+        self._held: tuple[int, list[Metric]] | None = None
 
     def created(self, info: RunInfo) -> None:
         """The run was created RUNNING by this process a moment ago (``runs.create_started_run``): nothing to read back.
@@ -203,6 +206,9 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()]
+        if epoch == self.final_epoch:  # the run ends next: these go with the ending (lost with it if this worker is)
+            self._held = (epoch, batch)
+            return
         self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
         self.logged_through = epoch
 
@@ -266,8 +272,11 @@ class MlflowTracker:
         self.uploads.wait()
         if not self.still_owner():
             raise Superseded(f"this worker lost the lease of run {self.run_id} before ending it ({ending.outcome})")
-        starting, self._starting = self._starting, None  # it ended before training began: its start tags go with the ending
-        runs.end_run(self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason, tags=starting)
+        tags, self._starting = self._starting or {}, None  # it ended before training began: its start tags go with the ending
+        held, self._held = self._held, None
+        if held is not None:
+            tags[TAG.EPOCHS_DONE] = str(held[0])
+        runs.end_run(self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason, tags=tags, logged=held[1] if held else ())
 
 
 class _Predictor(nn.Module):
