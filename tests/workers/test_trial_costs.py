@@ -238,3 +238,24 @@ def test_a_worker_that_lost_the_trial_does_not_send_the_held_epoch() -> None:
     with pytest.raises(Superseded):
         tracker.finish(Ending("FINISHED", "succeeded", "trained 1 epoch"))
     assert client.requests == []  # the delivery holding the lease now trains and logs that epoch
+
+
+def test_a_running_study_is_read_once_per_process() -> None:
+    from types import SimpleNamespace
+
+    from workers.study import step
+
+    reads: list[str] = []
+
+    def get_run(run_id: str) -> SimpleNamespace:
+        reads.append(run_id)
+        status = "SCHEDULED" if run_id == "queued" else "RUNNING"
+        return SimpleNamespace(info=SimpleNamespace(status=status, experiment_id="7"), data=SimpleNamespace(tags={"convtune.owner": "team-a"}))
+
+    rt = SimpleNamespace(mlflow=SimpleNamespace(get_run=get_run))
+    step._RUNNING_PARENTS.clear()
+    assert step._parent(rt, "s1") == step._parent(rt, "s1") == ("RUNNING", "7", "team-a")
+    step._parent(rt, "queued")
+    step._parent(rt, "queued")  # not started yet: read again, the step that starts it must see SCHEDULED
+    assert reads == ["s1", "queued", "queued"]
+    step._RUNNING_PARENTS.clear()
