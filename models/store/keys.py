@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "OUTCOME_COUNTS_KEY", "RECONCILER_COUNTS_KEY", "RECONCILER_LOCK_KEY", "RECONCILER_SUSPECTS_KEY",
-    "attempts_key", "cancel_key", "lease_key", "resent_key", "study_key",
+    "attempts_key", "cancel_key", "lease_key", "queued_key", "resent_key", "study_key",
 ]
 
 # Redis hash: outcome -> how many trials ended with it (for /metrics).
@@ -15,6 +15,11 @@ RECONCILER_COUNTS_KEY = "convtune:stats:reconciler_actions"
 # The reconciler's lock (one sweep at a time, across hosts) and what it found stranded since when.
 RECONCILER_LOCK_KEY = "convtune:reconciler:lock"
 RECONCILER_SUSPECTS_KEY = "convtune:reconciler:suspects"
+
+
+def queued_key(owner: str) -> str:
+    """Redis set of the runs ``owner`` had accepted since its work was last counted in MLflow (an upper bound of its queue)."""
+    return f"convtune:queued:{owner}"
 
 
 def resent_key(task_id: str) -> str:

@@ -4,7 +4,7 @@ Two limits apply to each token (to the client's address when auth is off), count
 routes and all gunicorn processes in Redis: ``rate_limit`` on every request and
 ``submit_rate_limit`` on POSTs. A request past one is a 429 problem with ``Retry-After``. Probes,
 metrics and the documentation are exempt. Quotas on what a token may have waiting
-(:func:`check_queued_quota`) are a 429 too; bounds on a single spec (epochs, trials per study,
+(:func:`check_queued_quota`, counted in MLflow only near the cap) are a 429 too; bounds on a single spec (epochs, trials per study,
 parallelism) are 422s from :func:`check_study_caps` and :mod:`service.api.admission`.
 """
 
@@ -13,16 +13,18 @@ from __future__ import annotations
 import math
 import time
 
+import redis
 from flask import Flask, request
 from flask_limiter import ApplicationLimit, Limiter
 from flask_limiter.errors import RateLimitExceeded
 
+from models.store.keys import queued_key
 from service.api.auth import PUBLIC_ENDPOINTS, current_principal
 from service.api.errors import FieldError, InvalidSpec, TooManyRequests, problem_response
 from service.api.runs import RunStore
 from service.api.settings import ApiSettings
 
-__all__ = ["check_queued_quota", "check_study_caps", "init_app"]
+__all__ = ["check_queued_quota", "check_study_caps", "init_app", "note_queued"]
 
 
 def _limit_key() -> str:
@@ -55,17 +57,51 @@ def init_app(app: Flask, settings: ApiSettings) -> Limiter:
     return limiter
 
 
-def check_queued_quota(runs: RunStore, owner: str, settings: ApiSettings) -> None:
+# A member of every index, so that an owner with nothing queued still has one (an absent index is unknown).
+_PRESENT = ""
+_INDEX_TTL_S = 3600  # counted again in MLflow at least this often, whatever the index says
+
+
+def check_queued_quota(runs: RunStore, redis_client: redis.Redis, owner: str, settings: ApiSettings) -> None:
     """Raise 429 when ``owner`` already has ``max_queued_trials_per_token`` trials, studies or range tests waiting.
 
-    Called after the spec's own checks, so a bad spec is a 422 whatever the quota (and costs no MLflow call)."""
+    Counting them is a search of MLflow that reads every queued run of the owner: on every submit it made
+    accepting O(backlog) (issue 10). Redis keeps the runs accepted since the last count (:func:`note_queued`):
+    started or ended ones stay in it, so its size bounds the queue from above, and the search runs only
+    when that bound reaches the cap, when the index is missing (first submit, Redis restarted) or an hour
+    old; the search then starts the index again from the runs really queued.
+    Called after the spec's own checks, so a bad spec is a 422 whatever the quota (and costs no MLflow call).
+    """
     cap = settings.max_queued_trials_per_token
-    queued = runs.count_queued(owner, cap)
+    key = queued_key(owner)
+    try:
+        bound = redis_client.scard(key) - 1  # -1: the marker
+    except redis.RedisError:
+        bound = -1  # unknown: count in MLflow (the message's send reports Redis down)
+    if 0 <= bound < cap:
+        return
+    queued, ids = runs.queued_runs(owner, cap)
+    try:
+        with redis_client.pipeline() as pipe:  # MULTI: no submit sees the index half rebuilt
+            pipe.delete(key)
+            pipe.sadd(key, _PRESENT, *ids)
+            pipe.expire(key, _INDEX_TTL_S)
+            pipe.execute()
+    except redis.RedisError:
+        pass
     if queued >= cap:
         raise TooManyRequests(
             f"'{current_principal().name}' already has {queued} queued trials, studies or range tests (the cap is {cap}); wait for some to start",
             retry_after_s=30,
         )
+
+
+def note_queued(redis_client: redis.Redis, owner: str, run_id: str) -> None:
+    """Count ``run_id``, just accepted, in ``owner``'s index (see :func:`check_queued_quota`); best effort."""
+    try:
+        redis_client.sadd(queued_key(owner), run_id)
+    except redis.RedisError:
+        pass  # the message's send meets the same outage and answers 503
 
 
 def check_study_caps(n_trials: int | None, parallelism: int | None, settings: ApiSettings) -> None:

@@ -24,7 +24,7 @@ from service.api.admission import admit_trial
 from service.api.auth import check_owner, current_principal, redacted
 from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
-from service.api.limits import check_queued_quota
+from service.api.limits import check_queued_quota, note_queued
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
 from service.api.runs import RunRecord
 from service.api.schemas import Status
@@ -91,7 +91,7 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     """Submit a learning-rate range test of a trial spec; its URL gives the suggested and largest stable LR."""
     s = services()
     admit_trial(body.trial, s.settings, field_prefix="trial.")
-    check_queued_quota(s.runs, current_principal().name, s.settings)
+    check_queued_quota(s.runs, s.redis, current_principal().name, s.settings)
     queue = body.trial.queue or s.settings.default_queue
     o = body.trial.optim
     name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
@@ -101,6 +101,7 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
     test_id = s.runs.create(name, tags, params)
+    note_queued(s.redis, current_principal().name, test_id)
     bind(trial_id=test_id)
     try:
         s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), queue)

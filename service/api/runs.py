@@ -179,12 +179,13 @@ class RunStore:
             )
         return [RunRecord.from_run(run) for run in page], page.token
 
-    def count_queued(self, owner: str, cap: int) -> int:
-        """How much work ``owner`` (an API token's name) has queued (trials, studies, range tests), counted up to ``cap``."""
+    def queued_runs(self, owner: str, cap: int) -> tuple[int, list[str]]:
+        """How much work ``owner`` (an API token's name) has queued (trials, studies, range tests), counted up to ``cap``, and their ids."""
         filters = f"tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
         with self.translated():
             # MLflow returns at most 50,000 runs a page: a cap above that is never reached.
-            return len(self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=min(cap, 50_000)))
+            found = self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=min(cap, 50_000))
+        return len(found), [r.info.run_id for r in found]
 
     def end(self, run_id: str, status: str, outcome: str, reason: str) -> None:
         """End a run that no worker is running (failed at accept, cancelled while queued)."""

@@ -26,7 +26,7 @@ from service.api.auth import check_owner, current_principal, redacted
 from service.api.callbacks import notify_ended_by_api
 from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
-from service.api.limits import check_queued_quota
+from service.api.limits import check_queued_quota, note_queued
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
 from service.api.runs import RunRecord
 from service.api.schemas import BestMetric, TrialAccepted, TrialList, TrialListQuery, TrialPath, TrialPublic
@@ -98,9 +98,10 @@ class Accepted:
 def accept_trial(s: Services, spec: TrialSpec, owner: str) -> Accepted:
     """Check, record (the SCHEDULED run), send; a message not sent ends the run failed and raises 503."""
     plan = admit_trial(spec, s.settings)
-    check_queued_quota(s.runs, owner, s.settings)
+    check_queued_quota(s.runs, s.redis, owner, s.settings)
     queue = spec.queue or s.settings.default_queue
     trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, **{TAG.OWNER: owner}), flatten_params(spec))
+    note_queued(s.redis, owner, trial_id)
     try:
         s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:

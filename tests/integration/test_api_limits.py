@@ -70,6 +70,31 @@ def test_queued_trials_per_token_are_capped_with_429(api_settings):
         client.post(f"/trials/{trial_id}/cancel", headers=headers)
 
 
+def test_the_queue_is_counted_in_mlflow_only_near_the_cap(api_settings, monkeypatch):
+    """Issue 10: counting a token's queued work read every queued run from MLflow on every submit."""
+    app, headers = _secured(api_settings, max_queued_trials_per_token=4)
+    s = app.extensions["convtune"]
+    owner = s.settings.auth_tokens[0].name
+    searches = []
+    counted = s.runs.queued_runs
+    monkeypatch.setattr(s.runs, "queued_runs", lambda *a: searches.append(a) or counted(*a))
+    client = app.test_client()
+    post = lambda: client.post("/trials", json=tiny_trial(queue="gpu"), headers=headers)  # noqa: E731 - no worker serves "gpu"
+    ids = [post().get_json()["id"] for _ in range(3)]
+    assert len(searches) == 1  # the first submit: no index yet
+    client.post(f"/trials/{ids[0]}/cancel", headers=headers)
+    ids.append(post().get_json()["id"])  # the index says 3 (one ended since): still below the cap, no search
+    assert len(searches) == 1
+    ids.append(post().get_json()["id"])  # the index says 4: counted in MLflow (3 queued), accepted, the index rebuilt
+    assert len(searches) == 2 and s.redis.scard(f"convtune:queued:{owner}") == 1 + 4
+    refused = post()
+    assert refused.status_code == 429 and "already has 4 queued" in refused.get_json()["detail"] and len(searches) == 3
+    s.redis.delete(f"convtune:queued:{owner}")  # Redis lost it: counted again, not trusted as zero
+    assert post().status_code == 429 and len(searches) == 4
+    for trial_id in ids[1:]:
+        client.post(f"/trials/{trial_id}/cancel", headers=headers)
+
+
 def test_epochs_over_the_cap_is_422_naming_the_field(api_settings):
     app, headers = _secured(api_settings, max_epochs=5)
     response = app.test_client().post("/trials", json=tiny_trial(optim={"epochs": 6}), headers=headers)

@@ -217,9 +217,9 @@ def test_the_last_epoch_goes_with_the_ending_in_one_request() -> None:
     tracker.final_epoch = 2
     assert tracker.status() == "RUNNING" and client.requests == []  # created a moment ago: not read back
     tracker.log_epoch(1, {"val_accuracy": 0.5})
-    tracker.log_epoch(2, {"val_accuracy": 0.75})
-    assert [r[0] for r in client.requests] == ["log_batch"]  # epoch 2 waits for the ending
+    tracker.log_epoch(2, {"val_accuracy": 0.75})  # waits for the ending
     tracker.finish(Ending("FINISHED", "succeeded", "trained 2 epochs"))
+    assert [name for name, _ in client.requests] == ["log_batch", "log_batch", "set_terminated"]
     (_, ending), (_, terminated) = client.requests[1:]
     assert ending["metrics"] == [("val_accuracy", 2)]  # at its epoch's step
     assert ending["tags"]["convtune.epochs_done"] == "2" and ending["tags"]["convtune.outcome"] == "succeeded"
@@ -259,3 +259,36 @@ def test_a_running_study_is_read_once_per_process() -> None:
     step._parent(rt, "queued")  # not started yet: read again, the step that starts it must see SCHEDULED
     assert reads == ["s1", "queued", "queued"]
     step._RUNNING_PARENTS.clear()
+
+
+def test_epochs_are_sent_in_order_while_training_goes_on_and_the_ending_comes_last() -> None:
+    from workers.training.outcomes import Ending
+    from workers.trial.tracking import MlflowTracker
+
+    client = RecordingClient()
+    tracker = MlflowTracker(client, "abc", log_model=False)  # type: ignore[arg-type]
+    tracker.final_epoch = 4
+    for epoch in (1, 2, 3, 4):
+        tracker.log_epoch(epoch, {"val_accuracy": epoch / 10})
+    tracker.log_epoch(2, {"val_accuracy": 0.2})  # offered again (a resumed delivery): logged once
+    tracker.finish(Ending("FINISHED", "succeeded", "trained 4 epochs"))
+    sent = [(name, r.get("metrics"), r.get("tags", {}).get("convtune.epochs_done")) for name, r in client.requests]
+    assert sent == [
+        ("log_batch", [("val_accuracy", 1)], "1"), ("log_batch", [("val_accuracy", 2)], "2"), ("log_batch", [("val_accuracy", 3)], "3"),
+        ("log_batch", [("val_accuracy", 4)], "4"), ("set_terminated", None, None),
+    ]
+
+
+def test_an_epoch_that_could_not_be_sent_fails_the_delivery() -> None:
+    from mlflow.exceptions import MlflowException
+
+    from workers.trial.tracking import MlflowTracker
+
+    class Down(RecordingClient):
+        def log_batch(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            raise MlflowException("connection refused")
+
+    tracker = MlflowTracker(Down(), "abc", log_model=False)  # type: ignore[arg-type]
+    tracker.log_epoch(1, {"val_accuracy": 0.1})  # on its way
+    with pytest.raises(MlflowException, match="connection refused"):
+        tracker.log_epoch(2, {"val_accuracy": 0.2})  # the previous one's error surfaces here: the task retries the trial

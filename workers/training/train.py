@@ -102,6 +102,8 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
     start_epoch = 1 + restore_checkpoint(ctx.checkpoint_path, model, optimizer, scheduler, history, guard.divergence)
     if start_epoch == 1:
         tracker.log_summary(plan_network(spec.model, data.info).summary())
+    for epoch, metrics in enumerate(history, start=1):  # resumed: the checkpoint's epochs the run may lack (logged once)
+        tracker.log_epoch(epoch, metrics)
     if ctx.on_setup is not None:
         ctx.on_setup(batches)
 

@@ -163,6 +163,7 @@ class MlflowTracker:
         # The trial's last epoch: its metrics wait for the ending and go in its request (:meth:`finish`), one fewer a trial.
         self.final_epoch: int | None = None
         self._held: tuple[int, list[Metric]] | None = None
+        self._epoch_sent: Future | None = None  # the last epoch's metrics, on their way (:meth:`log_epoch`)
 
     def created(self, info: RunInfo) -> None:
         """The run was created RUNNING by this process a moment ago (``runs.create_started_run``): nothing to read back.
@@ -202,14 +203,20 @@ class MlflowTracker:
         if not self._may_write(f"epoch {epoch}"):
             return
         if epoch <= self.logged_through:
-            log.info("run %s: epoch %d was logged by an earlier delivery; not logged twice", self.run_id, epoch)
+            log.debug("run %s: epoch %d was logged by an earlier delivery; not logged twice", self.run_id, epoch)
             return
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()]
         if epoch == self.final_epoch:  # the run ends next: these go with the ending (lost with it if this worker is)
             self._held = (epoch, batch)
             return
-        self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
+        # Sent while the next epoch trains, one epoch in flight at most (in order; the previous one's error surfaces
+        # here or in finish). The checkpoint of this epoch may then land before its metrics: a delivery that resumes
+        # from it logs the epochs its checkpoint has and the run lacks (run_trial replays the restored history).
+        if self._epoch_sent is not None:
+            self._epoch_sent.result()
+        self._epoch_sent = self.uploads.pool().submit(self.client.log_batch, self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
+        self.uploads.pending.append(self._epoch_sent)
         self.logged_through = epoch
 
     def log_summary(self, rows: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from models.store.search import USER_ATTR, encode_params, open_storage, storage_
 from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space
 from service.api.auth import is_owner
 from service.api.errors import FieldError, Forbidden, InfeasibleSpec, InvalidSpec, ServiceUnavailable
-from service.api.limits import check_queued_quota
+from service.api.limits import check_queued_quota, note_queued
 from service.api.studies.records import StudyStore
 from service.api.wiring import Services
 
@@ -41,9 +41,10 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) ->
     check_study(s, spec)
     if spec.register_as:
         check_model_owner(s, spec.register_as.name, owner)
-    check_queued_quota(s.runs, owner, s.settings)
+    check_queued_quota(s.runs, s.redis, owner, s.settings)
     queue = spec.base.queue or s.settings.default_queue
     study_id = _create_parent(s, spec, queue, owner)
+    note_queued(s.redis, owner, study_id)
     try:
         _create_study(store, study_id, spec, queue)
         budget = store.budget(study_id)
