@@ -32,7 +32,8 @@ if str(ROOT) not in sys.path:
 from tests.conftest import free_port, wait_for as wait_until  # noqa: E402 - the suite's own, after ROOT is importable
 
 __all__ = [
-    "ROOT", "Stack", "Target", "convtune_up", "emit", "free_port", "median", "mlflow_server", "note", "print_table", "private_redis", "wait_until",
+    "ROOT", "Stack", "Target", "convtune_up", "cpu_delta", "emit", "free_port", "median", "mlflow_server", "note", "print_table", "private_redis",
+    "process_cpu", "wait_until",
 ]
 
 _T0 = time.monotonic()
@@ -161,6 +162,45 @@ def mlflow_server(home: Path | None = None) -> Iterator[str]:
         yield supervisor.config.mlflow_url
     finally:
         supervisor.down()
+
+
+def process_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of ``root`` and its descendants, by role: the MLflow server
+    (``mlflow server`` and its uvicorn), the workers (Celery), the API (gunicorn), other. Linux /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()  # after the command name, which may hold spaces
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    by_role: dict[str, float] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if pid not in stats:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        role = next((r for r, marks in _ROLES if any(m in cmdline for m in marks)), "other")
+        by_role[role] = by_role.get(role, 0.0) + (int(stats[pid][11]) + int(stats[pid][12])) / ticks
+    return by_role
+
+
+_ROLES = (("mlflow server", ("mlflow server", "-m mlflow", "uvicorn")), ("workers", ("celery",)), ("api", ("gunicorn",)))
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {role: after.get(role, 0.0) - before.get(role, 0.0) for role in after}
 
 
 def _tail(path: Path, lines: int = 30) -> str:

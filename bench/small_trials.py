@@ -22,7 +22,9 @@ runs a warm-up study (4 trials) so both workers have paid their
 once-per-process costs, as a long-lived ``convtune up`` has. Two figures per way:
 ``trials/min`` (N over the timed wall, the headline) and ``span trials/min`` (N over the first trial's
 start to the last trial's end, from MLflow's timestamps for convtune, the peers' own clocks for
-them). Medians over --repeats. Target: convtune's trials/min >= 1.3x the best peer's.
+them). Medians over --repeats. Beside them, the CPU the shared MLflow server spent per trial (its
+process and its uvicorn, from /proc, over each way's run: what each way's requests and uploads cost
+it). Target: convtune's trials/min >= 1.3x the best peer's.
 
     python bench/small_trials.py [--quick] [--trials 60] [--repeats 3] [--peers optuna,ray]
 
@@ -43,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Stack, Target, convtune_up, emit, median, note, print_table, private_redis  # noqa: E402
+from common import ROOT, Stack, Target, convtune_up, cpu_delta, emit, median, note, print_table, private_redis, process_cpu  # noqa: E402
 
 BASE_MODEL = {"channels": [32, 64], "convs_per_stage": 2, "norm": "none"}
 PEER_FLOPS = 3_577_088  # bench/peers/optuna_mlflow.small_net, per sample
@@ -158,14 +160,18 @@ def main() -> None:
             warm = run_convtune(stack, warmup, 1000, "warm-up")
             note(f"warm-up study: {warm['outcomes']} in {warm['wall_s']:.1f}s")
         for r in range(repeats):
+            before = process_cpu(stack.popen.pid)
             run = run_convtune(stack, trials, r, f"small trials {r}", args.divergence_checks)
+            run["cpu_s"] = cpu_delta(before, process_cpu(stack.popen.pid))
             results["convtune"].append(run)
             note(f"repeat {r}: convtune {run['state']} {run['outcomes']} in {run['wall_s']:.1f}s (accept {run['accept_s'] * 1000:.0f} ms)")
             for peer in peers:
                 if unavailable.get(peer):
                     results[peer].append({"unavailable": unavailable[peer]})
                     continue
+                before = process_cpu(stack.popen.pid)
                 out = run_peer(PEERS[peer][1], stack.mlflow_url, trials, r)
+                out["cpu_s"] = cpu_delta(before, process_cpu(stack.popen.pid))  # the stack is idle meanwhile: its MLflow server's share
                 results[peer].append(out)
                 note(f"repeat {r}: {peer} " + (out["unavailable"] if "unavailable" in out else f"{out['completed']} trials in {out['wall_s']:.1f}s"))
                 if "unavailable" in out:
@@ -178,22 +184,24 @@ def main() -> None:
         label = "convtune: up --cpu-workers 2, parallelism 2" if key == "convtune" else PEERS[key][0]
         if any("unavailable" in run for run in runs) or not runs:
             reason = next((run["unavailable"] for run in runs if "unavailable" in run), "not run")
-            rows.append([label, "unavailable", "-", "-", "-", reason[:80]])
+            rows.append([label, "unavailable", "-", "-", "-", "-", reason[:80]])
             figures[key] = {"unavailable": reason}
             continue
         per_run = [rates(run, trials) for run in runs]
         tpm, span_tpm = median([p[0] for p in per_run]), median([p[1] for p in per_run])
         complete = min(run["completed"] for run in runs)
         best = median([run["best"] for run in runs if run.get("best") is not None])
-        rows.append([label, round(tpm, 1), round(60 / tpm, 3), round(span_tpm, 1), f"{complete}/{trials}", round(best, 3)])
+        server_ms = median([1000 * run["cpu_s"].get("mlflow server", 0.0) / trials for run in runs])
+        rows.append([label, round(tpm, 1), round(60 / tpm, 3), round(span_tpm, 1), round(server_ms), f"{complete}/{trials}", round(best, 3)])
         figures[key] = {
             "trials_per_min": tpm, "per_trial_s": 60 / tpm, "span_trials_per_min": span_tpm, "completed_min": complete, "best_val_accuracy": best,
-            "runs_trials_per_min": [p[0] for p in per_run], "wall_s": [run["wall_s"] for run in runs],
+            "runs_trials_per_min": [p[0] for p in per_run], "wall_s": [run["wall_s"] for run in runs], "mlflow_server_cpu_ms_per_trial": server_ms,
+            **({"workers_cpu_ms_per_trial": median([1000 * run["cpu_s"].get("workers", 0.0) / trials for run in runs])} if key == "convtune" else {}),
             **({"accept_ms": median([run["accept_s"] * 1000 for run in runs])} if key == "convtune" else {}),
         }
     print_table(
         f"{trials} one-epoch digits trials, median of {repeats}, one MLflow server (sqlite, 1 worker)",
-        ["how", "trials/min", "per trial s", "span trials/min", "completed", "best val_acc"], rows,
+        ["how", "trials/min", "per trial s", "span trials/min", "MLflow server CPU ms/trial", "completed", "best val_acc"], rows,
     )
     peer_rates = {k: figures[k]["trials_per_min"] for k in peers if "trials_per_min" in figures.get(k, {})}
     best_peer = max(peer_rates, key=peer_rates.get) if peer_rates else None

@@ -2,7 +2,8 @@
 
 A trial's id *is* its MLflow run id; a study's is its parent run's; a range test's is its own run's.
 Every site that creates or ends one of them calls this module, so every run is created the same
-way (SCHEDULED, its tags and params logged once, at creation) and ends the same way (exactly one
+way (SCHEDULED, its tags and params logged once, at creation; a study's trial, which the step that
+creates it trains at once, RUNNING from the start) and ends the same way (exactly one
 ``convtune.outcome`` and ``convtune.reason``, then its terminal MLflow status):
 
     client status   MLflow status   outcome tag

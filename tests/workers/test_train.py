@@ -180,3 +180,39 @@ def test_a_resumed_schedule_continues_where_it_stopped(tmp_path: Path, schedule:
     epoch = restore_checkpoint(checkpoint, model, optimizer, scheduler, [], DivergenceDetector(spec().divergence))
     after = train(optimizer, scheduler, range(epoch + 1, optim.epochs + 1))
     assert before + after == pytest.approx(_lrs(optim, steps_per_epoch), rel=1e-12)
+
+
+def test_a_checkpoint_written_while_training_goes_on_holds_the_state_it_was_given(tmp_path: Path):
+    from workers.training.train import CheckpointWriter
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = make_scheduler(optimizer, spec().optim, steps_per_epoch=1)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "trial.pt"
+    with CheckpointWriter(path) as checkpoints:
+        checkpoints.save(1, model, optimizer, scheduler, [{"val_accuracy": 0.5}], DivergenceDetector(spec().divergence))
+        with torch.no_grad():
+            model.weight.add_(1.0)  # the next epoch changes the weights while the write may still be going on
+    restored, history = torch.nn.Linear(4, 2), []
+    restored_optimizer = torch.optim.AdamW(restored.parameters())
+    epoch = restore_checkpoint(path, restored, restored_optimizer, make_scheduler(restored_optimizer, spec().optim, 1), history, DivergenceDetector(spec().divergence))
+    assert epoch == 1 and history == [{"val_accuracy": 0.5}]
+    torch.testing.assert_close(restored.state_dict(), saved)
+
+
+def test_a_failed_checkpoint_write_is_raised_unless_the_trial_is_stopping_anyway(tmp_path: Path):
+    from workers.training.train import CheckpointWriter
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = make_scheduler(optimizer, spec().optim, steps_per_epoch=1)
+    (tmp_path / "file").write_text("not a directory")
+    unwritable = tmp_path / "file" / "trial.pt"
+    with pytest.raises(OSError):
+        with CheckpointWriter(unwritable) as checkpoints:
+            checkpoints.save(1, model, optimizer, scheduler, [], DivergenceDetector(spec().divergence))
+    with pytest.raises(Cancelled):  # the trial's own ending is what propagates; the failed write is logged
+        with CheckpointWriter(unwritable) as checkpoints:
+            checkpoints.save(1, model, optimizer, scheduler, [], DivergenceDetector(spec().divergence))
+            raise Cancelled("cancelled on request")

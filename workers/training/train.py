@@ -9,10 +9,13 @@ redelivered after its worker died resumes from its last finished epoch.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,8 @@ from workers.training.parallel import Parallel
 __all__ = [
     "Tracker", "TrainingContext", "Evaluation", "TrialResult", "evaluate", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
@@ -107,36 +112,38 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
     if ctx.on_setup is not None:
         ctx.on_setup(batches)
 
-    for epoch in range(start_epoch, spec.optim.epochs + 1):
-        t0 = time.perf_counter()
-        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(spec.seed * 10_007 + epoch))
-        guard.divergence.start_epoch(epoch)
-        train_loss = train_one_epoch(
-            net, optimizer, scheduler, loss_fn, x_train, y_train, order.to(ctx.device), batches.batch_size, spec.optim.grad_clip, guard,
-            accumulate=batches.accumulate, parallel=ctx.parallel,
-        )
-        train_seconds = time.perf_counter() - t0
-        evaluation = evaluate(model, loss_fn, x_val, y_val, data.info.num_classes)
-        val_loss, val_accuracy = evaluation.loss, evaluation.accuracy
-        metrics = {
-            "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
-            "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
-            "samples_per_second": len(x_train) / max(train_seconds, 1e-9),
-        }
-        history.append(metrics)
-        guard.check_owner(epoch)  # a worker that lost the trial neither logs nor checkpoints: the next holder does
-        tracker.log_epoch(epoch, metrics)
-        guard.divergence.end_epoch(epoch, train_loss, metrics["lr"])
-        # The last epoch needs none: the run ends next (a delivery that dies first trains that epoch again, logged once).
-        if epoch < spec.optim.epochs and (ctx.parallel is None or ctx.parallel.rank == 0) and ctx.still_owner():
-            save_checkpoint(ctx.checkpoint_path, epoch, model, optimizer, scheduler, history, guard.divergence)
-        stop = None
-        if ctx.on_epoch_end is not None:
-            try:
-                ctx.on_epoch_end(epoch, metrics)
-            except TrialStopped as exc:  # every rank of a data-parallel trial must hear of it first
-                stop = exc
-        guard.check_epoch(epoch, stop)
+    # Written on a thread of their own while the next epoch trains; none lands after this delivery ends.
+    with CheckpointWriter(ctx.checkpoint_path) as checkpoints:
+        for epoch in range(start_epoch, spec.optim.epochs + 1):
+            t0 = time.perf_counter()
+            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(spec.seed * 10_007 + epoch))
+            guard.divergence.start_epoch(epoch)
+            train_loss = train_one_epoch(
+                net, optimizer, scheduler, loss_fn, x_train, y_train, order.to(ctx.device), batches.batch_size, spec.optim.grad_clip, guard,
+                accumulate=batches.accumulate, parallel=ctx.parallel,
+            )
+            train_seconds = time.perf_counter() - t0
+            evaluation = evaluate(model, loss_fn, x_val, y_val, data.info.num_classes)
+            val_loss, val_accuracy = evaluation.loss, evaluation.accuracy
+            metrics = {
+                "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
+                "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
+                "samples_per_second": len(x_train) / max(train_seconds, 1e-9),
+            }
+            history.append(metrics)
+            guard.check_owner(epoch)  # a worker that lost the trial neither logs nor checkpoints: the next holder does
+            tracker.log_epoch(epoch, metrics)
+            guard.divergence.end_epoch(epoch, train_loss, metrics["lr"])
+            # The last epoch needs none: the run ends next (a delivery that dies first trains that epoch again, logged once).
+            if epoch < spec.optim.epochs and (ctx.parallel is None or ctx.parallel.rank == 0) and ctx.still_owner():
+                checkpoints.save(epoch, model, optimizer, scheduler, history, guard.divergence)
+            stop = None
+            if ctx.on_epoch_end is not None:
+                try:
+                    ctx.on_epoch_end(epoch, metrics)
+                except TrialStopped as exc:  # every rank of a data-parallel trial must hear of it first
+                    stop = exc
+            guard.check_epoch(epoch, stop)
 
     tracker.log_result(model, x_val[:2], history)  # batch > 1: the exported model keeps a dynamic batch
     best_epoch, best = max(enumerate(history, start=1), key=lambda em: em[1]["val_accuracy"])
@@ -345,12 +352,81 @@ def save_checkpoint(
     """Write the state after ``epoch`` atomically, so a crash mid-write leaves the previous one."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    state = {
+    _write_checkpoint(path, _checkpoint_state(epoch, model, optimizer, scheduler, history, divergence))
+
+
+class CheckpointWriter:
+    """A trial's checkpoints, written on a process-wide thread while training goes on; one in flight at most.
+
+    :meth:`save` snapshots the state (tensors cloned: the next epoch changes them) and returns; the
+    write ends with an atomic rename, as :func:`save_checkpoint`'s, and the next save (or leaving the
+    block) waits for it and raises its error. A state over ``SNAPSHOT_LIMIT_BYTES`` is written at once
+    instead: copying a large model costs more than its write. Leaving the block waits for the write in
+    flight, so none lands after the delivery ended and removed the file; while an exception leaves it,
+    a failed write is logged, not raised over that exception.
+    """
+
+    SNAPSHOT_LIMIT_BYTES = 256 * 2**20
+    _pool: ThreadPoolExecutor | None = None
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._pending: Future | None = None
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if exc_type is None:
+                raise
+            log.warning("checkpoint %s: the last write failed while the trial stopped", self.path, exc_info=True)
+
+    def save(
+        self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+        history: list[dict[str, float]], divergence: DivergenceDetector,
+    ) -> None:
+        if self.path is None:
+            return
+        self.wait()
+        state = _checkpoint_state(epoch, model, optimizer, scheduler, history, divergence)
+        if _tensor_bytes(state) > self.SNAPSHOT_LIMIT_BYTES:
+            _write_checkpoint(self.path, state)
+            return
+        if CheckpointWriter._pool is None:  # made in the process that trains (after a prefork worker forked)
+            CheckpointWriter._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = CheckpointWriter._pool.submit(_write_checkpoint, self.path, copy.deepcopy(state))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _checkpoint_state(
+    epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, history: list[dict[str, float]], divergence: DivergenceDetector,
+) -> dict[str, Any]:
+    return {
         "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "history": history, "divergence": divergence.state_dict(),
     }
+
+
+def _tensor_bytes(state: Any) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
+
+
+def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
