@@ -10,6 +10,7 @@ parallelism) are 422s from :func:`check_study_caps` and :mod:`service.api.admiss
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -20,11 +21,13 @@ from flask_limiter.errors import RateLimitExceeded
 
 from models.store.keys import queued_key
 from service.api.auth import PUBLIC_ENDPOINTS, current_principal
-from service.api.errors import FieldError, InvalidSpec, TooManyRequests, problem_response
+from service.api.errors import FieldError, InvalidSpec, ServiceUnavailable, TooManyRequests, problem_response
 from service.api.runs import RunStore
 from service.api.settings import ApiSettings
 
 __all__ = ["check_queued_quota", "check_study_caps", "init_app", "note_queued"]
+
+log = logging.getLogger(__name__)
 
 
 def _limit_key() -> str:
@@ -76,19 +79,16 @@ def check_queued_quota(runs: RunStore, redis_client: redis.Redis, owner: str, se
     key = queued_key(owner)
     try:
         bound = redis_client.scard(key) - 1  # -1: the marker
-    except redis.RedisError:
-        bound = -1  # unknown: count in MLflow (the message's send reports Redis down)
-    if 0 <= bound < cap:
-        return
-    queued, ids = runs.queued_runs(owner, cap)
-    try:
+        if 0 <= bound < cap:
+            return
+        queued, ids = runs.queued_runs(owner, cap)
         with redis_client.pipeline() as pipe:  # MULTI: no submit sees the index half rebuilt
             pipe.delete(key)
             pipe.sadd(key, _PRESENT, *ids)
             pipe.expire(key, _INDEX_TTL_S)
             pipe.execute()
-    except redis.RedisError:
-        pass
+    except redis.RedisError as exc:  # the message could not be sent either: refuse before anything is created
+        raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
     if queued >= cap:
         raise TooManyRequests(
             f"'{current_principal().name}' already has {queued} queued trials, studies or range tests (the cap is {cap}); wait for some to start",
@@ -97,11 +97,14 @@ def check_queued_quota(runs: RunStore, redis_client: redis.Redis, owner: str, se
 
 
 def note_queued(redis_client: redis.Redis, owner: str, run_id: str) -> None:
-    """Count ``run_id``, just accepted, in ``owner``'s index (see :func:`check_queued_quota`); best effort."""
+    """Count ``run_id``, just accepted and sent, in ``owner``'s index (see :func:`check_queued_quota`); best effort.
+
+    Called after the send, which met Redis a moment ago: a run whose message was not sent is not queued.
+    """
     try:
         redis_client.sadd(queued_key(owner), run_id)
     except redis.RedisError:
-        pass  # the message's send meets the same outage and answers 503
+        log.warning("run %s is not in %s's queued index (Redis failed just after its message was sent); counted at the next rebuild", run_id, owner)
 
 
 def check_study_caps(n_trials: int | None, parallelism: int | None, settings: ApiSettings) -> None:

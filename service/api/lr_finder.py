@@ -101,13 +101,13 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
     test_id = s.runs.create(name, tags, params)
-    note_queued(s.redis, current_principal().name, test_id)
     bind(trial_id=test_id)
     try:
         s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
         s.runs.end_undispatched(test_id, exc.detail)
         raise
+    note_queued(s.redis, current_principal().name, test_id)
     url = url_for("lr_finder.get_range_test", test_id=test_id, _external=True)
     answer = LrFinderAccepted(id=test_id, status="queued", name=name, queue=queue, url=url, mlflow_url=s.runs.run_url(test_id, s.settings.ui_url))
     return answer.model_dump(), 202, {"Location": url}

@@ -101,13 +101,13 @@ def accept_trial(s: Services, spec: TrialSpec, owner: str) -> Accepted:
     check_queued_quota(s.runs, s.redis, owner, s.settings)
     queue = spec.queue or s.settings.default_queue
     trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, **{TAG.OWNER: owner}), flatten_params(spec))
-    note_queued(s.redis, owner, trial_id)
     try:
         s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
         log.warning("trial %s not sent, marking it failed: %s", trial_id, exc.detail)
         s.runs.end_undispatched(trial_id, exc.detail)
         raise
+    note_queued(s.redis, owner, trial_id)
     log.info("trial %s accepted on queue %s", trial_id, queue)
     return Accepted(trial_id, queue, plan)
 

@@ -44,7 +44,6 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) ->
     check_queued_quota(s.runs, s.redis, owner, s.settings)
     queue = spec.base.queue or s.settings.default_queue
     study_id = _create_parent(s, spec, queue, owner)
-    note_queued(s.redis, owner, study_id)
     try:
         _create_study(store, study_id, spec, queue)
         budget = store.budget(study_id)
@@ -61,6 +60,7 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) ->
         if isinstance(exc, redis.RedisError):
             raise ServiceUnavailable(detail) from exc
         raise
+    note_queued(s.redis, owner, study_id)
     log.info("study %s accepted: %d trials, %d in parallel on %s (%s storage)", study_id, spec.budget, spec.parallelism, queue, storage_kind(s.settings.study_storage))
     return study_id
 
