@@ -113,7 +113,7 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
         ctx.on_setup(batches)
 
     # Written on a thread of their own while the next epoch trains; none lands after this delivery ends.
-    with CheckpointWriter(ctx.checkpoint_path) as checkpoints:
+    with CheckpointWriter(ctx.checkpoint_path, ctx.still_owner) as checkpoints:
         for epoch in range(start_epoch, spec.optim.epochs + 1):
             t0 = time.perf_counter()
             order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(spec.seed * 10_007 + epoch))
@@ -369,8 +369,8 @@ class CheckpointWriter:
     SNAPSHOT_LIMIT_BYTES = 256 * 2**20
     _pool: ThreadPoolExecutor | None = None
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: Path | None, still_owner: Callable[[], bool] = lambda: True):
+        self.path, self.still_owner = path, still_owner
         self._pending: Future | None = None
 
     def __enter__(self) -> CheckpointWriter:
@@ -397,7 +397,13 @@ class CheckpointWriter:
             return
         if CheckpointWriter._pool is None:  # made in the process that trains (after a prefork worker forked)
             CheckpointWriter._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending = CheckpointWriter._pool.submit(_write_checkpoint, self.path, copy.deepcopy(state))
+        self._pending = CheckpointWriter._pool.submit(self._write, copy.deepcopy(state))
+
+    def _write(self, state: dict[str, Any]) -> None:
+        # Asked again when written: a worker paused since the epoch ended may have lost the trial to another,
+        # whose checkpoints this one must not overwrite.
+        if self.still_owner():
+            _write_checkpoint(self.path, state)  # type: ignore[arg-type] - save() returns early without a path
 
     def wait(self) -> None:
         pending, self._pending = self._pending, None

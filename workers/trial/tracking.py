@@ -215,9 +215,15 @@ class MlflowTracker:
         # from it logs the epochs its checkpoint has and the run lacks (run_trial replays the restored history).
         if self._epoch_sent is not None:
             self._epoch_sent.result()
-        self._epoch_sent = self.uploads.pool().submit(self.client.log_batch, self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
+        self._epoch_sent = self.uploads.pool().submit(self._send_epoch, epoch, batch)
         self.uploads.pending.append(self._epoch_sent)
         self.logged_through = epoch
+
+    def _send_epoch(self, epoch: int, batch: list[Metric]) -> None:
+        # Asked again on the upload thread: a worker paused between the two (SIGSTOP, a frozen VM) may have lost
+        # the trial meanwhile, and the new holder logs this epoch itself (from its checkpoint, or by training it).
+        if self._may_write(f"epoch {epoch}"):
+            self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
 
     def log_summary(self, rows: list[dict[str, Any]]) -> None:
         """The model summary table: each layer, its output shape, parameters and FLOPs."""
