@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,16 +114,21 @@ class Stack:
 
 
 @contextmanager
-def convtune_up(redis_url: str, cpu_workers: int = 2, extra_env: dict[str, str] | None = None, home: Path | None = None) -> Iterator[Stack]:
+def convtune_up(
+    redis_url: str, cpu_workers: int = 2, extra_env: dict[str, str] | None = None, home: Path | None = None,
+    mlflow_port: int | None = None, wait_workers: bool = False,
+) -> Iterator[Stack]:
     """``convtune up --cpu-workers N`` as a user starts it (the CLI's own code path, in a process of its own).
 
     Redis is the benchmark's (``CONVTUNE_REDIS_URL``); the stack starts its own MLflow server
     (sqlite, one server worker), its workers and the API. ``extra_env`` is exported before the
-    command, as a user would (e.g. ``OMP_NUM_THREADS``). Stopped with SIGTERM (the stack stops its
-    children itself), then SIGKILL to its group.
+    command, as a user would (e.g. ``OMP_NUM_THREADS``). ``mlflow_port``: where an MLflow server of the
+    caller's already answers (``convtune up`` then uses it). ``wait_workers``: return only once every
+    training worker has logged ``ready.`` too. Stopped with SIGTERM (the stack stops its children
+    itself), then SIGKILL to its group.
     """
     home = home or Path(tempfile.mkdtemp(prefix="convtune-bench-"))
-    api_port, mlflow_port = free_port(), free_port()
+    api_port, mlflow_port = free_port(), mlflow_port or free_port()
     argv = [sys.executable, "-c", "from service.cli import main; main()", "up", "--home", str(home), "--api-port", str(api_port),
             "--mlflow-port", str(mlflow_port), "--cpu-workers", str(cpu_workers)]
     env = {**os.environ, "CONVTUNE_REDIS_URL": redis_url, "MLFLOW_DISABLE_TELEMETRY": "true", **(extra_env or {})}
@@ -136,6 +141,13 @@ def convtune_up(redis_url: str, cpu_workers: int = 2, extra_env: dict[str, str] 
         ready = wait_until(lambda: popen.poll() is not None or _http_ok(f"{stack.api_url}/readyz"), 240, 0.5)
         if not ready or popen.poll() is not None:
             raise RuntimeError(f"convtune up did not become ready; {home / 'up.log'}:\n{_tail(home / 'up.log')}")
+
+        def workers_ready() -> bool:
+            logs = stack.worker_logs()
+            return bool(logs) and all(" ready." in p.read_text(errors="replace") for p in logs)
+
+        if wait_workers and not wait_until(workers_ready, 120, 0.5):
+            note(f"warning: not every worker logged 'ready.' within 120 s ({home / 'logs'})")
         note(f"convtune up --cpu-workers {cpu_workers}: ready in {time.monotonic() - t0:.1f}s (home {home})")
         yield stack
     finally:

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Target, emit, median, note, print_table  # noqa: E402
+from common import ROOT, Target, emit, note, print_table  # noqa: E402
 
 START = time.monotonic()
 

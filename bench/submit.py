@@ -61,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Stack, Target, _http_ok, _kill, _tail, emit, free_port, note, print_table, private_redis, wait_until  # noqa: E402
+from common import ROOT, Stack, Target, _http_ok, _kill, _tail, convtune_up, emit, free_port, note, print_table, private_redis, wait_until  # noqa: E402
 
 TINY_SPEC = {"model": {"channels": [8, 16], "convs_per_stage": 1}, "optim": {"epochs": 1}, "data": {"name": "digits"}}
 RAW_QUEUE = "bench-nobody"
@@ -243,45 +243,6 @@ def make_tokens(label: str, count: int) -> Tokens:
     return Tokens(clients, admin, json.dumps(config))
 
 
-@contextmanager
-def convtune_stack(redis_url: str, cpu_workers: int, extra_env: dict[str, str], mlflow_port: int | None = None) -> Iterator[Stack]:
-    """bench/common.convtune_up, plus ``mlflow_port``: where an MLflow server already answers, ``convtune up`` uses it.
-
-    Returns once the API is ready and every training worker has logged ``ready.``.
-    """
-    home = Path(tempfile.mkdtemp(prefix="convtune-bench-submit-"))
-    api_port, mlflow_port = free_port(), mlflow_port or free_port()
-    argv = [sys.executable, "-c", "from service.cli import main; main()", "up", "--home", str(home), "--api-port", str(api_port),
-            "--mlflow-port", str(mlflow_port), "--cpu-workers", str(cpu_workers)]
-    env = {**os.environ, "CONVTUNE_REDIS_URL": redis_url, "MLFLOW_DISABLE_TELEMETRY": "true", **extra_env}
-    out = open(home / "up.log", "ab")  # noqa: SIM115 - closed below
-    popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    stack = Stack(f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{mlflow_port}", redis_url, home, popen)
-    t0 = time.monotonic()
-    try:
-        ready = wait_until(lambda: popen.poll() is not None or _http_ok(f"{stack.api_url}/readyz"), 240, 0.5)
-        if not ready or popen.poll() is not None:
-            raise RuntimeError(f"convtune up did not become ready; {home / 'up.log'}:\n{_tail(home / 'up.log')}")
-
-        def workers_ready() -> bool:
-            logs = stack.worker_logs()
-            return bool(logs) and all(" ready." in p.read_text(errors="replace") for p in logs)
-
-        if not wait_until(workers_ready, 120, 0.5):
-            note(f"warning: not every worker logged 'ready.' within 120 s ({home / 'logs'})")
-        note(f"convtune up --cpu-workers {cpu_workers}: ready in {time.monotonic() - t0:.1f}s (home {home})")
-        yield stack
-    finally:
-        if popen.poll() is None:
-            popen.send_signal(signal.SIGTERM)
-            try:
-                popen.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                _kill(popen.pid, signal.SIGKILL)
-                popen.wait()
-        out.close()
-
-
 @dataclass
 class PostgresMlflow:
     database: str
@@ -340,6 +301,20 @@ def unserved_queue() -> str:
     return "cpu" if gpu_count() else "gpu"
 
 
+@contextmanager
+def run_urls_unprinted() -> Iterator[None]:
+    """MLflow's client writes "View run ... at: URL" to stdout for every run it ends: not on this benchmark's stdout."""
+    name, before = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+    os.environ[name] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def end_queued(stack: Stack, queue: str) -> int:
     """End (KILLED) every run still queued on ``queue`` and purge its messages: the next case starts from an empty queue."""
     import redis
@@ -360,7 +335,7 @@ def end_queued(stack: Stack, queue: str) -> int:
             token = page.token
             if not token:
                 break
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(8) as pool, run_urls_unprinted():
         list(pool.map(lambda run_id: client.set_terminated(run_id, "KILLED"), ids))
     r = redis.Redis.from_url(stack.redis_url)
     r.delete(*queue_lists(queue))
@@ -470,12 +445,12 @@ def main() -> None:
         with postgres_mlflow() as pg:
             tokens = make_tokens("sqlite", args.clients)
             # The Postgres server migrates its fresh database while this stack starts.
-            with convtune_stack(redis_db(redis_url, 1), args.cpu_workers, auth_env(tokens, per_token)) as stack:
+            with convtune_up(redis_db(redis_url, 1), args.cpu_workers, auth_env(tokens, per_token), wait_workers=True) as stack:
                 pg.wait_ready()
                 for case in sqlite_cases:
                     measure(f"sqlite_{case}", stack, tokens, case)
             tokens = make_tokens("postgres", args.clients)
-            with convtune_stack(redis_db(redis_url, 2), args.cpu_workers, auth_env(tokens, per_token), mlflow_port=pg.port) as stack:
+            with convtune_up(redis_db(redis_url, 2), args.cpu_workers, auth_env(tokens, per_token), mlflow_port=pg.port, wait_workers=True) as stack:
                 for case in postgres_cases:
                     measure(f"postgres_{case}", stack, tokens, case)
 

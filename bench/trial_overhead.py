@@ -274,7 +274,7 @@ def main() -> None:
     in_worker = median([(t["ended"] - t["received"]) - sum(t["epoch_seconds"]) for t in timelines if t["received"] is not None])
     print(f"training {training:.3f}s; outside training: {outside:.3f}s end to end, {in_worker:.3f}s of it in the worker (received -> run ended)")
     standalone_inside = {k: median([s[k] for s in sa_inside]) for k in sa_inside[0]}
-    print(f"standalone script, its own phases: " + ", ".join(f"{k} {v:.2f}" for k, v in standalone_inside.items() if k.endswith("_s")))
+    print("standalone script, its own phases: " + ", ".join(f"{k} {v:.2f}" for k, v in standalone_inside.items() if k.endswith("_s")))
     figures = {
         "wall_s": {name: median(times) for name, times in results.items()},
         "service_vs_standalone": total / baseline,

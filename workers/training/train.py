@@ -36,7 +36,8 @@ from workers.training.outcomes import Cancelled, Superseded, TimedOut, TrialStop
 from workers.training.parallel import Parallel
 
 __all__ = [
-    "Tracker", "TrainingContext", "Evaluation", "TrialResult", "evaluate", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
+    "CheckpointWriter", "Evaluation", "Tracker", "TrainingContext", "TrialResult", "evaluate", "requested_stop", "resolve_batches", "run_trial",
+    "train_one_epoch",
 ]
 
 log = logging.getLogger(__name__)

@@ -105,7 +105,7 @@ class Uploads:
         self.submit(repository.log_artifact, str(local), artifact_path)
 
     def text(self, text: str, artifact_file: str) -> None:
-        directory, _, name = artifact_file.rpartition("/")
+        directory = artifact_file.rpartition("/")[0]
         local = self.staging() / "text" / artifact_file
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(text, encoding="utf-8")
