@@ -187,6 +187,8 @@ def train_one_epoch(
     model.train()
     world = 1 if parallel is None else parallel.world
     total, seen = torch.zeros((), device=x.device), 0
+    losses: list[torch.Tensor] = []  # each step's mean loss, added to total a batch of steps at a time, not per step
+    sizes: list[int] = []
     per_step = batch_size * accumulate * world
     for step, start in enumerate(range(0, len(order), per_step)):
         idx = order[start : start + per_step]
@@ -195,26 +197,46 @@ def train_one_epoch(
         local = idx if parallel is None else parallel.shard(idx)
         passes = local.tensor_split(max(1, min(math.ceil(len(local) / batch_size), len(local) // 2)))
         optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=x.device)
-        for i, part in enumerate(passes):
-            # DDP averages gradients over the ranks once per optimizer step, on the last pass.
-            quiet = model.no_sync() if parallel is not None and i < len(passes) - 1 else nullcontext()
-            with quiet:
-                logits = model(x[part])  # (b, K)
-                loss = loss_fn(logits, y[part])
-                (loss * (len(part) / len(local))).backward()
-            step_loss += loss.detach() * len(part)
+        if len(passes) == 1:  # the usual step: one forward and backward, its loss already the step's mean
+            loss = loss_fn(model(x[local]), y[local])
+            loss.backward()
+            step_loss = loss.detach()
+        else:
+            summed = torch.zeros((), device=x.device)
+            for i, part in enumerate(passes):
+                # DDP averages gradients over the ranks once per optimizer step, on the last pass.
+                quiet = model.no_sync() if parallel is not None and i < len(passes) - 1 else nullcontext()
+                with quiet:
+                    logits = model(x[part])  # (b, K)
+                    loss = loss_fn(logits, y[part])
+                    (loss * (len(part) / len(local))).backward()
+                summed += loss.detach() * len(part)
+            step_loss = summed / len(local)
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        total += step_loss
+        losses.append(step_loss)
+        sizes.append(len(local))
         seen += len(local)
-        guard.check_step(step, step_loss / len(local), lr)
+        if len(losses) == 256:
+            total += _weighted_sum(losses, sizes)
+        guard.check_step(step, step_loss, lr)
+    total += _weighted_sum(losses, sizes)
     if parallel is not None:
         total, seen = parallel.total(torch.tensor([float(total), float(seen)])).tolist()  # the mean over every rank's samples
     return float(total) / max(seen, 1)
+
+
+def _weighted_sum(losses: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """Sum of each loss times its size, and both lists emptied."""
+    if not losses:
+        return torch.zeros(())
+    out = (torch.stack(losses).float() * torch.tensor(sizes, dtype=torch.float32, device=losses[0].device)).sum()
+    losses.clear()
+    sizes.clear()
+    return out
 
 
 class Evaluation(NamedTuple):
