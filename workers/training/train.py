@@ -150,7 +150,7 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
     best_epoch, best = max(enumerate(history, start=1), key=lambda em: em[1]["val_accuracy"])
     if evaluation is None:  # this delivery trained no epoch (a resumed trial whose epochs were all done)
         evaluation = evaluate(model, loss_fn, x_val, y_val, data.info.num_classes)
-    confusion = evaluation.confusion  # the final model's, from its last evaluation
+    confusion = evaluation.confusion.tolist()  # the final model's, from its last evaluation
     return TrialResult(len(history), history[-1], best["val_accuracy"], best_epoch, history, confusion, data.class_names, batches)
 
 
@@ -240,11 +240,12 @@ def _weighted_sum(losses: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
 
 
 class Evaluation(NamedTuple):
-    """A model's mean loss and accuracy on a set, and its confusion counts (rows: true classes)."""
+    """A model's mean loss and accuracy on a set, and its confusion counts (rows: true classes; a tensor,
+    turned into lists once, for the final model only)."""
 
     loss: float
     accuracy: float
-    confusion: list[list[int]]
+    confusion: torch.Tensor
 
 
 @torch.no_grad()
@@ -261,7 +262,7 @@ def evaluate(
         loss_sum += float(loss_fn(logits, target)) * len(target)
         counts += torch.bincount(target * num_classes + logits.argmax(dim=1), minlength=num_classes * num_classes)
     confusion = counts.view(num_classes, num_classes)
-    return Evaluation(loss_sum / len(x), int(confusion.diagonal().sum()) / len(x), confusion.tolist())
+    return Evaluation(loss_sum / len(x), int(confusion.diagonal().sum()) / len(x), confusion)
 
 
 def make_loss(head: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
