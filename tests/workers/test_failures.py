@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from models.spec.trial import TrialSpec
 from tests.workers.trackers import ListTracker
 from workers.failures import is_infrastructure, task_options
 from workers.settings import WorkerSettings
+from workers.training.divergence import DivergenceDetector
 from workers.training.outcomes import Superseded
-from workers.training.train import TrainingContext, run_trial
+from workers.training.train import CheckpointWriter, TrainingContext, run_trial
 from workers.trial.lease import Lease
 
 CPU = torch.device("cpu")
@@ -175,7 +177,12 @@ def test_a_worker_that_loses_its_lease_stops_without_logging_or_checkpointing(tm
     owner = {"held": True}
 
     def lose_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        owner["held"] = False  # e.g. paused past the TTL while epoch 2 trained
+        # Lost while epoch 2 trains (e.g. paused past the TTL), by which time epoch 1's checkpoint, written on
+        # the writer's thread, has landed: wait for it, as the real pause would, before losing the lease.
+        deadline = time.monotonic() + 30
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        owner["held"] = False
 
     spec = TrialSpec.model_validate({"model": {"channels": [8, 16]}, "optim": {"lr": 3e-3, "epochs": 4, "batch_size": 64}})
     ctx = TrainingContext(device=CPU, checkpoint_path=checkpoint, still_owner=lambda: owner["held"], on_epoch_end=lose_after_first_epoch, check_every_steps=10**6)
@@ -183,6 +190,19 @@ def test_a_worker_that_loses_its_lease_stops_without_logging_or_checkpointing(tm
         run_trial(spec, tracker, ctx)
     assert [e for e, _ in tracker.epochs] == [1]
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1, "the next holder resumes from the last epoch this worker owned"
+
+
+def test_a_checkpoint_whose_write_finds_the_lease_lost_is_not_written(tmp_path: Path):
+    checkpoint = tmp_path / "trial.pt"
+    spec = TrialSpec.model_validate({"model": {"channels": [8, 16]}, "optim": {"lr": 3e-3, "epochs": 4, "batch_size": 64}})
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    owner = {"held": True}
+    with CheckpointWriter(checkpoint, lambda: owner["held"]) as checkpoints:
+        owner["held"] = False  # paused between the epoch's end and its write: another worker may hold the trial now
+        checkpoints.save(1, model, optimizer, scheduler, [], DivergenceDetector(spec.divergence))
+    assert not checkpoint.exists(), "a worker that lost the trial must not overwrite the new holder's checkpoint"
 
 
 def test_the_lease_is_checked_with_the_cancel_flag_every_n_steps():
