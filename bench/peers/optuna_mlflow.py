@@ -87,7 +87,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mlflow.set_tracking_uri(args.tracking_uri)
     client = MlflowClient(args.tracking_uri)
-    experiment_id = mlflow.set_experiment(args.experiment).experiment_id
+    mlflow.set_experiment(args.experiment)
     x_train, y_train, x_val, y_val = digits()
     warm = small_net()
     torch.optim.AdamW(warm.parameters()).step()  # the first optimizer of a process imports torch._dynamo (~1 s): once
