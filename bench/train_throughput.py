@@ -10,7 +10,8 @@ in this process, with the same torch threads for both:
               AdamW; per epoch a shuffled index, zero_grad / forward / cross-entropy / backward / step,
               then one evaluation pass over the validation split
 
-Each round runs one of each (hand, then convtune), --epochs epochs, the first a warm-up not counted;
+Each round runs one of each (hand first in even rounds, convtune first in odd ones), --epochs epochs,
+the first a warm-up not counted;
 a round's ratio is convtune's median epoch against the hand loop's, and the figure is the median of
 the rounds' ratios, so drift on a shared machine hits both sides of each ratio. Times are taken
 two ways: wall (perf_counter) and this process's CPU time (process_time), which other processes'
@@ -21,7 +22,7 @@ passes), by the same time as the ratio, against the fp32 peak of a
 large ``torch.mm`` measured here with the same threads. Target: convtune >= 0.97x the hand loop in
 every configuration.
 
-    python bench/train_throughput.py [--quick] [--threads 1] [--rounds 3]
+    python bench/train_throughput.py [--quick] [--threads 1] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -131,10 +132,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 epochs, 512 shapes images")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops (1: a worker's share of 2 cores)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating hand/convtune runs per configuration (3; --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per configuration, each a hand and a convtune run, the first alternating (4; --quick 2)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run, the first not counted (4; --quick 3)")
     args = parser.parse_args()
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 4)
     epochs = args.epochs or (3 if args.quick else 4)
 
     import torch
@@ -155,9 +156,13 @@ def main() -> None:
             epoch_flops = flops * n_train + flops // 3 * n_val  # train: forward + backward; evaluation: forward
             measure = 1 if args.threads == 1 else 0  # index into (wall, cpu)
             per_round = []  # (hand wall, hand cpu, convtune wall, convtune cpu): median seconds per epoch
-            for _ in range(rounds):
-                h_wall, h_cpu = hand_epochs(spec)
-                c_wall, c_cpu = convtune_epochs(spec)
+            for r in range(rounds):
+                if r % 2 == 0:  # which goes first alternates: neither always finds the caches and allocator as the other left them
+                    h_wall, h_cpu = hand_epochs(spec)
+                    c_wall, c_cpu = convtune_epochs(spec)
+                else:
+                    c_wall, c_cpu = convtune_epochs(spec)
+                    h_wall, h_cpu = hand_epochs(spec)
                 per_round.append((median(h_wall), median(h_cpu), median(c_wall), median(c_cpu)))
             round_ratios = [r[measure] / r[2 + measure] for r in per_round]  # the hand loop's seconds over convtune's = convtune's rate over the hand loop's
             ratio = median(round_ratios)
