@@ -7,10 +7,11 @@ consumes (``bench-nobody``, purged afterwards). Then ``POST /trials`` through ``
 --cpu-workers 2`` (the CLI's own code path), in four cases:
 
   sqlite     the stack's own MLflow server (sqlite, one server worker), as ``convtune up`` starts it
-  postgres   an ``mlflow server`` of this benchmark's own (one server worker, local artifacts) on a
-             fresh database of the local Postgres (``postgresql+psycopg://postgres@127.0.0.1:5432/
-             convtune_bench_<random>``, dropped at the end), which ``convtune up`` reuses (it reuses an
-             MLflow that already answers on its --mlflow-port), as deployed (deploy/docker-compose.yml)
+  postgres   an ``mlflow server`` of this benchmark's own (--mlflow-workers server workers, 2 as the
+             deploy image runs it; local artifacts) on a fresh database of the local Postgres
+             (``postgresql+psycopg://postgres@127.0.0.1:5432/convtune_bench_<random>``, dropped at the
+             end), which ``convtune up`` reuses (it reuses an MLflow that already answers on its
+             --mlflow-port), as deployed (deploy/docker-compose.yml; without its basic-auth app)
   idle       nothing else runs on the stack
   training   a study (parallelism 2, long trials) keeps both workers training through the whole
              measurement: the POSTs start once two of its trials run in MLflow, and the table says
@@ -25,13 +26,15 @@ never trained. Before each case the queued trials of the previous one are ended 
 messages purged, so every case starts from an empty queue; each client sends one untimed warm-up
 request first. accepts/s = 2xx answers / (first request sent -> last answer received); p50/p99 over
 every timed request; non-2xx answers and transport errors are counted and shown, never dropped.
+The CPU columns divide what the API (gunicorn) and the MLflow server processes spent while the
+POSTs ran by the accepts (with workers training, the MLflow server's share includes their requests).
 One private Redis (no persistence) for everything: db 0 for the baseline, db 1 and 2 for the two
 stacks (so no message or rate-limit key of one stack reaches the other).
 
 Targets (Postgres): idle accepts/s >= 0.25x the raw publish rate, idle p99 <= 100 ms, and >= 50
 accepts/s with the workers training.
 
-    python bench/submit.py [--quick] [--requests 600] [--clients 32]
+    python bench/submit.py [--quick] [--requests 600] [--clients 32] [--mlflow-workers 2]
 
 ``--quick``: 128 requests; sqlite idle, postgres idle and postgres training only. Needs Postgres
 on 127.0.0.1:5432 (trust auth for ``postgres``) and psycopg 3.
@@ -61,7 +64,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Stack, Target, _http_ok, _kill, _tail, convtune_up, emit, free_port, note, print_table, private_redis, wait_until  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    Stack,
+    Target,
+    _http_ok,
+    _kill,
+    _tail,
+    convtune_up,
+    cpu_delta,
+    emit,
+    free_port,
+    note,
+    print_table,
+    private_redis,
+    process_cpu,
+    wait_until,
+)
 
 TINY_SPEC = {"model": {"channels": [8, 16], "convs_per_stage": 1}, "optim": {"epochs": 1}, "data": {"name": "digits"}}
 RAW_QUEUE = "bench-nobody"
@@ -97,6 +116,10 @@ class Result:
     errors: Counter = field(default_factory=Counter)  # transport errors by exception type
     first_failure: str | None = None
     training: str | None = None  # "k/2 -> m/2": workers training when the POSTs began -> when they ended
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds spent meanwhile by role (API, MLflow server, workers)
+
+    def cpu_ms_per_accept(self, role: str) -> float | None:
+        return 1000 * self.cpu_s[role] / self.accepted if role in self.cpu_s and self.accepted else None
 
     @property
     def rate(self) -> float:
@@ -117,6 +140,7 @@ class Result:
             "ratio_vs_raw": self.rate / raw_rate if raw_rate else None, "p50_ms": self.percentile(0.50), "p99_ms": self.percentile(0.99),
             "max_ms": max(self.latencies_ms, default=float("nan")), "non_2xx": {str(k): v for k, v in self.statuses.items()},
             "errors": dict(self.errors), **({"workers_training": self.training} if self.training else {}),
+            **({"cpu_ms_per_accept": {role: self.cpu_ms_per_accept(role) for role in self.cpu_s}} if self.cpu_s else {}),
         }
 
 
@@ -262,7 +286,7 @@ class PostgresMlflow:
 
 
 @contextmanager
-def postgres_mlflow() -> Iterator[PostgresMlflow]:
+def postgres_mlflow(workers: int) -> Iterator[PostgresMlflow]:
     """A fresh database on the local Postgres and an ``mlflow server`` on it (started, not waited for); both gone at the end."""
     import psycopg
 
@@ -272,7 +296,7 @@ def postgres_mlflow() -> Iterator[PostgresMlflow]:
     try:
         home = Path(tempfile.mkdtemp(prefix="convtune-bench-submit-pg-"))
         port, log = free_port(), home / "mlflow.log"
-        argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                 "--backend-store-uri", PG_URI.format(db=database), "--artifacts-destination", str(home / "artifacts")]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
         with open(log, "ab") as out:
@@ -357,7 +381,22 @@ def training_now(stack: Stack, study_id: str) -> int:
     return sum(1 for r in runs if r.info.run_id != study_id)  # its trials, not the study's parent run
 
 
-def run_case(stack: Stack, tokens: Tokens, queue: str, n: int, training: bool, cpu_workers: int) -> Result:
+def measured_posts(stack: Stack, tokens: Tokens, queue: str, n: int, mlflow_pid: int | None) -> Result:
+    """``run_posts``, with the CPU its processes spent meanwhile by role (``mlflow_pid``: a server of the bench's own)."""
+
+    def cpu() -> dict[str, float]:
+        by_role = process_cpu(stack.popen.pid)
+        if mlflow_pid is not None:
+            by_role["mlflow server"] = by_role.get("mlflow server", 0.0) + process_cpu(mlflow_pid).get("mlflow server", 0.0)
+        return by_role
+
+    before = cpu()
+    result = run_posts(stack, tokens.clients, queue, n)
+    result.cpu_s = cpu_delta(before, cpu())
+    return result
+
+
+def run_case(stack: Stack, tokens: Tokens, queue: str, n: int, training: bool, cpu_workers: int, mlflow_pid: int | None = None) -> Result:
     """One case on a running stack: reset the queue, start the background study if ``training``, time N POSTs."""
     import httpx
 
@@ -365,7 +404,7 @@ def run_case(stack: Stack, tokens: Tokens, queue: str, n: int, training: bool, c
     if ended:
         note(f"ended {ended} queued trials of the previous case and purged '{queue}'")
     if not training:
-        return run_posts(stack, tokens.clients, queue, n)
+        return measured_posts(stack, tokens, queue, n, mlflow_pid)
     with httpx.Client(base_url=stack.api_url, timeout=60, headers={"Authorization": f"Bearer {tokens.admin}"}) as admin:
         study_id = admin.post("/studies", json=TRAINING_STUDY).raise_for_status().json()["id"]
         try:
@@ -375,7 +414,7 @@ def run_case(stack: Stack, tokens: Tokens, queue: str, n: int, training: bool, c
             else:
                 note(f"study {study_id}: {cpu_workers} trials training after {time.monotonic() - t0:.1f}s")
             before = training_now(stack, study_id)
-            result = run_posts(stack, tokens.clients, queue, n)
+            result = measured_posts(stack, tokens, queue, n, mlflow_pid)
             result.training = f"{before}/{cpu_workers} -> {training_now(stack, study_id)}/{cpu_workers}"
         finally:
             cancelled = admin.post(f"/studies/{study_id}/cancel")
@@ -415,6 +454,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="128 requests; sqlite idle, postgres idle and postgres training only")
     parser.add_argument("--requests", type=int, default=None, help="timed requests per case (600; --quick 128)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (threads, one httpx.Client and one token each)")
+    parser.add_argument("--mlflow-workers", type=int, default=2, help="server workers of the Postgres case's MLflow (2, as the deploy image)")
     parser.add_argument("--cpu-workers", type=int, default=2, help="workers of the stack (issue 10's `convtune up --cpu-workers 2`)")
     args = parser.parse_args()
     n = args.requests or (128 if args.quick else 600)
@@ -427,9 +467,9 @@ def main() -> None:
 
     results: dict[str, Result | dict[str, str]] = {}
 
-    def measure(key: str, stack: Stack, tokens: Tokens, case: str) -> None:
+    def measure(key: str, stack: Stack, tokens: Tokens, case: str, mlflow_pid: int | None = None) -> None:
         try:
-            result = run_case(stack, tokens, queue, n, case == "training", args.cpu_workers)
+            result = run_case(stack, tokens, queue, n, case == "training", args.cpu_workers, mlflow_pid)
         except Exception as exc:  # noqa: BLE001 - a case that cannot run is reported, the others still run
             results[key] = {"unavailable": f"{type(exc).__name__}: {str(exc)[:300]}"}
             note(f"{key}: could not run: {results[key]['unavailable']}")
@@ -442,7 +482,7 @@ def main() -> None:
 
     with private_redis() as redis_url:
         results["raw"] = run_raw(redis_db(redis_url, 0), n, args.clients)
-        with postgres_mlflow() as pg:
+        with postgres_mlflow(args.mlflow_workers) as pg:
             tokens = make_tokens("sqlite", args.clients)
             # The Postgres server migrates its fresh database while this stack starts.
             with convtune_up(redis_db(redis_url, 1), args.cpu_workers, auth_env(tokens, per_token), wait_workers=True) as stack:
@@ -452,26 +492,28 @@ def main() -> None:
             tokens = make_tokens("postgres", args.clients)
             with convtune_up(redis_db(redis_url, 2), args.cpu_workers, auth_env(tokens, per_token), mlflow_port=pg.port, wait_workers=True) as stack:
                 for case in postgres_cases:
-                    measure(f"postgres_{case}", stack, tokens, case)
+                    measure(f"postgres_{case}", stack, tokens, case, pg.popen.pid)
 
     raw = results["raw"]
     raw_rate = raw.rate if isinstance(raw, Result) else None
-    rows, figures = [], {"requests": n, "clients": args.clients, "queue": queue, "cpu_workers": args.cpu_workers}
+    rows, figures = [], {"requests": n, "clients": args.clients, "queue": queue, "cpu_workers": args.cpu_workers, "mlflow_workers_postgres": args.mlflow_workers}
     for key, label in LABELS.items():
         if key not in results:
             continue
         result = results[key]
         if not isinstance(result, Result):
-            rows.append([label, "unavailable", "-", "-", "-", "-", result["unavailable"][:80], "-"])
+            rows.append([label, "unavailable", "-", "-", "-", "-", "-", "-", result["unavailable"][:80], "-"])
             figures[key] = result
             continue
         ratio = result.rate / raw_rate if raw_rate else float("nan")
         rows.append([label, f"{result.accepted}/{result.requests}", round(result.rate, 1), round(ratio, 3),
-                     round(result.percentile(0.5), 1), round(result.percentile(0.99), 1), result.failures(), result.training or "-"])
+                     round(result.percentile(0.5), 1), round(result.percentile(0.99), 1),
+                     *(_ms(result.cpu_ms_per_accept(role)) for role in ("api", "mlflow server")), result.failures(), result.training or "-"])
         figures[key] = result.figures(raw_rate)
     print_table(
         f"POST /trials: {n} requests from {args.clients} concurrent clients (one token each), against raw send_task on the same Redis",
-        ["how", "accepted", "accepts/s", "vs raw", "p50 ms", "p99 ms", "failures", "workers training (start -> end)"], rows,
+        ["how", "accepted", "accepts/s", "vs raw", "p50 ms", "p99 ms", "API CPU ms/accept", "MLflow server CPU ms/accept", "failures",
+         "workers training (start -> end)"], rows,
     )
 
     def figure(key: str, name: str) -> float | None:
@@ -482,6 +524,10 @@ def main() -> None:
         "postgres_idle_p99_ms": Target(figure("postgres_idle", "p99_ms"), "<=", 100),
         "postgres_training_accepts_per_s": Target(figure("postgres_training", "accepts_per_s"), ">=", 50),
     })
+
+
+def _ms(value: float | None) -> float | str:
+    return "-" if value is None else round(value, 1)
 
 
 if __name__ == "__main__":

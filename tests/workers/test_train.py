@@ -216,3 +216,23 @@ def test_a_failed_checkpoint_write_is_raised_unless_the_trial_is_stopping_anyway
         with CheckpointWriter(unwritable) as checkpoints:
             checkpoints.save(1, model, optimizer, scheduler, [], DivergenceDetector(spec().divergence))
             raise Cancelled("cancelled on request")
+
+
+def test_a_checkpoint_snapshot_shares_nothing_training_changes():
+    from workers.training.train import _snapshot
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": [{"val_accuracy": 0.5}], "epoch": 1}
+    snap = _snapshot(state)
+    expected = {"weight": model.weight.detach().clone(), "exp_avg": optimizer.state[model.weight]["exp_avg"].clone()}
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()  # the next epoch moves the weights and the optimizer's moments in place
+    state["history"].append({"val_accuracy": 0.6})
+    state["history"][0]["val_accuracy"] = 0.0
+    torch.testing.assert_close(snap["model"]["weight"], expected["weight"])
+    torch.testing.assert_close(snap["optimizer"]["state"][0]["exp_avg"], expected["exp_avg"])
+    assert snap["history"] == [{"val_accuracy": 0.5}] and snap["epoch"] == 1
+    assert snap["optimizer"]["param_groups"][0]["betas"] == optimizer.param_groups[0]["betas"]
