@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import free_port, wait_for as wait_until  # noqa: E402 - the suite's own, after ROOT is importable
+from tests.conftest import free_port  # noqa: E402 - the suite's own, after ROOT is importable
+from tests.conftest import wait_for as wait_until
 
 __all__ = [
     "ROOT", "Stack", "Target", "convtune_up", "cpu_delta", "emit", "free_port", "median", "mlflow_server", "note", "print_table", "private_redis",

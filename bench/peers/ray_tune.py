@@ -31,12 +31,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def trainable(config: dict[str, Any]) -> None:
     import mlflow
+    import optuna_mlflow as peer
     import torch
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from ray import tune
-
-    import optuna_mlflow as peer
 
     t_start = time.time()
     torch.set_num_threads(1)
