@@ -387,7 +387,8 @@ def measured_posts(stack: Stack, tokens: Tokens, queue: str, n: int, mlflow_pid:
     def cpu() -> dict[str, float]:
         by_role = process_cpu(stack.popen.pid)
         if mlflow_pid is not None:
-            by_role["mlflow server"] = by_role.get("mlflow server", 0.0) + process_cpu(mlflow_pid).get("mlflow server", 0.0)
+            # Every process of that server's tree: its uvicorn's workers are multiprocessing children (spawn_main).
+            by_role["mlflow server"] = by_role.get("mlflow server", 0.0) + sum(process_cpu(mlflow_pid).values())
         return by_role
 
     before = cpu()
