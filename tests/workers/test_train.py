@@ -236,3 +236,26 @@ def test_a_checkpoint_snapshot_shares_nothing_training_changes():
     torch.testing.assert_close(snap["optimizer"]["state"][0]["exp_avg"], expected["exp_avg"])
     assert snap["history"] == [{"val_accuracy": 0.5}] and snap["epoch"] == 1
     assert snap["optimizer"]["param_groups"][0]["betas"] == optimizer.param_groups[0]["betas"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw"])
+def test_the_fused_optimizer_follows_the_per_tensor_one(optimizer: str):
+    from workers.training.train import OPTIMIZERS
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    optim = spec().optim.model_copy(update={"optimizer": optimizer, "lr": 1e-2, "weight_decay": 1e-3})
+    losses = {}
+    for fused in (False, True):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10))
+        opt = OPTIMIZERS[optimizer](list(model.parameters()), optim, fused)
+        losses[fused] = []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[fused].append(loss.item())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert make_optimizer(list(model.parameters()), optim).defaults["fused"] is True, "the CPU gets the fused kernel"
