@@ -236,6 +236,8 @@ def test_a_checkpoint_snapshot_shares_nothing_training_changes():
     torch.testing.assert_close(snap["optimizer"]["state"][0]["exp_avg"], expected["exp_avg"])
     assert snap["history"] == [{"val_accuracy": 0.5}] and snap["epoch"] == 1
     assert snap["optimizer"]["param_groups"][0]["betas"] == optimizer.param_groups[0]["betas"]
+    assert type(snap["model"]) is type(state["model"]) and snap["model"]._metadata == state["model"]._metadata, "load_state_dict reads the versions"
+    assert snap["model"]._metadata is not state["model"]._metadata
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw"])

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -470,8 +471,11 @@ def _snapshot(state: Any) -> Any:
     """
     if isinstance(state, torch.Tensor):
         return state.detach().clone()
-    if type(state) is dict:
-        return {k: _snapshot(v) for k, v in state.items()}
+    if type(state) in (dict, OrderedDict):  # a module's state_dict is an OrderedDict with its load metadata
+        copied = type(state)((k, _snapshot(v)) for k, v in state.items())
+        if hasattr(state, "_metadata"):
+            copied._metadata = copy.deepcopy(state._metadata)  # type: ignore[attr-defined]
+        return copied
     if type(state) in (list, tuple):
         return type(state)(_snapshot(v) for v in state)
     if state is None or isinstance(state, (bool, int, float, str)):
