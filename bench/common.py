@@ -5,7 +5,7 @@ Every benchmark prints a table and, as its last line on stdout, one JSON object:
     {"bench": NAME, "figures": {...}, "targets": {NAME: {"target": "...", "value": V, "met": bool}}}
 
 Progress goes to stderr. Everything started here is stopped by pid (its process group), also when
-the benchmark fails: a context manager owns each process.
+the benchmark fails or is sent SIGTERM: a context manager owns each process.
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so a benchmark stopped with SIGTERM (kill, pkill) runs its cleanups too
+
+
+signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Python's default ends the process without them: a stack stayed up
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
