@@ -283,7 +283,8 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor], OptimSpec, bool], torch.opti
     ),
     "adam": lambda p, o, fused: torch.optim.Adam(p, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas or (0.9, 0.999), fused=fused),
     "adamw": lambda p, o, fused: torch.optim.AdamW(p, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas or (0.9, 0.999), fused=fused),
-    "rmsprop": lambda p, o, fused: torch.optim.RMSprop(p, lr=o.lr, weight_decay=o.weight_decay, momentum=_or(o.momentum, 0.0)),  # no fused kernel
+    # RMSprop has no fused kernel: it ignores ``fused``.
+    "rmsprop": lambda p, o, fused: torch.optim.RMSprop(p, lr=o.lr, weight_decay=o.weight_decay, momentum=_or(o.momentum, 0.0)),
 }
 FUSED_DEVICES = ("cpu", "cuda")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -302,9 +303,7 @@ def make_optimizer(params: Any, optim: OptimSpec) -> torch.optim.Optimizer:
     inside the machine's noise. Same update rule: the fused kernel computes it in one pass.
     """
     params = list(params)
-    fused = optim.optimizer != "rmsprop" and bool(params) and all(
-        p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES and not p.is_sparse for p in params
-    )
+    fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES and not p.is_sparse for p in params)
     return OPTIMIZERS[optim.optimizer](params, optim, fused)
 
 
