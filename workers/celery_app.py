@@ -9,7 +9,7 @@ reconciler (:mod:`workers.reconciler`, also in ``include``) sweeps from the main
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, task_postrun, worker_process_init
 
 from models.logs import configure_logging
 from models.messages import celery_config
@@ -40,3 +40,9 @@ def _logging(**_: object) -> None:
 def _warm_up(**_: object) -> None:
     """Pay the one-off costs (torch, the first optimizer, MLflow) once per process, not per trial."""
     runtime().warm_up()
+
+
+@task_postrun.connect
+def _settle(**_: object) -> None:
+    """Once per process, after its first task: keep the long-lived heap out of Python's collections (WorkerRuntime.settle)."""
+    runtime().settle()

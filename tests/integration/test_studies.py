@@ -136,7 +136,7 @@ def test_study_prunes_bad_trials_and_mlflow_holds_parent_children_and_results(st
     assert parent.data.params["best.model.activation"] == study["best"]["params"]["model.activation"]
     assert parent.data.metrics["epochs_trained"] == sum(t["epochs"] for t in trials)
     plots = {a.path for a in mlflow_client.list_artifacts(accepted["id"], "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png"} <= plots
+    assert {"plots/optimization_history.svg", "plots/param_importances.svg", "plots/parallel_coordinate.svg", "plots/intermediate_values.svg"} <= plots
     assert {"study/trials.json", "study/best.json", "study/param_importances.json"} <= {a.path for a in mlflow_client.list_artifacts(accepted["id"], "study")}
 
     version = mlflow_client.get_model_version_by_alias(model_name, "candidate")

@@ -11,9 +11,10 @@ The parent run gets:
   and run) and ``plots/pareto_front.png`` (every trained trial, the front and the chosen one);
 - params ``best.<path>`` when the study first ends (MLflow params are immutable; after ``/extend``
   the tags ``convtune.best.<path>``, the metric and ``study/best.json`` follow the new best);
-- ``plots/optimization_history.png``, ``plots/param_importances.png``, ``plots/parallel_coordinate.png``
-  and ``plots/intermediate_values.png`` (Optuna's matplotlib views), ``study/trials.json`` (a table
-  the MLflow UI shows) and ``study/param_importances.json``;
+- ``plots/optimization_history.svg``, ``plots/param_importances.svg``, ``plots/parallel_coordinate.svg``
+  and ``plots/intermediate_values.svg`` (:mod:`workers.study.figures`, on the first objective; the
+  last two when there is something to draw), ``study/trials.json`` (a table the MLflow UI shows) and
+  ``study/param_importances.json``;
 - with ``register_as``, the best trial's model as a new version of that registered model, aliased.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -37,7 +37,9 @@ from models.store.runs import TAG, registered_owner
 from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
+from workers.study.figures import Axis, intermediate_values_svg, optimization_history_svg, parallel_coordinate_svg, param_importances_svg
 from workers.training.outcomes import Ending
+from workers.trial.tracking import Uploads
 
 __all__ = ["finish_study", "trial_rows"]
 
@@ -151,25 +153,43 @@ def _log_artifacts(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec:
     if rows:
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("params."), list(rows[0]).index(k) if k in rows[0] else 99, k))
         rt.mlflow.log_table(study_id, data={k: [r.get(k) for r in rows] for k in keys}, artifact_file="study/trials.json")
+    importances: dict[str, float] | None = None
     try:
         importances = optuna.importance.get_param_importances(stored)
         rt.mlflow.log_dict(study_id, importances, "study/param_importances.json")
     except (ValueError, RuntimeError) as exc:
         log.info("study %s: no parameter importances: %s", study_id, exc)
-    for name, plot in _plots().items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = plot(stored)
-            figure = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
-            figure.set_size_inches(10, 6)
-            figure.tight_layout()
-            rt.mlflow.log_figure(study_id, figure, f"plots/{name}.png")
-            import matplotlib.pyplot as plt
+    try:
+        uploads = Uploads(rt.mlflow, study_id, rt.settings.artifacts_destination)
+        for name, svg in _figures(stored, spec, importances).items():
+            uploads.text(svg, f"plots/{name}.svg")
+        uploads.wait()
+    except Exception as exc:  # noqa: BLE001 - the figures are a bonus: the study's results are its metrics and tables
+        log.warning("study %s: its figures were not logged: %s", study_id, exc)
 
-            plt.close(figure)
-        except Exception as exc:  # noqa: BLE001 - a plot is a bonus: too few trials or one-valued params must not fail the study
-            log.info("study %s: no %s plot: %s", study_id, name, exc)
+
+def _figures(stored: optuna.Study, spec: StudySpec, importances: dict[str, float] | None) -> dict[str, str]:
+    """The study's figures (:mod:`workers.study.figures`) on its first objective, each as SVG text."""
+    goal = spec.goals[0]
+    metric, maximize = goal.metric, goal.resolved_direction == "maximize"
+    trials = [t for t in stored.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    axes: dict[str, Axis] = {}
+    for t in complete:
+        for name, dist in t.distributions.items():
+            if name not in axes:
+                choices = tuple(str(c) for c in dist.choices) if isinstance(dist, optuna.distributions.CategoricalDistribution) else None
+                axes[name] = Axis(name, log=bool(getattr(dist, "log", False)), choices=choices)
+    figures = {
+        "optimization_history": optimization_history_svg([(t.number, t.values[0]) for t in complete], metric, maximize),
+        "parallel_coordinate": parallel_coordinate_svg([(t.values[0], t.params) for t in complete], list(axes.values()), metric, maximize),
+    }
+    if importances:
+        figures["param_importances"] = param_importances_svg(importances, metric)
+    curves = [(t.number, sorted(t.intermediate_values.items()), t.state == TrialState.PRUNED) for t in trials if t.intermediate_values]
+    if curves:
+        figures["intermediate_values"] = intermediate_values_svg(curves, metric)
+    return figures
 
 
 def _log_front(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec: StudySpec) -> None:
@@ -228,20 +248,6 @@ def _front_figure(spec: StudySpec, every: list[Any], points: list[Any], chosen_n
     ax.legend(loc="best", fontsize=8)
     figure.tight_layout()
     return figure
-
-
-def _plots() -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as views
-
-    return {
-        "optimization_history": views.plot_optimization_history,
-        "param_importances": views.plot_param_importances,
-        "parallel_coordinate": views.plot_parallel_coordinate,
-        "intermediate_values": views.plot_intermediate_values,
-    }
 
 
 def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.trial.FrozenTrial) -> str | None:

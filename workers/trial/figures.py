@@ -3,8 +3,8 @@
 Every trial gets both. Drawn with matplotlib they cost 190 ms and 230 ms of CPU per trial on this
 project's 2-core CI machine (``bench/trial_overhead.py``), more than a one-epoch ``digits`` trial
 trains; as SVG text they cost well under a millisecond, render sharp at any zoom in the MLflow UI's
-artifact view, and stay small. Study-level figures, drawn once per study, keep Optuna's matplotlib
-views (:mod:`workers.study.report`).
+artifact view, and stay small. The study's figures are drawn with the same primitives
+(:mod:`workers.study.figures`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from xml.sax.saxutils import escape
 
-__all__ = ["confusion_svg", "learning_curve_svg"]
+__all__ = ["FONT", "blend", "bounds", "confusion_svg", "learning_curve_svg", "svg_document", "ticks"]
 
 FONT = 'font-family="DejaVu Sans, Arial, sans-serif"'
 COLORS = {"train": "#1f77b4", "validation": "#ff7f0e", "accuracy": "#2ca02c"}
@@ -26,14 +26,14 @@ def learning_curve_svg(history: Sequence[dict[str, float]]) -> str:
     accuracy = _Panel(x0=510, title="Validation accuracy", y_label="accuracy")
     losses = [h[k] for h in history for k in ("train_loss", "val_loss") if math.isfinite(h[k])]
     parts = [
-        *loss.axes(epochs, _bounds(losses)),
+        *loss.axes(epochs, bounds(losses)),
         loss.line(epochs, [h["train_loss"] for h in history], COLORS["train"]),
         loss.line(epochs, [h["val_loss"] for h in history], COLORS["validation"]),
         *loss.legend([("train", COLORS["train"]), ("validation", COLORS["validation"])]),
         *accuracy.axes(epochs, (0.0, 1.0)),
         accuracy.line(epochs, [h["val_accuracy"] for h in history], COLORS["accuracy"]),
     ]
-    return _svg(900, 360, parts)
+    return svg_document(900, 360, parts)
 
 
 def confusion_svg(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> str:
@@ -47,7 +47,7 @@ def confusion_svg(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> str:
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
             shade = count / peak
-            fill = _blend(shade)
+            fill = blend(shade)
             x, y = left + j * cell, top + i * cell
             parts.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}"><title>true {escape(names[i])}, predicted {escape(names[j])}: {count}</title></rect>')
             if k <= 30:
@@ -63,7 +63,7 @@ def confusion_svg(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> str:
         f'<text x="{left + size / 2}" y="{top + size + 95}" text-anchor="middle" font-size="13" {FONT}>predicted class</text>',
         f'<text x="20" y="{top + size / 2}" text-anchor="middle" font-size="13" transform="rotate(-90 20 {top + size / 2})" {FONT}>true class</text>',
     ]
-    return _svg(left + size + 40, top + size + 110, parts)
+    return svg_document(left + size + 40, top + size + 110, parts)
 
 
 class _Panel:
@@ -86,7 +86,7 @@ class _Panel:
             f'<text x="{self.x0 - 45}" y="{self.top + self.height / 2}" text-anchor="middle" font-size="12" '
             f'transform="rotate(-90 {self.x0 - 45} {self.top + self.height / 2})" {FONT}>{self.y_label}</text>',
         ]
-        for value in _ticks(*y_range):
+        for value in ticks(*y_range):
             y = self._y(value)
             out.append(f'<line x1="{self.x0}" x2="{self.x0 + self.width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
             out.append(f'<text x="{self.x0 - 5}" y="{y + 4:.1f}" text-anchor="end" font-size="10" {FONT}>{value:.3g}</text>')
@@ -121,7 +121,7 @@ class _Panel:
         return self.top + self.height - 10 - (self.height - 20) * (clamped - low) / (high - low)
 
 
-def _bounds(values: list[float]) -> tuple[float, float]:
+def bounds(values: list[float]) -> tuple[float, float]:
     if not values:
         return 0.0, 1.0
     low, high = min(values), max(values)
@@ -131,7 +131,7 @@ def _bounds(values: list[float]) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+def ticks(low: float, high: float, count: int = 5) -> list[float]:
     raw = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
@@ -139,13 +139,13 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((high - first) / step) + 1)]
 
 
-def _blend(shade: float) -> str:
+def blend(shade: float) -> str:
     """White to dark blue."""
     low, high = (247, 251, 255), (8, 48, 107)
     r, g, b = (round(a + (z - a) * shade) for a, z in zip(low, high))
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def _svg(width: float, height: float, parts: list[str]) -> str:
+def svg_document(width: float, height: float, parts: list[str]) -> str:
     body = "\n".join(parts)
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n'
