@@ -13,7 +13,7 @@ from celery.signals import setup_logging, task_postrun, worker_process_init
 
 from models.logs import configure_logging
 from models.messages import celery_config
-from workers.runtime import runtime
+from workers.runtime import runtime, settle_heap
 from workers.settings import WorkerSettings
 
 __all__ = ["app", "settings"]
@@ -44,5 +44,5 @@ def _warm_up(**_: object) -> None:
 
 @task_postrun.connect
 def _settle(**_: object) -> None:
-    """Once per process, after its first task: keep the long-lived heap out of Python's collections (WorkerRuntime.settle)."""
-    runtime().settle()
+    """Once per process, after its first task: keep the long-lived heap out of Python's full collections."""
+    settle_heap()

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from workers.settings import WorkerSettings
 from workers.training.threads import apply_threads, thread_policy
 
-__all__ = ["WorkerRuntime", "runtime"]
+__all__ = ["WorkerRuntime", "runtime", "settle_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ class WorkerRuntime:
         # A worker owns the GPUs it sees; on a CPU host, the processes it may spawn for one trial.
         self.devices_owned = torch.cuda.device_count() if self.device.type == "cuda" else settings.cpu_devices
         self.threads = thread_policy(settings.host_training_processes, settings.torch_threads)
-        self.settled = False
 
     def warm_up(self) -> None:
         """Take this process's share of the cores, then run a first optimizer step: it imports torch._dynamo (~1 s) once per process, not per trial."""
@@ -51,26 +50,8 @@ class WorkerRuntime:
         optimizer = torch.optim.AdamW([param])
         param.sum().backward()
         optimizer.step()
-        gc.freeze()  # see settle()
+        gc.freeze()  # see settle_heap()
         log.info("worker warmed up on %s in %.2fs; %s", self.device, time.perf_counter() - t0, self.threads)
-
-    def settle(self) -> None:
-        """After this process's first task: collect once, then keep what is left out of every later collection.
-
-        A worker's heap is mostly modules and caches that live as long as the process (torch, MLflow,
-        Optuna; what the first trial imports and builds). Python's full collections walk all of it:
-        300-365 ms each, about once per 30 one-epoch trials per process on this project's 2-core CI
-        machine. Frozen (:func:`gc.freeze`) at warm-up and after the first task they walk only what
-        later trials made. Freezing only after a collection keeps the first task's cyclic garbage
-        from living on.
-        """
-        if self.settled:
-            return
-        self.settled = True
-        t0 = time.perf_counter()
-        gc.collect()
-        gc.freeze()
-        log.info("worker settled after its first task: %d objects kept out of the collector (%.0f ms)", gc.get_freeze_count(), 1000 * (time.perf_counter() - t0))
 
     def checkpoint_path(self, run_id: str) -> Path:
         return self.settings.checkpoint_dir / f"{run_id}.pt"
@@ -80,3 +61,20 @@ class WorkerRuntime:
 def runtime() -> WorkerRuntime:
     """This process's clients and device, built on first use."""
     return WorkerRuntime(WorkerSettings())
+
+
+@lru_cache(maxsize=1)
+def settle_heap() -> None:
+    """After this process's first task (once): collect, then keep what is left out of every later collection.
+
+    A worker's heap is mostly modules and caches that live as long as the process (torch, MLflow,
+    Optuna; what the first trial imports and builds): about 560,000 objects. Python's full
+    collections walk all of it: 280-365 ms each, about once per 30 one-epoch trials per process on
+    this project's 2-core CI machine, in the middle of a trial. Frozen (:func:`gc.freeze`) at warm-up
+    and here, they walk only what later trials made. Collecting first keeps the first task's cyclic
+    garbage from living on.
+    """
+    t0 = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info("worker settled after its first task: %d objects kept out of the collector (%.0f ms)", gc.get_freeze_count(), 1000 * (time.perf_counter() - t0))

@@ -3,11 +3,14 @@
 - threads: the host's usable cores divided between its training processes;
 - data: the built-in sets built once per process, files read every time;
 - export: each architecture exported once, every trial's model still its own weights, loadable;
-- figures: the learning curves and the confusion matrix as SVG documents.
+- figures: the learning curves and the confusion matrix as SVG documents;
+- the collector: a worker's long-lived heap kept out of Python's full collections after its first task.
 """
 
 from __future__ import annotations
 
+import gc
+import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,7 +20,8 @@ import torch
 
 from models.data.sets import describe
 from models.nets.convnet import build_model
-from models.spec.trial import DataSpec, ConvNetSpec
+from models.spec.trial import ConvNetSpec, DataSpec
+from workers.runtime import settle_heap
 from workers.training import data as data_cache
 from workers.training.threads import apply_threads, thread_policy, usable_cpus
 from workers.trial.export import ModelExporter
@@ -61,6 +65,40 @@ def test_the_policy_is_applied_to_torch() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- the collector ---------------------------------------------------------------------------------
+
+
+def test_after_its_first_task_a_worker_freezes_its_heap_once_and_later_garbage_is_still_collected() -> None:
+    class Node:
+        def __init__(self) -> None:
+            self.other: Node | None = None
+
+    def cycle() -> weakref.ref:
+        node = Node()
+        node.other = Node()
+        node.other.other = node
+        return weakref.ref(node)
+
+    gc.unfreeze()
+    settle_heap.cache_clear()
+    try:
+        early = cycle()  # garbage the first task left behind
+        settle_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # this process's modules and caches
+        assert early() is None  # collected before the freeze, not kept forever
+
+        late = cycle()  # a later trial's
+        gc.collect()
+        assert late() is None  # collected as ever
+
+        settle_heap()  # once per process
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+        settle_heap.cache_clear()
 
 
 # --- data ------------------------------------------------------------------------------------------
