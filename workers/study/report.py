@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from models.spec.objectives import SIZE_MEASURES
 from models.spec.study import StudySpec
 from models.store import runs
+from models.store.budget import StudyBudget
 from models.store.runs import TAG, registered_owner
 from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
 from workers.callbacks.announce import announce_study_end
@@ -86,12 +87,29 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
         ending = Ending("FINISHED", "succeeded", reason)
     if registered:
         ending = Ending(ending.mlflow_status, ending.outcome, f"{ending.reason}; registered as {registered}")
+    budget = StudyBudget(rt.redis, study_id)
+    if _extended(budget):
+        log.info("study %s was extended while its results were recorded; the step that ends its new trials ends it", study_id)
+        return
     runs.end_run(rt.mlflow, study_id, ending.mlflow_status, ending.outcome, ending.reason)
+    if _extended(budget):
+        # An extension (service.api.studies.control.extend_study) raises the budget, then reads the run's
+        # status: either it saw the run ended and reopens it, or this sees its budget and reopens it.
+        runs.reopen_run(rt.mlflow, study_id)
+        log.info("study %s was extended as it ended: reopened for its new trials", study_id)
+        return
     log.info("study %s ended %s: %s", study_id, ending.outcome, ending.reason)
     best_info = None if best is None else _best_info(spec, best)
     announce_study_end(
         study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), ending=ending, best=best_info, counts=dict(counts),
     )
+
+
+def _extended(budget: StudyBudget) -> bool:
+    """Whether an extension gave the study more trials after its last step released its slot (more budget, or new steps in flight)."""
+    state = budget.state()
+    more = int(state.get("budget", 0)) > int(state.get("claimed", 0)) or int(state.get("inflight", 0)) > 0
+    return more and not state.get("stopped")
 
 
 def _best_info(spec: StudySpec, best: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from models.spec.space import grid_points
 from models.spec.study import StudySpec
 from models.store import runs
 from models.store.keys import cancel_key, lease_key
-from models.store.runs import TAG
+from models.store.runs import TAG, TERMINAL_STATUSES
 from models.store.search import USER_ATTR, encode_params
 from service.api.errors import Conflict, FieldError, InvalidSpec, ServiceUnavailable
 from service.api.studies.accept import send_steps
@@ -116,7 +116,10 @@ def extend_study(s: Services, store: StudyStore, record: StudyRecord, n_trials: 
             started = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING")
             budget.open(new_budget, spec.parallelism, claimed=started)
         with s.runs.translated(record.id, "study"):
-            if record.terminal:
+            # The budget is raised before the run's status is read again: a study whose last step was
+            # ending it meanwhile is either seen ended here and reopened, or sees the raised budget
+            # and reopens itself (workers.study.report.finish_study).
+            if record.terminal or s.runs.client.get_run(record.id).info.status in TERMINAL_STATUSES:
                 runs.reopen_run(s.runs.client, record.id, {TAG.N_TRIALS: str(new_budget)})
             else:
                 s.runs.client.set_tag(record.id, TAG.N_TRIALS, str(new_budget))
