@@ -71,7 +71,7 @@ def test_parallel_coordinates_draw_a_line_per_trial_across_numeric_log_and_categ
 
 
 def test_intermediate_values_draw_each_trial_and_grey_the_pruned() -> None:
-    curves = [(0, [(1, 0.3), (2, 0.6), (3, 0.8)], False), (1, [(1, 0.1)], True), (2, [(1, math.inf)], True)]
+    curves = [(0, [(1, 0.3), (2, 0.6), (3, 0.8)], True), (1, [(1, 0.1)], False), (2, [(1, math.inf)], False)]
     root = parsed(intermediate_values_svg(curves, "val_accuracy"))
     strokes = [p.get("stroke") for p in root.iter(f"{SVG}polyline")]
     assert strokes == ["#1f77b4", "#999999", "#999999"]

@@ -1,18 +1,19 @@
 """A study's four figures, written as SVG: optimisation history, parameter importances, parallel coordinates, learning curves.
 
 The parent run of every study gets them when the study ends (:mod:`workers.study.report`). Drawn
-with Optuna's matplotlib views they took about 0.9 s of CPU at the end of every study (a third
-of it rendering the PNGs, the importances computed twice), on the path between a study's last
-trial and its end: about a tenth of a 30-trial study of one-epoch ``digits`` trials on this
-project's 2-core CI machine. As SVG text they take a few milliseconds, and the MLflow UI shows them
-like the trials' own figures (:mod:`workers.trial.figures`, whose primitives these share).
+with Optuna's matplotlib views and saved as PNG they took about 1 s of CPU at the end of every
+study (more than half of it rendering the PNGs; the importances computed twice), between a study's
+last trial and its end: 1.15 s of a 10.5 s study of 30 one-epoch ``digits`` trials on this
+project's 2-core CI machine. As SVG text they take about 5 ms (``bench/study_figures.py``), and the
+MLflow UI shows them like the trials' own figures (:mod:`workers.trial.figures`, whose primitives
+these share).
 
 The inputs are plain values, so this module knows neither Optuna nor MLflow:
 
 - history: ``(trial number, value)`` of each trial that completed, in the study's direction;
 - importances: ``{param: importance}`` as Optuna's evaluator returned them;
 - parallel coordinates: ``(value, {param: value})`` of each completed trial and an :class:`Axis` per param;
-- learning curves: ``(trial number, [(epoch, value)], pruned)`` of each trial that reported any.
+- learning curves: ``(trial number, [(epoch, value)], completed)`` of each trial that reported any.
 """
 
 from __future__ import annotations
@@ -40,18 +41,18 @@ class Axis:
 
 
 class _Plot:
-    """A plot area (``left``, ``top``, ``width`` x ``height`` pixels) with a linear or log scale on each axis."""
+    """A plot area (``left``, ``top``, ``width`` x ``height`` pixels) with linear scales."""
 
-    def __init__(self, left: float, top: float, width: float, height: float, x: tuple[float, float], y: tuple[float, float], y_log: bool = False):
+    def __init__(self, left: float, top: float, width: float, height: float, x: tuple[float, float], y: tuple[float, float]):
         self.left, self.top, self.width, self.height = left, top, width, height
-        self.x_range, self.y_range, self.y_log = x, y, y_log
+        self.x_range, self.y_range = x, y
 
     def x(self, value: float) -> float:
         low, high = self.x_range
         return self.left + 10 + (self.width - 20) * (value - low) / ((high - low) or 1.0)
 
     def y(self, value: float) -> float:
-        return self.top + self.height - 10 - (self.height - 20) * _fraction(value, *self.y_range, self.y_log)
+        return self.top + self.height - 10 - (self.height - 20) * _fraction(value, *self.y_range, log=False)
 
     def frame(self, title: str, x_label: str, y_label: str, x_ticks: Sequence[float]) -> list[str]:
         bottom = self.top + self.height
@@ -62,7 +63,7 @@ class _Plot:
             f'<text x="{self.left - 55}" y="{self.top + self.height / 2}" text-anchor="middle" font-size="12" '
             f'transform="rotate(-90 {self.left - 55} {self.top + self.height / 2})" {FONT}>{escape(y_label)}</text>',
         ]
-        for value in _axis_ticks(*self.y_range, self.y_log):
+        for value in ticks(*self.y_range):
             y = self.y(value)
             out.append(f'<line x1="{self.left}" x2="{self.left + self.width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
             out.append(f'<text x="{self.left - 5}" y="{y + 4:.1f}" text-anchor="end" font-size="10" {FONT}>{_label(value)}</text>')
@@ -173,18 +174,18 @@ def parallel_coordinate_svg(rows: Sequence[tuple[float, Mapping[str, Any]]], axe
 
 
 def intermediate_values_svg(curves: Sequence[tuple[int, Sequence[tuple[int, float]], bool]], metric: str) -> str:
-    """Each trial's reported value against its epoch (pruned trials grey), as the pruner saw them."""
-    curves = [(n, [(s, v) for s, v in points if math.isfinite(v)], pruned) for n, points, pruned in curves]
+    """Each trial's reported value against its epoch, as the pruner saw them; ``(number, points, completed)``, the others grey."""
+    curves = [(n, [(s, v) for s, v in points if math.isfinite(v)], completed) for n, points, completed in curves]
     steps = [s for _, points, _ in curves for s, _ in points] or [1]
     plot = _Plot(90, 50, 760, 320, (min(steps), max(max(steps), min(steps) + 1)), bounds([v for _, points, _ in curves for _, v in points]))
     parts = plot.frame("Intermediate values", "epoch", metric, _integer_ticks(*plot.x_range))
-    for n, points, pruned in curves:
-        color = GREY if pruned else BLUE
+    for n, points, completed in curves:
+        color = BLUE if completed else GREY
         path = " ".join(f"{plot.x(s):.1f},{plot.y(v):.1f}" for s, v in sorted(points))
         parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5" opacity="0.8"><title>trial #{n}</title></polyline>')
         if len(points) == 1:
             parts.append(f'<circle cx="{plot.x(points[0][0]):.1f}" cy="{plot.y(points[0][1]):.1f}" r="2.5" fill="{color}"><title>trial #{n}</title></circle>')
-    parts += plot.legend([("completed", BLUE), ("pruned", GREY)])
+    parts += plot.legend([("completed", BLUE), ("pruned or failed", GREY)])
     return svg_document(880, 420, parts)
 
 

@@ -204,7 +204,7 @@ def _figures(stored: optuna.Study, spec: StudySpec, importances: dict[str, float
     }
     if importances:
         figures["param_importances"] = param_importances_svg(importances, metric)
-    curves = [(t.number, sorted(t.intermediate_values.items()), t.state == TrialState.PRUNED) for t in trials if t.intermediate_values]
+    curves = [(t.number, sorted(t.intermediate_values.items()), t.state == TrialState.COMPLETE) for t in trials if t.intermediate_values]
     if curves:
         figures["intermediate_values"] = intermediate_values_svg(curves, metric)
     return figures
