@@ -60,7 +60,7 @@ class EpochRecorder:
     def __init__(self) -> None:
         self.stamps: list[tuple[float, float]] = []
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+    def log_epoch(self, epoch: int, metrics: dict[str, float], at_ms: int | None = None, after: Any = None) -> None:
         self.stamps.append((time.perf_counter(), time.process_time()))
 
     def __getattr__(self, name: str) -> Any:

@@ -82,6 +82,9 @@ def test_resumes_from_its_last_checkpoint(tmp_path: Path):
     # The checkpoint's epochs are offered again, as the first attempt logged them (the tracker logs an epoch
     # the run lacks, e.g. one whose metrics were still on their way when the worker died); then 3 and 4.
     assert [e for e, _ in resumed.epochs] == [1, 2, 3, 4] and resumed.epochs[:2] == first.epochs
+    # ... with the stamps the first attempt gave them: a metric both send is then one row in MLflow
+    assert resumed.stamps[:2] == first.stamps and all(isinstance(t, int) for t in resumed.stamps)
+    assert resumed.stamps == sorted(resumed.stamps)
     assert result.epochs_done == 4 and len(result.history) == 4
     assert resumed.summary == []  # logged by the first attempt only
 

@@ -47,7 +47,13 @@ log = logging.getLogger(__name__)
 class Tracker(Protocol):
     """Where a trial's results go (MLflow in the worker, a list in tests)."""
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_epoch(self, epoch: int, metrics: dict[str, float], at_ms: int | None = None, after: Future | None = None) -> None:
+        """``metrics`` of ``epoch``, stamped ``at_ms`` (when the epoch ended; None: now), sent once ``after`` (its checkpoint's write) is done.
+
+        A delivery that resumes offers its checkpoint's epochs again with their stamps: a metric both it and a
+        paused predecessor send is then the same row in MLflow (same key, step, value and timestamp), not two.
+        """
+
     def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
     def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None: ...
 
@@ -104,13 +110,14 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
     scheduler = make_scheduler(optimizer, optim, steps_per_epoch)
 
     history: list[dict[str, float]] = []
+    stamps: list[int] = []  # when each epoch of the history ended (ms): its metrics' timestamp
     evaluation: Evaluation | None = None
     guard = _Guard(spec, ctx)
-    start_epoch = 1 + restore_checkpoint(ctx.checkpoint_path, model, optimizer, scheduler, history, guard.divergence)
+    start_epoch = 1 + restore_checkpoint(ctx.checkpoint_path, model, optimizer, scheduler, history, guard.divergence, stamps)
     if start_epoch == 1:
         tracker.log_summary(plan_network(spec.model, data.info).summary())
     for epoch, metrics in enumerate(history, start=1):  # resumed: the checkpoint's epochs the run may lack (logged once)
-        tracker.log_epoch(epoch, metrics)
+        tracker.log_epoch(epoch, metrics, at_ms=stamps[epoch - 1] if epoch <= len(stamps) else None)
     if ctx.on_setup is not None:
         ctx.on_setup(batches)
 
@@ -133,12 +140,20 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
                 "samples_per_second": len(x_train) / max(train_seconds, 1e-9),
             }
             history.append(metrics)
+            stamps.append(int(time.time() * 1000))
             guard.check_owner(epoch)  # a worker that lost the trial neither logs nor checkpoints: the next holder does
-            tracker.log_epoch(epoch, metrics)
-            guard.divergence.end_epoch(epoch, train_loss, metrics["lr"])
-            # The last epoch needs none: the run ends next (a delivery that dies first trains that epoch again, logged once).
-            if epoch < spec.optim.epochs and (ctx.parallel is None or ctx.parallel.rank == 0) and ctx.still_owner():
-                checkpoints.save(epoch, model, optimizer, scheduler, history, guard.divergence)
+            saved: Future | None = None
+            try:
+                guard.divergence.end_epoch(epoch, train_loss, metrics["lr"])
+                # The last epoch needs none: the run ends next (a delivery that dies first trains that epoch again, logged once).
+                if epoch < spec.optim.epochs and (ctx.parallel is None or ctx.parallel.rank == 0) and ctx.still_owner():
+                    saved = checkpoints.save(epoch, model, optimizer, scheduler, history, guard.divergence, stamps)
+            except BaseException:
+                tracker.log_epoch(epoch, metrics, at_ms=stamps[-1])  # a diverged epoch is logged too
+                raise
+            # Its metrics go once its checkpoint is written: metrics a paused worker still sends are then always of
+            # an epoch the next holder resumes from and offers again, with the same stamp (one row in MLflow).
+            tracker.log_epoch(epoch, metrics, at_ms=stamps[-1], after=saved)
             stop = None
             if ctx.on_epoch_end is not None:
                 try:
@@ -388,12 +403,12 @@ def superseded(ctx: TrainingContext, where: str) -> Superseded | None:
 
 def save_checkpoint(
     path: Path | None, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-    history: list[dict[str, float]], divergence: DivergenceDetector,
+    history: list[dict[str, float]], divergence: DivergenceDetector, stamps: list[int] | None = None,
 ) -> None:
     """Write the state after ``epoch`` atomically, so a crash mid-write leaves the previous one."""
     if path is None:
         return
-    _write_checkpoint(path, _checkpoint_state(epoch, model, optimizer, scheduler, history, divergence))
+    _write_checkpoint(path, _checkpoint_state(epoch, model, optimizer, scheduler, history, divergence, stamps))
 
 
 class CheckpointWriter:
@@ -427,18 +442,20 @@ class CheckpointWriter:
 
     def save(
         self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-        history: list[dict[str, float]], divergence: DivergenceDetector,
-    ) -> None:
+        history: list[dict[str, float]], divergence: DivergenceDetector, stamps: list[int] | None = None,
+    ) -> Future | None:
+        """Snapshot the state after ``epoch`` and write it on the writer's thread; the write (None: none is pending)."""
         if self.path is None:
-            return
+            return None
         self.wait()
-        state = _checkpoint_state(epoch, model, optimizer, scheduler, history, divergence)
+        state = _checkpoint_state(epoch, model, optimizer, scheduler, history, divergence, stamps)
         if _tensor_bytes(state) > self.SNAPSHOT_LIMIT_BYTES:
             _write_checkpoint(self.path, state)
-            return
+            return None
         if CheckpointWriter._pool is None:  # made in the process that trains (after a prefork worker forked)
             CheckpointWriter._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending = CheckpointWriter._pool.submit(self._write, _snapshot(state))
+        return self._pending
 
     def _write(self, state: dict[str, Any]) -> None:
         # Asked again when written: a worker paused since the epoch ended may have lost the trial to another,
@@ -454,10 +471,11 @@ class CheckpointWriter:
 
 def _checkpoint_state(
     epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, history: list[dict[str, float]], divergence: DivergenceDetector,
+    stamps: list[int] | None = None,
 ) -> dict[str, Any]:
     return {
         "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "history": history, "divergence": divergence.state_dict(),
+        "history": history, "stamps": list(stamps or []), "divergence": divergence.state_dict(),
     }
 
 
@@ -501,9 +519,9 @@ def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def restore_checkpoint(
     path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, history: list[dict[str, float]],
-    divergence: DivergenceDetector,
+    divergence: DivergenceDetector, stamps: list[int] | None = None,
 ) -> int:
-    """Load the last checkpoint into the given objects; the epoch it ended (0 when none)."""
+    """Load the last checkpoint into the given objects (``stamps``: its epochs' end times, when it has them); the epoch it ended (0 when none)."""
     if path is None or not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -511,6 +529,8 @@ def restore_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     history.extend(state["history"])
+    if stamps is not None:
+        stamps.extend(int(t) for t in state.get("stamps", []))  # none in a checkpoint written before they were kept
     if "divergence" in state:
         # The first loss stays the untrained one: judged against a resumed, low loss, noise would look like a blow-up.
         divergence.load_state_dict(state["divergence"])

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -199,14 +199,15 @@ class MlflowTracker:
         """Like :meth:`start`, sent with the batches (:meth:`log_batches`) when training begins: two requests fewer per trial."""
         self._starting = {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **({TAG.STARTED_AT: runs.now()} if attempt == 1 else {})}
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+    def log_epoch(self, epoch: int, metrics: dict[str, float], at_ms: int | None = None, after: Future | None = None) -> None:
+        """See :meth:`workers.training.train.Tracker.log_epoch`."""
         if not self._may_write(f"epoch {epoch}"):
             return
         if epoch <= self.logged_through:
             log.debug("run %s: epoch %d was logged by an earlier delivery; not logged twice", self.run_id, epoch)
             return
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, epoch) for key, value in metrics.items()]
+        stamp = at_ms if at_ms is not None else int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, epoch) for key, value in metrics.items()]
         if epoch == self.final_epoch:  # the run ends next: these go with the ending (lost with it if this worker is)
             self._held = (epoch, batch)
             return
@@ -215,13 +216,17 @@ class MlflowTracker:
         # from it logs the epochs its checkpoint has and the run lacks (run_trial replays the restored history).
         if self._epoch_sent is not None:
             self._epoch_sent.result()
-        self._epoch_sent = self.uploads.pool().submit(self._send_epoch, epoch, batch)
+        self._epoch_sent = self.uploads.pool().submit(self._send_epoch, epoch, batch, after)
         self.uploads.pending.append(self._epoch_sent)
         self.logged_through = epoch
 
-    def _send_epoch(self, epoch: int, batch: list[Metric]) -> None:
+    def _send_epoch(self, epoch: int, batch: list[Metric], after: Future | None = None) -> None:
+        if after is not None:
+            wait([after])  # the epoch's checkpoint first (its error is the training loop's to raise)
         # Asked again on the upload thread: a worker paused between the two (SIGSTOP, a frozen VM) may have lost
         # the trial meanwhile, and the new holder logs this epoch itself (from its checkpoint, or by training it).
+        # Paused after this check, its request may still land late: its epoch's checkpoint is written by then, so
+        # the new holder resumed from it and offered the same metrics with the same stamp, which MLflow keeps once.
         if self._may_write(f"epoch {epoch}"):
             self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
 
