@@ -63,7 +63,9 @@ def test_parallel_coordinates_draw_a_line_per_trial_across_numeric_log_and_categ
     assert brightness(lines[-1]) < brightness(lines[0])  # the best trial is drawn last, darker
     labels = texts(root)
     assert {"16", "32", "64", "optim.lr", "val_accuracy"} <= set(labels)
-    assert "0.01" in labels  # a decade tick on the log axis
+    assert {"0.002", "0.005", "0.01", "0.02"} <= set(labels)  # 1-2-5 ticks on a log axis spanning under three decades
+    wide = [(0.9, {"optim.lr": 1e-5}), (0.5, {"optim.lr": 0.5})]
+    assert {"1e-05", "0.0001", "0.001", "0.01", "0.1"} <= set(texts(parsed(parallel_coordinate_svg(wide, axes[:1], "val_accuracy", True))))
     # a categorical value the axis does not know, or a trial without a param, skips that axis; one trial, one value: still drawn
     odd = [(0.7, {"optim.lr": 1e-3, "optim.batch_size": 128})]
     assert len(next(parsed(parallel_coordinate_svg(odd, axes, "val_accuracy", True)).iter(f"{SVG}polyline")).get("points").split()) == 2

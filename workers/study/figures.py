@@ -205,7 +205,8 @@ def _axis_ticks(low: float, high: float, log: bool) -> list[float]:
     if not log:
         return ticks(low, high)
     decades = [10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)]
-    marks = [d * m for d in decades for m in ((1,) if len(decades) > 3 else (1, 2, 5)) if low <= d * m <= high]
+    multiples = (1,) if math.log10(high / low) > 2.5 else (1, 2, 5)  # 1-2-5 marks over a short range, decades over a long one
+    marks = [d * m for d in decades for m in multiples if low <= d * m <= high]
     return marks or [low, high]
 
 
