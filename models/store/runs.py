@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
+from models.store.teams import TEAM_TAG, team_of
+
 if TYPE_CHECKING:
     from mlflow.entities import Metric, RunInfo
     from mlflow.tracking import MlflowClient
@@ -67,6 +69,7 @@ class TAG:
     REASON = "convtune.reason"
     SPEC = "convtune.spec"  # the validated TrialSpec (or LrRangeSpec) as JSON
     OWNER = "convtune.owner"  # the name of the API token that submitted it
+    TEAM = TEAM_TAG  # the team of that token: who may read and change it (models.store.teams)
     PARAMS_COUNT = "convtune.params_count"
     FLOPS = "convtune.flops_per_sample"
     QUEUE = "convtune.queue"
@@ -112,7 +115,7 @@ class TAG:
 
 
 def registered_owner(client: MlflowClient, name: str) -> str | None:
-    """The token that owns the registered model ``name`` (the first to register it): None when there is no such
+    """The team that owns the registered model ``name`` (the first to register it): None when there is no such
     model, ``""`` when it exists without an owner (registered by hand, or before owners were recorded)."""
     from mlflow.exceptions import MlflowException
 
@@ -122,7 +125,7 @@ def registered_owner(client: MlflowClient, name: str) -> str | None:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    return model.tags.get(TAG.OWNER, "")
+    return team_of(model.tags) or ""
 
 
 def client_status(mlflow_status: str, outcome: str | None) -> str:

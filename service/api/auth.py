@@ -1,12 +1,17 @@
-"""Bearer tokens with scopes: who is calling, and may they call this route.
+"""Bearer tokens with scopes and teams: who is calling, may they call this route, and whose work may they see.
 
 Tokens are configured as SHA-256 hashes (``CONVTUNE_AUTH_TOKENS``, see ``convtune token``), never
 in clear. A presented token is hashed and compared with every configured hash in constant time;
 it is never logged or stored. Every route needs a scope unless it is public:
 
-    GET, HEAD             read
+    GET, HEAD             read (its team's work) or read-all (every team's)
     POST (create, cancel) submit
-    admin                 implies read and submit; may also cancel trials other tokens submitted
+    admin                 implies read-all and submit, on every team's work
+
+Each token acts for a team (``models.store.teams``): what it submits is its team's, every token of
+the team reads and changes it, and another team's work does not exist for it: a 404, never a 403,
+so an id tells nothing about who else uses the service (:func:`check_visible`). A ``read-all``
+token sees every team's work and changes only its own team's (403 on another's, which it can see).
 
 Public (no token): /healthz, /readyz, /metrics, /openapi.json, /docs and its assets. New
 blueprints are protected by this rule with no code of their own. With ``auth_disabled`` every
@@ -20,14 +25,18 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, g, request
 
-from service.api.errors import Forbidden, Unauthorized
+from models.store.teams import team_of
+from service.api.errors import Forbidden, NotFound, Unauthorized
 from service.api.settings import ApiSettings, TokenConfig
 
-__all__ = ["ANONYMOUS", "Principal", "TokenAuth", "check_owner", "current_principal", "hash_token", "init_app", "is_owner", "new_token", "redacted"]
+__all__ = [
+    "ANONYMOUS", "Principal", "TokenAuth", "check_owner", "check_visible", "current_principal", "hash_token", "init_app", "is_owner", "new_token", "redacted",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +49,33 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the configured token's name and its scopes."""
+    """Who is calling: the configured token's name, its scopes and its team (None: auth is off, no teams)."""
 
     name: str
     scopes: frozenset[str]
+    team: str | None = None
 
     def allows(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
+        if "admin" in self.scopes or scope in self.scopes:
+            return True
+        return scope == "read" and "read-all" in self.scopes
 
     @property
     def is_admin(self) -> bool:
         return "admin" in self.scopes
+
+    @property
+    def sees_all(self) -> bool:
+        """Whether it reads every team's work (admin, read-all), not only its own team's."""
+        return self.is_admin or "read-all" in self.scopes
+
+    def may_read(self, team: str | None) -> bool:
+        """Whether work of ``team`` exists for this caller (work without a team: only for those who see all)."""
+        return self.sees_all or (team is not None and team == self.team)
+
+    def may_change(self, team: str | None) -> bool:
+        """Whether this caller may cancel or extend work of ``team``: its own team's, or any as an admin."""
+        return self.is_admin or (team is not None and team == self.team)
 
 
 ANONYMOUS = Principal("anonymous", frozenset({"admin"}))
@@ -70,7 +95,7 @@ class TokenAuth:
     """Finds the principal of a presented token among the configured hashes."""
 
     def __init__(self, tokens: list[TokenConfig]):
-        self._tokens = [(bytes.fromhex(t.sha256), Principal(t.name, frozenset(t.scopes))) for t in tokens]
+        self._tokens = [(bytes.fromhex(t.sha256), Principal(t.name, frozenset(t.scopes), t.team_name)) for t in tokens]
 
     def authenticate(self, token: str) -> Principal | None:
         """The principal whose hash matches ``token``; every hash is compared, in constant time."""
@@ -91,34 +116,51 @@ def current_principal() -> Principal:
     return g.get("principal", ANONYMOUS)
 
 
-def check_owner(owner: str | None, what: str) -> None:
-    """Let only the token that submitted ``what`` (or an admin) change it; raises Forbidden.
+def check_visible(tags: Mapping[str, str], what: str) -> None:
+    """Raise NotFound ("no {what}") unless the caller may read the run whose ``tags`` these are.
 
-    Something with no owner (made before owners were recorded, or by hand) is an admin's to change.
+    Another team's work answers exactly as an id that does not exist: same status, same words.
     """
-    if not is_owner(owner):
-        who = "another token" if owner else "no token (it has no owner)"
-        raise Forbidden(f"{what} was submitted by {who}; only its owner or an admin token may change it")
+    if not current_principal().may_read(team_of(tags)):
+        raise NotFound(f"no {what}")
 
 
-def is_owner(owner: str | None) -> bool:
-    """Whether the caller submitted what ``owner`` names, or is an admin."""
-    principal = current_principal()
-    return principal.is_admin or (owner is not None and owner == principal.name)
+def check_owner(tags: Mapping[str, str], what: str) -> None:
+    """Let only the team that submitted ``what`` (or an admin) change it; raises Forbidden.
+
+    Only a caller who can see it gets here (a read-all token, on another team's work): everyone
+    else had a 404 from :func:`check_visible`. Something with no team (made by hand) is an admin's.
+    """
+    team = team_of(tags)
+    if not current_principal().may_change(team):
+        who = f"team {team!r}" if team else "no team (it has no owner)"
+        raise Forbidden(f"{what} belongs to {who}; only that team's tokens or an admin token may change it")
+
+
+def is_owner(tags: Mapping[str, str]) -> bool:
+    """Whether the caller's team owns the run whose ``tags`` these are, or the caller is an admin."""
+    return current_principal().may_change(team_of(tags))
 
 
 SECRET_FIELDS = frozenset({"callback_url"})
 REDACTED = "(redacted: only its owner and admins see it)"
 
 
-def redacted(document: Any, owner: str | None) -> Any:
-    """``document`` (a submitted spec as JSON) with every secret-bearing field hidden unless the caller owns it."""
-    if is_owner(owner):
+def redacted(document: Any, tags: Mapping[str, str]) -> Any:
+    """``document`` (a submitted spec as JSON) with every secret-bearing field hidden unless the caller's team owns it.
+
+    Runs recorded since secrets left MLflow hold none to hide; this guards the older ones.
+    """
+    if is_owner(tags):
         return document
+    return _redact(document)
+
+
+def _redact(document: Any) -> Any:
     if isinstance(document, dict):
-        return {k: (REDACTED if k in SECRET_FIELDS and v is not None else redacted(v, owner)) for k, v in document.items()}
+        return {k: (REDACTED if k in SECRET_FIELDS and v is not None else _redact(v)) for k, v in document.items()}
     if isinstance(document, list):
-        return [redacted(v, owner) for v in document]
+        return [_redact(v) for v in document]
     return document
 
 

@@ -20,7 +20,7 @@ from flask_limiter import ApplicationLimit, Limiter
 from flask_limiter.errors import RateLimitExceeded
 
 from models.store.keys import queued_key
-from service.api.auth import PUBLIC_ENDPOINTS, current_principal
+from service.api.auth import PUBLIC_ENDPOINTS, Principal, current_principal
 from service.api.errors import FieldError, InvalidSpec, ServiceUnavailable, TooManyRequests, problem_response
 from service.api.runs import RunStore
 from service.api.settings import ApiSettings
@@ -65,8 +65,8 @@ _PRESENT = ""
 _INDEX_TTL_S = 3600  # counted again in MLflow at least this often, whatever the index says
 
 
-def check_queued_quota(runs: RunStore, redis_client: redis.Redis, owner: str, settings: ApiSettings) -> None:
-    """Raise 429 when ``owner`` already has ``max_queued_trials_per_token`` trials, studies or range tests waiting.
+def check_queued_quota(runs: RunStore, redis_client: redis.Redis, principal: Principal, settings: ApiSettings) -> None:
+    """Raise 429 when ``principal`` (a token) already has ``max_queued_trials_per_token`` trials, studies or range tests waiting.
 
     Counting them is a search of MLflow that reads every queued run of the owner: on every submit it made
     accepting O(backlog) (issue 10). Redis keeps the runs accepted since the last count (:func:`note_queued`):
@@ -76,12 +76,12 @@ def check_queued_quota(runs: RunStore, redis_client: redis.Redis, owner: str, se
     Called after the spec's own checks, so a bad spec is a 422 whatever the quota (and costs no MLflow call).
     """
     cap = settings.max_queued_trials_per_token
-    key = queued_key(owner)
+    key = queued_key(principal.name)
     try:
         bound = redis_client.scard(key) - 1  # -1: the marker
         if 0 <= bound < cap:
             return
-        queued, ids = runs.queued_runs(owner, cap)
+        queued, ids = runs.queued_runs(principal, cap)
         with redis_client.pipeline() as pipe:  # MULTI: no submit sees the index half rebuilt
             pipe.delete(key)
             pipe.sadd(key, _PRESENT, *ids)
@@ -91,7 +91,7 @@ def check_queued_quota(runs: RunStore, redis_client: redis.Redis, owner: str, se
         raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
     if queued >= cap:
         raise TooManyRequests(
-            f"'{current_principal().name}' already has {queued} queued trials, studies or range tests (the cap is {cap}); wait for some to start",
+            f"'{principal.name}' already has {queued} queued trials, studies or range tests (the cap is {cap}); wait for some to start",
             retry_after_s=30,
         )
 

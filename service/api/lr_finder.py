@@ -91,25 +91,26 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     """Submit a learning-rate range test of a trial spec; its URL gives the suggested and largest stable LR."""
     s = services()
     admit_trial(body.trial, s.settings, field_prefix="trial.")
-    check_queued_quota(s.runs, s.redis, current_principal().name, s.settings)
+    principal = current_principal()
+    check_queued_quota(s.runs, s.redis, principal, s.settings)
     queue = body.trial.queue or s.settings.default_queue
     o = body.trial.optim
     name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
     params = {**flatten_params(body.trial), **{f"lr_finder.{k}": str(v) for k, v in body.model_dump(exclude={"trial"}).items()}}
     tags = {
-        TAG.KIND: KIND.LR_FINDER, TAG.SPEC: body.model_dump_json(), TAG.QUEUE: queue, TAG.OWNER: current_principal().name,
+        TAG.KIND: KIND.LR_FINDER, TAG.SPEC: body.model_dump_json(), TAG.QUEUE: queue,
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
-    test_id = s.runs.create(name, tags, params)
+    test_id = s.runs.create(name, tags, params, principal)
     bind(trial_id=test_id)
     try:
         s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
         s.runs.end_undispatched(test_id, exc.detail)
         raise
-    note_queued(s.redis, current_principal().name, test_id)
+    note_queued(s.redis, principal.name, test_id)
     url = url_for("lr_finder.get_range_test", test_id=test_id, _external=True)
-    answer = LrFinderAccepted(id=test_id, status="queued", name=name, queue=queue, url=url, mlflow_url=s.runs.run_url(test_id, s.settings.ui_url))
+    answer = LrFinderAccepted(id=test_id, status="queued", name=name, queue=queue, url=url, mlflow_url=s.runs.run_url(s.settings.ui_url, s.runs.experiment_id(principal.team), test_id))
     return answer.model_dump(), 202, {"Location": url}
 
 
@@ -125,7 +126,7 @@ def cancel_range_test(path: LrFinderPath):
     """Cancel a range test: a queued or orphaned one ends now, a running one stops within N steps."""
     s = services()
     record = s.runs.get_run(path.test_id, KIND.LR_FINDER, WHAT)
-    check_owner(record.tags.get(TAG.OWNER), f"{WHAT} {record.id}")
+    check_owner(record.tags, f"{WHAT} {record.id}")
     if record.terminal:
         raise Conflict(f"{WHAT} {record.id} has already ended ({record.status}); there is nothing to cancel")
     request_cancel(s, record)
@@ -151,8 +152,8 @@ def range_test_public(record: RunRecord, with_curve: bool = True) -> LrFinderPub
     return LrFinderPublic(
         id=record.id, name=record.tags.get(TAG.RUN_NAME), status=record.status, outcome=record.outcome, reason=record.tags.get(TAG.REASON),
         queue=record.tags.get(TAG.QUEUE), steps=spec.get("steps"), steps_done=int(record.tags.get(TAG.STEPS_DONE, 0)),
-        suggested_lr=suggested, largest_stable_lr=largest, search_range=search, curve=curve, spec=redacted(spec, record.tags.get(TAG.OWNER)) or None,
-        timings=record.timings(), mlflow_url=s.runs.run_url(record, s.settings.ui_url),
+        suggested_lr=suggested, largest_stable_lr=largest, search_range=search, curve=curve, spec=redacted(spec, record.tags) or None,
+        timings=record.timings(), mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
     )
 
 

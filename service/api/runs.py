@@ -19,6 +19,8 @@ from typing import Any
 
 from models.store import runs
 from models.store.runs import EXPERIMENT_KIND, KIND, TAG, TERMINAL_STATUSES, client_status
+from models.store.teams import experiment_ids, experiment_name
+from service.api.auth import Principal, check_visible
 from service.api.errors import BadRequest, NotFound, ServiceUnavailable
 
 __all__ = ["RUN_ID", "RunRecord", "RunStore"]
@@ -100,7 +102,7 @@ class RunStore:
 
         self.client = MlflowClient(tracking_uri)
         self.experiment = experiment
-        self._experiment_id: str | None = None
+        self._experiment_ids: dict[str | None, str] = {}
 
     @contextmanager
     def translated(self, run_id: str | None = None, what: str = "trial") -> Iterator[None]:
@@ -118,34 +120,49 @@ class RunStore:
         except OSError as exc:
             raise ServiceUnavailable(f"the tracking server (MLflow) is unreachable: {_short(exc)}") from exc
 
-    def experiment_id(self) -> str:
-        """The id of convtune's experiment, created (tagged for the training UI) on first use."""
-        if self._experiment_id is None:
+    def experiment_id(self, team: str | None) -> str:
+        """The id of ``team``'s experiment (:func:`models.store.teams.experiment_name`), created on first use."""
+        if team not in self._experiment_ids:
+            name = experiment_name(self.experiment, team)
             with self.translated():
-                found = self.client.get_experiment_by_name(self.experiment)
-                if found is not None:
-                    self._experiment_id = found.experiment_id
-                else:
-                    self._experiment_id = self._create_experiment()
-        return self._experiment_id
+                found = self.client.get_experiment_by_name(name)
+                self._experiment_ids[team] = found.experiment_id if found is not None else self._create_experiment(name, team)
+        return self._experiment_ids[team]
 
-    def _create_experiment(self) -> str:
+    def _create_experiment(self, name: str, team: str | None) -> str:
         from mlflow.exceptions import MlflowException
 
+        tags = {TAG.EXPERIMENT_KIND: EXPERIMENT_KIND, **({TAG.TEAM: team} if team else {})}
         try:
-            return self.client.create_experiment(self.experiment, tags={TAG.EXPERIMENT_KIND: EXPERIMENT_KIND})
+            return self.client.create_experiment(name, tags=tags)
         except MlflowException:  # another API process created it first
-            return self.client.get_experiment_by_name(self.experiment).experiment_id
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def readable_experiments(self, principal: Principal) -> tuple[list[str], str]:
+        """The experiments ``principal`` may list runs of, and the filter that keeps a list to its team's runs."""
+        if principal.sees_all:
+            with self.translated():
+                return experiment_ids(self.client, self.experiment), ""
+        own = self._experiment_ids.get(principal.team)
+        if own is None:
+            with self.translated():
+                found = self.client.get_experiment_by_name(experiment_name(self.experiment, principal.team))
+            if found is None:
+                return [], ""  # the team has submitted nothing yet
+            own = self._experiment_ids[principal.team] = found.experiment_id
+        return [own], f" and tags.`{TAG.TEAM}` = '{principal.team}'"
 
     def ping(self) -> None:
         """Raise ServiceUnavailable unless MLflow answers."""
         with self.translated():
             self.client.search_experiments(max_results=1)
 
-    def create(self, name: str, tags: dict[str, str], params: dict[str, str]) -> str:
-        """Create a SCHEDULED run (its kind among ``tags``), params logged once, here (models.store.runs)."""
+    def create(self, name: str, tags: dict[str, str], params: dict[str, str], principal: Principal) -> str:
+        """Create a SCHEDULED run of ``principal``'s team in its experiment (its kind among ``tags``), params logged once, here."""
+        owned = {**tags, TAG.OWNER: principal.name, **({TAG.TEAM: principal.team} if principal.team else {})}
+        experiment_id = self.experiment_id(principal.team)
         with self.translated():
-            return runs.create_run(self.client, self.experiment_id(), name=name, tags=tags, params=params)
+            return runs.create_run(self.client, experiment_id, name=name, tags=owned, params=params)
 
     def get_run(self, run_id: str, kind: str, what: str) -> RunRecord:
         """The run ``run_id`` of ``kind``; NotFound ("no {what} with id ...") otherwise."""
@@ -155,6 +172,7 @@ class RunStore:
             run = self.client.get_run(run_id)
         if run.data.tags.get(TAG.KIND) != kind:
             raise NotFound(f"no {what} with id {run_id!r}")
+        check_visible(run.data.tags, f"{what} with id {run_id!r}")
         return RunRecord.from_run(run)
 
     def get(self, run_id: str) -> RunRecord:
@@ -165,26 +183,33 @@ class RunStore:
         with self.translated(run_id):
             return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
-    def search(self, *, status: str | None, max_results: int, page_token: str | None) -> tuple[list[RunRecord], str | None]:
-        """Trials newest first, optionally of one status; returns the page and the next page's token."""
+    def search_runs(self, principal: Principal, kind: str, extra_filter: str, *, max_results: int, page_token: str | None) -> tuple[list[Any], str | None]:
+        """Runs of ``kind`` that ``principal`` may read (its team's, or all), newest first; the page and the next page's token."""
         from mlflow.entities import ViewType
 
-        filters = [f"tags.`{TAG.KIND}` = 'trial'"]
-        if status:
-            filters.append(STATUS_FILTERS[status])
+        experiments, own_team = self.readable_experiments(principal)
+        if not experiments:
+            return [], None
         with self.translated():
             page = self.client.search_runs(
-                [self.experiment_id()], filter_string=" and ".join(filters), run_view_type=ViewType.ACTIVE_ONLY,
+                experiments, filter_string=f"tags.`{TAG.KIND}` = '{kind}'{extra_filter}{own_team}", run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=max_results, order_by=["attributes.start_time DESC"], page_token=page_token,
             )
-        return [RunRecord.from_run(run) for run in page], page.token
+        return list(page), page.token
 
-    def queued_runs(self, owner: str, cap: int) -> tuple[int, list[str]]:
-        """How much work ``owner`` (an API token's name) has queued (trials, studies, range tests), counted up to ``cap``, and their ids."""
-        filters = f"tags.`{TAG.OWNER}` = '{owner}' and attributes.status = 'SCHEDULED'"
+    def search(self, principal: Principal, *, status: str | None, max_results: int, page_token: str | None) -> tuple[list[RunRecord], str | None]:
+        """Trials ``principal`` may read, newest first, optionally of one status; the page and the next page's token."""
+        extra = f" and {STATUS_FILTERS[status]}" if status else ""
+        page, token = self.search_runs(principal, KIND.TRIAL, extra, max_results=max_results, page_token=page_token)
+        return [RunRecord.from_run(run) for run in page], token
+
+    def queued_runs(self, principal: Principal, cap: int) -> tuple[int, list[str]]:
+        """How much work ``principal`` (an API token) has queued (trials, studies, range tests), counted up to ``cap``, and their ids."""
+        filters = f"tags.`{TAG.OWNER}` = '{principal.name}' and attributes.status = 'SCHEDULED'"
+        experiment_id = self.experiment_id(principal.team)
         with self.translated():
             # MLflow returns at most 50,000 runs a page: a cap above that is never reached.
-            found = self.client.search_runs([self.experiment_id()], filter_string=filters, max_results=min(cap, 50_000))
+            found = self.client.search_runs([experiment_id], filter_string=filters, max_results=min(cap, 50_000))
         return len(found), [r.info.run_id for r in found]
 
     def end(self, run_id: str, status: str, outcome: str, reason: str) -> None:
@@ -203,10 +228,10 @@ class RunStore:
         except ServiceUnavailable as exc:
             log.error("run %s was not dispatched and could not be marked failed (%s); the reconciler will end it", run_id, exc.detail)
 
-    def run_url(self, record_or_id: RunRecord | str, ui_url: str) -> str:
+    @staticmethod
+    def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
         """The MLflow UI page of a run (the experiment's training view, not its GenAI overview)."""
-        run_id = record_or_id if isinstance(record_or_id, str) else record_or_id.id
-        return f"{ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+        return f"{ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -10,18 +10,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.callbacks import CallbackDestinations
 from models.store.placement import StudyPlacement
+from models.store.teams import TEAM_NAME
 
 __all__ = ["ApiSettings", "TokenConfig"]
 
-Scope = Literal["read", "submit", "admin"]
+Scope = Literal["read", "read-all", "submit", "admin"]
 
 
 class TokenConfig(BaseModel):
-    """One API token as configured: its name, the SHA-256 of the token (never the token) and its scopes."""
+    """One API token as configured: its name, its team, the SHA-256 of the token (never the token) and its scopes."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@\-]+$", description="Who holds it; shown in logs and metrics.")
+    name: str = Field(min_length=1, max_length=64, pattern=TEAM_NAME, description="Who holds it; shown in logs and metrics.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token; `convtune token` prints one.")
-    scopes: list[Scope] = Field(min_length=1, description="read: GET; submit: create and cancel; admin: everything.")
+    scopes: list[Scope] = Field(
+        min_length=1,
+        description="read: GET its team's work; read-all: GET every team's work (dashboards); submit: create, cancel and extend its team's work; admin: everything.",
+    )
+    team: str | None = Field(
+        default=None, pattern=TEAM_NAME,
+        description="The team it acts for: what it submits is the team's, and every token of the team reads and changes it. Unset: a team of its own, named as the token.",
+    )
+
+    @property
+    def team_name(self) -> str:
+        return self.team or self.name
 
 
 class ApiSettings(BaseSettings, CallbackDestinations, StudyPlacement):
@@ -33,7 +45,10 @@ class ApiSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     redis_url: str = "redis://127.0.0.1:6379/0"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     mlflow_ui_url: str | None = Field(default=None, description="Address people open the MLflow UI at; the tracking URI when unset.")
-    experiment: str = "convtune"
+    experiment: str = Field(
+        default="convtune", pattern=r"^[^/']{1,200}$",
+        description="The MLflow experiment convtune records runs in; with authentication on, each team's go in '{experiment}/{team}'.",
+    )
     default_queue: Literal["gpu", "cpu"] = "gpu"
     visibility_timeout_s: int = Field(default=4 * 3600, ge=60, description="Must equal the workers' setting.")
     redis_timeout_s: float = Field(

@@ -22,7 +22,7 @@ from models.spec.trial import TrialSpec, flatten_params
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG, trial_tags
 from service.api.admission import admit_trial
-from service.api.auth import check_owner, current_principal, redacted
+from service.api.auth import Principal, check_owner, current_principal, redacted
 from service.api.callbacks import notify_ended_by_api
 from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
@@ -46,13 +46,13 @@ bp = APIBlueprint(
 def create_trial(body: TrialSpec, header: IdempotencyHeader):
     """Submit a trial: validated, sized, recorded in MLflow, then queued for a worker."""
     s = services()
-    owner = current_principal().name
-    accepted = accept_trial(s, body, owner)
+    principal = current_principal()
+    accepted = accept_trial(s, body, principal)
     bind(trial_id=accepted.trial_id)
     url = url_for("trials.get_trial", trial_id=accepted.trial_id, _external=True)
     answer = TrialAccepted(
         id=accepted.trial_id, status="queued", name=body.display_name(), queue=accepted.queue, url=url,
-        mlflow_url=s.runs.run_url(accepted.trial_id, s.settings.ui_url),
+        mlflow_url=s.runs.run_url(s.settings.ui_url, s.runs.experiment_id(principal.team), accepted.trial_id),
         params_count=accepted.plan.params if accepted.plan else None,
         flops_per_sample=accepted.plan.flops if accepted.plan else None,
     )
@@ -61,9 +61,9 @@ def create_trial(body: TrialSpec, header: IdempotencyHeader):
 
 @bp.get("", responses={200: TrialList, **problems(400, 503)})
 def list_trials(query: TrialListQuery):
-    """List trials, newest first, a page at a time, optionally of one status."""
+    """List the trials this token's team may read, newest first, a page at a time, optionally of one status."""
     s = services()
-    records, token = s.runs.search(status=query.status, max_results=query.limit, page_token=query.page_token)
+    records, token = s.runs.search(current_principal(), status=query.status, max_results=query.limit, page_token=query.page_token)
     return TrialList(items=[trial_public(r, with_history=False) for r in records], next_page_token=token or None).model_dump()
 
 
@@ -78,7 +78,7 @@ def cancel_trial(path: TrialPath):
     """Cancel a trial: a queued or orphaned one ends now, a running one stops at its next check (within N steps)."""
     s = services()
     record = s.runs.get(path.trial_id)
-    check_owner(record.tags.get(TAG.OWNER), f"trial {record.id}")
+    check_owner(record.tags, f"trial {record.id}")
     if record.terminal:
         raise Conflict(f"trial {record.id} has already ended ({record.status}); there is nothing to cancel")
     ended_here = request_cancel(s, record)
@@ -95,19 +95,19 @@ class Accepted:
     plan: NetworkPlan | None
 
 
-def accept_trial(s: Services, spec: TrialSpec, owner: str) -> Accepted:
+def accept_trial(s: Services, spec: TrialSpec, principal: Principal) -> Accepted:
     """Check, record (the SCHEDULED run), send; a message not sent ends the run failed and raises 503."""
     plan = admit_trial(spec, s.settings)
-    check_queued_quota(s.runs, s.redis, owner, s.settings)
+    check_queued_quota(s.runs, s.redis, principal, s.settings)
     queue = spec.queue or s.settings.default_queue
-    trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, **{TAG.OWNER: owner}), flatten_params(spec))
+    trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue), flatten_params(spec), principal)
     try:
         s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
         log.warning("trial %s not sent, marking it failed: %s", trial_id, exc.detail)
         s.runs.end_undispatched(trial_id, exc.detail)
         raise
-    note_queued(s.redis, owner, trial_id)
+    note_queued(s.redis, principal.name, trial_id)
     log.info("trial %s accepted on queue %s", trial_id, queue)
     return Accepted(trial_id, queue, plan)
 
@@ -148,7 +148,7 @@ def trial_public(record: RunRecord, with_history: bool = True) -> TrialPublic:
         reason=tags.get(TAG.REASON), queue=tags.get(TAG.QUEUE), epochs_done=int(tags.get(TAG.EPOCHS_DONE, 0)),
         epochs=spec.get("optim", {}).get("epochs"), metrics=record.metrics, best=best,
         params_count=_int(tags.get(TAG.PARAMS_COUNT)), flops_per_sample=_int(tags.get(TAG.FLOPS)),
-        timings=record.timings(), spec=redacted(spec, tags.get(TAG.OWNER)) or None, mlflow_url=s.runs.run_url(record, s.settings.ui_url),
+        timings=record.timings(), spec=redacted(spec, tags) or None, mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
     )
 
 

@@ -161,15 +161,16 @@ def demo(api_url: str, token: str | None) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--scope", "scopes", multiple=True, type=click.Choice(["read", "submit", "admin"]), default=("read", "submit"), show_default=True)
-def token(name: str, scopes: tuple[str, ...]) -> None:
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(["read", "read-all", "submit", "admin"]), default=("read", "submit"), show_default=True)
+@click.option("--team", default=None, help="The team it acts for (its tokens share their work); default: a team of its own, named NAME.")
+def token(name: str, scopes: tuple[str, ...], team: str | None) -> None:
     """Create an API token: prints the token (give it to the client) and its entry for CONVTUNE_AUTH_TOKENS."""
     from service.api.auth import hash_token, new_token
     from service.api.settings import TokenConfig
 
     secret = new_token()
-    entry = TokenConfig(name=name, sha256=hash_token(secret), scopes=list(dict.fromkeys(scopes)))
+    entry = TokenConfig(name=name, sha256=hash_token(secret), scopes=list(dict.fromkeys(scopes)), team=team)
     click.echo("token (shown once; give it to the client as CONVTUNE_TOKEN), on stdout:", err=True)
     click.echo(secret)
     click.echo("entry for the API's CONVTUNE_AUTH_TOKENS (a JSON list of these):", err=True)
-    click.echo(entry.model_dump_json(), err=True)
+    click.echo(entry.model_dump_json(exclude_none=True), err=True)

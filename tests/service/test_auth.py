@@ -15,9 +15,27 @@ def test_only_a_configured_token_authenticates_and_only_its_hash_is_kept():
     secret = new_token()
     auth = TokenAuth([TokenConfig(name="ci", sha256=hash_token(secret), scopes=["read", "submit"])])
     principal = auth.authenticate(secret)
-    assert principal == Principal("ci", frozenset({"read", "submit"}))
+    assert principal == Principal("ci", frozenset({"read", "submit"}), team="ci")  # a token without a team is a team of its own
     assert auth.authenticate(secret + "x") is None and auth.authenticate("") is None
     assert secret not in repr(auth.__dict__)
+
+
+def test_a_token_acts_for_its_team():
+    secret = new_token()
+    auth = TokenAuth([TokenConfig(name="ci-a", sha256=hash_token(secret), scopes=["read", "submit"], team="vision")])
+    assert auth.authenticate(secret) == Principal("ci-a", frozenset({"read", "submit"}), team="vision")
+
+
+def test_what_each_caller_reads_and_changes():
+    member = Principal("m", frozenset({"read", "submit"}), "a")
+    dashboard = Principal("d", frozenset({"read-all"}), "ops")
+    admin = Principal("root", frozenset({"admin"}), "ops")
+    assert member.may_read("a") and not member.may_read("b") and not member.may_read(None)
+    assert member.may_change("a") and not member.may_change("b")
+    assert dashboard.allows("read") and not dashboard.allows("submit")
+    assert dashboard.may_read("a") and dashboard.may_read("b") and dashboard.may_read(None)
+    assert not dashboard.may_change("a") and not dashboard.may_change(None)
+    assert admin.may_read("b") and admin.may_change("b") and admin.may_change(None)
 
 
 def test_scopes():
@@ -41,3 +59,11 @@ def test_convtune_token_prints_a_token_and_its_hashed_entry():
     secret = next(line for line in lines if line.startswith("ct_"))
     entry = json.loads(next(line for line in lines if line.startswith("{")))
     assert entry == {"name": "ci", "sha256": hash_token(secret), "scopes": ["read", "submit"]}
+
+
+def test_convtune_token_with_a_team_and_read_all():
+    result = CliRunner().invoke(main, ["token", "grafana", "--scope", "read-all", "--team", "ops"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert entry["team"] == "ops" and entry["scopes"] == ["read-all"]
+    assert TokenConfig(**entry).team_name == "ops"

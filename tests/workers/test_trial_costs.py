@@ -292,7 +292,7 @@ def test_a_running_study_is_read_once_per_process() -> None:
 
     rt = SimpleNamespace(mlflow=SimpleNamespace(get_run=get_run))
     step._RUNNING_PARENTS.clear()
-    assert step._parent(rt, "s1") == step._parent(rt, "s1") == ("RUNNING", "7", "team-a")
+    assert step._parent(rt, "s1") == step._parent(rt, "s1") == ("RUNNING", "7", {"convtune.owner": "team-a"})
     step._parent(rt, "queued")
     step._parent(rt, "queued")  # not started yet: read again, the step that starts it must see SCHEDULED
     assert reads == ["s1", "queued", "queued"]

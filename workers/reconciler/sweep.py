@@ -35,6 +35,7 @@ from models.store.budget import StudyBudget
 from models.store.keys import RECONCILER_COUNTS_KEY, RECONCILER_LOCK_KEY, RECONCILER_SUSPECTS_KEY, cancel_key, lease_key, resent_key
 from models.store.runs import KIND, TAG, TERMINAL_STATUSES
 from models.store.search import USER_ATTR, open_storage, storage_kind
+from models.store.teams import experiment_ids
 from workers.callbacks.announce import announce_end
 from workers.reconciler.judge import Messages, Seen, Verdict, judge_run, judge_slot, parse_messages, run_status
 from workers.settings import WorkerSettings
@@ -111,7 +112,6 @@ class Reconciler:
         self.settings = clients.settings
         self.send = send_message
         self.lock = SweepLock(clients.redis, self.settings.reconcile_interval_s)
-        self.experiment_id: str | None = None
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Reconciler:
@@ -164,12 +164,12 @@ class _Sweep:
         self.seen_now: dict[str, float] = {}
 
     def run(self) -> None:
-        experiment_id = self._experiment_id()
-        if experiment_id is None:
+        experiments = experiment_ids(self.mlflow, self.settings.experiment)  # every team's: new teams appear at any time
+        if not experiments:
             return  # nothing was ever accepted
         # Messages first, runs second: a run created after this read has no message in it, and waits out the grace.
         self.messages = read_messages(self.redis, self.now)
-        open_runs = self._open_runs(experiment_id)
+        open_runs = self._open_runs(experiments)
         children: dict[str, list[Any]] = defaultdict(list)
         for run in open_runs:
             if run.data.tags.get(TAG.STUDY_ID) and run.data.tags.get(TAG.KIND) != KIND.STUDY:
@@ -401,23 +401,19 @@ class _Sweep:
 
     # --- reading ---
 
-    def _experiment_id(self) -> str | None:
-        if self.r.experiment_id is None:
-            experiment = self.mlflow.get_experiment_by_name(self.settings.experiment)
-            self.r.experiment_id = experiment.experiment_id if experiment is not None else None
-        return self.r.experiment_id
-
-    def _open_runs(self, experiment_id: str) -> list[Any]:
-        """The experiment's SCHEDULED and RUNNING runs (the tracking server takes no IN on statuses: not the ended ones)."""
+    def _open_runs(self, experiments: list[str]) -> list[Any]:
+        """The experiments' SCHEDULED and RUNNING runs (the tracking server takes no IN on statuses: not the ended ones)."""
         ended = " and ".join(f"attributes.status != '{status}'" for status in TERMINAL_STATUSES)
         found: list[Any] = []
-        token = None
-        while True:
-            page = self.mlflow.search_runs([experiment_id], filter_string=ended, max_results=1000, page_token=token)
-            found.extend(run for run in page if run.info.status in ("SCHEDULED", "RUNNING"))
-            token = page.token
-            if not token:
-                return found
+        for i in range(0, len(experiments), 100):  # the tracking server takes at most 100 experiments a search
+            token = None
+            while True:
+                page = self.mlflow.search_runs(experiments[i : i + 100], filter_string=ended, max_results=1000, page_token=token)
+                found.extend(run for run in page if run.info.status in ("SCHEDULED", "RUNNING"))
+                token = page.token
+                if not token:
+                    break
+        return found
 
     def _save_first_seen(self) -> None:
         """Keep only the findings seen on this sweep: one that stopped being true starts its grace again."""

@@ -35,6 +35,7 @@ from models.spec.study import StudySpec
 from models.store import runs
 from models.store.budget import StudyBudget
 from models.store.runs import TAG, registered_owner
+from models.store.teams import team_of
 from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
@@ -275,14 +276,14 @@ def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.tr
     run_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
     assert spec.register_as is not None, "called only for a study that registers"
     name, alias = spec.register_as.name, spec.register_alias
-    owner = rt.mlflow.get_run(study_id).data.tags.get(TAG.OWNER)
+    owner = team_of(rt.mlflow.get_run(study_id).data.tags)
     try:
         holder = registered_owner(rt.mlflow, name)
         if holder and holder != owner:  # checked at submit too; a name may have been taken since
-            raise PermissionError(f"the registered model {name!r} belongs to {holder!r}, not to this study's owner {owner!r}")
+            raise PermissionError(f"the registered model {name!r} belongs to team {holder!r}, not to this study's team {owner!r}")
         version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, TAG.TRIAL_ID: str(run_id)})
         if not holder and owner:
-            rt.mlflow.set_registered_model_tag(name, TAG.OWNER, owner)  # the first to register a name owns it
+            rt.mlflow.set_registered_model_tag(name, TAG.TEAM, owner)  # the first to register a name owns it
         rt.mlflow.set_registered_model_alias(name, alias, version.version)
     except Exception as exc:  # noqa: BLE001 - no model logged (log_model off), registry unavailable
         log.warning("study %s: could not register trial %s's model as %s: %s", study_id, run_id, name, exc)

@@ -80,7 +80,7 @@ class Parent(NamedTuple):
 
     status: str
     experiment_id: str
-    owner: str | None
+    owner: dict[str, str]  # its owner and team tags: its trials carry them too
 
 
 # Studies whose parent run this process has seen RUNNING: experiment and owner never change, and a running
@@ -94,7 +94,7 @@ def _parent(rt: WorkerRuntime, study_id: str) -> Parent:
     if known is not None:
         return known
     run = rt.mlflow.get_run(study_id)
-    parent = Parent(run.info.status, run.info.experiment_id, run.data.tags.get(TAG.OWNER))
+    parent = Parent(run.info.status, run.info.experiment_id, {k: run.data.tags[k] for k in (TAG.OWNER, TAG.TEAM) if k in run.data.tags})
     if parent.status == "RUNNING":
         if len(_RUNNING_PARENTS) >= 1024:
             _RUNNING_PARENTS.clear()
@@ -239,7 +239,7 @@ class StudyObjective:
     """Optuna's objective for one trial: sample, create the child run, train with pruning, map the ending."""
 
     def __init__(
-        self, study_id: str, slot: int, spec: StudySpec, rt: WorkerRuntime, budget: StudyBudget, experiment_id: str, queue: str, owner: str | None,
+        self, study_id: str, slot: int, spec: StudySpec, rt: WorkerRuntime, budget: StudyBudget, experiment_id: str, queue: str, owner: dict[str, str],
     ):
         self.study_id, self.slot, self.spec, self.rt, self.budget = study_id, slot, spec, rt, budget
         self.experiment_id, self.queue, self.owner = experiment_id, queue, owner
@@ -397,8 +397,7 @@ class StudyObjective:
     def _create_run(self, trial: optuna.Trial, name: str, params: dict[str, Any], trial_spec: TrialSpec | None, plan: Any) -> RunInfo:
         """The trial's child run under the study's parent, params logged once, here; RUNNING from the start (trained at once)."""
         study = {TAG.PARENT: self.study_id, TAG.STUDY_ID: self.study_id, TAG.STUDY_TRIAL: str(trial.number)}
-        if self.owner:  # the study's owner owns its trials: only it (or an admin) may cancel them
-            study[TAG.OWNER] = self.owner
+        study.update(self.owner)  # the study's team owns its trials: only it (or an admin) reads or cancels them
         if trial_spec is None:  # a sampled configuration that is not a valid trial: its params say which
             tags, flat = {TAG.KIND: "trial", TAG.QUEUE: self.queue, **study}, {k: json.dumps(v) for k, v in params.items()}
         else:

@@ -23,7 +23,7 @@ from models.spec.study import StudySpec
 from models.store.runs import KIND, TAG, registered_owner
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
 from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space
-from service.api.auth import is_owner
+from service.api.auth import Principal
 from service.api.errors import FieldError, Forbidden, InfeasibleSpec, InvalidSpec, ServiceUnavailable
 from service.api.limits import check_queued_quota, note_queued
 from service.api.studies.records import StudyStore
@@ -36,14 +36,14 @@ log = logging.getLogger(__name__)
 SPEC_TAG_LIMIT = 7000
 
 
-def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) -> str:
+def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Principal) -> str:
     """Check, record (parent run + Optuna study), send the first steps; the study id."""
     check_study(s, spec)
     if spec.register_as:
-        check_model_owner(s, spec.register_as.name, owner)
-    check_queued_quota(s.runs, s.redis, owner, s.settings)
+        check_model_owner(s, spec.register_as.name, principal)
+    check_queued_quota(s.runs, s.redis, principal, s.settings)
     queue = spec.base.queue or s.settings.default_queue
-    study_id = _create_parent(s, spec, queue, owner)
+    study_id = _create_parent(s, spec, queue, principal)
     try:
         _create_study(store, study_id, spec, queue)
         budget = store.budget(study_id)
@@ -60,7 +60,7 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, owner: str) ->
         if isinstance(exc, redis.RedisError):
             raise ServiceUnavailable(detail) from exc
         raise
-    note_queued(s.redis, owner, study_id)
+    note_queued(s.redis, principal.name, study_id)
     log.info("study %s accepted: %d trials, %d in parallel on %s (%s storage)", study_id, spec.budget, spec.parallelism, queue, storage_kind(s.settings.study_storage))
     return study_id
 
@@ -86,13 +86,13 @@ def check_study(s: Services, spec: StudySpec) -> None:
             raise InfeasibleSpec(f"{len(errors)} problem(s) with the search space on this data: {errors[0].message}", errors=errors)
 
 
-def check_model_owner(s: Services, name: str, owner: str) -> None:
-    """A registered model name belongs to the token that first registered it: another token's study may not
+def check_model_owner(s: Services, name: str, principal: Principal) -> None:
+    """A registered model name belongs to the team that first registered it: another team's study may not
     register a version of it or move its aliases (403 at submit, before anything trains)."""
     with s.runs.translated():
         holder = registered_owner(s.runs.client, name)
-    if holder is not None and holder != owner and not is_owner(holder or None):  # an owner-less name is an admin's
-        raise Forbidden(f"the registered model {name!r} belongs to {'another token' if holder else 'no token'}; choose another register_as name")
+    if holder is not None and not principal.may_change(holder or None):  # an owner-less name is an admin's
+        raise Forbidden(f"the registered model {name!r} belongs to {'another team' if holder else 'no team'}; choose another register_as name")
 
 
 def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None:
@@ -101,7 +101,7 @@ def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None
         s.send(StudyStepMessage(study_id=study_id, slot=slot), queue)
 
 
-def _create_parent(s: Services, spec: StudySpec, queue: str, owner: str) -> str:
+def _create_parent(s: Services, spec: StudySpec, queue: str, principal: Principal) -> str:
     params = {
         "study.sampler": spec.sampler.name, "study.pruner": spec.pruner.name, "study.objective": ",".join(g.metric for g in spec.goals),
         "study.direction": ",".join(spec.directions), "study.seed": str(spec.seed), "study.parallelism": str(spec.parallelism),
@@ -112,12 +112,11 @@ def _create_parent(s: Services, spec: StudySpec, queue: str, owner: str) -> str:
     spec_json = spec.model_dump_json()
     tags = {
         TAG.KIND: KIND.STUDY, TAG.QUEUE: queue, TAG.N_TRIALS: str(spec.budget),
-        TAG.OWNER: owner,  # only this token (or an admin) may cancel or extend it
         TAG.STUDY_STORAGE: storage_kind(s.settings.study_storage),
         **({TAG.STUDY_SPEC: spec_json} if len(spec_json) <= SPEC_TAG_LIMIT else {}),
         **{f"user.{k}": v for k, v in spec.tags.items()},
     }
-    study_id = s.runs.create(spec.display_name(), tags, params)
+    study_id = s.runs.create(spec.display_name(), tags, params, principal)  # only its team (or an admin) may cancel or extend it
     try:
         with s.runs.translated(study_id, "study"):
             s.runs.client.log_dict(study_id, spec.model_dump(mode="json"), "study/spec.json")

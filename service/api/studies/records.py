@@ -20,6 +20,7 @@ from models.spec.study import StudySpec
 from models.store.budget import StudyBudget
 from models.store.runs import KIND, TAG, study_state
 from models.store.search import USER_ATTR, open_storage, storage_kind
+from service.api.auth import Principal, check_visible
 from service.api.errors import InvalidSpec, NotFound, ServiceUnavailable
 from service.api.runs import RUN_ID, RunRecord, RunStore
 from service.api.settings import ApiSettings
@@ -57,18 +58,13 @@ class StudyStore:
             run = self.client.get_run(study_id)
         if run.data.tags.get(TAG.KIND) != KIND.STUDY:
             raise NotFound(f"no study with id {study_id!r}")
+        check_visible(run.data.tags, f"study with id {study_id!r}")
         return self._record(run)
 
-    def search(self, *, max_results: int, page_token: str | None) -> tuple[list[StudyRecord], str | None]:
-        """Studies newest first (from MLflow alone; each record's Optuna study is read on demand)."""
-        from mlflow.entities import ViewType
-
-        with self.runs.translated():
-            page = self.client.search_runs(
-                [self.runs.experiment_id()], filter_string=f"tags.`{TAG.KIND}` = '{KIND.STUDY}'", run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=max_results, order_by=["attributes.start_time DESC"], page_token=page_token,
-            )
-        return [self._record(run) for run in page], page.token
+    def search(self, principal: Principal, *, max_results: int, page_token: str | None) -> tuple[list[StudyRecord], str | None]:
+        """Studies ``principal`` may read, newest first (from MLflow alone; each record's Optuna study is read on demand)."""
+        page, token = self.runs.search_runs(principal, KIND.STUDY, "", max_results=max_results, page_token=page_token)
+        return [self._record(run) for run in page], token
 
     def budget(self, study_id: str) -> StudyBudget:
         return StudyBudget(self.redis, study_id)

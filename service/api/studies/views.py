@@ -58,23 +58,23 @@ def study_store() -> StudyStore:
 def create_study(body: StudySpec, header: IdempotencyHeader):
     """Submit a study: validated, recorded (MLflow parent run, Optuna study), first trials queued."""
     s = services()
-    owner = current_principal().name
+    principal = current_principal()
     check_study_caps(body.budget, body.parallelism, s.settings)
-    study_id = accept_study(s, study_store(), body, owner)
+    study_id = accept_study(s, study_store(), body, principal)
     bind(study_id=study_id)
     url = url_for("studies.get_study", study_id=study_id, _external=True)
     answer = StudyAccepted(
         id=study_id, state="queued", name=body.display_name(), n_trials=body.budget, parallelism=body.parallelism,
         queue=body.base.queue or s.settings.default_queue, storage=storage_kind(s.settings.study_storage), url=url,
-        trials_url=url_for("studies.list_study_trials", study_id=study_id, _external=True), mlflow_url=s.runs.run_url(study_id, s.settings.ui_url),
+        trials_url=url_for("studies.list_study_trials", study_id=study_id, _external=True), mlflow_url=s.runs.run_url(s.settings.ui_url, s.runs.experiment_id(principal.team), study_id),
     )
     return answer.model_dump(), 202, {"Location": url}
 
 
 @bp.get("", responses={200: StudyList, **problems(400, 503)})
 def list_studies(query: StudyListQuery):
-    """List studies, newest first, a page at a time."""
-    records, token = study_store().search(max_results=query.limit, page_token=query.page_token)
+    """List the studies this token's team may read, newest first, a page at a time."""
+    records, token = study_store().search(current_principal(), max_results=query.limit, page_token=query.page_token)
     return StudyList(items=[study_public(r) for r in records], next_page_token=token or None).model_dump()
 
 
@@ -98,7 +98,7 @@ def cancel_study(path: StudyPath):
     """Cancel a study: no more trials start, running ones stop at their next check."""
     store = study_store()
     record = store.get(path.study_id)
-    check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
+    check_owner(record.tags, f"study {record.id}")
     control.cancel_study(services(), store, record)
     return study_public(store.get(path.study_id)).model_dump(), 202
 
@@ -109,7 +109,7 @@ def extend_study(path: StudyPath, body: StudyExtend, header: IdempotencyHeader):
     """Add trials to a running or ended study, trying the given warm-start configurations first."""
     store = study_store()
     record = store.get(path.study_id)
-    check_owner(record.tags.get(TAG.OWNER), f"study {record.id}")
+    check_owner(record.tags, f"study {record.id}")
     budget = int(record.study.user_attrs.get(USER_ATTR.BUDGET, record.spec.budget)) if record.study else record.spec.budget
     check_study_caps(budget + max(body.n_trials, len(body.warm_start)), None, services().settings)  # the budget now, extensions included
     control.extend_study(services(), store, record, body.n_trials, body.warm_start)
@@ -144,8 +144,8 @@ def study_public(record: StudyRecord) -> StudyPublic:
         sampler=record.spec.sampler.name, pruner=record.spec.pruner.name, parallelism=record.spec.parallelism, queue=tags.get(TAG.QUEUE),
         counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record), front=_front(record), registered_model=registered,
         timings={"created_at": _iso(record.start_ms), "ended_at": _iso(record.end_ms) if record.terminal else None},
-        spec=redacted(record.spec.model_dump(mode="json"), tags.get(TAG.OWNER)), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
-        mlflow_url=s.runs.run_url(record.id, s.settings.ui_url),
+        spec=redacted(record.spec.model_dump(mode="json"), tags), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
+        mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
     )
 
 
@@ -169,7 +169,7 @@ def _best(record: StudyRecord) -> StudyBest | None:
     return StudyBest(
         number=best.number, trial_id=trial_id, value=float(best.values[0]), values=_values(record, best.values),
         rule=record.spec.selection_rule, params=decode_params(record.spec, best.params),
-        mlflow_url=s.runs.run_url(trial_id, s.settings.ui_url) if trial_id else None,
+        mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, trial_id) if trial_id else None,
     )
 
 
@@ -183,7 +183,7 @@ def _front(record: StudyRecord) -> list[StudyFrontTrial]:
         trial_id = trials[point.number].user_attrs.get(USER_ATTR.TRIAL_ID)
         out.append(StudyFrontTrial(
             number=point.number, trial_id=trial_id, values=_values(record, point.values), params=decode_params(record.spec, trials[point.number].params),
-            mlflow_url=s.runs.run_url(trial_id, s.settings.ui_url) if trial_id else None,
+            mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, trial_id) if trial_id else None,
         ))
     return out
 
@@ -202,7 +202,7 @@ def _trial(record: StudyRecord, t: Any) -> StudyTrial:
         params=decode_params(record.spec, t.params), epochs=int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)), duplicate_of=t.user_attrs.get(USER_ATTR.DUPLICATE_OF),
         started_at=t.datetime_start.astimezone(timezone.utc).isoformat() if t.datetime_start else None,
         duration_s=t.duration.total_seconds() if t.duration else None,
-        mlflow_url=s.runs.run_url(trial_id, s.settings.ui_url) if trial_id else None,
+        mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, trial_id) if trial_id else None,
     )
 
 

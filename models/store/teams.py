@@ -1,0 +1,61 @@
+"""Teams: who owns a run, and the MLflow experiment a team's runs live in.
+
+Every run, study and range test belongs to the team of the API token that submitted it (tag
+``convtune.team``; the token's own name is ``convtune.owner``). A team's runs go in an experiment of
+its own, ``{base}/{team}``, so MLflow's per-experiment permissions can show each team its own work
+and nothing else. With authentication off (the one-host local stack) there is one caller and one
+experiment, ``{base}``, as there always was.
+
+Runs recorded before teams existed carry only ``convtune.owner``: the token that made them is their
+team (a token without a team is a team of its own), so nothing they owned changes hands.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+__all__ = ["TEAM_NAME", "TEAM_TAG", "experiment_ids", "experiment_name", "team_of"]
+
+# A team's name goes into experiment names, Redis keys and MLflow filters: nothing that needs quoting.
+TEAM_NAME = r"^[A-Za-z0-9_.@\-]{1,64}$"
+_TEAM = re.compile(TEAM_NAME)
+TEAM_TAG = "convtune.team"
+_OWNER_TAG = "convtune.owner"
+
+
+def experiment_name(base: str, team: str | None) -> str:
+    """The experiment a team's runs live in: ``base/team``; ``base`` itself when there are no teams (auth off)."""
+    if team is None:
+        return base
+    assert _TEAM.match(team), f"team names are checked where they are configured: {team!r}"
+    return f"{base}/{team}"
+
+
+def team_of(tags: Mapping[str, str]) -> str | None:
+    """The team a run (or registered model) belongs to: its team tag, else the token that made it; None when neither."""
+    return tags.get(TEAM_TAG) or tags.get(_OWNER_TAG) or None
+
+
+def experiment_ids(client: MlflowClient, base: str) -> list[str]:
+    """Every experiment convtune keeps runs in under ``base``: ``base`` itself and each team's ``base/team``."""
+    from mlflow.entities import ViewType
+
+    found: list[str] = []
+    token = None
+    while True:
+        page = client.search_experiments(
+            view_type=ViewType.ACTIVE_ONLY, filter_string=f"name LIKE '{_like_escaped(base)}%'", max_results=1000, page_token=token,
+        )
+        found += [e.experiment_id for e in page if e.name == base or e.name.startswith(f"{base}/")]
+        token = page.token
+        if not token:
+            return found
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("'", "''")
