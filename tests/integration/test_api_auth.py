@@ -14,7 +14,9 @@ from tests.helpers import tiny_trial
 
 pytestmark = pytest.mark.integration
 
-TOKENS = {"reader": ["read"], "submitter": ["read", "submit"], "other": ["read", "submit"], "root": ["admin"]}
+# Each token is a team of its own, but "reader" and "submitter-2", which act for the submitter's team, and "dashboard", which reads every team's work.
+TOKENS = {"reader": ["read"], "submitter": ["read", "submit"], "submitter-2": ["read", "submit"], "other": ["read", "submit"], "root": ["admin"], "dashboard": ["read-all", "submit"]}
+TEAMS = {"reader": "submitter", "submitter-2": "submitter", "dashboard": "ops"}
 SECRETS = {name: f"ct_test_{name}_{uuid.uuid4().hex}" for name in TOKENS}
 
 
@@ -24,7 +26,7 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def secured_app(api_settings: ApiSettings):
-    tokens = [TokenConfig(name=name, sha256=hash_token(SECRETS[name]), scopes=scopes) for name, scopes in TOKENS.items()]
+    tokens = [TokenConfig(name=name, sha256=hash_token(SECRETS[name]), scopes=scopes, team=TEAMS.get(name)) for name, scopes in TOKENS.items()]
     return create_app(api_settings.model_copy(update={"auth_disabled": False, "auth_tokens": tokens}))
 
 
@@ -52,17 +54,40 @@ def test_scopes_decide_what_a_token_may_call(api):
     assert api.get("/trials", headers=bearer("reader")).status_code == 200
     problem = assert_problem(api.post("/trials", json=tiny_trial(), headers=bearer("reader")), 403, "forbidden")
     assert "submit" in problem["detail"]
-    accepted = api.post("/trials", json=tiny_trial(optim={"epochs": 1000}), headers=bearer("submitter"))
+    accepted = api.post("/trials", json=tiny_trial(queue="gpu", optim={"epochs": 1000}), headers=bearer("submitter"))  # no worker takes it
     assert accepted.status_code == 202, accepted.get_json()
     trial_id = accepted.get_json()["id"]
-    # admin implies read and submit
-    assert api.get(f"/trials/{trial_id}", headers=bearer("root")).status_code == 200
+    # admin implies read and submit; the submitter's team reads it; a read-all token reads it
+    for name in ("root", "reader", "submitter-2", "dashboard"):
+        assert api.get(f"/trials/{trial_id}", headers=bearer(name)).status_code == 200, name
+    # another team: it does not exist, in the same words as an id nobody used
+    missing = assert_problem(api.get(f"/trials/{'0' * 32}", headers=bearer("other")), 404, "not-found")
+    hidden = assert_problem(api.get(f"/trials/{trial_id}", headers=bearer("other")), 404, "not-found")
+    assert hidden["detail"] == missing["detail"].replace("0" * 32, trial_id)
+    assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("other")), 404, "not-found")
 
-    # only the submitter or an admin may cancel it
-    assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("other")), 403, "forbidden")
+    # only the submitter's team or an admin may cancel it: read is not enough, nor reading everything
     assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("reader")), 403, "forbidden")
+    assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("dashboard")), 403, "forbidden")
     cancelled = api.post(f"/trials/{trial_id}/cancel", headers=bearer("root"))
     assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "cancelled"
+
+
+def test_a_team_shares_its_work_and_lists_only_its_own(api):
+    accepted = api.post("/trials", json=tiny_trial(queue="gpu"), headers=bearer("submitter"))
+    assert accepted.status_code == 202, accepted.get_json()
+    trial_id = accepted.get_json()["id"]
+    theirs = api.post("/trials", json=tiny_trial(queue="gpu"), headers=bearer("other")).get_json()["id"]
+
+    def listed(name: str) -> set[str]:
+        return {t["id"] for t in api.get("/trials?limit=200", headers=bearer(name)).get_json()["items"]}
+
+    assert trial_id in listed("submitter-2") and theirs not in listed("submitter-2")
+    assert theirs in listed("other") and trial_id not in listed("other")
+    assert {trial_id, theirs} <= listed("dashboard") and {trial_id, theirs} <= listed("root")
+    # a token of the team changes what another token of the team submitted
+    assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter-2")).status_code == 202
+    assert api.post(f"/trials/{theirs}/cancel", headers=bearer("other")).status_code == 202
 
 
 def test_owner_is_recorded_on_the_run_and_in_the_access_log(api, mlflow_client, caplog):
@@ -103,8 +128,11 @@ def test_only_the_submitter_or_an_admin_may_cancel_or_extend_a_study(api):
     created = api.post("/studies", json=study, headers=bearer("submitter"))
     assert created.status_code == 202, created.get_json()
     study_id = created.get_json()["id"]
-    assert_problem(api.post(f"/studies/{study_id}/extend", json={"n_trials": 1}, headers=bearer("other")), 403, "forbidden")
-    assert_problem(api.post(f"/studies/{study_id}/cancel", headers=bearer("other")), 403, "forbidden")
+    assert_problem(api.post(f"/studies/{study_id}/extend", json={"n_trials": 1}, headers=bearer("other")), 404, "not-found")
+    assert_problem(api.post(f"/studies/{study_id}/cancel", headers=bearer("other")), 404, "not-found")
+    assert_problem(api.get(f"/studies/{study_id}/trials", headers=bearer("other")), 404, "not-found")
+    assert study_id not in {s["id"] for s in api.get("/studies?limit=200", headers=bearer("other")).get_json()["items"]}
+    assert_problem(api.post(f"/studies/{study_id}/cancel", headers=bearer("dashboard")), 403, "forbidden")
     assert api.post(f"/studies/{study_id}/cancel", headers=bearer("root")).status_code == 202
 
 
@@ -113,10 +141,11 @@ def test_a_callback_url_is_shown_to_its_owner_and_admins_only(api):
     accepted = api.post("/trials", json=tiny_trial(queue="gpu", callback_url=hook), headers=bearer("submitter"))
     assert accepted.status_code == 202, accepted.get_json()
     trial_id = accepted.get_json()["id"]
-    for name, sees in (("submitter", True), ("root", True), ("other", False), ("reader", False)):
+    for name, sees in (("submitter", True), ("root", True), ("dashboard", False)):
         shown = api.get(f"/trials/{trial_id}", headers=bearer(name)).get_json()["spec"]["callback_url"]
         assert (shown == hook) is sees and ("s3cret" in shown) is sees, (name, shown)
-    listed = api.get("/trials?status=queued&limit=200", headers=bearer("other")).get_json()["items"]
+    assert api.get(f"/trials/{trial_id}", headers=bearer("other")).status_code == 404
+    listed = api.get("/trials?status=queued&limit=200", headers=bearer("dashboard")).get_json()["items"]
     assert all("s3cret" not in str(item["spec"]) for item in listed)
     assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")).status_code == 202
 
@@ -124,12 +153,13 @@ def test_a_callback_url_is_shown_to_its_owner_and_admins_only(api):
 def test_an_ownerless_run_is_changed_by_admins_only(api, app):
     # A run created without an owner (before owners were recorded, or by hand): no ordinary token may claim it.
     from models.spec.trial import TrialSpec, flatten_params
-    from models.store.runs import trial_tags
+    from models.store.runs import create_run, trial_tags
 
     spec = TrialSpec.model_validate(tiny_trial(queue="gpu"))
     runs = app.extensions["convtune"].runs
-    trial_id = runs.create(spec.display_name(), trial_tags(spec, None, "gpu"), flatten_params(spec))
-    problem = assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")), 403, "forbidden")
+    trial_id = create_run(runs.client, runs.experiment_id(None), name=spec.display_name(), tags=trial_tags(spec, None, "gpu"), params=flatten_params(spec))
+    assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")), 404, "not-found")  # no team's: not theirs to see
+    problem = assert_problem(api.post(f"/trials/{trial_id}/cancel", headers=bearer("dashboard")), 403, "forbidden")
     assert "no owner" in problem["detail"]
     assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("root")).status_code == 202
 
@@ -174,8 +204,13 @@ def test_every_route_that_creates_work_refuses_oversized_specs_and_creates_nothi
     # 104M parameters (under the cap) but 2 TFLOPs per sample; and a 9 GiB generated data set.
     costly = tiny_trial(model={"channels": [1024, 1024], "convs_per_stage": 6}, data={"name": "shapes", "image_size": 128, "num_samples": 100})
     huge_data = tiny_trial(data={"name": "shapes", "image_size": 128, "num_samples": 50_000})
-    experiment = mlflow_client.get_experiment_by_name(api_settings.experiment)
-    before = len(mlflow_client.search_runs([experiment.experiment_id], max_results=5000)) if experiment else 0
+    from models.store.teams import experiment_ids
+
+    def count() -> int:
+        experiments = experiment_ids(mlflow_client, api_settings.experiment)
+        return len(mlflow_client.search_runs(experiments, max_results=5000)) if experiments else 0
+
+    before = count()
     for trial, field, fragment in ((costly, "model.channels", "FLOPs per sample"), (huge_data, "data.num_samples", "GiB")):
         body, prefix = {
             "/trials": (trial, ""), "/lr-finder": ({"trial": trial}, "trial."),
@@ -183,8 +218,7 @@ def test_every_route_that_creates_work_refuses_oversized_specs_and_creates_nothi
         }[route]
         problem = assert_problem(api.post(route, json=body, headers=bearer("submitter")), 422, "invalid-spec")
         assert problem["errors"][0]["field"] == prefix + field and fragment in problem["detail"]
-    after = len(mlflow_client.search_runs([experiment.experiment_id], max_results=5000)) if experiment else 0
-    assert after == before
+    assert count() == before
 
 
 @pytest.mark.parametrize("target", [

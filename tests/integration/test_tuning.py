@@ -128,6 +128,7 @@ def test_a_trial_id_is_not_a_range_test(client, worker):
 def test_out_of_memory_in_training_ends_the_trial_and_the_worker_lives_on(app, api_settings, mlflow_client, worker_env, tmp_path):
     from models.spec.trial import flatten_params
     from models.store.runs import trial_tags
+    from service.api.auth import ANONYMOUS
     from workers.runtime import WorkerRuntime
     from workers.settings import WorkerSettings
     from workers.trial.execution import execute_trial
@@ -142,7 +143,7 @@ def test_out_of_memory_in_training_ends_the_trial_and_the_worker_lives_on(app, a
         (MemoryError("Unable to allocate 3.1 GiB for an array"), "MemoryError: Unable to allocate"),
     ):
         spec = TrialSpec.model_validate(with_lr(0.01))
-        trial_id = runs.create(spec.display_name(), trial_tags(spec, None, "cpu"), flatten_params(spec))
+        trial_id = runs.create(spec.display_name(), trial_tags(spec, None, "cpu"), flatten_params(spec), ANONYMOUS)
 
         def fail(epoch: int, metrics: dict[str, float], error: BaseException = error) -> None:
             raise error  # as if the second epoch's step had run out of memory
