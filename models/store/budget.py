@@ -7,7 +7,11 @@ claims as many new ones as keep ``parallelism`` steps in flight without passing 
 process ever waits on another and two steps ending at once cannot overshoot.
 
 Redis only coordinates: the budget and the stop reason are also kept in the study's Optuna
-storage, and :meth:`StudyBudget.restore` rebuilds the counters from it.
+storage, and :meth:`StudyBudget.restore` rebuilds the counters from it. Counters are whole or
+absent: every write to a study's hash after :meth:`StudyBudget.open` changes it only where it still
+holds its budget (one script each), so a write that lands after Redis lost the counters never
+leaves a partial hash that looks present but cannot be topped up or restored; a partial hash left
+by anything else counts as lost.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ TTL_S = 90 * 24 * 3600
 # Returns {first new slot, how many, in flight after, budget, claimed, whether this call released the slot}.
 _TOP_UP = """
 local h, released, slot = KEYS[1], KEYS[2], ARGV[1]
-if redis.call('exists', h) == 0 then return {0, 0, -1, 0, 0, 0} end
+if redis.call('hexists', h, 'budget') == 0 then return {0, 0, -1, 0, 0, 0} end
 local did_release = 0
 if slot ~= '' and redis.call('sadd', released, slot) == 1 then redis.call('hincrby', h, 'inflight', -1) did_release = 1 end
 local budget = tonumber(redis.call('hget', h, 'budget'))
@@ -38,6 +42,18 @@ if redis.call('hget', h, 'stopped') == '' then n = math.max(0, math.min(parallel
 redis.call('hset', h, 'claimed', claimed + n, 'inflight', inflight + n)
 redis.call('expire', h, ARGV[2]) redis.call('expire', released, ARGV[2])
 return {claimed + 1, n, inflight + n, budget, claimed + n, did_release}
+"""
+# KEYS[1] the study's hash, ARGV[1] the stop reason. 1 when the counters were there to stop.
+_STOP = """
+if redis.call('hexists', KEYS[1], 'budget') == 0 then return 0 end
+redis.call('hset', KEYS[1], 'stopped', ARGV[1])
+return 1
+"""
+# KEYS[1] the study's hash, ARGV[1] more trials. The new budget, or -1 when the counters are lost.
+_ADD = """
+if redis.call('hexists', KEYS[1], 'budget') == 0 then return -1 end
+redis.call('hset', KEYS[1], 'stopped', '')
+return redis.call('hincrby', KEYS[1], 'budget', ARGV[1])
 """
 
 
@@ -72,7 +88,8 @@ class StudyBudget:
         self.client.expire(self.key, TTL_S)
 
     def exists(self) -> bool:
-        return bool(self.client.exists(self.key))
+        """Whether the counters are there (whole: a hash without its budget is a lost one)."""
+        return bool(self.client.hexists(self.key, "budget"))
 
     def restore(self, budget: int, parallelism: int, claimed: int, running: dict[int, tuple[str, int]], stopped: str = "") -> bool:
         """Rebuild lost counters, unless they exist again: whether this call rebuilt them.
@@ -86,10 +103,10 @@ class StudyBudget:
         with self.client.pipeline() as pipe:
             try:
                 pipe.watch(self.key)
-                if pipe.exists(self.key):
+                if pipe.hexists(self.key, "budget"):
                     return False
                 pipe.multi()
-                pipe.delete(self.released_key)
+                pipe.delete(self.key, self.released_key)  # a partial hash, if anything left one
                 released = [slot for slot in range(1, claimed + 1) if slot not in running]
                 if released:
                     pipe.sadd(self.released_key, *released)
@@ -117,15 +134,16 @@ class StudyBudget:
         return TopUp(list(range(int(first), int(first) + int(n))), int(in_flight), int(budget), int(claimed), bool(released))
 
     def add(self, more: int) -> int:
-        """Raise the budget by ``more`` trials and clear a target or timeout stop; the new budget."""
-        pipe = self.client.pipeline()
-        pipe.hincrby(self.key, "budget", more)
-        pipe.hset(self.key, "stopped", "")
-        return int(pipe.execute()[0])
+        """Raise the budget by ``more`` trials and clear a target or timeout stop; the new budget (-1: the counters are lost, nothing written)."""
+        return int(self.client.eval(_ADD, 1, self.key, more))
 
-    def stop(self, reason: str) -> None:
-        """Start no more slots (running steps finish or see their cancel flag)."""
-        self.client.hset(self.key, "stopped", reason)
+    def stop(self, reason: str) -> bool:
+        """Start no more slots (running steps finish or see their cancel flag); False when the counters are lost.
+
+        Lost counters are left lost: whoever restores them reads the stop from the Optuna storage,
+        where every stop is recorded too.
+        """
+        return bool(self.client.eval(_STOP, 1, self.key, reason))
 
     def state(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.client.hgetall(self.key).items()}

@@ -95,3 +95,29 @@ def test_lost_counters_are_restored_once_with_the_running_slots_in_flight_and_th
     assert not top.released  # a step that ended before the loss counts for nothing
     assert top.slots == [5] and top.in_flight == 2  # new slots never reuse a claimed number
     assert budget.top_up(release_slot=3).released and budget.top_up(release_slot=3).released is False
+
+
+@pytest.mark.parametrize("late_write", ["stop", "add"])
+def test_a_stop_or_extension_after_redis_lost_the_counters_leaves_them_lost_and_restorable(budget: StudyBudget, late_write: str) -> None:
+    # A trial reaches its target (or the study is cancelled, or extended) just after Redis lost the counters.
+    budget.open(budget=4, parallelism=2)
+    budget.top_up()
+    budget.client.delete(budget.key, budget.released_key)
+    if late_write == "stop":
+        assert budget.stop("target") is False
+    else:
+        assert budget.add(3) == -1
+    assert not budget.client.exists(budget.key)  # no partial hash that looks present
+    assert budget.top_up(release_slot=1).in_flight == -1  # lost, as before the write
+    # Whoever rebuilds them (a step, the reconciler) does, with the stop the Optuna storage recorded.
+    assert budget.restore(budget=4, parallelism=2, claimed=2, running={2: ("t2", 1)}, stopped="target")
+    end = budget.top_up(release_slot=2)
+    assert end.idle and budget.stopped() == "target"
+
+
+def test_a_partial_hash_left_by_an_earlier_version_counts_as_lost(budget: StudyBudget) -> None:
+    budget.client.hset(budget.key, "stopped", "cancelled")  # what a late HSET on lost counters used to leave
+    assert not budget.exists() and budget.top_up().in_flight == -1
+    assert budget.restore(budget=2, parallelism=1, claimed=1, running={}, stopped="cancelled")
+    assert budget.state() == {"budget": "2", "parallelism": "1", "claimed": "1", "inflight": "0", "stopped": "cancelled"}
+    assert budget.top_up().idle

@@ -110,9 +110,7 @@ def extend_study(s: Services, store: StudyStore, record: StudyRecord, n_trials: 
         study.set_user_attr(USER_ATTR.STOPPED, "{}")
     queue = study.user_attrs[USER_ATTR.QUEUE]
     try:
-        if counted:
-            budget.add(added)
-        else:
+        if not counted or budget.add(added) < 0:  # lost, before or since the check: rebuilt whole, never in part
             started = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING")
             budget.open(new_budget, spec.parallelism, claimed=started)
         with s.runs.translated(record.id, "study"):
