@@ -36,7 +36,7 @@ def api_url(redis_url: str, mlflow_uri: str, worker, worker_env: dict[str, str])
     port = free_port()
     tokens = [
         {"name": "ci", "sha256": hash_token(SUBMITTER), "scopes": ["read", "submit"]},
-        {"name": "dashboard", "sha256": hash_token(READER), "scopes": ["read"]},
+        {"name": "dashboard", "sha256": hash_token(READER), "scopes": ["read"], "team": "ci"},  # reads the ci team's work
     ]
     env = {
         "CONVTUNE_REDIS_URL": redis_url, "CONVTUNE_MLFLOW_TRACKING_URI": mlflow_uri, "CONVTUNE_DEFAULT_QUEUE": "cpu",

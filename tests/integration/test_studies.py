@@ -174,7 +174,8 @@ def test_grid_is_enqueued_whole_and_an_extension_reuses_a_duplicate(studies, stu
 
 
 def test_a_running_study_extended_runs_the_added_trials_within_its_parallelism(studies, study_workers):
-    body = study_body(n_trials=2, parallelism=1, sampler="random", base=tiny_trial(optim={"epochs": 3}))
+    # Trials long enough (about a second an epoch's worth on a loaded machine) that a poll sees the first one running.
+    body = study_body(n_trials=2, parallelism=1, sampler="random", base=tiny_trial(optim={"epochs": 12}))
     accepted = submit(studies, body)
     wait_for_study(studies, accepted["id"], until=lambda s: s["counts"].get("running", 0) == 1, timeout_s=60)
     response = studies.post(f"/studies/{accepted['id']}/extend", json={"n_trials": 2})
