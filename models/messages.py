@@ -92,11 +92,12 @@ class StudyStepMessage(Message):
 
 
 class CallbackMessage(Message):
-    """POST ``event`` (models.callbacks), signed, to ``url``."""
+    """POST ``event`` (models.callbacks) to ``url``, signed with the key of ``team`` (the run's; None without teams)."""
 
     task: ClassVar[str] = TASK_DELIVER_CALLBACK
     url: str
     event: dict[str, Any]
+    team: str | None = None
 
 
 def send(celery: Celery, message: Message, queue: str) -> None:

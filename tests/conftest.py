@@ -25,6 +25,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("CONVTUNE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 TEST_REDIS_DB = int(os.environ.get("CONVTUNE_TEST_REDIS_DB", "11"))
+# The secret key of the session's API and workers (models.sealing): callbacks need one.
+TEST_SECRET_KEY = "convtune-test-secret-key"
 
 
 def free_port() -> int:
@@ -159,6 +161,7 @@ def worker_env(redis_url: str, mlflow_uri: str, data_root: Path, experiment: str
         "CONVTUNE_EXPERIMENT": experiment,  # the experiment the reconciler sweeps: the API's
         "CONVTUNE_DATA_ROOT": str(data_root),
         "CONVTUNE_CALLBACK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',  # the tests' callback receivers listen on loopback
+        "CONVTUNE_SECRET_KEY": TEST_SECRET_KEY,  # the API's (api_settings): both open sealed callback URLs and sign callbacks
         "CONVTUNE_CHECKPOINT_DIR": str(tmp_path_factory.mktemp("checkpoints")),
         "CONVTUNE_CANCEL_CHECK_STEPS": "5",
         # Every worker of the session shares one study storage, whichever test started it.

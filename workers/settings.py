@@ -9,12 +9,13 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.callbacks import CallbackDestinations
+from models.sealing import SecretKeySettings
 from models.store.placement import StudyPlacement
 
 __all__ = ["WorkerSettings"]
 
 
-class WorkerSettings(BaseSettings, CallbackDestinations, StudyPlacement):
+class WorkerSettings(BaseSettings, CallbackDestinations, SecretKeySettings, StudyPlacement):
     """Settings of a worker; read once per process and passed to the code that needs them."""
 
     # hide_input_in_errors: a refused setting is logged at start-up without the values (URLs with passwords, tokens) beside it.
@@ -65,12 +66,17 @@ class WorkerSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     broker_timeout_s: float = Field(default=10.0, gt=0, description="Socket timeout of the workers' broker and Redis connections.")
     mlflow_timeout_s: int = Field(default=10, ge=1, description="How long one MLflow request may take (MLFLOW_HTTP_REQUEST_TIMEOUT, unless set).")
     mlflow_max_retries: int = Field(default=2, ge=0, description="Retries of one failed MLflow request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless set).")
+    mlflow_team_access: bool = Field(
+        default=False, description="Grant a study's team READ on the model it registers in MLflow (docs/mlflow-access.md); as the API's setting.",
+    )
     # Callbacks and logs (issue 5).
-    callback_secret: str | None = Field(default=None, description="HMAC-SHA256 key that signs callbacks; unsigned (and a warning) when unset.")
     callback_max_retries: int = Field(default=8, ge=0, description="Retries of a failed callback delivery, with exponential backoff.")
     callback_backoff_s: float = Field(default=2.0, gt=0, description="First retry delay; doubled per retry, at most callback_backoff_max_s.")
     callback_backoff_max_s: float = Field(default=600.0, gt=0)
     callback_timeout_s: float = Field(default=10.0, gt=0, description="How long one delivery waits for the receiver.")
+    callback_resolve_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long a callback host's DNS lookup may take; past it the delivery is retried later, like a connection error.",
+    )
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

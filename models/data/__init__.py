@@ -1,6 +1,7 @@
 """Data sets: described without loading (for the API's feasibility check) and loaded as arrays (for
 the workers). numpy and file readers, never torch."""
 
-from models.data.sets import Dataset, InvalidData, describe, load, resolve_data_path
+from models.data.roots import RESERVED_TEAM_NAMES, SHARED_FOLDER, DataRoot, InvalidData, data_root_for
+from models.data.sets import Dataset, describe, load
 
-__all__ = ["Dataset", "InvalidData", "describe", "load", "resolve_data_path"]
+__all__ = ["DataRoot", "Dataset", "InvalidData", "RESERVED_TEAM_NAMES", "SHARED_FOLDER", "data_root_for", "describe", "load"]

@@ -1,8 +1,8 @@
 """Images for a trial: the built-in data sets, a team's own files, and the train/validation split.
 
 Built-ins need no files: ``digits`` (scikit-learn's 1,797 8x8 digits, shipped inside its wheel) and
-``shapes`` (coloured shapes drawn procedurally from ``DataSpec.seed``). A team's data lives under a
-data root the workers share:
+``shapes`` (coloured shapes drawn procedurally from ``DataSpec.seed``). A team's data lives in its
+folder of a data root the workers share, or in the shared folder every team reads (:mod:`models.data.roots`):
 
 - ``npz``: arrays ``images`` (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3, any numeric dtype
   (pixels are used as they are: normalisation takes care of the scale), and integer ``labels`` (N,) in
@@ -16,8 +16,9 @@ to validation, drawn with ``np.random.default_rng(spec.seed)``: the same spec gi
 
 :func:`describe` sizes the input cheaply (no full load), so the API can check a spec's feasibility;
 :func:`load` reads everything, validates it, splits it and normalises it with training statistics.
-Both raise :class:`InvalidData` for data that cannot be used, with a message naming the path relative
-to the data root (the root itself is deployment detail and never appears in a message).
+Both raise :class:`InvalidData` for data that cannot be used (a file that cannot be read included), with a
+message naming the path as the spec gave it (the root itself is deployment detail and never appears in a
+message). A path that leaves the caller's folders gets the very message of a path that does not exist.
 
 This module must not import torch; scikit-learn and PIL are imported only by the functions that need
 them, so the API pays for neither.
@@ -26,25 +27,25 @@ them, so the API pays for neither.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from models.data.roots import DataRoot, InvalidData, inside
 from models.spec.plan import InputInfo
 from models.spec.trial import DataSpec
 
-__all__ = ["Dataset", "InputInfo", "InvalidData", "SHAPE_CLASSES", "describe", "load", "resolve_data_path"]
+__all__ = ["DataRoot", "Dataset", "InputInfo", "InvalidData", "SHAPE_CLASSES", "describe", "load"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 _MODE_CHANNELS = {"L": 1, "RGB": 3}
 # A label like 10**9 would silently build a head with a billion outputs.
 MAX_CLASSES = 10_000
-
-
-class InvalidData(ValueError):
-    """The data set named by a spec cannot be used; the message says why, in a person's words."""
+# What reading a damaged or unreadable npz raises, besides ValueError (which says what is wrong with an array).
+_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass
@@ -59,20 +60,11 @@ class Dataset:
     class_names: list[str]
 
 
-def resolve_data_path(root: Path, relative: str) -> Path:
-    """Resolve ``relative`` under ``root``, following symlinks; raise InvalidData if it leaves the root."""
-    try:
-        base = root.resolve(strict=True)
-    except OSError as exc:
-        raise InvalidData("the data root does not exist on this machine") from exc
-    target = (base / relative).resolve()
-    if not target.is_relative_to(base):
-        raise InvalidData(f"path {relative!r} leaves the data root")
-    return target
+def describe(spec: DataSpec, root: DataRoot | Path | None) -> InputInfo | None:
+    """Size the input without loading it; None for file data when this process has no data root.
 
-
-def describe(spec: DataSpec, root: Path | None) -> InputInfo | None:
-    """Size the input without loading it; None for file data when this process has no data root."""
+    ``root``: the data root as the spec's team sees it; a bare Path is a data root without teams.
+    """
     if spec.name == "digits":
         return InputInfo(channels=1, height=8, width=8, num_classes=10)
     if spec.name == "shapes":
@@ -80,16 +72,17 @@ def describe(spec: DataSpec, root: Path | None) -> InputInfo | None:
     if root is None:
         return None
     assert spec.path is not None, "DataSpec guarantees a path for file data sets"
+    root = _as_root(root)
     if spec.name == "npz":
-        return _describe_npz(resolve_data_path(root, spec.path), spec.path)
-    return _describe_folder(resolve_data_path(root, spec.path), spec.path, root)
+        return _describe_npz(root.find(spec.path), spec.path)
+    return _describe_folder(root, spec.path)
 
 
-def load(spec: DataSpec, root: Path | None) -> Dataset:
-    """Load, validate, split (seeded by ``spec.seed``) and normalise the data set a spec names."""
+def load(spec: DataSpec, root: DataRoot | Path | None) -> Dataset:
+    """Load, validate, split (seeded by ``spec.seed``) and normalise the data set a spec names (``root``: as in :func:`describe`)."""
     if spec.name in ("npz", "folder") and root is None:
         raise InvalidData(f"dataset {spec.name!r} needs a data root, and none is configured here")
-    images, labels, class_names = _LOADERS[spec.name](spec, root)
+    images, labels, class_names = _LOADERS[spec.name](spec, None if root is None else _as_root(root))
     _check_finite(images, spec.path or spec.name)
     train, val = _split(labels, spec.val_fraction, np.random.default_rng(spec.seed), spec.path or spec.name)
     x_train, x_val = _normalise(images[train], images[val])
@@ -101,10 +94,14 @@ def load(spec: DataSpec, root: Path | None) -> Dataset:
     )
 
 
+def _as_root(root: DataRoot | Path) -> DataRoot:
+    return root if isinstance(root, DataRoot) else DataRoot(root)
+
+
 # --- built-ins ------------------------------------------------------------------------------------
 
 
-def _load_digits(spec: DataSpec, root: Path | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_digits(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from sklearn.datasets import load_digits  # the API never loads data: keep sklearn out of it
 
     digits = load_digits()
@@ -112,7 +109,7 @@ def _load_digits(spec: DataSpec, root: Path | None) -> tuple[np.ndarray, np.ndar
     return images, digits.target.astype(np.int64), [str(d) for d in range(10)]
 
 
-def _load_shapes(spec: DataSpec, root: Path | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_shapes(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     images, labels = _make_shapes(spec.num_samples, spec.image_size, spec.num_classes, spec.seed)
     return images, labels, list(SHAPE_CLASSES[: spec.num_classes])
 
@@ -172,7 +169,7 @@ def _npy_header(archive: zipfile.ZipFile, member: str, shown: str) -> tuple[tupl
             version = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(f)
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, *_READ_ERRORS) as exc:
         raise InvalidData(f"{shown}: {member!r} is not a readable numpy array ({exc})") from exc
     return tuple(shape), dtype
 
@@ -195,9 +192,12 @@ def _image_layout(shape: tuple[int, ...], shown: str) -> tuple[int, int, int, bo
     )
 
 
-def _check_npz(path: Path, shown: str) -> tuple[tuple[int, int, int, bool], np.ndarray]:
-    """Validate an npz's arrays (shapes, dtypes, labels); return the image layout and the labels."""
-    if not path.is_file():
+def _check_npz(path: Path | None, shown: str) -> tuple[tuple[int, int, int, bool], np.ndarray]:
+    """Validate an npz's arrays (shapes, dtypes, labels); return the image layout and the labels.
+
+    ``path`` None (it leaves the caller's folders) is answered as a file that does not exist.
+    """
+    if path is None or not _exists(path, Path.is_file):
         raise InvalidData(f"{shown}: no such file under the data root")
     try:
         with zipfile.ZipFile(path) as archive:
@@ -208,17 +208,34 @@ def _check_npz(path: Path, shown: str) -> tuple[tuple[int, int, int, bool], np.n
             shape, dtype = _npy_header(archive, "images.npy", shown)
     except zipfile.BadZipFile as exc:
         raise InvalidData(f"{shown}: not an npz (zip) file") from exc
+    except OSError as exc:  # its strerror only: the exception's text names the file under the root
+        raise InvalidData(f"{shown}: the file cannot be read ({exc.strerror or type(exc).__name__})") from exc
     if dtype.kind not in "uif":
         raise InvalidData(f"{shown}: 'images' has dtype {dtype}; expected numbers (uint8 or float)")
     layout = _image_layout(shape, shown)
     if min(shape) < 1:
         raise InvalidData(f"{shown}: 'images' has shape {shape}, with an empty axis")
+    labels = _read_array(path, "labels", shown)  # small, and the class count needs its maximum
+    return layout, _check_labels(labels, shape[0], shown)
+
+
+def _read_array(path: Path, name: str, shown: str) -> np.ndarray:
+    """The array ``name`` of the npz at ``path``; InvalidData when it cannot be read."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            labels = npz["labels"]  # small, and the class count needs its maximum
+            return npz[name]
     except ValueError as exc:  # object arrays need pickle, which user files never get
-        raise InvalidData(f"{shown}: 'labels' is not a plain numeric array ({exc})") from exc
-    return layout, _check_labels(labels, shape[0], shown)
+        raise InvalidData(f"{shown}: {name!r} is not a plain numeric array ({exc})") from exc
+    except _READ_ERRORS as exc:
+        raise InvalidData(f"{shown}: {name!r} cannot be read: the file is damaged or unreadable") from exc
+
+
+def _exists(path: Path, kind: Callable[[Path], bool]) -> bool:
+    """``kind(path)`` (Path.is_file, Path.is_dir), False where the check itself fails (no permission)."""
+    try:
+        return kind(path)
+    except OSError:
+        return False
 
 
 def _check_labels(labels: np.ndarray, n: int, shown: str) -> np.ndarray:
@@ -236,17 +253,17 @@ def _check_labels(labels: np.ndarray, n: int, shown: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _describe_npz(path: Path, shown: str) -> InputInfo:
+def _describe_npz(path: Path | None, shown: str) -> InputInfo:
     (c, h, w, _), labels = _check_npz(path, shown)
     return InputInfo(channels=c, height=h, width=w, num_classes=int(labels.max()) + 1)
 
 
-def _load_npz(spec: DataSpec, root: Path | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_npz(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     assert root is not None and spec.path is not None
-    path = resolve_data_path(root, spec.path)
+    path = root.find(spec.path)
     (_, _, _, channels_last), labels = _check_npz(path, spec.path)
-    with np.load(path, allow_pickle=False) as npz:
-        images = npz["images"].astype(np.float32)
+    assert path is not None, "_check_npz refuses a path that leaves the caller's folders"
+    images = _read_array(path, "images", spec.path).astype(np.float32)
     if images.ndim == 3:
         images = images[:, None]
     elif channels_last:
@@ -257,20 +274,24 @@ def _load_npz(spec: DataSpec, root: Path | None) -> tuple[np.ndarray, np.ndarray
 # --- folder ---------------------------------------------------------------------------------------
 
 
-def _class_files(path: Path, shown: str, root: Path) -> list[tuple[str, list[Path]]]:
-    """Sorted (class name, sorted image paths) of every sub-folder that holds at least one image."""
-    if not path.is_dir():
+def _class_files(root: DataRoot, shown: str) -> list[tuple[str, list[Path]]]:
+    """Sorted (class name, sorted image paths) of every sub-folder that holds at least one image.
+
+    A class folder or image that leads out of the caller's folders (a symlink) counts as not there,
+    like one that does not exist: what it points at, and whether it exists, stays unknown.
+    """
+    path, folder = root.find(shown), root.folder_of(shown)
+    if path is None or folder is None or not _exists(path, Path.is_dir):
         raise InvalidData(f"{shown}: no such folder under the data root")
-    base = root.resolve()
     classes = []
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        for f in files:
-            # A symlinked class folder or image must not reach outside the root either.
-            if not f.resolve().is_relative_to(base):
-                raise InvalidData(f"path {f'{shown}/{sub.name}/{f.name}'!r} leaves the data root")
-        if files:
-            classes.append((sub.name, files))
+    try:
+        subs = sorted(p for p in path.iterdir() if not p.name.startswith(".") and inside(p, folder) and _exists(p, Path.is_dir))
+        for sub in subs:
+            files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and inside(p, folder) and _exists(p, Path.is_file))
+            if files:
+                classes.append((sub.name, files))
+    except OSError as exc:  # its strerror only: the exception's text names the folder under the root
+        raise InvalidData(f"{shown}: the folder cannot be read ({exc.strerror or type(exc).__name__})") from exc
     if len(classes) < 2:
         raise InvalidData(
             f"{shown}: found {len(classes)} class sub-folder(s) with images; a classifier needs at least 2"
@@ -289,19 +310,19 @@ def _first_image_info(first: Path, shown: str) -> tuple[str, tuple[int, int]]:
         raise InvalidData(f"{shown}/{first.parent.name}/{first.name}: not a readable image") from exc
 
 
-def _describe_folder(path: Path, shown: str, root: Path) -> InputInfo:
-    classes = _class_files(path, shown, root)
+def _describe_folder(root: DataRoot, shown: str) -> InputInfo:
+    classes = _class_files(root, shown)
     mode, (width, height) = _first_image_info(classes[0][1][0], shown)
     return InputInfo(channels=_MODE_CHANNELS[mode], height=height, width=width, num_classes=len(classes))
 
 
-def _load_folder(spec: DataSpec, root: Path | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_folder(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read every image; each is converted to the first one's mode and resized to its size (bilinear)."""
     from PIL import Image, UnidentifiedImageError
 
     assert root is not None and spec.path is not None
     shown = spec.path
-    classes = _class_files(resolve_data_path(root, spec.path), shown, root)
+    classes = _class_files(root, shown)
     mode, size = _first_image_info(classes[0][1][0], shown)
     images, labels = [], []
     for k, (name, files) in enumerate(classes):
@@ -355,7 +376,7 @@ def _normalise(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.n
     return (x_train - mean) / std, (x_val - mean) / std
 
 
-_Loader = Callable[[DataSpec, Path | None], tuple[np.ndarray, np.ndarray, list[str]]]
+_Loader = Callable[[DataSpec, DataRoot | None], tuple[np.ndarray, np.ndarray, list[str]]]
 _LOADERS: dict[str, _Loader] = {
     "digits": _load_digits, "shapes": _load_shapes, "npz": _load_npz, "folder": _load_folder,
 }

@@ -117,7 +117,7 @@ class StudySpec(Spec):
         default_factory=dict, max_length=20, description="Free-form tags copied to the study's parent run.",
     )
     callback_url: HttpUrl | None = Field(
-        default=None, description="Receives a signed POST (X-Convtune-Signature) when the study ends; retried with backoff (docs/api.md).",
+        default=None, description="Receives a POST signed for the team (Standard Webhooks) when the study ends; retried with backoff (docs/api.md). Never written to MLflow.",
     )
     lr_auto: LrAutoSpec | None = Field(
         default=None,

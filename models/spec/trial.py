@@ -269,7 +269,7 @@ class TrialSpec(Spec):
     )
     callback_url: HttpUrl | None = Field(
         default=None,
-        description="Receives a signed POST (X-Convtune-Signature, HMAC-SHA256) when the trial ends; retried with backoff. Not an MLflow param.",
+        description="Receives a POST signed for the team (Standard Webhooks, HMAC-SHA256) when the trial ends; retried with backoff. Never written to MLflow.",
     )
     latency: LatencySpec | None = Field(
         default=None, description="Measure inference latency at the end of training (latency_ms, latency_ms_batch metrics); off when absent.",

@@ -20,22 +20,25 @@ The functions take an ``MlflowClient``; the API translates MLflow's errors where
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from models.store.teams import TEAM_TAG, team_of
+from models.sealing import SealBroken, split_secrets, with_secrets
+from models.store.teams import TEAM_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric, RunInfo
     from mlflow.tracking import MlflowClient
 
+    from models.sealing import Sealer
     from models.spec.plan import NetworkPlan
     from models.spec.trial import TrialSpec
 
 __all__ = [
-    "EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status", "create_run", "create_started_run", "end_run", "registered_owner",
-    "reopen_run", "start_run", "study_state", "trial_tags",
+    "EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status", "create_run", "create_started_run", "end_run",
+    "reopen_run", "run_spec", "spec_tags", "start_run", "study_state", "trial_tags",
 ]
 
 # Every ended trial carries exactly one outcome; 'succeeded' is the only good one.
@@ -67,7 +70,8 @@ class TAG:
     KIND = "convtune.kind"  # "trial", "study" or "lr_finder" (see KIND)
     OUTCOME = "convtune.outcome"
     REASON = "convtune.reason"
-    SPEC = "convtune.spec"  # the validated TrialSpec (or LrRangeSpec) as JSON
+    SPEC = "convtune.spec"  # the validated TrialSpec (or LrRangeSpec) as JSON, its secret fields null (models.sealing)
+    SEALED = "convtune.sealed"  # those secret fields, sealed with the service's key (models.sealing.Sealer)
     OWNER = "convtune.owner"  # the name of the API token that submitted it
     TEAM = TEAM_TAG  # the team of that token: who may read and change it (models.store.teams)
     PARAMS_COUNT = "convtune.params_count"
@@ -114,20 +118,6 @@ class TAG:
     EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
-def registered_owner(client: MlflowClient, name: str) -> str | None:
-    """The team that owns the registered model ``name`` (the first to register it): None when there is no such
-    model, ``""`` when it exists without an owner (registered by hand, or before owners were recorded)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    return team_of(model.tags) or ""
-
-
 def client_status(mlflow_status: str, outcome: str | None) -> str:
     """The status a client sees (``queued`` ... ``failed``) of a run's MLflow status and outcome tag."""
     by_mlflow = {"SCHEDULED": "queued", "RUNNING": "running", "KILLED": "cancelled"}
@@ -145,16 +135,50 @@ def study_state(mlflow_status: str, stopped: str = "") -> str:
     return {"SCHEDULED": "queued", "RUNNING": "running", "FINISHED": "succeeded", "KILLED": "cancelled"}.get(mlflow_status, "failed")
 
 
-def trial_tags(spec: TrialSpec, plan: NetworkPlan | None, queue: str, **extra: str) -> dict[str, str]:
-    """The tags a trial's run is created with, by the API or by a study's step (``extra``: owner, study...)."""
+def trial_tags(spec: TrialSpec, plan: NetworkPlan | None, queue: str, sealer: Sealer | None = None, **extra: str) -> dict[str, str]:
+    """The tags a trial's run is created with, by the API or by a study's step (``extra``: owner, study...).
+
+    Its secret fields are sealed with ``sealer`` (:func:`spec_tags`); a study's trial has none to keep
+    (the study's spec, in the Optuna storage, holds its callback).
+    """
     return {
         TAG.KIND: KIND.TRIAL,
-        TAG.SPEC: spec.model_dump_json(),
+        **spec_tags(spec.model_dump(mode="json"), sealer),
         TAG.QUEUE: queue,
         **({TAG.PARAMS_COUNT: str(plan.params), TAG.FLOPS: str(plan.flops)} if plan else {}),
         **{f"user.{k}": v for k, v in spec.tags.items()},
         **extra,
     }
+
+
+def spec_tags(document: dict[str, Any], sealer: Sealer | None) -> dict[str, str]:
+    """``TAG.SPEC``, the spec (as JSON) with its secret fields null, and ``TAG.SEALED``, those fields sealed.
+
+    Without a ``sealer`` the secrets are dropped: MLflow never holds one in clear (models.sealing).
+    """
+    public, secrets = split_secrets(document)
+    tags = {TAG.SPEC: json.dumps(public, separators=(",", ":"))}
+    if secrets and sealer is not None:
+        tags[TAG.SEALED] = sealer.seal(secrets)
+    return tags
+
+
+def run_spec(tags: Mapping[str, str], sealer: Sealer | None) -> dict[str, Any] | None:
+    """The spec a run was submitted with, its sealed secrets put back: what a message for it carries.
+
+    None when the run has no spec tag. Raises models.sealing.SealBroken when it has sealed secrets that
+    ``sealer`` cannot open (or there is no sealer).
+    """
+    raw = tags.get(TAG.SPEC)
+    if raw is None:
+        return None
+    spec = json.loads(raw)
+    sealed = tags.get(TAG.SEALED)
+    if not sealed:
+        return spec
+    if sealer is None:
+        raise SealBroken("the run's secrets are sealed and this process has no secret key (CONVTUNE_SECRET_KEY) to open them")
+    return with_secrets(spec, sealer.unseal(sealed))
 
 
 def create_run(

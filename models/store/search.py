@@ -11,7 +11,7 @@ decoded by :func:`decode_params`. This module imports optuna but never torch.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +68,41 @@ def storage_kind(url: str) -> str:
     return url.split(":", 1)[0].split("+", 1)[0] if "://" in url else "journal"
 
 
-@lru_cache(maxsize=8)
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """A journal file (a path: one host, many processes) or an RDB storage (a database URL: many hosts).
 
     One per process and URL: the journal storage replays its log incrementally, the RDB storage
-    keeps a connection pool.
+    keeps a connection pool. A forked child opens its own (:func:`_forget_storages`).
     """
+    storage = _STORAGES.get(url)
+    if storage is None:
+        storage = _STORAGES[url] = _open_storage(url)
+    return storage
+
+
+def _forget_storages() -> None:
+    """After a fork, in the child: drop the parent's storages, never using or closing what they hold.
+
+    Celery's prefork pool forks a replacement training process from the worker's main process, where
+    the reconciler has used the storage: the child would share the parent's database sockets, and a
+    journal storage's lock may have been held by a parent thread at the moment of the fork.
+    ``dispose(close=False)`` leaves the parent's connections to the parent (SQLAlchemy's advice for
+    forked children).
+    """
+    for storage in _STORAGES.values():
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            engine.dispose(close=False)
+    _STORAGES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_storages)
+
+
+def _open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 

@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["TEAM_NAME", "TEAM_TAG", "experiment_ids", "experiment_name", "team_of"]
+__all__ = ["ANONYMOUS_OWNER", "TEAM_NAME", "TEAM_TAG", "callback_team", "experiment_ids", "experiment_name", "team_of"]
 
 # A team's name goes into experiment names, Redis keys and MLflow filters: nothing that needs quoting.
 TEAM_NAME = r"^[A-Za-z0-9_.@\-]{1,64}$"
 _TEAM = re.compile(TEAM_NAME)
 TEAM_TAG = "convtune.team"
 _OWNER_TAG = "convtune.owner"
+# The owner of work submitted with authentication off (service.api.auth.ANONYMOUS).
+ANONYMOUS_OWNER = "anonymous"
 
 
 def experiment_name(base: str, team: str | None) -> str:
@@ -39,6 +41,13 @@ def experiment_name(base: str, team: str | None) -> str:
 def team_of(tags: Mapping[str, str]) -> str | None:
     """The team a run (or registered model) belongs to: its team tag, else the token that made it; None when neither."""
     return tags.get(TEAM_TAG) or tags.get(_OWNER_TAG) or None
+
+
+def callback_team(tags: Mapping[str, str]) -> str | None:
+    """The team whose key signs a run's callbacks (:func:`team_of`); None (the default team's key) for work submitted
+    with authentication off, whose owner is the anonymous caller and which has no team tag."""
+    team = team_of(tags)
+    return None if team == ANONYMOUS_OWNER and TEAM_TAG not in tags else team
 
 
 def experiment_ids(client: MlflowClient, base: str) -> list[str]:

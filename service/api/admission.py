@@ -11,12 +11,11 @@ import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as ResolveTimeout
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from models.data import InvalidData, describe
+from models.data import DataRoot, InvalidData, data_root_for, describe
 from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network
 from models.spec.space import MAX_COMBINATIONS, SearchedStudy, apply_params, corner_points, param_values
 from models.spec.trial import TrialSpec
@@ -30,12 +29,12 @@ RESOLVE_TIMEOUT_S = 2.0  # a callback host's DNS lookup at submit; past it the c
 _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-dns")
 
 
-def admit_trial(spec: TrialSpec, settings: ApiSettings, field_prefix: str = "") -> NetworkPlan | None:
-    """Check a trial spec against this service's limits; its network plan (None when only workers see its data)."""
+def admit_trial(spec: TrialSpec, settings: ApiSettings, team: str | None, field_prefix: str = "") -> NetworkPlan | None:
+    """Check a trial spec of ``team`` against this service's limits; its network plan (None when only workers see its data)."""
     if spec.optim.epochs > settings.max_epochs:
         _refuse(f"{field_prefix}optim.epochs", f"at most {settings.max_epochs} epochs are allowed on this service")
     check_callback_url(spec.callback_url, settings, f"{field_prefix}callback_url")
-    plan = check_feasible(spec, settings.data_root, field_prefix)
+    plan = check_feasible(spec, data_root_for(settings.data_root, team), field_prefix)
     _check_size(plan, settings, field_prefix)
     check_dataset_size(spec, settings, field_prefix)
     return plan
@@ -55,18 +54,18 @@ def check_dataset_size(spec: TrialSpec, settings: ApiSettings, field_prefix: str
         )
 
 
-def check_params(spec: TrialSpec, settings: ApiSettings, field_prefix: str = "") -> None:
+def check_params(spec: TrialSpec, settings: ApiSettings, team: str | None, field_prefix: str = "") -> None:
     """The size limit alone, for a study's base: its feasibility is the search space's to judge (a searched
     field may replace what makes the base infeasible), so an infeasible base is not refused here."""
     try:
-        plan = check_feasible(spec, settings.data_root, field_prefix)
+        plan = check_feasible(spec, data_root_for(settings.data_root, team), field_prefix)
     except InvalidSpec:
         return
     _check_size(plan, settings, field_prefix)
 
 
-def check_space(spec: SearchedStudy, settings: ApiSettings) -> None:
-    """A study's limits beyond its base: the epochs its space may set, and the size of every configuration it makes.
+def check_space(spec: SearchedStudy, settings: ApiSettings, team: str | None) -> None:
+    """A study's limits beyond its base (``team``'s data): the epochs its space may set, and the size of every configuration it makes.
 
     Each corner combination of the space (:func:`models.spec.space.corner_points`: a range's ends, every
     choice) that is a feasible trial is sized like one; one over a limit is a 422 naming the searched
@@ -81,7 +80,7 @@ def check_space(spec: SearchedStudy, settings: ApiSettings) -> None:
     if not any(key == "model" or key.startswith("model.") for key in spec.search_space):
         return  # the network is the base's, which check_params sized
     try:
-        info = describe(spec.base.data, settings.data_root)
+        info = describe(spec.base.data, data_root_for(settings.data_root, team))
     except InvalidData:
         return  # the study's data check refuses it, naming base.data.path
     if info is None:
@@ -122,10 +121,11 @@ def _check_size(plan: NetworkPlan | None, settings: ApiSettings, field_prefix: s
         _refuse(f"{field_prefix}model.channels", problem)
 
 
-def check_feasible(spec: TrialSpec, data_root: Path | None, field_prefix: str = "") -> NetworkPlan | None:
-    """Size the network on its data without torch; None when only the workers can see the data.
+def check_feasible(spec: TrialSpec, data_root: DataRoot | None, field_prefix: str = "") -> NetworkPlan | None:
+    """Size the network on its data (``data_root``: as its team sees it) without torch; None when only the workers can see the data.
 
-    Raises InvalidSpec when user data is unusable and InfeasibleSpec naming the layer and sizes.
+    Raises InvalidSpec when user data is unusable (missing, another team's, unreadable: a 422 naming
+    ``data.path``) and InfeasibleSpec naming the layer and sizes.
     """
     try:
         info = describe(spec.data, data_root)
@@ -142,13 +142,16 @@ def check_feasible(spec: TrialSpec, data_root: Path | None, field_prefix: str = 
 def check_callback_url(url: object | None, settings: ApiSettings, field: str) -> None:
     """Refuse (422 on ``field``) a callback URL the workers may not POST to from inside the network.
 
-    A host must match ``CONVTUNE_CALLBACK_HOSTS`` when that list is set. Its address, a literal or every
+    Callbacks need the service's secret key (it seals the URL in MLflow and signs the events). A host
+    must match ``CONVTUNE_CALLBACK_HOSTS`` when that list is set. Its address, a literal or every
     address its name resolves to now, must be public (or in ``CONVTUNE_CALLBACK_ALLOWED_NETWORKS``) and
     its port allowed. A name that does not resolve here in ``RESOLVE_TIMEOUT_S`` passes: the callback
     worker checks the addresses it connects to, whatever this check saw (no DNS rebinding).
     """
     if url is None:
         return
+    if not settings.master_key:
+        _refuse(field, "this service has no secret key (CONVTUNE_SECRET_KEY), so callbacks are off: it could neither keep the URL secret nor sign the events")
     parts = urlsplit(str(url))
     host = (parts.hostname or "").lower().removesuffix(".")  # "localhost." is localhost
     port = parts.port or (443 if parts.scheme == "https" else 80)

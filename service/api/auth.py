@@ -30,7 +30,9 @@ from typing import Any
 
 from flask import Flask, g, request
 
-from models.store.teams import team_of
+from models.sealing import SECRET_FIELDS, SealBroken, Sealer, shown_secrets, with_secrets
+from models.store.runs import TAG
+from models.store.teams import ANONYMOUS_OWNER, team_of
 from service.api.errors import Forbidden, NotFound, Unauthorized
 from service.api.settings import ApiSettings, TokenConfig
 
@@ -78,7 +80,7 @@ class Principal:
         return self.is_admin or (team is not None and team == self.team)
 
 
-ANONYMOUS = Principal("anonymous", frozenset({"admin"}))
+ANONYMOUS = Principal(ANONYMOUS_OWNER, frozenset({"admin"}))
 
 
 def hash_token(token: str) -> str:
@@ -142,17 +144,24 @@ def is_owner(tags: Mapping[str, str]) -> bool:
     return current_principal().may_change(team_of(tags))
 
 
-SECRET_FIELDS = frozenset({"callback_url"})
 REDACTED = "(redacted: only its owner and admins see it)"
 
 
-def redacted(document: Any, tags: Mapping[str, str]) -> Any:
-    """``document`` (a submitted spec as JSON) with every secret-bearing field hidden unless the caller's team owns it.
+def redacted(document: Any, tags: Mapping[str, str], sealer: Sealer | None = None) -> Any:
+    """``document`` (a submitted spec as JSON) as answers show it: never a secret field's value (models.sealing).
 
-    Runs recorded since secrets left MLflow hold none to hide; this guards the older ones.
+    Its team and admins see where a callback goes (``https://host:port/...``), others that there is one.
+    The value is the run's sealed one (``sealer`` opens it), or, on runs recorded before secrets left
+    MLflow, the one still in the spec; a study's comes from its spec in the Optuna storage.
     """
+    sealed = tags.get(TAG.SEALED)
+    if sealed and sealer is not None:
+        try:
+            document = with_secrets(document, sealer.unseal(sealed))
+        except SealBroken as exc:
+            log.warning("a run's callback cannot be shown: %s", exc)
     if is_owner(tags):
-        return document
+        return shown_secrets(document)
     return _redact(document)
 
 

@@ -14,7 +14,9 @@ import redis
 from models.callbacks import trial_ended_event
 from models.messages import CALLBACK_QUEUE, CallbackMessage
 from models.store.keys import OUTCOME_COUNTS_KEY
-from models.store.runs import TAG
+from models.sealing import SealBroken
+from models.store.runs import TAG, run_spec
+from models.store.teams import callback_team
 from service.api.errors import ServiceUnavailable
 from service.api.runs import RunRecord
 from service.api.wiring import services
@@ -31,7 +33,11 @@ def notify_ended_by_api(record: RunRecord) -> None:
         s.redis.hincrby(OUTCOME_COUNTS_KEY, record.outcome or "error", 1)
     except redis.RedisError as exc:
         log.warning("could not count the ending of trial %s: %s", record.id, exc)
-    url = (record.submitted_spec or {}).get("callback_url")
+    try:
+        url = (run_spec(record.tags, s.settings.sealer()) or {}).get("callback_url")
+    except SealBroken as exc:
+        log.error("trial %s: its callback cannot be sent: %s", record.id, exc)
+        return
     if not url:
         return
     event = trial_ended_event(
@@ -39,6 +45,6 @@ def notify_ended_by_api(record: RunRecord) -> None:
         reason=record.tags.get(TAG.REASON, ""), metrics=record.metrics, study_id=record.tags.get(TAG.STUDY_ID),
     )
     try:
-        s.send(CallbackMessage(url=url, event=event), CALLBACK_QUEUE)
+        s.send(CallbackMessage(url=url, event=event, team=callback_team(record.tags)), CALLBACK_QUEUE)
     except ServiceUnavailable as exc:  # the trial is cancelled all the same; say why its callback will not come
         log.error("trial %s: its callback could not be queued: %s", record.id, exc)

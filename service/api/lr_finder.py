@@ -19,7 +19,7 @@ from models.logs import bind
 from models.messages import RangeTestMessage
 from models.spec.trial import flatten_params
 from models.spec.tuning import LrRangeSpec
-from models.store.runs import KIND, TAG
+from models.store.runs import KIND, TAG, spec_tags
 from service.api.admission import admit_trial
 from service.api.auth import check_owner, current_principal, redacted
 from service.api.errors import Conflict, ServiceUnavailable
@@ -90,15 +90,15 @@ class LrFinderPublic(BaseModel):
 def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     """Submit a learning-rate range test of a trial spec; its URL gives the suggested and largest stable LR."""
     s = services()
-    admit_trial(body.trial, s.settings, field_prefix="trial.")
     principal = current_principal()
+    admit_trial(body.trial, s.settings, principal.team, field_prefix="trial.")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
     queue = body.trial.queue or s.settings.default_queue
     o = body.trial.optim
     name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
     params = {**flatten_params(body.trial), **{f"lr_finder.{k}": str(v) for k, v in body.model_dump(exclude={"trial"}).items()}}
     tags = {
-        TAG.KIND: KIND.LR_FINDER, TAG.SPEC: body.model_dump_json(), TAG.QUEUE: queue,
+        TAG.KIND: KIND.LR_FINDER, **spec_tags(body.model_dump(mode="json"), s.settings.sealer()), TAG.QUEUE: queue,
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
     test_id = s.runs.create(name, tags, params, principal)
@@ -152,7 +152,7 @@ def range_test_public(record: RunRecord, with_curve: bool = True) -> LrFinderPub
     return LrFinderPublic(
         id=record.id, name=record.tags.get(TAG.RUN_NAME), status=record.status, outcome=record.outcome, reason=record.tags.get(TAG.REASON),
         queue=record.tags.get(TAG.QUEUE), steps=spec.get("steps"), steps_done=int(record.tags.get(TAG.STEPS_DONE, 0)),
-        suggested_lr=suggested, largest_stable_lr=largest, search_range=search, curve=curve, spec=redacted(spec, record.tags) or None,
+        suggested_lr=suggested, largest_stable_lr=largest, search_range=search, curve=curve, spec=redacted(spec, record.tags, s.settings.sealer()) or None,
         timings=record.timings(), mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
     )
 

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from models.store import runs
+from models.store.access import AccessNotGranted, TeamAccess
 from models.store.runs import EXPERIMENT_KIND, KIND, TAG, TERMINAL_STATUSES, client_status
 from models.store.teams import experiment_ids, experiment_name
 from service.api.auth import Principal, check_visible
@@ -93,7 +94,7 @@ class RunRecord:
 class RunStore:
     """Create, read and end convtune's MLflow runs."""
 
-    def __init__(self, tracking_uri: str, experiment: str):
+    def __init__(self, tracking_uri: str, experiment: str, access: TeamAccess | None = None):
         # Fail fast instead of MLflow's default minutes of retries: the API answers 503 instead.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -103,6 +104,8 @@ class RunStore:
         self.client = MlflowClient(tracking_uri)
         self.experiment = experiment
         self._experiment_ids: dict[str | None, str] = {}
+        self.access = access  # with MLflow's basic-auth: each team's people read its experiment (models.store.access)
+        self._team_reads: set[str] = set()  # teams granted READ on their experiment by this process
 
     @contextmanager
     def translated(self, run_id: str | None = None, what: str = "trial") -> Iterator[None]:
@@ -127,7 +130,21 @@ class RunStore:
             with self.translated():
                 found = self.client.get_experiment_by_name(name)
                 self._experiment_ids[team] = found.experiment_id if found is not None else self._create_experiment(name, team)
+        if team is not None and self.access is not None and team not in self._team_reads:
+            self._let_team_read(team, self._experiment_ids[team])
         return self._experiment_ids[team]
+
+    def _let_team_read(self, team: str, experiment_id: str) -> None:
+        """Grant ``team``'s MLflow role READ on its experiment, once per process (idempotent: also repairs a grant an earlier
+        process could not make). Best-effort: a refusal is logged and retried at the next use; the run is created either way."""
+        try:
+            self.access.grant_experiment(team, experiment_id)
+        except AccessNotGranted as exc:
+            log.warning(
+                "team %s's people cannot read its MLflow experiment %s yet (convtune mlflow-access sync grants it): %s", team, experiment_id, exc,
+            )
+            return
+        self._team_reads.add(team)
 
     def _create_experiment(self, name: str, team: str | None) -> str:
         from mlflow.exceptions import MlflowException

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.callbacks import CallbackDestinations
+from models.data import RESERVED_TEAM_NAMES
+from models.sealing import SecretKeySettings
 from models.store.placement import StudyPlacement
 from models.store.teams import TEAM_NAME
 
@@ -35,8 +37,15 @@ class TokenConfig(BaseModel):
     def team_name(self) -> str:
         return self.team or self.name
 
+    @model_validator(mode="after")
+    def _team_has_a_data_folder(self) -> TokenConfig:
+        # A team reads data under <data_root>/<team>/ (models.data.roots): 'shared' is every team's folder.
+        if self.team_name in RESERVED_TEAM_NAMES:
+            raise ValueError(f"no team may be named {self.team_name!r} (reserved: {', '.join(sorted(RESERVED_TEAM_NAMES))}); set another team")
+        return self
 
-class ApiSettings(BaseSettings, CallbackDestinations, StudyPlacement):
+
+class ApiSettings(BaseSettings, CallbackDestinations, SecretKeySettings, StudyPlacement):
     """Settings of the API; built once in ``create_app`` and passed to whatever needs them."""
 
     # hide_input_in_errors: a refused setting is logged at start-up without the values (URLs with passwords, tokens) beside it.
@@ -45,6 +54,13 @@ class ApiSettings(BaseSettings, CallbackDestinations, StudyPlacement):
     redis_url: str = "redis://127.0.0.1:6379/0"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     mlflow_ui_url: str | None = Field(default=None, description="Address people open the MLflow UI at; the tracking URI when unset.")
+    mlflow_team_access: bool = Field(
+        default=False,
+        description=(
+            "MLflow runs basic-auth with default_permission NO_PERMISSIONS: grant each team's MLflow role (convtune-team-<team>) "
+            "READ on the team's experiment and registered models (docs/mlflow-access.md). Off for the one-host stack (no MLflow users)."
+        ),
+    )
     experiment: str = Field(
         default="convtune", pattern=r"^[^/']{1,200}$",
         description="The MLflow experiment convtune records runs in; with authentication on, each team's go in '{experiment}/{team}'.",

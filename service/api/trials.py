@@ -97,10 +97,10 @@ class Accepted:
 
 def accept_trial(s: Services, spec: TrialSpec, principal: Principal) -> Accepted:
     """Check, record (the SCHEDULED run), send; a message not sent ends the run failed and raises 503."""
-    plan = admit_trial(spec, s.settings)
+    plan = admit_trial(spec, s.settings, principal.team)
     check_queued_quota(s.runs, s.redis, principal, s.settings)
     queue = spec.queue or s.settings.default_queue
-    trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue), flatten_params(spec), principal)
+    trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, s.settings.sealer()), flatten_params(spec), principal)
     try:
         s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
     except ServiceUnavailable as exc:
@@ -148,7 +148,7 @@ def trial_public(record: RunRecord, with_history: bool = True) -> TrialPublic:
         reason=tags.get(TAG.REASON), queue=tags.get(TAG.QUEUE), epochs_done=int(tags.get(TAG.EPOCHS_DONE, 0)),
         epochs=spec.get("optim", {}).get("epochs"), metrics=record.metrics, best=best,
         params_count=_int(tags.get(TAG.PARAMS_COUNT)), flops_per_sample=_int(tags.get(TAG.FLOPS)),
-        timings=record.timings(), spec=redacted(spec, tags) or None, mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
+        timings=record.timings(), spec=redacted(spec, tags, s.settings.sealer()) or None, mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
     )
 
 

@@ -9,6 +9,7 @@ from celery import Celery
 from flask import Flask, current_app
 
 from models.messages import Message, NotSent, celery_config, send
+from models.store.access import TeamAccess
 from service.api.errors import ServiceUnavailable
 from service.api.runs import RunStore
 from service.api.settings import ApiSettings
@@ -33,7 +34,8 @@ class Services:
 
 def init_app(app: Flask, settings: ApiSettings) -> Services:
     """Build the MLflow store, the Redis client and the Celery sender for ``app``."""
-    runs = RunStore(settings.mlflow_tracking_uri, settings.experiment)
+    access = TeamAccess(settings.mlflow_tracking_uri) if settings.mlflow_team_access else None
+    runs = RunStore(settings.mlflow_tracking_uri, settings.experiment, access)
     # Bounded, never retried by redis-py (from_url): Redis down or stalled answers 503 within seconds.
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
     celery = Celery("convtune-api", set_as_current=False)

@@ -1,4 +1,5 @@
-"""The ``convtune`` command: run the stack's processes (here: api, worker, up, demo, token), and
+"""The ``convtune`` command: run the stack's processes (here: api, worker, up, demo, token; and
+:mod:`service.cli.access`: mlflow-access, who reads a team's work in MLflow), and
 drive the API from a shell or CI (:mod:`service.cli.runs`: submit, study create, status, wait,
 cancel, best, lr-find).
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import click
 
+from service.cli.access import mlflow_access
 from service.cli.calls import run_client
 from service.cli.follow import EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from service.cli.runs import RUN_COMMANDS
@@ -33,6 +35,7 @@ def main() -> None:
 
 for _command in RUN_COMMANDS:  # submit, study create, status, wait, cancel, best, lr-find
     main.add_command(_command)
+main.add_command(mlflow_access)  # sync, add, remove: who reads a team's work in MLflow
 
 
 @main.command()
@@ -174,3 +177,24 @@ def token(name: str, scopes: tuple[str, ...], team: str | None) -> None:
     click.echo(secret)
     click.echo("entry for the API's CONVTUNE_AUTH_TOKENS (a JSON list of these):", err=True)
     click.echo(entry.model_dump_json(exclude_none=True), err=True)
+    if os.environ.get("CONVTUNE_SECRET_KEY") or os.environ.get("CONVTUNE_CALLBACK_SECRET"):
+        _echo_webhook_key(entry.team_name, err=True)  # stdout stays the token alone: TOKEN=$(convtune token NAME)
+
+
+@main.command("webhook-key")
+@click.option("--team", required=True, help="The team whose callback receivers verify with it ('default': callbacks without authentication).")
+def webhook_key(team: str) -> None:
+    """Print a team's webhook signing key (whsec_...), derived from CONVTUNE_SECRET_KEY in this environment."""
+    if not (os.environ.get("CONVTUNE_SECRET_KEY") or os.environ.get("CONVTUNE_CALLBACK_SECRET")):
+        raise click.UsageError("set CONVTUNE_SECRET_KEY (the API's and workers' secret key) in this environment: the key is derived from it")
+    _echo_webhook_key(team)
+
+
+def _echo_webhook_key(team: str, err: bool = False) -> None:
+    """Print ``team``'s current webhook key (on stdout, or stderr with ``err``), what it is on stderr."""
+    from service.api.settings import ApiSettings
+    from service.api.teams import team_webhook_key
+
+    key = team_webhook_key(ApiSettings(), team)
+    click.echo(f"webhook key of team {team!r}, version {key.version} (its callback receivers verify signatures with it):", err=True)
+    click.echo(key.secret, err=err)

@@ -4,7 +4,8 @@ Every process is started in its own session and stopped by pid, in reverse order
 or SIGTERM, or when any of them dies (its log tail is printed then). On Linux each one is also tied to
 the supervisor's life: if the supervisor is killed outright (SIGKILL, OOM), the kernel sends every
 child SIGTERM, so no stale worker lives on to take the next stack's trials. Logs go to
-``HOME/logs/NAME.log``. A Redis started here keeps an append-only file in ``HOME/redis``, so queued
+``HOME/logs/NAME.log``. The stack's secret key (callbacks need one) is made once and kept in
+``HOME/secret_key``; ``CONVTUNE_SECRET_KEY`` in the environment overrides it. A Redis started here keeps an append-only file in ``HOME/redis``, so queued
 messages outlive a restart of the stack. ``convtune worker`` ties its Celery processes to its own
 life with the same functions (:func:`spawn`, :func:`stop_processes`, :func:`stop_on_signals`).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -191,12 +193,23 @@ class Stack:
             "CONVTUNE_DEFAULT_QUEUE": "gpu" if gpu_count() else "cpu",
             # The local stack serves one person on 127.0.0.1: no tokens (the API warns at start-up).
             "CONVTUNE_AUTH_DISABLED": os.environ.get("CONVTUNE_AUTH_DISABLED", "true"),
+            # Callbacks need it (it seals their URLs in MLflow and signs them): the API and workers share this stack's own.
+            "CONVTUNE_SECRET_KEY": os.environ.get("CONVTUNE_SECRET_KEY") or self.secret_key(),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
             # One host: the workers put artifacts straight into the server's store, not one request per file (issue 10).
             **({"CONVTUNE_ARTIFACTS_DESTINATION": self.artifacts_destination} if self.artifacts_destination else {}),
             **c.extra_env,
         }
+
+    def secret_key(self) -> str:
+        """This stack's secret key: made at random the first time, then kept in ``HOME/secret_key`` (readable by its owner only)."""
+        path = self.config.home / "secret_key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
 
     def up(self) -> None:
         """Start everything and wait until the API is ready; raises RuntimeError naming what failed."""

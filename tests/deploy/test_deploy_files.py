@@ -200,11 +200,29 @@ def test_k8s_network_policies_let_only_the_api_and_workers_reach_redis_postgres_
     assert allowed("flower") == {ingress}
 
 
-def test_the_mlflow_auth_config_holds_no_secret_and_reads_every_user():
+def test_the_mlflow_auth_config_holds_no_secret_and_lets_people_read_only_what_was_granted():
     import configparser
 
     config = configparser.ConfigParser()
     config.read(ROOT / "deploy" / "mlflow" / "basic_auth.ini")
-    assert config["mlflow"]["default_permission"] == "READ"
+    assert config["mlflow"]["default_permission"] == "NO_PERMISSIONS"  # each team's role is granted its own (docs/mlflow-access.md)
     assert config["mlflow"]["database_uri"] == "postgresql+psycopg:///mlflow_auth"  # host, user, password: libpq's PG* variables
     assert "admin_password" not in config["mlflow"]
+
+
+def test_the_api_and_workers_grant_each_team_its_own_mlflow_work_as_mlflows_admin():
+    """With NO_PERMISSIONS by default, the API and the workers grant teams READ (CONVTUNE_MLFLOW_TEAM_ACCESS), signed in as
+    the MLflow admin the mlflow service creates: in compose and in the k8s manifests alike."""
+    services = compose_config(example_env())["services"]
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["CONVTUNE_MLFLOW_TEAM_ACCESS"] == "true", name
+        assert env["MLFLOW_TRACKING_USERNAME"] == services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_USERNAME"], name
+    configmap = next(d for d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "convtune-config")
+    assert configmap["data"]["CONVTUNE_MLFLOW_TEAM_ACCESS"] == "true"
+    mlflow = next(d for d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    admin = next(e for c in mlflow["spec"]["template"]["spec"]["containers"] for e in c["env"] if e["name"] == "MLFLOW_AUTH_ADMIN_USERNAME")
+    assert admin["valueFrom"]["configMapKeyRef"] == {"name": "convtune-config", "key": "MLFLOW_TRACKING_USERNAME"}
+    for name in ("convtune-api", "convtune-worker"):
+        pod = next(d for d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == name)["spec"]["template"]["spec"]
+        assert {"configMapRef": {"name": "convtune-config"}} in pod["containers"][0]["envFrom"], name

@@ -160,3 +160,24 @@ def test_mlflow_redis_and_flower_refuse_anyone_without_the_secret(k8s: Deploymen
 def test_a_trial_whose_worker_pod_dies_resumes_on_the_other_pod_from_the_read_write_many_claim(k8s: Deployment):
     configmap = next(d for d in documents() if d["kind"] == "ConfigMap")
     resume_on_the_other_worker(k8s, configmap["data"]["MLFLOW_TRACKING_USERNAME"], k8s.secrets["mlflow-admin-password"])
+
+
+def test_the_api_pod_sees_the_data_claim_and_a_teams_npz_trial_trains(k8s: Deployment):
+    import numpy as np
+
+    from tests.deploy.containers import wait_json
+
+    # The token `convtune token deploy-test` made has no --team: its team is named as it, and reads /data/deploy-test/.
+    folder = k8s.stack.net.volume("pvc:convtune-data") / "deploy-test"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    np.savez(folder / "blobs.npz", images=rng.normal(size=(60, 10, 10, 3)).astype(np.float32), labels=np.arange(60) % 3)
+    trial = {"model": {"channels": [8], "convs_per_stage": 1}, "optim": {"lr": 3e-3, "epochs": 1, "batch_size": 32}, "queue": "cpu"}
+    with k8s.api() as api:
+        missing = api.post("/trials", json={**trial, "data": {"name": "npz", "path": "none.npz"}})
+        assert missing.status_code == 422 and missing.json()["detail"] == "none.npz: no such file under the data root", missing.text
+        response = api.post("/trials", json={**trial, "data": {"name": "npz", "path": "blobs.npz"}})
+        assert response.status_code == 202, response.text
+        assert response.json()["params_count"] > 0  # sized at submit: the API pod reads the claim
+        ended = wait_json(api, f"/trials/{response.json()['id']}", lambda t: t["status"] not in ("queued", "running"), 180, "npz trial")
+        assert ended["status"] == "succeeded", ended

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from service.api import create_app
 from service.api.settings import ApiSettings
+from tests.conftest import TEST_SECRET_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +21,7 @@ def api_settings(redis_url: str, mlflow_uri: str, experiment: str) -> ApiSetting
         auth_disabled=True,  # auth and rate limits have their own tests (test_api_auth.py, test_api_limits.py)
         rate_limit="100000/minute", submit_rate_limit="100000/minute",
         callback_allowed_networks=["127.0.0.0/8"],  # the tests' receivers listen on loopback
+        secret_key=TEST_SECRET_KEY,  # the workers' too (worker_env): callbacks need it
     )
 
 

@@ -181,15 +181,21 @@ def test_a_range_test_passes_the_same_size_limit_as_a_trial(api, secured_app):
     assert problem["errors"][0]["field"] == "trial.model.channels" and f"{limit:,}" in problem["detail"]
 
 
-def test_a_registered_model_name_belongs_to_the_token_that_first_registered_it(api, mlflow_client):
+def test_a_registered_model_name_belongs_to_the_team_that_first_claimed_it(api, mlflow_client):
     name = f"digits-{uuid.uuid4().hex[:6]}"
-    mlflow_client.create_registered_model(name, tags={"convtune.owner": "submitter"})
     study = {"base": tiny_trial(queue="gpu"), "search_space": {"model.activation": ["relu", "gelu"]}, "n_trials": 1, "register_as": name}
-    problem = assert_problem(api.post("/studies", json=study, headers=bearer("other")), 403, "forbidden")
-    assert name in problem["detail"]
-    ours = api.post("/studies", json=study, headers=bearer("submitter"))
+    ours = api.post("/studies", json=study, headers=bearer("submitter"))  # claims the name for the submitter's team
     assert ours.status_code == 202, ours.get_json()
-    assert api.post(f"/studies/{ours.get_json()['id']}/cancel", headers=bearer("submitter")).status_code == 202
+    problem = assert_problem(api.post("/studies", json=study, headers=bearer("other")), 403, "forbidden")
+    assert name in problem["detail"] and "submitter" not in problem["detail"]  # which team holds it is not said
+    again = api.post("/studies", json=study, headers=bearer("submitter-2"))  # another token of the team: its name too
+    assert again.status_code == 202, again.get_json()
+    for accepted in (ours, again):
+        assert api.post(f"/studies/{accepted.get_json()['id']}/cancel", headers=bearer("submitter")).status_code == 202
+    # A model someone made in MLflow with a team's tag, after claims began, is no claim: a tag is anyone's to write.
+    tagged = f"tagged-{uuid.uuid4().hex[:6]}"
+    mlflow_client.create_registered_model(tagged, tags={"convtune.owner": "submitter"})
+    assert_problem(api.post("/studies", json={**study, "register_as": tagged}, headers=bearer("submitter")), 403, "forbidden")
     unowned = f"by-hand-{uuid.uuid4().hex[:6]}"
     mlflow_client.create_registered_model(unowned)  # no owner: an admin's to use
     study["register_as"] = unowned

@@ -1,4 +1,4 @@
-"""callback_url: a real worker trains the trial, the callback worker POSTs a signed event to a real server."""
+"""callback_url: a real worker trains the trial, the callback worker POSTs a signed event (Standard Webhooks) to a real server."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from models.callbacks import SIGNATURE_HEADER, verify_signature
-from tests.conftest import Service, free_port, wait_for
+from models.callbacks import ID_HEADER, verify_signature, webhook_key, webhook_secret
+from tests.conftest import TEST_SECRET_KEY, Service, free_port, wait_for
 from tests.helpers import tiny_trial, wait_for_trial
 
 pytestmark = pytest.mark.integration
 
-SECRET = "test-callback-secret"
+# Authentication is off here (api_settings): callbacks are the default team's, signed with its key.
+SECRET = webhook_secret(webhook_key(TEST_SECRET_KEY, None))
 
 
 class Receiver:
@@ -60,9 +61,9 @@ def cancel_a_queued_trial(client, callback_url: str) -> str:
 
 @pytest.fixture(scope="module")
 def callback_worker(worker_env: dict[str, str]) -> Iterator[Service]:
-    """The light callback worker (workers.callbacks.app) with a signing secret and short backoff."""
+    """The light callback worker (workers.callbacks.app), signing with the session's secret key (worker_env), short backoff."""
     # Celery's backoff counts whole seconds: 1 s is the shortest (retry n waits 0 to 2**n s).
-    env = {**worker_env, "CONVTUNE_CALLBACK_SECRET": SECRET, "CONVTUNE_CALLBACK_BACKOFF_S": "1", "CONVTUNE_CALLBACK_MAX_RETRIES": "3"}
+    env = {**worker_env, "CONVTUNE_CALLBACK_BACKOFF_S": "1", "CONVTUNE_CALLBACK_MAX_RETRIES": "3"}
     argv = [sys.executable, "-m", "celery", "-A", "workers.callbacks.app", "worker", "-P", "threads", "-c", "2", "-Q", "callbacks",
             "-n", f"callbacks-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     w = Service("callback-worker", argv, env)
@@ -85,10 +86,10 @@ def test_callback_arrives_signed_when_the_trial_ends_and_is_retried(client, work
     assert status == 503  # the first delivery fails ...
     headers2, body2, status2 = receiver.next()
     assert status2 == 204  # ... and the retry, after backoff, is taken
-    assert body2 == body and headers2["X-Convtune-Delivery"] == headers["X-Convtune-Delivery"]
-    assert verify_signature(SECRET, headers2[SIGNATURE_HEADER], body2)
-    assert not verify_signature("another-secret", headers2[SIGNATURE_HEADER], body2)
-    assert not verify_signature(SECRET, headers2[SIGNATURE_HEADER], body2.replace(b"succeeded", b"failed"))
+    assert body2 == body and headers2[ID_HEADER] == headers[ID_HEADER] == json.loads(body)["delivery_id"]  # one event, retried
+    assert verify_signature(SECRET, headers2, body2, destination=receiver.url)
+    assert not verify_signature(webhook_secret(webhook_key("another-secret", None)), headers2, body2)
+    assert not verify_signature(SECRET, headers2, body2.replace(b"succeeded", b"failed"))
     event = json.loads(body2)
     assert headers2["X-Convtune-Event"] == event["event"] == "trial.ended"
     assert event["trial"]["id"] == trial_id and event["trial"]["status"] == "succeeded" and event["trial"]["outcome"] == "succeeded"
@@ -106,7 +107,7 @@ def test_cancelling_a_queued_trial_calls_back_from_the_api(client, callback_work
     headers, body, status = receiver.next()
     event = json.loads(body)
     assert event["trial"]["id"] == trial_id and event["trial"]["status"] == "cancelled"
-    assert verify_signature(SECRET, headers[SIGNATURE_HEADER], body)
+    assert verify_signature(SECRET, headers, body, destination=receiver.url)
 
 
 def test_a_failing_receiver_gets_the_first_delivery_and_max_retries_then_is_given_up(client, callback_worker):
@@ -114,7 +115,7 @@ def test_a_failing_receiver_gets_the_first_delivery_and_max_retries_then_is_give
     cancel_a_queued_trial(client, receiver.url)
     attempts = [receiver.next(timeout_s=30) for _ in range(1 + 3)]  # CONVTUNE_CALLBACK_MAX_RETRIES=3, backoff 1s, 2s, 4s at most
     assert [status for _, _, status in attempts] == [503] * 4
-    assert len({headers["X-Convtune-Delivery"] for headers, _, _ in attempts}) == 1  # one event, retried
+    assert len({headers[ID_HEADER] for headers, _, _ in attempts}) == 1  # one event, retried
     assert wait_for(lambda: "given up after 4 attempts" in callback_worker.log(), 10), callback_worker.log()[-3000:]
     with pytest.raises(queue.Empty):
         receiver.next(timeout_s=3)
@@ -153,7 +154,7 @@ def test_study_callback_arrives_signed_when_the_study_ends(api_settings, worker,
     assert response.status_code == 202, response.get_json()
     study_id = response.get_json()["id"]
     headers, body, status = receiver.next(timeout_s=180)
-    assert verify_signature(SECRET, headers[SIGNATURE_HEADER], body)
+    assert verify_signature(SECRET, headers, body, destination=receiver.url)
     event = json.loads(body)
     assert headers["X-Convtune-Event"] == event["event"] == "study.ended"
     assert event["study"]["id"] == study_id and event["study"]["state"] == "succeeded"

@@ -32,23 +32,28 @@ import pytest
 import redis
 
 import models.callbacks
-from models.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, sign, trial_ended_event, verify_signature
+from models.callbacks import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, shown_url, signed_headers, trial_ended_event, verify_signature, webhook_key, webhook_secret
 from models.messages import CALLBACK_QUEUE, CallbackMessage, queue_lists
 from models.store.runs import TAG
+from models.store.teams import experiment_ids
 from service.api import create_app
 from service.api.auth import REDACTED, hash_token
 from service.api.settings import ApiSettings, TokenConfig
-from tests.conftest import Service, wait_for
+from tests.conftest import TEST_SECRET_KEY, Service, wait_for
 from tests.helpers import tiny_trial
 from workers.callbacks.delivery import RefusedDestination, post_event
 from workers.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
-A, B, READER, ROOT, QUOTA = "team-a", "team-b", "reader", "root", "team-q"
-SCOPES = {A: ["read", "submit"], B: ["read", "submit"], READER: ["read"], ROOT: ["admin"], QUOTA: ["read", "submit"]}
+# Two teams with two tokens each, team A's read-only person, an admin and a quota test's own team; every token not in
+# TEAMS is a team of its own.
+A, A2, B, B2, READER, ROOT, QUOTA = "team-a", "team-a-ci", "team-b", "team-b-ci", "reader", "root", "team-q"
+SCOPES = {A: ["read", "submit"], A2: ["read", "submit"], B: ["read", "submit"], B2: ["read", "submit"], READER: ["read"], ROOT: ["admin"], QUOTA: ["read", "submit"]}
+TEAMS = {A: "alpha", A2: "alpha", READER: "alpha", B: "beta", B2: "beta"}
 SECRETS = {name: f"ct_sec_{name}_{uuid.uuid4().hex}" for name in SCOPES}
-CALLBACK_SECRET = "security-test-callback-secret"
+# Each team's callbacks are signed with its own key, derived from the session's secret key (tests/conftest.py).
+CALLBACK_SECRET = webhook_secret(webhook_key(TEST_SECRET_KEY, TEAMS[A]))
 # A public address on port 443: accepted at submit without DNS. No test ever delivers to it.
 HOOK = "https://93.184.216.34/hooks/convtune?token=s3cret-of-team-a"
 SPACE = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
@@ -88,7 +93,7 @@ def settings(api_settings: ApiSettings, worker_env: dict[str, str]) -> ApiSettin
     defaults = ApiSettings.model_fields
     return api_settings.model_copy(update={
         "auth_disabled": False,
-        "auth_tokens": [TokenConfig(name=n, sha256=hash_token(SECRETS[n]), scopes=s) for n, s in SCOPES.items()],
+        "auth_tokens": [TokenConfig(name=n, sha256=hash_token(SECRETS[n]), scopes=s, team=TEAMS.get(n)) for n, s in SCOPES.items()],
         "experiment": f"security-{uuid.uuid4().hex[:8]}", "default_queue": "gpu",
         # The product's defaults, which the rest of the suite widens to loopback for its receivers.
         "callback_allowed_networks": defaults["callback_allowed_networks"].get_default(call_default_factory=True),
@@ -102,9 +107,9 @@ def secure_app(settings: ApiSettings, mlflow_client):
     app = create_app(settings)
     yield app
     # End what is still waiting, by MLflow (not the API: no callback is queued), so no worker ever runs it.
-    experiment = mlflow_client.get_experiment_by_name(settings.experiment)
-    if experiment is not None:
-        for run in mlflow_client.search_runs([experiment.experiment_id], filter_string="attributes.status != 'FINISHED'", max_results=5000):
+    experiments = experiment_ids(mlflow_client, settings.experiment)
+    if experiments:
+        for run in mlflow_client.search_runs(experiments, filter_string="attributes.status != 'FINISHED'", max_results=5000):
             if run.info.status in ("SCHEDULED", "RUNNING"):
                 mlflow_client.set_terminated(run.info.run_id, status="KILLED")
 
@@ -161,7 +166,7 @@ def receiver() -> Iterator[Receiver]:
 def callback_worker(worker_env: dict[str, str]) -> Iterator[Service]:
     """A real callback worker that signs, and that may reach loopback (worker_env): whatever the API queued for
     the receiver would arrive there. Short timeouts and no retries: the module's tests never wait on them."""
-    env = {**worker_env, "CONVTUNE_CALLBACK_SECRET": CALLBACK_SECRET, "CONVTUNE_CALLBACK_MAX_RETRIES": "0", "CONVTUNE_CALLBACK_TIMEOUT_S": "2"}
+    env = {**worker_env, "CONVTUNE_CALLBACK_MAX_RETRIES": "0", "CONVTUNE_CALLBACK_TIMEOUT_S": "2"}
     argv = [sys.executable, "-m", "celery", "-A", "workers.callbacks.app", "worker", "-P", "threads", "-c", "2", "-Q", CALLBACK_QUEUE,
             "-n", f"security-callbacks-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     w = Service("security-callback-worker", argv, env)
@@ -174,7 +179,7 @@ def callback_worker(worker_env: dict[str, str]) -> Iterator[Service]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    runs: dict[str, str]  # run id -> MLflow status, in the module's experiment
+    runs: dict[str, str]  # run id -> MLflow status, in the module's experiments (every team's)
     messages: dict[str, frozenset[str]]  # messages waiting on the gpu, cpu and callbacks queues: id -> the run ids they name
     registry: frozenset[tuple[str, str]]  # (model, version) and (model, "@alias=version")
 
@@ -199,9 +204,9 @@ class Evidence:
     def snapshot(self) -> Snapshot:
         from mlflow.entities import ViewType
 
-        found = self.mlflow.get_experiment_by_name(self.experiment)
-        runs = {} if found is None else {
-            r.info.run_id: r.info.status for r in self.mlflow.search_runs([found.experiment_id], run_view_type=ViewType.ALL, max_results=5000)
+        found = experiment_ids(self.mlflow, self.experiment)
+        runs = {} if not found else {
+            r.info.run_id: r.info.status for r in self.mlflow.search_runs(found, run_view_type=ViewType.ALL, max_results=5000)
         }
         messages = {}
         for name in ("gpu", "cpu", CALLBACK_QUEUE):
@@ -269,6 +274,15 @@ def post(api, path: str, body: Any, who: str | None, **headers: str):
     return api.post(path, json=body, headers={**as_(who), **headers}) if body is not None else api.post(path, headers={**as_(who), **headers})
 
 
+UNUSED = "0" * 32  # a well-formed run id nobody used
+
+
+def _unused(path: str, a: TeamA) -> tuple[str, str]:
+    """``path`` with the id of team A's work in it replaced by :data:`UNUSED`, and that id."""
+    [run_id] = [run_id for run_id in (a.trial, a.study, a.range_test) if run_id in path]
+    return path.replace(run_id, UNUSED), run_id
+
+
 def test_this_module_runs_with_the_product_callback_defaults(secure_app):
     s = secure_app.extensions["convtune"].settings
     assert s.callback_allowed_networks == [] and s.callback_ports == [80, 443] and s.callback_hosts is None
@@ -299,14 +313,45 @@ def test_a_read_token_cannot_submit_cancel_or_extend(api, team_a, evidence):
     evidence.assert_unchanged(before, "read token")
 
 
+def test_team_b_reads_nothing_of_team_a_s_work_and_team_a_reads_all_of_it(api, team_a, evidence):
+    reads = [f"/trials/{team_a.trial}", f"/studies/{team_a.study}", f"/studies/{team_a.study}/trials", f"/lr-finder/{team_a.range_test}"]
+    ids = (team_a.trial, team_a.study, team_a.range_test)
+    before = evidence.snapshot()
+    for who in (B, B2):
+        for path in reads:
+            # Not a 403: that would confirm the id exists. The answer an unused id gets, word for word.
+            problem = problem_of(api.get(path, headers=as_(who)), 404, "not-found")
+            unused_path, run_id = _unused(path, team_a)
+            nobody = problem_of(api.get(unused_path, headers=as_(who)), 404, "not-found")
+            assert problem["detail"] == nobody["detail"].replace(UNUSED, run_id), path
+        for path in ("/trials?limit=200", "/trials?status=queued&limit=200", "/studies?limit=200"):
+            response = api.get(path, headers=as_(who))
+            assert response.status_code == 200 and not any(run_id in response.get_data(as_text=True) for run_id in ids), (who, path)
+    evidence.assert_unchanged(before, "team B reading")
+    # Team A's other token and its read-only person read all of it, and so does an admin.
+    for who in (A2, READER, ROOT):
+        for path in reads:
+            assert api.get(path, headers=as_(who)).status_code == 200, (who, path)
+        assert team_a.trial in {t["id"] for t in api.get("/trials?limit=200", headers=as_(who)).get_json()["items"]}, who
+        assert team_a.study in {s["id"] for s in api.get("/studies?limit=200", headers=as_(who)).get_json()["items"]}, who
+    b_trial = api.post("/trials", json=tiny_trial(name="b-trial"), headers=as_(B)).get_json()["id"]
+    assert b_trial not in {t["id"] for t in api.get("/trials?limit=200", headers=as_(A)).get_json()["items"]}
+    assert b_trial in {t["id"] for t in api.get("/trials?limit=200", headers=as_(ROOT)).get_json()["items"]}
+    assert api.post(f"/trials/{b_trial}/cancel", headers=as_(B2)).status_code == 202
+
+
 def test_team_b_cannot_cancel_or_extend_team_a_s_trial_study_or_range_test(api, team_a, evidence):
     budget = api.get(f"/studies/{team_a.study}", headers=as_(A)).get_json()["progress"]["n_trials"]
     before = evidence.snapshot()
     for path, body in creating_requests(team_a)[3:]:
-        problem = problem_of(post(api, path, body, B), 403, "forbidden")
-        assert "only its owner or an admin" in problem["detail"], path
-        # the same attempt with another token's Idempotency-Key (A's objects never had one) changes nothing either
-        problem_of(post(api, path, body, B, **{"Idempotency-Key": uuid.uuid4().hex}), 403, "forbidden")
+        for who in (B, B2):
+            # Team A's work does not exist for team B: the answer an unused id gets, word for word.
+            problem = problem_of(post(api, path, body, who), 404, "not-found")
+            unused_path, run_id = _unused(path, team_a)
+            nobody = problem_of(post(api, unused_path, body, who), 404, "not-found")
+            assert problem["detail"] == nobody["detail"].replace(UNUSED, run_id), path
+            # the same attempt with another token's Idempotency-Key (A's objects never had one) changes nothing either
+            problem_of(post(api, path, body, who, **{"Idempotency-Key": uuid.uuid4().hex}), 404, "not-found")
     evidence.assert_unchanged(before, "team B on team A's work")
     assert api.get(f"/trials/{team_a.trial}", headers=as_(A)).get_json()["status"] == "queued"
     assert api.get(f"/lr-finder/{team_a.range_test}", headers=as_(A)).get_json()["status"] == "queued"
@@ -315,16 +360,18 @@ def test_team_b_cannot_cancel_or_extend_team_a_s_trial_study_or_range_test(api, 
 
 
 def test_a_submit_token_cannot_do_what_only_admins_may(api, secure_app, evidence, mlflow_client):
-    # An owner-less run (made by hand, or before owners were recorded) is an admin's alone.
+    # An owner-less run (made by hand, or before owners were recorded) is an admin's alone: no team sees it.
     from models.spec.trial import TrialSpec, flatten_params
-    from models.store.runs import trial_tags
+    from models.store.runs import create_run, trial_tags
 
     spec = TrialSpec.model_validate(tiny_trial())
-    ownerless = secure_app.extensions["convtune"].runs.create("by hand", trial_tags(spec, None, "gpu"), flatten_params(spec))
+    runs = secure_app.extensions["convtune"].runs
+    ownerless = create_run(runs.client, runs.experiment_id(None), name="by hand", tags=trial_tags(spec, None, "gpu"), params=flatten_params(spec))
     by_hand = f"by-hand-{uuid.uuid4().hex[:6]}"
     mlflow_client.create_registered_model(by_hand)  # a registered model without an owner
     before = evidence.snapshot()
-    assert "no owner" in problem_of(api.post(f"/trials/{ownerless}/cancel", headers=as_(B)), 403, "forbidden")["detail"]
+    problem_of(api.post(f"/trials/{ownerless}/cancel", headers=as_(B)), 404, "not-found")
+    problem_of(api.get(f"/trials/{ownerless}", headers=as_(B)), 404, "not-found")
     study = {"base": tiny_trial(), "search_space": SPACE, "n_trials": 1, "register_as": by_hand}
     assert by_hand in problem_of(api.post("/studies", json=study, headers=as_(B)), 403, "forbidden")["detail"]
     evidence.assert_unchanged(before, "submit token doing admin things")
@@ -346,8 +393,13 @@ def test_no_token_can_forge_an_owner(api, evidence, mlflow_client):
     assert forged.status_code == 202, forged.get_json()
     trial_id = forged.get_json()["id"]
     tags = mlflow_client.get_run(trial_id).data.tags
-    assert tags[TAG.OWNER] == B and tags["user.convtune.owner"] == A
-    problem_of(api.post(f"/trials/{trial_id}/cancel", headers=as_(A)), 403, "forbidden")
+    assert tags[TAG.OWNER] == B and tags[TAG.TEAM] == "beta" and tags["user.convtune.owner"] == A
+    problem_of(api.post(f"/trials/{trial_id}/cancel", headers=as_(A)), 404, "not-found")
+    # nor does a team tag: it is a user tag like any other
+    forged = api.post("/trials", json=tiny_trial(tags={"convtune.team": "alpha"}), headers=as_(B)).get_json()["id"]
+    assert mlflow_client.get_run(forged).data.tags[TAG.TEAM] == "beta"
+    problem_of(api.get(f"/trials/{forged}", headers=as_(A)), 404, "not-found")
+    assert api.post(f"/trials/{forged}/cancel", headers=as_(B2)).status_code == 202
     assert api.post(f"/trials/{trial_id}/cancel", headers=as_(B)).status_code == 202
 
 
@@ -358,14 +410,15 @@ def test_only_the_owner_and_admins_read_a_callback_url(api, team_a):
         f"/lr-finder/{team_a.range_test}": lambda d: [d["spec"]["trial"]["callback_url"]],
     }
     for path, shown in views.items():
-        for who, sees in ((A, True), (ROOT, True), (B, False), (READER, False)):
+        assert api.get(path, headers=as_(B)).status_code == 404
+        for who, sees in ((A, True), (ROOT, True), (READER, True)):
             response = api.get(path, headers=as_(who))
             assert response.status_code == 200, response.get_json()
             urls = shown(response.get_json())
-            assert urls == [HOOK if sees else REDACTED] * len(urls), (path, who)
-            assert ("s3cret-of-team-a" in response.get_data(as_text=True)) is sees, (path, who)
-    for who in (B, READER):
-        for path in ("/trials?limit=200", "/trials?status=queued&limit=200", "/studies?limit=200", f"/studies/{team_a.study}/trials"):
+            assert urls == [shown_url(HOOK) if sees else REDACTED] * len(urls), (path, who)  # where it goes, never the URL
+            assert "s3cret-of-team-a" not in response.get_data(as_text=True), (path, who)
+    for who in (B, B2):
+        for path in ("/trials?limit=200", "/trials?status=queued&limit=200", "/studies?limit=200"):
             response = api.get(path, headers=as_(who))
             assert response.status_code == 200 and "s3cret-of-team-a" not in response.get_data(as_text=True), (path, who)
 
@@ -406,7 +459,7 @@ def test_another_token_s_idempotency_key_neither_returns_nor_reveals_its_object(
     assert set(evidence.snapshot().runs) - set(before.runs) == set(b_ids)  # B's own two trials, nothing else
     for b_id in b_ids:
         assert mlflow_client.get_run(b_id).data.tags[TAG.OWNER] == B
-        problem_of(api.post(f"/trials/{b_id}/cancel", headers=as_(A)), 403, "forbidden")
+        problem_of(api.post(f"/trials/{b_id}/cancel", headers=as_(A)), 404, "not-found")
         mlflow_client.set_terminated(b_id, status="KILLED")
     replay = api.post("/trials", json=body, headers={**as_(A), "Idempotency-Key": same})
     assert replay.get_json()["id"] == a_ids[0] and replay.headers["Idempotent-Replayed"] == "true"
@@ -414,7 +467,7 @@ def test_another_token_s_idempotency_key_neither_returns_nor_reveals_its_object(
         mlflow_client.set_terminated(a_id, status="KILLED")
 
 
-# --- the model registry: a name belongs to the token that first registered it ---------------------
+# --- the model registry: a name belongs to the team that first claimed it (models.store.claims) -----
 
 
 def _wait_for_study(api, study_id: str, who: str, timeout_s: float = 240) -> dict[str, Any]:
@@ -434,89 +487,99 @@ def _one_epoch_study(**overrides: Any) -> dict[str, Any]:
     }
 
 
-def _registry(mlflow_client, name: str) -> tuple[str | None, dict[str, str], list[str]]:
+def _registry(mlflow_client, settings: ApiSettings, name: str) -> tuple[str | None, dict[str, str], list[str]]:
+    """The team that claimed the name (the claims table, not a tag anyone may write), the model's aliases and versions."""
+    from models.store.claims import open_claims
+
+    claim = open_claims(settings.study_storage).holder(name)
     model = mlflow_client.get_registered_model(name)
     versions = sorted(str(v.version) for v in mlflow_client.search_model_versions(f"name='{name}'"))
-    return model.tags.get(TAG.OWNER), {alias: str(v) for alias, v in (model.aliases or {}).items()}, versions
+    return None if claim is None else claim.team, {alias: str(v) for alias, v in (model.aliases or {}).items()}, versions
 
 
-def test_a_model_name_registered_by_team_a_cannot_be_taken_or_repointed_by_team_b(api, worker, evidence, mlflow_client):
+def test_a_model_name_registered_by_team_a_cannot_be_taken_or_repointed_by_team_b(api, worker, evidence, mlflow_client, settings):
     name = f"digits-{uuid.uuid4().hex[:6]}"
     accepted = api.post("/studies", json=_one_epoch_study(register_as=name, register_alias="prod"), headers=as_(A))
     assert accepted.status_code == 202, accepted.get_json()
     a_study = accepted.get_json()["id"]
     done = _wait_for_study(api, a_study, A)
     assert done["state"] == "succeeded" and done["registered_model"]["name"] == name, done
-    assert _registry(mlflow_client, name) == (A, {"prod": "1"}, ["1"])
+    assert _registry(mlflow_client, settings, name) == ("alpha", {"prod": "1"}, ["1"])
 
     before = evidence.snapshot()
     for overrides in ({"register_as": name, "register_alias": "prod"}, {"register_as": name}, {"register_as": name, "register_alias": "champion"}):
         problem = problem_of(api.post("/studies", json=_one_epoch_study(**overrides), headers=as_(B)), 403, "forbidden")
-        assert name in problem["detail"]
+        assert name in problem["detail"] and "alpha" not in problem["detail"] and A not in problem["detail"]  # never whose it is
     # The study's own trials are team A's too: B may neither cancel one nor extend or cancel the study.
-    [child] = api.get(f"/studies/{a_study}/trials", headers=as_(B)).get_json()["items"]
+    problem_of(api.get(f"/studies/{a_study}/trials", headers=as_(B)), 404, "not-found")
+    [child] = api.get(f"/studies/{a_study}/trials", headers=as_(A)).get_json()["items"]
     assert mlflow_client.get_run(child["trial_id"]).data.tags[TAG.OWNER] == A
-    problem_of(api.post(f"/trials/{child['trial_id']}/cancel", headers=as_(B)), 403, "forbidden")
-    problem_of(api.post(f"/studies/{a_study}/extend", json={"n_trials": 5}, headers=as_(B)), 403, "forbidden")
-    problem_of(api.post(f"/studies/{a_study}/cancel", headers=as_(B)), 403, "forbidden")
+    assert mlflow_client.get_run(child["trial_id"]).data.tags[TAG.TEAM] == "alpha"
+    problem_of(api.get(f"/trials/{child['trial_id']}", headers=as_(B)), 404, "not-found")
+    assert api.get(f"/trials/{child['trial_id']}", headers=as_(A2)).status_code == 200
+    problem_of(api.post(f"/trials/{child['trial_id']}/cancel", headers=as_(B)), 404, "not-found")
+    problem_of(api.post(f"/studies/{a_study}/extend", json={"n_trials": 5}, headers=as_(B)), 404, "not-found")
+    problem_of(api.post(f"/studies/{a_study}/cancel", headers=as_(B)), 404, "not-found")
     evidence.assert_unchanged(before, "team B on team A's model name and study")
     problem_of(api.post(f"/trials/{child['trial_id']}/cancel", headers=as_(A)), 409, "conflict")  # for A it is only over
-    assert _registry(mlflow_client, name) == (A, {"prod": "1"}, ["1"])
+    assert _registry(mlflow_client, settings, name) == ("alpha", {"prod": "1"}, ["1"])
 
 
-def test_a_name_taken_after_submit_is_not_registered_by_the_late_study(api, worker, mlflow_client):
-    # B's study is accepted while the name is free; team A registers it first. The worker checks again and registers nothing.
+def test_a_model_made_in_mlflow_after_the_name_was_claimed_gets_nothing_from_the_claiming_study(api, worker, mlflow_client, settings):
+    # B's study claims the name at submit; an MLflow user then makes a model of that name, tagged as team A's. The tag
+    # makes it neither A's nor B's: the worker registers only into the model made under B's claim, so nothing is written.
     name = f"raced-{uuid.uuid4().hex[:6]}"
     accepted = api.post("/studies", json=_one_epoch_study(register_as=name, register_alias="prod"), headers=as_(B))
     assert accepted.status_code == 202, accepted.get_json()
-    mlflow_client.create_registered_model(name, tags={TAG.OWNER: A})  # well before B's one trial has trained
+    mlflow_client.create_registered_model(name, tags={TAG.OWNER: A, TAG.TEAM: "alpha"})  # well before B's one trial has trained
     done = _wait_for_study(api, accepted.get_json()["id"], B)
     assert done["registered_model"] is None, done
-    assert _registry(mlflow_client, name) == (A, {}, [])
-    assert A in mlflow_client.get_run(accepted.get_json()["id"]).data.tags[TAG.REGISTRATION_ERROR]
+    assert _registry(mlflow_client, settings, name) == ("beta", {}, [])
+    assert mlflow_client.get_registered_model(name).tags == {TAG.OWNER: A, TAG.TEAM: "alpha"}  # nothing overwritten
+    assert "outside" in mlflow_client.get_run(accepted.get_json()["id"]).data.tags[TAG.REGISTRATION_ERROR]
+    problem_of(api.post("/studies", json=_one_epoch_study(register_as=name), headers=as_(A)), 403, "forbidden")  # the claim is B's
 
 
 # --- callbacks: signatures, and where they may go ---------------------------------------------------
 
 
-def test_a_delivered_callback_is_signed_and_forged_or_replayed_signatures_are_refused(secure_app, callback_worker, receiver, monkeypatch):
+def test_a_delivered_callback_is_signed_for_its_team_and_forged_or_replayed_signatures_are_refused(secure_app, callback_worker, receiver, monkeypatch):
     # The control: a message on the callbacks queue reaches the receiver, signed (so the receiver would see anything queued).
     path = f"/control/{uuid.uuid4().hex}"
+    url = f"http://127.0.0.1:{receiver.port}{path}"
     event = trial_ended_event("c" * 32, name="control", status="succeeded", outcome="succeeded", reason="ok", metrics={"val_accuracy": 0.5})
-    secure_app.extensions["convtune"].send(CallbackMessage(url=f"http://127.0.0.1:{receiver.port}{path}", event=event), CALLBACK_QUEUE)
+    secure_app.extensions["convtune"].send(CallbackMessage(url=url, event=event, team=TEAMS[A]), CALLBACK_QUEUE)
     assert wait_for(lambda: receiver.paths_under(path), 30), callback_worker.log()[-3000:]
     [(_, headers, body)] = [r for r in receiver.seen if r[0] == path]
-    header = headers[SIGNATURE_HEADER]
-    assert verify_signature(CALLBACK_SECRET, header, body)
+    assert verify_signature(CALLBACK_SECRET, headers, body, destination=url)
+    assert json.loads(body)["team"] == TEAMS[A] and headers[ID_HEADER] == event["delivery_id"]
 
-    t = int(header.split(",")[0].removeprefix("t="))
+    t = int(headers[TIMESTAMP_HEADER])
     altered = json.loads(body)
     altered["trial"]["outcome"] = "failed"
     forged = [
-        (CALLBACK_SECRET + "x", header, body),  # the wrong key
-        ("", header, body),  # no key
-        (CALLBACK_SECRET, header, json.dumps(altered, separators=(",", ":"), sort_keys=True).encode()),  # an altered body
-        (CALLBACK_SECRET, header, body + b" "),
-        (CALLBACK_SECRET, header.replace(f"t={t}", f"t={t + 60}"), body),  # the signature moved to a fresh timestamp
-        (CALLBACK_SECRET, sign("guessed-key", body), body),  # signed by someone else
-        (CALLBACK_SECRET, sign(CALLBACK_SECRET, body, timestamp=t - 301), body),  # stale
-        (CALLBACK_SECRET, f"t={t},v1=" + "0" * 64, body),
-        (CALLBACK_SECRET, f"t={t}", body),
-        (CALLBACK_SECRET, f"t=9{'9' * 40},v1=00", body),
-        (CALLBACK_SECRET, f"t={t},v1=\u00e9", body),
+        (webhook_secret(webhook_key(TEST_SECRET_KEY, TEAMS[B])), headers, body),  # team B's receiver: another key
+        (webhook_secret(webhook_key("guessed-key", TEAMS[A])), headers, body),  # a guessed master key
+        (CALLBACK_SECRET, headers, json.dumps(altered, separators=(",", ":"), sort_keys=True).encode()),  # an altered body
+        (CALLBACK_SECRET, headers, body + b" "),
+        (CALLBACK_SECRET, {**headers, TIMESTAMP_HEADER: str(t + 60)}, body),  # the signature moved to a fresh timestamp
+        (CALLBACK_SECRET, {**headers, ID_HEADER: uuid.uuid4().hex}, body),  # passed off as another delivery
+        (CALLBACK_SECRET, signed_headers([webhook_key("guessed-key", TEAMS[A])], headers[ID_HEADER], body), body),  # signed by someone else
+        (CALLBACK_SECRET, signed_headers([webhook_key(TEST_SECRET_KEY, TEAMS[A])], headers[ID_HEADER], body, t - 301), body),  # stale
+        (CALLBACK_SECRET, {**headers, SIGNATURE_HEADER: "v1," + "A" * 44}, body),
+        (CALLBACK_SECRET, {**headers, SIGNATURE_HEADER: ""}, body),
+        (CALLBACK_SECRET, {**headers, TIMESTAMP_HEADER: "9" * 41}, body),
+        (CALLBACK_SECRET, {**headers, SIGNATURE_HEADER: "v1,\u00e9"}, body),
     ]
-    for secret, forged_header, forged_body in forged:
-        assert verify_signature(secret, forged_header, forged_body) is False, (forged_header, forged_body[:80])
-    # The same delivery replayed later than the tolerance is refused; within it, its signed delivery_id repeats,
-    # and receivers drop a delivery_id they have seen (changing it breaks the signature).
+    for secret, forged_headers, forged_body in forged:
+        assert verify_signature(secret, forged_headers, forged_body) is False, (forged_headers, forged_body[:80])
+    # Replayed to another of team A's receivers, it verifies but names the URL it was sent to.
+    assert verify_signature(CALLBACK_SECRET, headers, body) and not verify_signature(CALLBACK_SECRET, headers, body, destination=url + "-other")
+    # The same delivery replayed later than the tolerance is refused; within it, its webhook-id repeats, and receivers
+    # drop an id they have seen.
     later = types.SimpleNamespace(time=lambda: t + 301)
     monkeypatch.setattr(models.callbacks, "time", later)
-    assert verify_signature(CALLBACK_SECRET, header, body) is False
-    monkeypatch.undo()
-    assert json.loads(body)["delivery_id"] == headers[DELIVERY_HEADER]
-    redelivered = json.loads(body)
-    redelivered["delivery_id"] = uuid.uuid4().hex
-    assert not verify_signature(CALLBACK_SECRET, header, json.dumps(redelivered, separators=(",", ":"), sort_keys=True).encode())
+    assert verify_signature(CALLBACK_SECRET, headers, body) is False
 
 
 def _internal_targets(port: int, tag: str) -> list[str]:
@@ -554,7 +617,8 @@ def test_callbacks_to_internal_targets_are_refused_at_submit_and_never_delivered
     # Delivery resolves the same way, at connect: a name for loopback is refused there too (e.g. after rebinding).
     with pytest.raises(RefusedDestination, match="resolves to 127.0.0.1"):
         post_event(
-            f"http://localhost:{receiver.port}/{tag}/at-delivery", {"event": "trial.ended", "delivery_id": "x"}, WorkerSettings(callback_allowed_networks=[]),
+            f"http://localhost:{receiver.port}/{tag}/at-delivery", {"event": "trial.ended", "delivery_id": "x"},
+            WorkerSettings(callback_allowed_networks=[], secret_key=TEST_SECRET_KEY),
         )
     time.sleep(1.5)  # anything queued would have reached the receiver by now (see the control test)
     assert receiver.paths_under(f"/{tag}") == []

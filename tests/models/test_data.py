@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data.sets import SHAPE_CLASSES, Dataset, InvalidData, describe, load, resolve_data_path
+from models.data.roots import DataRoot
+from models.data.sets import SHAPE_CLASSES, Dataset, InvalidData, describe, load
 from models.spec.plan import InputInfo
 from models.spec.trial import DataSpec
 
@@ -36,8 +37,8 @@ def assert_same(a: Dataset, b: Dataset) -> None:
     assert (a.info, a.class_names) == (b.info, b.class_names)
 
 
-def refusal(spec: DataSpec, root: Path | None, *, cheap: bool = True) -> str:
-    """The message load() (and describe(), when ``cheap``) refuses ``spec`` with; it must hide the root."""
+def refusal(spec: DataSpec, root: DataRoot | Path | None, *, cheap: bool = True, names_root: bool = False) -> str:
+    """The message load() (and describe(), when ``cheap``) refuses ``spec`` with; it must hide the root (unless the spec ``names_root``)."""
     with pytest.raises(InvalidData) as loaded:
         load(spec, root)
     if cheap:
@@ -45,7 +46,7 @@ def refusal(spec: DataSpec, root: Path | None, *, cheap: bool = True) -> str:
             describe(spec, root)
         assert str(described.value) == str(loaded.value)
     message = str(loaded.value)
-    assert root is None or str(root) not in message
+    assert root is None or names_root or str(getattr(root, "path", root)) not in message
     return message
 
 
@@ -196,18 +197,18 @@ def test_missing_and_non_zip_files_are_refused(tmp_path: Path) -> None:
     assert refusal(npz_spec("text.npz"), tmp_path) == "text.npz: not an npz (zip) file"
 
 
-def test_symlinks_out_of_the_root_are_refused(tmp_path: Path) -> None:
+def test_symlinks_out_of_the_root_are_answered_as_missing(tmp_path: Path) -> None:
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     write_npz(outside, **toy_arrays())
     (root / "link.npz").symlink_to("../outside/set.npz")
     (root / "dir").symlink_to(outside, target_is_directory=True)
-    for path in ("link.npz", "dir/set.npz"):
-        assert refusal(npz_spec(path), root) == f"path '{path}' leaves the data root"
-    with pytest.raises(InvalidData, match="leaves the data root"):
-        resolve_data_path(root, "/etc/passwd")  # the spec refuses this too; the resolver does not rely on it
     (root / "inner.npz").symlink_to("dir/../root/../outside/set.npz")
-    assert "leaves the data root" in refusal(npz_spec("inner.npz"), root)
+    for path in ("link.npz", "dir/set.npz", "inner.npz"):
+        assert refusal(npz_spec(path), root) == f"{path}: no such file under the data root"
+    # The spec refuses these too; the resolver does not rely on it.
+    assert DataRoot(root).find(str(outside / "set.npz")) is None
+    assert DataRoot(root).find("../outside/set.npz") is None
 
 
 def test_symlink_inside_the_root_is_followed(tmp_path: Path) -> None:
@@ -274,6 +275,118 @@ def test_unusable_folders_are_refused(tmp_path: Path) -> None:
     write_image(tmp_path / "leaky" / "a" / "0.png", (8, 8))
     (tmp_path / "leaky" / "b").mkdir()
     (tmp_path / "leaky" / "b" / "0.png").symlink_to(outside)
+    (tmp_path / "leaky" / "c").symlink_to(tmp_path / "bad", target_is_directory=True)
+    # An image or class folder out of the root is not there: only class a is left, whatever b and c point at.
     root = tmp_path / "leaky"
-    message = refusal(DataSpec(name="folder", path="."), root)
-    assert message == "path './b/0.png' leaves the data root"
+    assert refusal(DataSpec(name="folder", path="."), root) == ".: found 1 class sub-folder(s) with images; a classifier needs at least 2"
+    (tmp_path / "leaky" / "b" / "0.png").unlink()
+    (tmp_path / "leaky" / "b" / "0.png").symlink_to(tmp_path / "gone.png")  # dangling: the same answer
+    (tmp_path / "leaky" / "c").unlink()
+    (tmp_path / "leaky" / "c").symlink_to(tmp_path / "gone", target_is_directory=True)
+    assert refusal(DataSpec(name="folder", path="."), root) == ".: found 1 class sub-folder(s) with images; a classifier needs at least 2"
+
+
+# --- a team's folder and the shared one (models.data.roots) ---------------------------------------
+
+
+@pytest.fixture
+def teams_root(tmp_path: Path) -> Path:
+    """A data root with team-a's, team-b's and the shared folder, each holding a set of its own."""
+    write_npz(tmp_path / "team-a", "own.npz", **toy_arrays(classes=2))
+    write_npz(tmp_path / "team-b", "secret.npz", **toy_arrays(classes=3))
+    write_npz(tmp_path / "shared", "common/set.npz", **toy_arrays(classes=4))
+    for k in range(2):
+        write_image(tmp_path / "team-b" / "pics" / f"c{k}" / "0.png", (8, 8))
+    return tmp_path
+
+
+def test_a_team_reads_its_own_folder_and_the_shared_one(teams_root: Path) -> None:
+    team_a = DataRoot(teams_root, "team-a")
+    assert describe(npz_spec("own.npz"), team_a) == load(npz_spec("own.npz"), team_a).info == InputInfo(1, 6, 5, 2)
+    assert describe(npz_spec("shared/common/set.npz"), team_a) == InputInfo(1, 6, 5, 4)
+    assert_same(load(npz_spec("shared/common/set.npz"), team_a), load(npz_spec("shared/common/set.npz"), DataRoot(teams_root, "team-b")))
+    # Without teams (authentication off) a path is relative to the root itself, as it always was.
+    assert describe(npz_spec("team-b/secret.npz"), teams_root) == describe(npz_spec("team-b/secret.npz"), DataRoot(teams_root)) == InputInfo(1, 6, 5, 3)
+    assert describe(npz_spec("shared/common/set.npz"), teams_root) == InputInfo(1, 6, 5, 4)
+
+
+@pytest.mark.parametrize("path", [
+    "../team-b/secret.npz",  # the spec normalises '..' away; the resolver does not rely on it
+    "team-b/secret.npz",  # under team-a's own folder: not there
+    "shared/../team-b/secret.npz",
+    "shared/../../team-b/secret.npz",
+    "link.npz",  # a symlink to team-b's file
+    "dir/secret.npz",  # through a symlinked folder
+    "ghost.npz",  # a dangling symlink, to a file of team-b's that does not exist
+    "{root}/team-b/secret.npz",  # absolute
+])
+def test_another_teams_file_is_answered_as_a_missing_one(teams_root: Path, path: str) -> None:
+    (teams_root / "team-a" / "link.npz").symlink_to("../team-b/secret.npz")
+    (teams_root / "team-a" / "dir").symlink_to(teams_root / "team-b", target_is_directory=True)
+    (teams_root / "team-a" / "ghost.npz").symlink_to("../team-b/none.npz")
+    path = path.format(root=teams_root)
+    team_a = DataRoot(teams_root, "team-a")
+    assert team_a.find(path) is None or not team_a.find(path).exists()
+    missing = refusal(npz_spec("nowhere.npz"), team_a)
+    spec = DataSpec.model_construct(name="npz", path=path, val_fraction=0.2, seed=0)  # unchecked, as a spec cannot be
+    assert refusal(spec, team_a, names_root=path.startswith("/")) == missing.replace("nowhere.npz", path)
+
+
+def test_another_teams_folder_is_answered_as_a_missing_one(teams_root: Path) -> None:
+    (teams_root / "team-a" / "pics").symlink_to(teams_root / "team-b" / "pics", target_is_directory=True)
+    team_a = DataRoot(teams_root, "team-a")
+    assert describe(DataSpec(name="folder", path="pics"), DataRoot(teams_root, "team-b")) == InputInfo(3, 8, 8, 2)
+    for path in ("pics", "nothing", "shared/../team-b/pics"):
+        spec = DataSpec.model_construct(name="folder", path=path, val_fraction=0.2, seed=0)
+        assert refusal(spec, team_a) == f"{path}: no such folder under the data root"
+
+
+def test_a_team_without_a_folder_finds_nothing_but_the_shared_one(teams_root: Path) -> None:
+    team_c = DataRoot(teams_root, "team-c")
+    assert refusal(npz_spec("own.npz"), team_c) == "own.npz: no such file under the data root"
+    assert describe(npz_spec("shared/common/set.npz"), team_c) == InputInfo(1, 6, 5, 4)
+    for reserved in (".", ".."):  # refused where tokens are configured; a run tagged so by hand reads nothing
+        assert refusal(npz_spec("team-a/own.npz"), DataRoot(teams_root, reserved)) == "team-a/own.npz: no such file under the data root"
+    assert refusal(npz_spec("own.npz"), DataRoot(teams_root / "absent", "team-a")) == "the data root does not exist on this machine"
+
+
+def test_damaged_npz_files_are_invalid_data(tmp_path: Path) -> None:
+    arrays = toy_arrays()
+    write_npz(tmp_path, "flipped.npz", **arrays)  # stored, not deflated: a flipped byte fails the CRC
+    raw = bytearray((tmp_path / "flipped.npz").read_bytes())
+    start = raw.index(arrays["labels"].tobytes()[:16])
+    raw[start + 3] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(bytes(raw))
+    assert refusal(npz_spec("flipped.npz"), tmp_path) == "flipped.npz: 'labels' cannot be read: the file is damaged or unreadable"
+
+    np.savez_compressed(tmp_path / "deflated.npz", **arrays)
+    raw = bytearray((tmp_path / "deflated.npz").read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(64)
+    (tmp_path / "deflated.npz").write_bytes(bytes(raw))
+    assert refusal(npz_spec("deflated.npz"), tmp_path, cheap=False) == "deflated.npz: 'images' cannot be read: the file is damaged or unreadable"
+
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "flipped.npz").read_bytes()[:100])
+    assert refusal(npz_spec("cut.npz"), tmp_path) == "cut.npz: not an npz (zip) file"
+
+
+def test_an_unreadable_file_or_folder_is_invalid_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import zipfile
+
+    write_npz(tmp_path, **toy_arrays())
+    write_image(tmp_path / "pics" / "a" / "0.png", (8, 8))
+    write_image(tmp_path / "pics" / "b" / "0.png", (8, 8))
+
+    def denied(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "set.npz"))
+
+    with monkeypatch.context() as patched:  # root reads every file: a chmod would not stop this test's user
+        patched.setattr(zipfile.ZipFile, "__init__", denied)
+        assert refusal(npz_spec(), tmp_path) == "set.npz: the file cannot be read (Permission denied)"
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "iterdir", lambda self: denied(self))
+        assert refusal(DataSpec(name="folder", path="pics"), tmp_path) == "pics: the folder cannot be read (Permission denied)"
+    if os.geteuid() != 0:
+        (tmp_path / "set.npz").chmod(0)
+        assert refusal(npz_spec(), tmp_path) == "set.npz: the file cannot be read (Permission denied)"

@@ -10,7 +10,7 @@ from service.cli.follow import EXIT_INVALID, EXIT_UNAVAILABLE
 from service.cli.main import main
 from tests.conftest import free_port
 
-PROCESS_COMMANDS = {"api", "worker", "up", "demo", "token"}
+PROCESS_COMMANDS = {"api", "worker", "up", "demo", "token", "webhook-key", "mlflow-access"}
 RUN_COMMANDS = {"submit", "study", "status", "wait", "cancel", "best", "lr-find"}
 
 
@@ -18,6 +18,7 @@ def test_every_command_is_in_the_group_under_its_name():
     assert service.cli.main is main  # the console script's entry point
     assert set(main.commands) == PROCESS_COMMANDS | RUN_COMMANDS
     assert set(main.commands["study"].commands) == {"create"}
+    assert set(main.commands["mlflow-access"].commands) == {"sync", "add", "remove"}
     listed = CliRunner().invoke(main, ["--help"])
     assert listed.exit_code == 0 and all(f"  {name} " in listed.output for name in PROCESS_COMMANDS | RUN_COMMANDS)
     assert "Exit codes: 0 success" in listed.output
@@ -37,3 +38,19 @@ def test_an_unreadable_spec_or_requirement_exits_2(tmp_path):
     spec.write_text("optim: {lr: 0.1}\n")
     assert CliRunner().invoke(main, ["submit", str(spec), "--require", "val_accuracy ~ 0.9"]).exit_code == EXIT_INVALID
     assert CliRunner().invoke(main, ["lr-find", str(tmp_path / "missing.yaml")]).exit_code == EXIT_INVALID
+
+
+def test_webhook_key_prints_the_team_s_key_derived_from_the_secret_key(monkeypatch):
+    from models.callbacks import webhook_key, webhook_secret
+
+    monkeypatch.delenv("CONVTUNE_CALLBACK_SECRET", raising=False)
+    monkeypatch.delenv("CONVTUNE_SECRET_KEY", raising=False)
+    refused = CliRunner().invoke(main, ["webhook-key", "--team", "team-a"])
+    assert refused.exit_code == EXIT_INVALID and "CONVTUNE_SECRET_KEY" in refused.output
+    monkeypatch.setenv("CONVTUNE_SECRET_KEY", "cli-test-key")
+    monkeypatch.setenv("CONVTUNE_WEBHOOK_KEY_VERSIONS", '{"team-a": [2, 1]}')
+    shown = CliRunner().invoke(main, ["webhook-key", "--team", "team-a"])
+    assert shown.exit_code == 0 and shown.stdout.strip() == webhook_secret(webhook_key("cli-test-key", "team-a", 2))
+    token = CliRunner().invoke(main, ["token", "alice", "--team", "team-a"])
+    assert token.exit_code == 0 and token.stdout.strip().startswith("ct_") and len(token.stdout.split()) == 1  # stdout: the token alone
+    assert webhook_secret(webhook_key("cli-test-key", "team-a", 2)) in token.stderr

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import httpcore
 import pytest
 
 from models.callbacks import destination_problem, shown_url
-from workers.callbacks.delivery import RefusedDestination, post_event
+from workers.callbacks.delivery import RefusedDestination, RetryableDelivery, post_event, resolve
 from workers.settings import WorkerSettings
 
 EVENT = {"event": "trial.ended", "delivery_id": "d-1", "trial": {"id": "t"}}
+KEY = "test-secret-key"  # callbacks are signed: without a key nothing is sent
 
 
 @pytest.mark.parametrize(("address", "port"), [
@@ -35,7 +39,7 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_where_it_connects(
     real = socket.getaddrinfo
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real("127.0.0.1", *a, **k) if host == "hooks.example.com" else real(host, *a, **k))
     with pytest.raises(RefusedDestination, match="hooks.example.com resolves to 127.0.0.1"):
-        post_event("http://hooks.example.com/hook?token=x", EVENT, WorkerSettings(callback_allowed_networks=[]))
+        post_event("http://hooks.example.com/hook?token=x", EVENT, WorkerSettings(callback_allowed_networks=[], secret_key=KEY))
 
 
 def test_an_allowed_network_is_reached():
@@ -54,11 +58,43 @@ def test_an_allowed_network_is_reached():
     try:
         url = f"http://127.0.0.1:{server.server_port}/hook"
         with pytest.raises(RefusedDestination):
-            post_event(url, EVENT, WorkerSettings(callback_allowed_networks=[]))
-        assert post_event(url, EVENT, WorkerSettings(callback_allowed_networks=["127.0.0.0/8"])) == 204
+            post_event(url, EVENT, WorkerSettings(callback_allowed_networks=[], secret_key=KEY))
+        assert post_event(url, EVENT, WorkerSettings(callback_allowed_networks=["127.0.0.0/8"], secret_key=KEY), "team-a") == 204
         assert received and b"trial.ended" in received[0]
+        assert json.loads(received[0])["team"] == "team-a" and json.loads(received[0])["destination"] == url
     finally:
         server.server_close()
+
+
+def test_without_a_secret_key_nothing_is_sent():
+    with pytest.raises(RefusedDestination, match="no secret key"):
+        post_event("http://127.0.0.1:9/hook", EVENT, WorkerSettings(callback_allowed_networks=["127.0.0.0/8"], secret_key=None, callback_secret=None))
+
+
+def test_a_dns_lookup_that_hangs_is_given_up_in_time_and_retried_later(monkeypatch):
+    # A black-hole domain: getaddrinfo blocks (for as long as the OS resolver tries). The delivery waits
+    # callback_resolve_timeout_s, then is retried later like a connection error; its thread is free again.
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "black-hole.example":
+            release.wait(30)
+            raise socket.gaierror("gave up")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    settings = WorkerSettings(callback_allowed_networks=[], secret_key=KEY, callback_resolve_timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RetryableDelivery, match="did not resolve within 0.3s"):
+            post_event("https://black-hole.example/hook", EVENT, settings)
+        assert time.monotonic() - started < 5
+        with pytest.raises(httpcore.ConnectTimeout):
+            resolve("black-hole.example", 443, 0.1)
+    finally:
+        release.set()
+    assert resolve("127.0.0.1", 80, 5) == ["127.0.0.1"]  # other names still resolve
 
 
 def test_logs_show_only_where_a_callback_goes():

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -24,7 +25,7 @@ from models.spec.trial import ConvNetSpec, DataSpec
 from workers.runtime import settle_heap
 from workers.training import data as data_cache
 from workers.training.threads import apply_threads, thread_policy, usable_cpus
-from workers.trial.export import ModelExporter
+from workers.trial.export import ModelExporter, placeholder_input
 from workers.trial.figures import confusion_svg, learning_curve_svg
 from workers.trial.tracking import Uploads, direct_artifact_uri
 
@@ -172,6 +173,16 @@ def test_another_architecture_is_exported_for_itself(tmp_path: Path) -> None:
         torch.testing.assert_close(mlflow.pytorch.load_model(str(tmp_path / "wide"))(x), wide(x))
 
 
+def test_the_saved_input_example_is_a_placeholder_not_the_data(tmp_path: Path) -> None:
+    samples = torch.full((2, 1, 8, 8), 7.25)  # "a team's images": none of it may reach the model's files
+    ModelExporter().save(_net(1), samples, tmp_path / "run", "run", ["torch"])
+    saved = (tmp_path / "run" / "input_example.json").read_text()
+    assert "7.25" not in saved
+    shown = np.asarray(json.loads(saved)["inputs"] if saved.lstrip().startswith("{") else json.loads(saved), dtype=np.float32)
+    assert shown.shape == (2, 1, 8, 8)
+    np.testing.assert_array_equal(shown, placeholder_input(samples).numpy())
+
+
 # --- figures ---------------------------------------------------------------------------------------
 
 
@@ -251,7 +262,7 @@ def test_the_last_epoch_goes_with_the_ending_in_one_request() -> None:
 
     client = RecordingClient()
     tracker = MlflowTracker(client, "abc", log_model=False)  # type: ignore[arg-type]
-    tracker.created(RunInfo("abc", "0", "u", "RUNNING", 0, None, "active", artifact_uri="mlflow-artifacts:/0/abc/artifacts"))
+    tracker.created(RunInfo("abc", "0", "u", "RUNNING", 0, None, "active", artifact_uri="mlflow-artifacts:/0/abc/artifacts"), None)
     tracker.final_epoch = 2
     assert tracker.status() == "RUNNING" and client.requests == []  # created a moment ago: not read back
     tracker.log_epoch(1, {"val_accuracy": 0.5})

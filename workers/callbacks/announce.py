@@ -17,6 +17,7 @@ from models.callbacks import shown_url, study_ended_event, trial_ended_event
 from models.messages import CALLBACK_QUEUE, CallbackMessage, NotSent, send
 from models.store.keys import OUTCOME_COUNTS_KEY
 from models.store.runs import TAG, client_status, study_state
+from models.store.teams import callback_team
 from workers.celery_app import app
 from workers.runtime import WorkerRuntime
 from workers.training.outcomes import Ending
@@ -40,7 +41,7 @@ def announce_end(trial_id: str, ending: Ending, callback_url: str | None, rt: Wo
         trial_id, name=run.data.tags.get(TAG.RUN_NAME), status=client_status(ending.mlflow_status, ending.outcome), outcome=ending.outcome,
         reason=ending.reason, metrics=dict(run.data.metrics), study_id=run.data.tags.get(TAG.STUDY_ID),
     )
-    _queue_callback(callback_url, event, f"trial {trial_id}")
+    _queue_callback(callback_url, callback_team(run.data.tags), event, f"trial {trial_id}")
 
 
 def count_outcome(rt: WorkerRuntime, outcome: str) -> None:
@@ -52,20 +53,20 @@ def count_outcome(rt: WorkerRuntime, outcome: str) -> None:
 
 
 def announce_study_end(
-    study_id: str, callback_url: str | None, *, name: str | None, ending: Ending, best: dict[str, Any] | None, counts: dict[str, int],
+    study_id: str, callback_url: str | None, *, team: str | None, name: str | None, ending: Ending, best: dict[str, Any] | None, counts: dict[str, int],
 ) -> None:
-    """Send a study's ``study.ended`` event to the callbacks queue, when it has a callback_url."""
+    """Send a study's ``study.ended`` event, for its ``team``, to the callbacks queue, when it has a callback_url."""
     if not callback_url:
         return
     event = study_ended_event(
         study_id, name=name, state=study_state(ending.mlflow_status), outcome=ending.outcome, reason=ending.reason, best=best, counts=counts,
     )
-    _queue_callback(callback_url, event, f"study {study_id}")
+    _queue_callback(callback_url, team, event, f"study {study_id}")
 
 
-def _queue_callback(url: str, event: dict[str, Any], what: str) -> None:
+def _queue_callback(url: str, team: str | None, event: dict[str, Any], what: str) -> None:
     try:
-        send(app, CallbackMessage(url=url, event=event), CALLBACK_QUEUE)
+        send(app, CallbackMessage(url=url, event=event, team=team), CALLBACK_QUEUE)
         log.info("%s: callback queued for %s", what, shown_url(url))
     except NotSent as exc:  # the broker is down: it has ended all the same
         log.error("%s: its callback could not be queued: %s", what, exc)

@@ -30,5 +30,5 @@ app.conf.task_default_queue = CALLBACK_QUEUE
 @setup_logging.connect
 def _logging(**_: object) -> None:
     configure_logging("callbacks", settings.log_format, settings.log_level)
-    if not settings.callback_secret:
-        log.warning("CONVTUNE_CALLBACK_SECRET is not set: callbacks are sent unsigned, and receivers cannot trust them")
+    if not settings.master_key:
+        log.warning("CONVTUNE_SECRET_KEY is not set: callbacks cannot be signed, so none is sent (each is logged and dropped)")

@@ -1,6 +1,9 @@
-"""Delivering callbacks: POST the event, signed, to the spec's ``callback_url``; Celery retries it with backoff.
+"""Delivering callbacks: POST the event, signed for its team, to the spec's ``callback_url``; Celery retries it with backoff.
 
-A receiver's 2xx ends the delivery. A network error, a timeout, a 408, a 425, a 429 or a 5xx raises
+Each delivery is signed as Standard Webhooks specify (:mod:`models.callbacks`) with its team's key,
+derived from the service's secret key; without a secret key nothing is sent (refused, logged).
+A receiver's 2xx ends the delivery. A network error, a timeout (a DNS lookup past
+``callback_resolve_timeout_s`` included), a 408, a 425, a 429 or a 5xx raises
 :class:`RetryableDelivery`, which Celery retries (``autoretry_for``) up to ``callback_max_retries``
 times, the n-th retry after a random delay between 0 and ``callback_backoff_s * 2**n`` seconds,
 capped at ``callback_backoff_max_s`` (Celery's exponential backoff with full jitter, in whole
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as ResolveTimeout
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,17 +29,20 @@ import httpcore
 import httpx
 from celery import Task
 
-from models.callbacks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, encode, shown_url, sign
+from models.callbacks import EVENT_HEADER, delivery_body, shown_url, signed_headers
 from models.logs import log_context
 from models.messages import TASK_DELIVER_CALLBACK, CallbackMessage
 from workers.callbacks.app import app, settings
 from workers.failures import task_options
 from workers.settings import WorkerSettings
 
-__all__ = ["RefusedDestination", "RetryableDelivery", "deliver_callback", "post_event"]
+__all__ = ["RefusedDestination", "RetryableDelivery", "deliver_callback", "post_event", "resolve"]
 
 log = logging.getLogger(__name__)
 RETRIED_STATUSES = frozenset({408, 425, 429})
+# getaddrinfo takes no timeout: lookups run here, and a delivery waits at most callback_resolve_timeout_s for
+# one, so a receiver's black-hole domain holds a lookup thread, never the callback worker's threads.
+_resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="callback-dns")
 
 
 class RetryableDelivery(Exception):
@@ -53,17 +61,29 @@ class _GuardedBackend(httpcore.SyncBackend):
         self.settings = settings
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options: Any = None) -> Any:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise httpcore.ConnectError(f"{host}: {exc}") from exc
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        addresses = resolve(host, port, self.settings.callback_resolve_timeout_s)
         for address in addresses:  # every address the name has must be allowed, or rebinding picks the bad one
             problem = self.settings.destination_problem(address, port)
             if problem:
                 raise RefusedDestination(f"{host} resolves to {address}: {problem}")
         # TLS still verifies and sends SNI for the host name: httpcore takes it from the URL, not from here.
         return super().connect_tcp(addresses[0], port, timeout=timeout, local_address=local_address, socket_options=socket_options)
+
+
+def resolve(host: str, port: int, timeout_s: float) -> list[str]:
+    """The addresses ``host`` resolves to; httpcore.ConnectTimeout past ``timeout_s``, ConnectError when it does not.
+
+    Both are retried later like any connection error (the name may resolve then).
+    """
+    lookup = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = lookup.result(timeout=timeout_s)
+    except ResolveTimeout as exc:
+        lookup.cancel()  # still queued behind stuck lookups: never run it
+        raise httpcore.ConnectTimeout(f"{host} did not resolve within {timeout_s:g}s") from exc
+    except (OSError, UnicodeError) as exc:
+        raise httpcore.ConnectError(f"{host}: {exc}") from exc
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def _client(settings: WorkerSettings) -> httpx.Client:
@@ -74,12 +94,17 @@ def _client(settings: WorkerSettings) -> httpx.Client:
     return httpx.Client(transport=transport, trust_env=False, follow_redirects=False, timeout=settings.callback_timeout_s)
 
 
-def post_event(url: str, event: dict, settings: WorkerSettings) -> int:
-    """POST one signed event; the receiver's status. Raises RetryableDelivery for a retryable failure."""
-    body = encode(event)
-    headers = {"Content-Type": "application/json", EVENT_HEADER: event["event"], DELIVERY_HEADER: event["delivery_id"], "User-Agent": "convtune-callbacks"}
-    if settings.callback_secret:
-        headers[SIGNATURE_HEADER] = sign(settings.callback_secret, body)
+def post_event(url: str, event: dict, settings: WorkerSettings, team: str | None = None) -> int:
+    """POST one event, signed with ``team``'s keys; the receiver's status. Raises RetryableDelivery for a retryable failure,
+    RefusedDestination when it may not be sent (the address, or no secret key to sign it with)."""
+    keys = settings.webhook_keys(team)
+    if not keys:
+        raise RefusedDestination("this service has no secret key (CONVTUNE_SECRET_KEY) to sign callbacks with")
+    body = delivery_body(event, team, url)
+    headers = {
+        "Content-Type": "application/json", EVENT_HEADER: event["event"], "User-Agent": "convtune-callbacks",
+        **signed_headers(keys, event["delivery_id"], body),  # webhook-id: the same on every retry of this event
+    }
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise RefusedDestination(f"callbacks go over http or https, not {parts.scheme!r}")
@@ -113,7 +138,7 @@ def deliver_callback(self: Task, message: dict) -> str:
     with log_context(**_event_ids(msg.event)):
         where = shown_url(msg.url)  # a webhook URL often carries a token: logs name only its host
         try:
-            status = post_event(msg.url, msg.event, settings)
+            status = post_event(msg.url, msg.event, settings, msg.team)
         except RefusedDestination as exc:
             log.error("callback %s to %s refused by this service: %s; not retried", delivery, where, exc)
             return "refused"

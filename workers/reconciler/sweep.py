@@ -29,6 +29,7 @@ from models.messages import (
     queue_lists,
     send,
 )
+from models.sealing import SealBroken
 from models.spec.study import StudySpec
 from models.store import runs
 from models.store.budget import StudyBudget
@@ -200,13 +201,12 @@ class _Sweep:
         verdict = judge_run(status, self.seen(run_id, run_id), self.stale_s)
         if verdict is None or not self.stranded(f"{kind}:{run_id}", verdict) or not self.still(run_id, status, lease_key(run_id)):
             return
-        spec = run.data.tags.get(TAG.SPEC)
+        payload = self.submitted(run)
         if verdict.action == "cancelled":
             self.end(run, "KILLED", "cancelled", "cancelled on request", verdict.why, action="cancelled")
-        elif spec is None:
+        elif payload is None:
             self.end(run, "FAILED", "error", "its spec is not on its run, so it cannot be sent again", verdict.why, action="ended")
         else:
-            payload = json.loads(spec)
             message: Message = TrialMessage(trial_id=run_id, spec=payload) if kind == KIND.TRIAL else RangeTestMessage(run_id=run_id, spec=payload)
             self.resend(kind, run_id, message, run.data.tags.get(TAG.QUEUE, "gpu"), verdict.why)
 
@@ -385,10 +385,21 @@ class _Sweep:
         def do() -> None:
             runs.end_run(self.mlflow, run_id, ending.mlflow_status, ending.outcome, ending.reason)
             if kind == KIND.TRIAL:
-                callback = json.loads(run.data.tags.get(TAG.SPEC) or "{}").get("callback_url")
+                callback = (self.submitted(run) or {}).get("callback_url")
                 announce_end(run_id, ending, callback, self.r.clients)  # type: ignore[arg-type] - a runtime without a device
 
         self.act(kind, run_id, action, why, do)
+
+    def submitted(self, run: Any) -> dict[str, Any] | None:
+        """The run's spec as submitted, its sealed secrets (its callback) put back; None without a spec.
+
+        Secrets this worker cannot open (no or another CONVTUNE_SECRET_KEY) are left out, and said.
+        """
+        try:
+            return runs.run_spec(run.data.tags, self.settings.sealer())
+        except SealBroken as exc:
+            log.error("reconciler: run %s: %s; it goes on without its callback", run.info.run_id, exc)
+            return json.loads(run.data.tags[TAG.SPEC])
 
     def load_study(self, study_id: str) -> tuple[optuna.Study, StudySpec] | None:
         """The study from this worker's storage, with its spec; None (logged) when it is not there."""

@@ -10,11 +10,11 @@ pruned before its latency was timed) counts as met.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import optuna
 
+from models.data.roots import DataRoot
 from models.data.sets import InvalidData, describe
 from models.spec.objectives import EPOCH_MEASURES, LATENCY_MEASURES
 from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network
@@ -29,7 +29,7 @@ def sizes(plan: NetworkPlan | None) -> dict[str, float]:
     return {} if plan is None else {"params": float(plan.params), "flops_per_sample": float(plan.flops)}
 
 
-def trial_sizes(spec: TrialSpec, data_root: Path | None) -> dict[str, float]:
+def trial_sizes(spec: TrialSpec, data_root: DataRoot | None) -> dict[str, float]:
     """The sizes of a trial spec (a resumed trial, whose plan was not kept); empty when its input cannot be sized."""
     try:
         info = describe(spec.data, data_root)

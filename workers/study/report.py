@@ -27,16 +27,19 @@ from collections import Counter
 from typing import Any
 
 import optuna
+import redis
 from mlflow.entities import Metric, Param, RunTag
 from optuna.trial import TrialState
 
 from models.spec.objectives import SIZE_MEASURES
 from models.spec.study import StudySpec
 from models.store import runs
+from models.store.access import AccessNotGranted, TeamAccess
 from models.store.budget import StudyBudget
-from models.store.runs import TAG, registered_owner
-from models.store.teams import team_of
+from models.store.claims import SEAL_TAG, ClaimRefused, open_claims, registered_model
+from models.store.runs import TAG
 from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
+from models.store.teams import callback_team
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
 from workers.study.figures import Axis, intermediate_values_svg, optimization_history_svg, parallel_coordinate_svg, param_importances_svg
@@ -70,9 +73,10 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
         _log_best_params(rt, study_id, decode_params(spec, best.params))
         rt.mlflow.log_dict(study_id, {**_best_info(spec, best), "rule": spec.selection_rule}, "study/best.json")
     _log_artifacts(rt, study_id, stored, spec)
-    registered = _register(rt, study_id, spec, best) if best is not None and spec.register_as else None
+    cancelled = _cancelled(rt, study_id, stored, stopped)  # a cancelled study registers nothing
+    registered = _register(rt, study_id, spec, best) if best is not None and spec.register_as and not cancelled else None
 
-    if stopped == "cancelled":
+    if cancelled:
         ending = Ending("KILLED", "cancelled", "cancelled on request")
     elif best is None:
         within = " within its budgets" if spec.constraints or (spec.register_as and spec.register_as.where) else ""
@@ -92,6 +96,7 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
     if _extended(budget):
         log.info("study %s was extended while its results were recorded; the step that ends its new trials ends it", study_id)
         return
+    team = callback_team(rt.mlflow.get_run(study_id).data.tags) if spec.callback_url else None  # before it ends: a failure here is retried
     runs.end_run(rt.mlflow, study_id, ending.mlflow_status, ending.outcome, ending.reason)
     if _extended(budget):
         # An extension (service.api.studies.control.extend_study) raises the budget, then reads the run's
@@ -102,8 +107,23 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
     log.info("study %s ended %s: %s", study_id, ending.outcome, ending.reason)
     best_info = None if best is None else _best_info(spec, best)
     announce_study_end(
-        study_id, str(spec.callback_url) if spec.callback_url else None, name=spec.display_name(), ending=ending, best=best_info, counts=dict(counts),
+        study_id, str(spec.callback_url) if spec.callback_url else None, team=team, name=spec.display_name(), ending=ending, best=best_info,
+        counts=dict(counts),
     )
+
+
+def _cancelled(rt: WorkerRuntime, study_id: str, stored: optuna.Study, stopped: str) -> bool:
+    """Whether the study was cancelled: as the step saw it, as the study records it, or since (a cancel while its results were recorded)."""
+    try:
+        recorded = json.loads(stored.user_attrs.get(USER_ATTR.STOPPED) or "{}").get("why")
+    except (ValueError, AttributeError):
+        recorded = None
+    if "cancelled" in (stopped, recorded):
+        return True
+    try:
+        return StudyBudget(rt.redis, study_id).stopped() == "cancelled"
+    except redis.RedisError:
+        return False  # a cancel records itself in the study too (service.api.studies.control.cancel_study), read above
 
 
 def _extended(budget: StudyBudget) -> bool:
@@ -270,25 +290,64 @@ def _front_figure(spec: StudySpec, every: list[Any], points: list[Any], chosen_n
 
 
 def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.trial.FrozenTrial) -> str | None:
-    """Register the best trial's model; the version and alias, or None (and a tag saying why)."""
+    """Register the best trial's model into the model its team's claim on the name stands for; the version and alias, or None (and a tag saying why)."""
     import mlflow
 
     run_id = best.user_attrs.get(USER_ATTR.TRIAL_ID)
     assert spec.register_as is not None, "called only for a study that registers"
     name, alias = spec.register_as.name, spec.register_alias
-    owner = team_of(rt.mlflow.get_run(study_id).data.tags)
+    team = rt.mlflow.get_run(study_id).data.tags.get(TAG.TEAM)  # None with authentication off, as the API's claim
     try:
-        holder = registered_owner(rt.mlflow, name)
-        if holder and holder != owner:  # checked at submit too; a name may have been taken since
-            raise PermissionError(f"the registered model {name!r} belongs to team {holder!r}, not to this study's team {owner!r}")
+        _claimed_model(rt, study_id, name, team)
         version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, TAG.TRIAL_ID: str(run_id)})
-        if not holder and owner:
-            rt.mlflow.set_registered_model_tag(name, TAG.TEAM, owner)  # the first to register a name owns it
         rt.mlflow.set_registered_model_alias(name, alias, version.version)
-    except Exception as exc:  # noqa: BLE001 - no model logged (log_model off), registry unavailable
+    except Exception as exc:  # noqa: BLE001 - not this team's name, no model logged (log_model off), registry unavailable
         log.warning("study %s: could not register trial %s's model as %s: %s", study_id, run_id, name, exc)
         rt.mlflow.set_tag(study_id, TAG.REGISTRATION_ERROR, str(exc)[:5000])
         return None
+    _let_team_read(rt, study_id, team, name)
     shown = f"{name} version {version.version} (@{alias})"
     rt.mlflow.log_batch(study_id, tags=[RunTag(TAG.REGISTERED_MODEL, name), RunTag(TAG.REGISTERED_VERSION, str(version.version)), RunTag(TAG.REGISTERED_ALIAS, alias)])
     return shown
+
+
+def _claimed_model(rt: WorkerRuntime, study_id: str, name: str, team: str | None) -> None:
+    """Check that ``team`` holds the claim on ``name`` (:mod:`models.store.claims`, never MLflow's tags) and that the registered
+    model of that name is the one the claim stands for, creating it under the claim (sealed) when there is none yet.
+
+    Raises PermissionError when another team holds the name, or when a model of that name was made outside the claim.
+    """
+    from mlflow.exceptions import MlflowException
+
+    claims = open_claims(rt.settings.study_storage)
+    held = claims.holder(name)
+    if held is None and registered_model(rt.mlflow, name) is not None:
+        raise PermissionError(f"the registered model {name!r} exists but no team claimed its name; nothing is registered into it")
+    try:
+        claim = held or claims.claim(name, team, study_id)[0]  # claimed at submit; a study accepted before claims existed claims it now
+    except ClaimRefused as exc:
+        raise PermissionError(str(exc)) from exc
+    if claim.team != team:
+        raise PermissionError(f"the registered model name {name!r} is claimed by another team")
+    if registered_model(rt.mlflow, name) is None:
+        try:
+            rt.mlflow.create_registered_model(name, tags={SEAL_TAG: claim.seal, **({TAG.TEAM: team} if team else {})})
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise  # else made a moment ago: by a study of the same team (sealed), or by someone else (refused below)
+    model = registered_model(rt.mlflow, name)
+    if model is None or not claim.covers(model):
+        raise PermissionError(f"the registered model {name!r} was created outside its name's claim; nothing is registered into it")
+
+
+def _let_team_read(rt: WorkerRuntime, study_id: str, team: str | None, name: str) -> None:
+    """Grant ``team``'s MLflow role READ on the registered model (CONVTUNE_MLFLOW_TEAM_ACCESS; :mod:`models.store.access`).
+
+    Best-effort: a refusal is logged, the model stays registered, and ``convtune mlflow-access sync`` grants it later.
+    """
+    if not (rt.settings.mlflow_team_access and team):
+        return
+    try:
+        TeamAccess(rt.settings.mlflow_tracking_uri).grant_registered_model(team, name)
+    except AccessNotGranted as exc:
+        log.warning("study %s: team %s's people cannot read the registered model %s in MLflow yet: %s", study_id, team, name, exc)

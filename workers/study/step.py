@@ -45,6 +45,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
+from models.data import data_root_for
 from models.data.sets import InvalidData, describe
 from models.spec.objectives import EPOCH_MEASURES
 from models.spec.plan import InfeasibleArchitecture, plan_network
@@ -243,6 +244,7 @@ class StudyObjective:
     ):
         self.study_id, self.slot, self.spec, self.rt, self.budget = study_id, slot, spec, rt, budget
         self.experiment_id, self.queue, self.owner = experiment_id, queue, owner
+        self.data_root = data_root_for(rt.settings.data_root, owner.get(TAG.TEAM))  # the study's team's data (none with auth off)
         self.outcome = "error"
         self.sizes: dict[str, float] | None = None  # of the sampled configuration, from its plan
 
@@ -260,7 +262,7 @@ class StudyObjective:
         plan, infeasible = None, None
         if trial_spec is not None:
             try:
-                info = describe(trial_spec.data, self.rt.settings.data_root)
+                info = describe(trial_spec.data, self.data_root)
                 plan = plan_network(trial_spec.model, info) if info else None
             except InfeasibleArchitecture as exc:
                 infeasible = f"infeasible architecture: {exc}"
@@ -314,7 +316,7 @@ class StudyObjective:
                 raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {primary.metric} {value:.4f}")
 
         try:
-            ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end, created=created)
+            ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end, created=created, team=self.owner.get(TAG.TEAM))
         except Superseded as exc:
             raise StepInterrupted() from exc
         except Exception as exc:
@@ -325,7 +327,7 @@ class StudyObjective:
             tags = self.rt.mlflow.get_run(trial_id).data.tags
             ending = Ending("FAILED", tags.get(TAG.OUTCOME, "error"), tags.get(TAG.REASON, "ended by an earlier delivery"))
         outcome, reason = ending.outcome, ending.reason
-        known = self.sizes if self.sizes is not None else trial_sizes(trial_spec, self.rt.settings.data_root)
+        known = self.sizes if self.sizes is not None else trial_sizes(trial_spec, self.data_root)
         if outcome == "succeeded" and history:
             return self._result(trial, trial_id, reason, history, known)
         constrain(trial, self.spec, known)

@@ -17,6 +17,7 @@ from threading import Lock
 
 import torch
 
+from models.data.roots import DataRoot
 from models.data.sets import load
 from models.spec.plan import InputInfo
 from models.spec.trial import BUILTIN_DATASETS, DataSpec
@@ -45,7 +46,7 @@ _cache: OrderedDict[tuple[str, str], DeviceData] = OrderedDict()
 _lock = Lock()
 
 
-def device_data(spec: DataSpec, root: Path | None, device: torch.device) -> DeviceData:
+def device_data(spec: DataSpec, root: DataRoot | Path | None, device: torch.device) -> DeviceData:
     """The data set ``spec`` names, split and normalised, as tensors on ``device``."""
     key = (spec.model_dump_json(), str(device))
     cacheable = spec.name in BUILTIN_DATASETS

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.data.roots import DataRoot
 from models.spec.trial import TrialSpec
 from workers.training.outcomes import TrialStopped, classify
 from workers.training.parallel import NotEnoughDevices, Parallel, RankFailed, leave_group
@@ -70,7 +71,8 @@ def train_data_parallel(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext)
         common = [
             "--world", str(world), "--init-method", init_method, "--spec", f"{tmp}/spec.json", "--device", device.type,
             "--check-every", str(ctx.check_every_steps), "--threads", str(per_rank),
-            *(["--data-root", str(ctx.data_root)] if ctx.data_root is not None else []),
+            *(["--data-root", str(ctx.data_root.path)] if ctx.data_root is not None else []),
+            *(["--data-team", ctx.data_root.team] if ctx.data_root is not None and ctx.data_root.team is not None else []),
             *(["--checkpoint", str(ctx.checkpoint_path)] if ctx.checkpoint_path is not None else []),
         ]
         children = [
@@ -140,7 +142,7 @@ class _NullTracker:
 
 def train_rank(
     rank: int, world: int, init_method: str, payload: dict, device_kind: str,
-    data_root: str | None, checkpoint: str | None, check_every_steps: int, error_path: str | None = None,
+    data_root: str | None, checkpoint: str | None, check_every_steps: int, error_path: str | None = None, data_team: str | None = None,
 ) -> None:
     """Entry point of rank ``rank`` >= 1 in its own process: train in step with rank 0, log nothing."""
     spec = TrialSpec.model_validate(payload)
@@ -149,7 +151,7 @@ def train_rank(
         torch.cuda.set_device(device)
     dist.init_process_group(_backend(device), init_method=init_method, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     ctx = TrainingContext(
-        device=device, data_root=None if data_root is None else Path(data_root),
+        device=device, data_root=None if data_root is None else DataRoot(Path(data_root), data_team),
         checkpoint_path=None if checkpoint is None else Path(checkpoint),
         check_every_steps=check_every_steps, parallel=Parallel(rank, world, device),
     )
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-every", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of this rank: its share of rank 0's")
     parser.add_argument("--data-root")
+    parser.add_argument("--data-team", help="the team whose folder of the data root the trial reads (models.data.roots)")
     parser.add_argument("--checkpoint")
     parser.add_argument("--error", help="where to write this rank's ending if it fails")
     args = parser.parse_args(argv)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     payload = json.loads(Path(args.spec).read_text())
-    train_rank(args.rank, args.world, args.init_method, payload, args.device, args.data_root, args.checkpoint, args.check_every, args.error)
+    train_rank(args.rank, args.world, args.init_method, payload, args.device, args.data_root, args.checkpoint, args.check_every, args.error, args.data_team)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from models.data.roots import DataRoot
 from models.data.sets import describe
 from models.nets.convnet import build_model
 from models.spec.trial import TrialSpec
@@ -22,7 +22,7 @@ from models.spec.trial import TrialSpec
 __all__ = ["measure_latency"]
 
 
-def measure_latency(spec: TrialSpec, device: torch.device, data_root: Path | None) -> dict[str, float]:
+def measure_latency(spec: TrialSpec, device: torch.device, data_root: DataRoot | None) -> dict[str, float]:
     """``latency_ms`` (per sample at batch 1) and ``latency_ms_batch`` (per sample at ``spec.latency.batch``), in milliseconds."""
     assert spec.latency is not None, "measured only when the spec asks for it"
     info = describe(spec.data, data_root)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR, StepLR
 
+from models.data.roots import DataRoot
 from models.nets.convnet import build_model
 from models.spec.plan import plan_network
 from models.spec.trial import OptimSpec, TrialSpec
@@ -63,7 +64,7 @@ class TrainingContext:
     """What a worker gives a training run (a trial, or an LR range test) besides its spec."""
 
     device: torch.device
-    data_root: Path | None = None
+    data_root: DataRoot | None = None  # as the run's team sees it (models.data.roots)
     checkpoint_path: Path | None = None
     should_cancel: Callable[[], bool] = lambda: False
     # Whether this worker still holds the trial (its lease); False stops training without writing anything more.
@@ -423,7 +424,7 @@ class CheckpointWriter:
     """
 
     SNAPSHOT_LIMIT_BYTES = 256 * 2**20
-    _pool: ThreadPoolExecutor | None = None
+    _pool: ThreadPoolExecutor | None = None  # per process: a forked child makes its own (forget_pool)
 
     def __init__(self, path: Path | None, still_owner: Callable[[], bool] = lambda: True):
         self.path, self.still_owner = path, still_owner
@@ -431,6 +432,11 @@ class CheckpointWriter:
 
     def __enter__(self) -> CheckpointWriter:
         return self
+
+    @classmethod
+    def forget_pool(cls) -> None:
+        """After a fork, in the child: the parent's pool came without its thread (its writes would never run)."""
+        cls._pool = None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         try:
@@ -536,3 +542,5 @@ def restore_checkpoint(
         divergence.load_state_dict(state["divergence"])
     return int(state["epoch"])
 
+
+os.register_at_fork(after_in_child=CheckpointWriter.forget_pool)

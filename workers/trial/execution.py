@@ -28,6 +28,7 @@ from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ValidationError
 
+from models.data import data_root_for
 from models.spec.trial import TrialSpec
 from models.store.keys import attempts_key, cancel_key, lease_key
 from models.store.runs import TERMINAL_STATUSES
@@ -56,18 +57,19 @@ class LeaseHeld(Exception):
 
 def execute_trial(
     trial_id: str, payload: dict, rt: WorkerRuntime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    created: RunInfo | None = None,
+    created: RunInfo | None = None, team: str | None = None,
 ) -> Ending | None:
     """Run one delivery of ``trial_id``; how the trial ended, or None for a duplicate delivery.
 
     ``on_epoch_end`` is a study's pruning hook (see :class:`workers.training.train.TrainingContext`);
-    ``created``, the run's info when the caller created it a moment ago (a study's step): not read back.
+    ``created`` and ``team``, the run's info and team when the caller created it a moment ago (a study's
+    step): not read back. Otherwise the run's team is read with its status; the trial reads that team's data.
     Raises LeaseHeld (another worker trains it), Superseded (this worker lost the lease midway) and
     infrastructure errors (retried by the task).
     """
     tracker = tracker_for(rt, trial_id, log_model=rt.settings.log_model)
     if created is not None:
-        tracker.created(created)
+        tracker.created(created, team)
     spec, ending = admit(tracker, trial_id, payload, TrialSpec, rt, "trial")
     if spec is None:
         return ending
@@ -102,7 +104,7 @@ def _train(
     tracker.starting(str(rt.device), attempt)  # RUNNING once its batches are resolved (log_batches), in one request
     tracker.final_epoch = spec.optim.epochs
     ctx = TrainingContext(
-        device=rt.device, data_root=rt.settings.data_root, checkpoint_path=rt.checkpoint_path(trial_id),
+        device=rt.device, data_root=data_root_for(rt.settings.data_root, tracker.team), checkpoint_path=rt.checkpoint_path(trial_id),
         should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), still_owner=lease.held, check_every_steps=rt.settings.cancel_check_steps,
         on_epoch_end=on_epoch_end, on_setup=tracker.log_batches,
         cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,

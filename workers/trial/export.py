@@ -14,6 +14,10 @@ the weights new, and gives the MLmodel its own run id, uuid and time. The result
 ``save_model`` writes: ``mlflow.pytorch.load_model("runs:/<id>/model")`` and the model registry
 read it as before. A program whose tensors do not match the net's state (a net with state outside
 its ``state_dict``), or that computes something else than the net on the example, is exported afresh.
+
+The example saved with the model (``model/input_example.json``, and what the signature is inferred
+from) is never a sample of the data: anyone who may read the run would read a team's images. It is
+a fixed tensor of the samples' shape and dtype (:func:`placeholder_input`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ModelExporter", "exporter"]
+__all__ = ["ModelExporter", "exporter", "placeholder_input"]
 
 log = logging.getLogger(__name__)
 MAX_TEMPLATES = 8
@@ -57,7 +61,9 @@ class ModelExporter:
         self._home: Path | None = None
 
     def save(self, model: nn.Module, example: torch.Tensor, path: Path, run_id: str, pip_requirements: list[str]) -> None:
-        """Write ``model`` (eval mode, on the CPU, called on ``example``) as an MLflow model at ``path``."""
+        """Write ``model`` (eval mode, on the CPU) as an MLflow model at ``path``; ``example``: a batch of inputs, of which
+        only the shape and dtype are kept (:func:`placeholder_input`)."""
+        example = placeholder_input(example)
         key = _architecture_key(model, example)
         template = self._templates.get(key)
         if template is None:
@@ -95,6 +101,13 @@ class ModelExporter:
             old, _ = self._templates.popitem(last=False)
             shutil.rmtree(self._home / old, ignore_errors=True)
         return template
+
+
+def placeholder_input(example: torch.Tensor) -> torch.Tensor:
+    """A fixed input of ``example``'s shape and dtype, on the CPU: standard normal draws of seed 0, as normalised
+    images are distributed. The model's saved example and its export checks see this, never the data's samples."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(tuple(example.shape), generator=generator).to(example.dtype)
 
 
 def _architecture_key(model: nn.Module, example: torch.Tensor) -> str:

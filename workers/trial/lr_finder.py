@@ -21,6 +21,7 @@ from typing import Any
 
 from mlflow.entities import Metric, RunTag
 
+from models.data import data_root_for
 from models.spec.space import FloatParam
 from models.spec.study import StudySpec
 from models.spec.tuning import LrRangeResult, LrRangeSpec, NoSuggestion, analyse_range, lr_search_range
@@ -85,7 +86,7 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
             return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts))
         try:
             tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
-            ending, _ = run_and_record(spec, tracker, _context(rt, lambda: bool(rt.redis.exists(cancel_key(run_id))), lease.held))
+            ending, _ = run_and_record(spec, tracker, _context(rt, tracker.team, lambda: bool(rt.redis.exists(cancel_key(run_id))), lease.held))
             return _end(tracker, ending)
         except Superseded as exc:
             log.warning("range test %s: %s; stopped without recording anything", run_id, exc.reason)
@@ -96,9 +97,10 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
             raise
 
 
-def _context(rt: Any, should_cancel: Callable[[], bool], still_owner: Callable[[], bool]) -> TrainingContext:
+def _context(rt: Any, team: str | None, should_cancel: Callable[[], bool], still_owner: Callable[[], bool]) -> TrainingContext:
+    """A range test's training context: ``team``'s data (the run's, or its study's), this worker's device and limits."""
     return TrainingContext(
-        device=rt.device, data_root=rt.settings.data_root, check_every_steps=rt.settings.cancel_check_steps,
+        device=rt.device, data_root=data_root_for(rt.settings.data_root, team), check_every_steps=rt.settings.cancel_check_steps,
         should_cancel=should_cancel, still_owner=still_owner,
         cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
     )
@@ -171,12 +173,16 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
     parent = rt.mlflow.get_run(study_id)
     test_id = runs.create_run(
         rt.mlflow, parent.info.experiment_id, name="lr_auto: range test",
-        tags={TAG.KIND: KIND.LR_FINDER, TAG.PARENT: study_id, TAG.STUDY_ID: study_id, TAG.SPEC: test.model_dump_json()},
+        # No secret in MLflow: the base's callback_url is dropped (the study's spec in the Optuna storage keeps it).
+        tags={
+            TAG.KIND: KIND.LR_FINDER, TAG.PARENT: study_id, TAG.STUDY_ID: study_id, **runs.spec_tags(test.model_dump(mode="json"), None),
+            **{k: parent.data.tags[k] for k in (TAG.OWNER, TAG.TEAM) if k in parent.data.tags},  # the study's team's, like its trials
+        },
     )
     tracker = tracker_for(rt, test_id, log_model=False)
     tracker.still_owner = still_owner
     tracker.start(str(rt.device), 1)
-    ending, result = run_and_record(test, tracker, _context(rt, should_stop, still_owner))
+    ending, result = run_and_record(test, tracker, _context(rt, parent.data.tags.get(TAG.TEAM), should_stop, still_owner))
     tracker.finish(ending)
     if result is None:
         return {"error": f"lr_auto: its range test {test_id} ended {ending.outcome}: {ending.reason}", "test_id": test_id}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -96,6 +97,11 @@ class Uploads:
             cls._pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="artifact-upload")
         return cls._pool
 
+    @classmethod
+    def forget_pool(cls) -> None:
+        """After a fork, in the child: the parent's pool came without its threads (its submits would never run)."""
+        cls._pool = None
+
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self.pending.append(self.pool().submit(fn, *args, **kwargs))
 
@@ -160,17 +166,20 @@ class MlflowTracker:
         self.uploads = Uploads(client, run_id, artifacts_destination)
         self._starting: dict[str, str] | None = None  # start tags not sent yet (:meth:`starting`)
         self._created: RunInfo | None = None  # this process created the run RUNNING a moment ago (:meth:`created`)
+        # The run's team tag, as :meth:`status` read it (or :meth:`created` was told): whose folder of the data root it reads.
+        # The tag, not team_of(): work submitted with auth off (owner 'anonymous', no team tag) reads the root, as the API checked it.
+        self.team: str | None = None
         # The trial's last epoch: its metrics wait for the ending and go in its request (:meth:`finish`), one fewer a trial.
         self.final_epoch: int | None = None
         self._held: tuple[int, list[Metric]] | None = None
         self._epoch_sent: Future | None = None  # the last epoch's metrics, on their way (:meth:`log_epoch`)
 
-    def created(self, info: RunInfo) -> None:
-        """The run was created RUNNING by this process a moment ago (``runs.create_started_run``): nothing to read back.
+    def created(self, info: RunInfo, team: str | None) -> None:
+        """The run of ``team`` was created RUNNING by this process a moment ago (``runs.create_started_run``): nothing to read back.
 
         :meth:`status` answers from ``info`` and starting it sends only its tags: two requests fewer a trial.
         """
-        self._created = info
+        self._created, self.team = info, team
         self.uploads.artifact_uri = info.artifact_uri
 
     def _may_write(self, what: str) -> bool:
@@ -185,6 +194,7 @@ class MlflowTracker:
             return self._created.status  # nothing logged yet
         run = self.client.get_run(self.run_id)
         self.logged_through = int(run.data.tags.get(TAG.EPOCHS_DONE, "0"))
+        self.team = run.data.tags.get(TAG.TEAM)
         self.uploads.artifact_uri = run.info.artifact_uri
         return run.info.status
 
@@ -317,3 +327,8 @@ def _summary_text(rows: list[dict[str, Any]]) -> str:
         for r in rows:
             out.write("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)) + "\n")
     return out.getvalue()
+
+
+# Celery's prefork pool forks replacement training processes from the worker's main process, whose
+# reconciler uploads a finished study's files through Uploads: a child must make its own threads.
+os.register_at_fork(after_in_child=Uploads.forget_pool)

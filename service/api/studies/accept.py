@@ -14,13 +14,16 @@ import time
 from typing import Any
 
 import redis
+from sqlalchemy.exc import SQLAlchemyError
 
-from models.data import InvalidData, describe
+from models.data import InvalidData, data_root_for, describe
 from models.messages import StudyStepMessage
+from models.sealing import split_secrets
 from models.spec.objectives import constraint_problems
 from models.spec.space import grid_points, space_problems
 from models.spec.study import StudySpec
-from models.store.runs import KIND, TAG, registered_owner
+from models.store.claims import ClaimRefused, may_adopt, open_claims, registered_model
+from models.store.runs import KIND, TAG
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
 from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space
 from service.api.auth import Principal
@@ -38,12 +41,13 @@ SPEC_TAG_LIMIT = 7000
 
 def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Principal) -> str:
     """Check, record (parent run + Optuna study), send the first steps; the study id."""
-    check_study(s, spec)
-    if spec.register_as:
-        check_model_owner(s, spec.register_as.name, principal)
+    check_study(s, spec, principal.team)
     check_queued_quota(s.runs, s.redis, principal, s.settings)
+    claimed = claim_model_name(s, spec.register_as.name, principal) if spec.register_as else False
     queue = spec.base.queue or s.settings.default_queue
     study_id = _create_parent(s, spec, queue, principal)
+    if claimed:
+        _note_claiming_study(s, spec.register_as.name, study_id)
     try:
         _create_study(store, study_id, spec, queue)
         budget = store.budget(study_id)
@@ -65,19 +69,19 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Pri
     return study_id
 
 
-def check_study(s: Services, spec: StudySpec) -> None:
-    """Limits of this service and, for file data the API can see, feasibility of the space."""
+def check_study(s: Services, spec: StudySpec, team: str | None) -> None:
+    """Limits of this service and, for file data the API can see (``team``'s), feasibility of the space."""
     check_callback_url(spec.callback_url, s.settings, "callback_url")
     check_callback_url(spec.base.callback_url, s.settings, "base.callback_url")
-    check_params(spec.base, s.settings, field_prefix="base.")
+    check_params(spec.base, s.settings, team, field_prefix="base.")
     check_dataset_size(spec.base, s.settings, field_prefix="base.")  # data.* is never searched
     if spec.base.optim.epochs > s.settings.max_epochs:
         message = f"at most {s.settings.max_epochs} epochs are allowed on this service"
         raise InvalidSpec(message, errors=[FieldError(field="base.optim.epochs", message=message)])
-    check_space(spec, s.settings)  # the epochs it searches, and the size of every configuration it makes
+    check_space(spec, s.settings, team)  # the epochs it searches, and the size of every configuration it makes
     if spec.base.data.name in ("npz", "folder") and s.settings.data_root is not None:
         try:
-            info = describe(spec.base.data, s.settings.data_root)
+            info = describe(spec.base.data, data_root_for(s.settings.data_root, team))
         except InvalidData as exc:
             raise InvalidSpec(str(exc), errors=[FieldError(field="base.data.path", message=str(exc))]) from exc
         problems = space_problems(spec, info) or constraint_problems(spec, spec.constraints, info)
@@ -86,13 +90,38 @@ def check_study(s: Services, spec: StudySpec) -> None:
             raise InfeasibleSpec(f"{len(errors)} problem(s) with the search space on this data: {errors[0].message}", errors=errors)
 
 
-def check_model_owner(s: Services, name: str, principal: Principal) -> None:
-    """A registered model name belongs to the team that first registered it: another team's study may not
-    register a version of it or move its aliases (403 at submit, before anything trains)."""
-    with s.runs.translated():
-        holder = registered_owner(s.runs.client, name)
-    if holder is not None and not principal.may_change(holder or None):  # an owner-less name is an admin's
-        raise Forbidden(f"the registered model {name!r} belongs to {'another team' if holder else 'no team'}; choose another register_as name")
+def claim_model_name(s: Services, name: str, principal: Principal) -> bool:
+    """Claim the registered model name ``name`` for the caller's team (:mod:`models.store.claims`); whether this call claimed it.
+
+    The first team to claim a name owns it; the same team claims it again freely. Raises Forbidden
+    when another team holds it (never saying which), or when it exists in MLflow's registry
+    unclaimed and the caller may not adopt it (:func:`models.store.claims.may_adopt`);
+    ServiceUnavailable when the study storage or MLflow does not answer. Nothing else is created.
+    """
+    try:
+        claims = open_claims(s.settings.study_storage)
+        held = claims.holder(name)
+        if held is not None:
+            if held.team != principal.team:
+                raise ClaimRefused(name)
+            return False
+        with s.runs.translated():
+            model = registered_model(s.runs.client, name)
+        if model is not None and not may_adopt(model, principal.team, claims.since, admin=principal.is_admin):
+            raise Forbidden(f"the registered model {name!r} exists in the model registry but was not registered by this team's studies; choose another register_as name")
+        _, new = claims.claim(name, principal.team, adopted=None if model is None else model.creation_timestamp)
+        return new
+    except ClaimRefused as exc:
+        raise Forbidden(f"the registered model name {name!r} is claimed by another team; choose another register_as name") from exc
+    except SQLAlchemyError as exc:
+        raise ServiceUnavailable(f"the study storage ({storage_kind(s.settings.study_storage)}) did not answer: {str(exc)[:300]}") from exc
+
+
+def _note_claiming_study(s: Services, name: str, study_id: str) -> None:
+    try:
+        open_claims(s.settings.study_storage).note_study(name, study_id)
+    except SQLAlchemyError as exc:  # the claim holds without it: the study id is for people reading the table
+        log.warning("study %s: the claim on %r does not name it: %s", study_id, name, exc)
 
 
 def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None:
@@ -109,7 +138,9 @@ def _create_parent(s: Services, spec: StudySpec, queue: str, principal: Principa
         **({"study.register_rule": spec.selection_rule[:6000]} if spec.register_as else {}),
         **{f"space.{k}": json.dumps(p.model_dump(exclude_none=True, exclude={"type"}) if p.type != "categorical" else p.choices)[:6000] for k, p in spec.search_space.items()},
     }
-    spec_json = spec.model_dump_json()
+    # MLflow's copies of the spec hold no secret (models.sealing): the Optuna storage keeps the whole spec, callbacks included.
+    public, _ = split_secrets(spec.model_dump(mode="json"))
+    spec_json = json.dumps(public, separators=(",", ":"))
     tags = {
         TAG.KIND: KIND.STUDY, TAG.QUEUE: queue, TAG.N_TRIALS: str(spec.budget),
         TAG.STUDY_STORAGE: storage_kind(s.settings.study_storage),
@@ -119,7 +150,7 @@ def _create_parent(s: Services, spec: StudySpec, queue: str, principal: Principa
     study_id = s.runs.create(spec.display_name(), tags, params, principal)  # only its team (or an admin) may cancel or extend it
     try:
         with s.runs.translated(study_id, "study"):
-            s.runs.client.log_dict(study_id, spec.model_dump(mode="json"), "study/spec.json")
+            s.runs.client.log_dict(study_id, public, "study/spec.json")
     except ServiceUnavailable as exc:
         s.runs.end_undispatched(study_id, exc.detail)
         raise
