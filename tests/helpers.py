@@ -41,3 +41,18 @@ def write_npz(root: Path, name: str, **arrays: Any) -> str:
 
     np.savez(root / name, **arrays)
     return name
+
+
+def experiments_named(client: Any, base: str) -> list[str]:
+    """The ids of every experiment named ``base`` or ``base/...``: each team's of a test's app, and any made by hand
+    with such a name (for counting what a test's requests created, wherever it landed)."""
+    from mlflow.entities import ViewType
+
+    found: list[str] = []
+    token = None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ALL, filter_string=f"name LIKE '{base}%'", max_results=1000, page_token=token)
+        found += [e.experiment_id for e in page if e.name == base or e.name.startswith(f"{base}/")]
+        token = page.token
+        if not token:
+            return found

@@ -36,10 +36,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from models.store.teams import ANONYMOUS_OWNER, TEAM_NAME, team_of
+from models.store.teams import TEAM_NAME
 
 if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
+    from models.store.claims import ModelClaims
 
 __all__ = ["AccessNotGranted", "Grant", "TeamAccess", "team_role"]
 
@@ -105,11 +105,12 @@ class TeamAccess:
         with self._translated(f"removing {username!r} from {team_role(team)!r}"):
             self._call("unassign_role", json={"username": username, "role_id": role_id})
 
-    def sync(self, client: MlflowClient, experiment: str) -> list[Grant]:
-        """Grant every team's experiment (``{experiment}/{team}``) and every registered model with a team; what it granted."""
-        with self._translated("listing the teams' experiments and registered models"):
-            grants = [Grant(team, "experiment", eid) for team, eid in _team_experiments(client, experiment)]
-            grants += [Grant(team, "registered_model", name) for team, name in _team_models(client)]
+    def sync(self, claims: ModelClaims, experiment: str) -> list[Grant]:
+        """Grant every team its experiment under ``experiment`` and every registered model name it claimed, as the service
+        recorded them (:mod:`models.store.claims`: a name or a tag in MLflow is anyone's to write); what it granted."""
+        experiments = claims.team_experiments(experiment)
+        grants = [Grant(team, "experiment", eid) for team, eid in sorted(experiments.items())]
+        grants += [Grant(c.team, "registered_model", c.name) for c in sorted(claims.claimed(), key=lambda c: c.name) if c.team is not None]
         for grant in grants:
             self._grant(grant)
         return grants
@@ -170,42 +171,6 @@ class TeamAccess:
             raise AccessNotGranted(f"{doing} failed in MLflow: {_short(exc)}{f' ({hint})' if hint else ''}") from exc
         except (OSError, StopIteration, KeyError) as exc:  # unreachable, or an answer not of this MLflow's shape
             raise AccessNotGranted(f"{doing} failed: MLflow did not answer as expected: {_short(exc)}") from exc
-
-
-def _team_experiments(client: MlflowClient, experiment: str) -> Iterator[tuple[str, str]]:
-    """(team, experiment id) of every active team experiment under ``experiment``."""
-    from mlflow.entities import ViewType
-
-    quoted = experiment.replace("'", "''")
-    token = None
-    while True:
-        page = client.search_experiments(
-            view_type=ViewType.ACTIVE_ONLY, filter_string=f"name LIKE '{quoted}/%'", max_results=1000, page_token=token,
-        )
-        for found in page:
-            team = found.name[len(experiment) + 1:]
-            if found.name.startswith(f"{experiment}/") and _TEAM.match(team):
-                yield team, found.experiment_id
-        token = page.token
-        if not token:
-            return
-
-
-def _team_models(client: MlflowClient) -> Iterator[tuple[str, str]]:
-    """(team, name) of every registered model whose tags name a team (:func:`models.store.teams.team_of`).
-
-    A tag any editor of the model could set is enough here: the grant only lets the named team read that model.
-    """
-    token = None
-    while True:
-        page = client.search_registered_models(max_results=1000, page_token=token)
-        for model in page:
-            team = team_of(model.tags)
-            if team and team != ANONYMOUS_OWNER and _TEAM.match(team):  # not the local stack's caller
-                yield team, model.name
-        token = page.token
-        if not token:
-            return
 
 
 def _short(exc: BaseException) -> str:

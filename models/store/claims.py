@@ -64,6 +64,15 @@ _claims = sa.Table(
     sa.Column("seal", sa.String(64), nullable=False),
     sa.Column("adopted", sa.BigInteger, nullable=True),  # an adopted model's creation time (ms, the tracking server's)
 )
+# Each team's MLflow experiment, as the service created it: any MLflow user may create an experiment named
+# like a team's, so the name proves nothing and only the id recorded here is the team's (models.store.teams).
+_experiments = sa.Table(
+    "convtune_team_experiments", _metadata,
+    sa.Column("base", sa.String(256), primary_key=True),  # CONVTUNE_EXPERIMENT: the team's is named {base}/{team}
+    sa.Column("team", sa.String(64), primary_key=True),
+    sa.Column("experiment_id", sa.String(64), nullable=False),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+)
 _since = sa.Table(  # one row: when this storage's claims began (names registered before then may be adopted)
     "convtune_model_claims_since", _metadata,
     sa.Column("id", sa.Integer, primary_key=True),
@@ -104,7 +113,8 @@ def claims_url(study_storage: str) -> str:
 
 
 class ModelClaims:
-    """The claims table of one database: :meth:`claim`, :meth:`holder`, :meth:`note_study`, :attr:`since`."""
+    """The service's claims in one database: registered model names (:meth:`claim`, :meth:`holder`, :meth:`note_study`,
+    :attr:`since`) and each team's experiment (:meth:`team_experiment`, :meth:`record_team_experiment`)."""
 
     def __init__(self, url: str):
         if url.startswith("sqlite:"):
@@ -150,13 +160,40 @@ class ModelClaims:
         with self.engine.begin() as conn:
             conn.execute(_claims.update().where(_claims.c.name == name, _claims.c.study_id.is_(None)).values(study_id=study_id))
 
+    def claimed(self) -> list[Claim]:
+        """Every claimed name (for ``convtune mlflow-access sync``)."""
+        with self.engine.connect() as conn:
+            return [_claim(row) for row in conn.execute(sa.select(_claims)).mappings()]
+
+    def team_experiment(self, base: str, team: str) -> str | None:
+        """The id of the experiment the service made for ``team`` under ``base``, or None before the team's first run."""
+        where = (_experiments.c.base == base) & (_experiments.c.team == team)
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(_experiments.c.experiment_id).where(where)).scalar_one_or_none()
+
+    def record_team_experiment(self, base: str, team: str, experiment_id: str) -> str:
+        """Record ``experiment_id`` as ``team``'s; the team's experiment (another process's, when it recorded one first)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(_experiments.insert().values(base=base, team=team, experiment_id=experiment_id, recorded_at=time.time()))
+            return experiment_id
+        except IntegrityError:
+            recorded = self.team_experiment(base, team)
+            assert recorded is not None, "records are never deleted"
+            return recorded
+
+    def team_experiments(self, base: str) -> dict[str, str]:
+        """Every team's experiment id under ``base``, by team."""
+        with self.engine.connect() as conn:
+            return {row.team: row.experiment_id for row in conn.execute(sa.select(_experiments).where(_experiments.c.base == base))}
+
     def _create_tables(self) -> None:
         try:
             _metadata.create_all(self.engine, checkfirst=True)
         except SQLAlchemyError:
             # Another process created them between the check and the CREATE: fine if they are there now.
             names = set(sa.inspect(self.engine).get_table_names())
-            if not {_claims.name, _since.name} <= names:
+            if not {_claims.name, _since.name, _experiments.name} <= names:
                 raise
 
     def _since(self) -> float:

@@ -6,6 +6,10 @@ its own, ``{base}/{team}``, so MLflow's per-experiment permissions can show each
 and nothing else. With authentication off (the one-host local stack) there is one caller and one
 experiment, ``{base}``, as there always was.
 
+A name proves nothing (any MLflow user may create an experiment called ``{base}/{team}`` first):
+the team's experiment is the one whose id the service recorded when it created it, in its own
+database (:mod:`models.store.claims`); a squatted name is passed over for ``{base}/{team}-<suffix>``.
+
 Runs recorded before teams existed carry only ``convtune.owner``: the token that made them is their
 team (a token without a team is a team of its own), so nothing they owned changes hands.
 """
@@ -13,7 +17,7 @@ team (a token without a team is a team of its own), so nothing they owned change
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,21 +54,8 @@ def callback_team(tags: Mapping[str, str]) -> str | None:
     return None if team == ANONYMOUS_OWNER and TEAM_TAG not in tags else team
 
 
-def experiment_ids(client: MlflowClient, base: str) -> list[str]:
-    """Every experiment convtune keeps runs in under ``base``: ``base`` itself and each team's ``base/team``."""
-    from mlflow.entities import ViewType
-
-    found: list[str] = []
-    token = None
-    while True:
-        page = client.search_experiments(
-            view_type=ViewType.ACTIVE_ONLY, filter_string=f"name LIKE '{_like_escaped(base)}%'", max_results=1000, page_token=token,
-        )
-        found += [e.experiment_id for e in page if e.name == base or e.name.startswith(f"{base}/")]
-        token = page.token
-        if not token:
-            return found
-
-
-def _like_escaped(text: str) -> str:
-    return text.replace("'", "''")
+def experiment_ids(client: MlflowClient, base: str, team_experiments: Iterable[str]) -> list[str]:
+    """Every experiment convtune keeps runs in: ``base`` itself (no teams, and runs from before teams) and each
+    team's, as recorded (``team_experiments``), never one that is only named like a team's."""
+    found = client.get_experiment_by_name(base)
+    return [*([found.experiment_id] if found is not None else []), *team_experiments]

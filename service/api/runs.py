@@ -11,15 +11,21 @@ import json
 import logging
 import os
 import re
+import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from models.store import runs
 from models.store.access import AccessNotGranted, TeamAccess
+from models.store.claims import open_claims
 from models.store.runs import EXPERIMENT_KIND, KIND, TAG, TERMINAL_STATUSES, client_status
+from models.store.search import storage_kind
 from models.store.teams import experiment_ids, experiment_name
 from service.api.auth import Principal, check_visible
 from service.api.errors import BadRequest, NotFound, ServiceUnavailable
@@ -94,7 +100,7 @@ class RunRecord:
 class RunStore:
     """Create, read and end convtune's MLflow runs."""
 
-    def __init__(self, tracking_uri: str, experiment: str, access: TeamAccess | None = None):
+    def __init__(self, tracking_uri: str, experiment: str, study_storage: str, access: TeamAccess | None = None):
         # Fail fast instead of MLflow's default minutes of retries: the API answers 503 instead.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -103,6 +109,7 @@ class RunStore:
 
         self.client = MlflowClient(tracking_uri)
         self.experiment = experiment
+        self.study_storage = study_storage  # where the service records each team's experiment (models.store.claims)
         self._experiment_ids: dict[str | None, str] = {}
         self.access = access  # with MLflow's basic-auth: each team's people read its experiment (models.store.access)
         self._team_reads: set[str] = set()  # teams granted READ on their experiment by this process
@@ -124,12 +131,14 @@ class RunStore:
             raise ServiceUnavailable(f"the tracking server (MLflow) is unreachable: {_short(exc)}") from exc
 
     def experiment_id(self, team: str | None) -> str:
-        """The id of ``team``'s experiment (:func:`models.store.teams.experiment_name`), created on first use."""
+        """The id of ``team``'s experiment (:mod:`models.store.teams`), created and recorded on first use."""
         if team not in self._experiment_ids:
-            name = experiment_name(self.experiment, team)
-            with self.translated():
-                found = self.client.get_experiment_by_name(name)
-                self._experiment_ids[team] = found.experiment_id if found is not None else self._create_experiment(name, team)
+            if team is None:  # no teams (auth off): the one experiment, by its name, as always
+                with self.translated():
+                    found = self.client.get_experiment_by_name(self.experiment)
+                    self._experiment_ids[None] = found.experiment_id if found is not None else self._create_experiment(self.experiment, None)
+            else:
+                self._experiment_ids[team] = self._recorded_experiment(team) or self._create_team_experiment(team)
         if team is not None and self.access is not None and team not in self._team_reads:
             self._let_team_read(team, self._experiment_ids[team])
         return self._experiment_ids[team]
@@ -155,18 +164,61 @@ class RunStore:
         except MlflowException:  # another API process created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
+    def _recorded_experiment(self, team: str) -> str | None:
+        """The experiment the service recorded for ``team``; ServiceUnavailable when its database does not answer."""
+        try:
+            return open_claims(self.study_storage).team_experiment(self.experiment, team)
+        except SQLAlchemyError as exc:
+            raise ServiceUnavailable(f"the study storage ({storage_kind(self.study_storage)}) did not answer: {_short(exc)}") from exc
+
+    def _create_team_experiment(self, team: str) -> str:
+        """Create ``team``'s experiment and record it; another process's record wins a race (its experiment is used).
+
+        A name that exists already is never taken as the team's: another API process may have just
+        created it (its record then appears within moments), or an MLflow user did, to read the
+        team's runs. That name is passed over for one with a random suffix.
+        """
+        from mlflow.exceptions import MlflowException
+
+        name = experiment_name(self.experiment, team)
+        tags = {TAG.EXPERIMENT_KIND: EXPERIMENT_KIND, TAG.TEAM: team}
+        with self.translated():
+            try:
+                created = self.client.create_experiment(name, tags=tags)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                for _ in range(20):  # another process's record, made right after its create
+                    time.sleep(0.1)
+                    recorded = self._recorded_experiment(team)
+                    if recorded is not None:
+                        return recorded
+                log.warning("an experiment named %r exists that convtune did not make for team %s: passed over", name, team)
+                created = self.client.create_experiment(f"{name}-{secrets.token_hex(3)}", tags=tags)
+        try:
+            return open_claims(self.study_storage).record_team_experiment(self.experiment, team, created)
+        except SQLAlchemyError as exc:
+            raise ServiceUnavailable(f"the study storage ({storage_kind(self.study_storage)}) did not answer: {_short(exc)}") from exc
+
+    def team_experiments(self) -> list[str]:
+        """The id of every team's recorded experiment."""
+        try:
+            return list(open_claims(self.study_storage).team_experiments(self.experiment).values())
+        except SQLAlchemyError as exc:
+            raise ServiceUnavailable(f"the study storage ({storage_kind(self.study_storage)}) did not answer: {_short(exc)}") from exc
+
     def readable_experiments(self, principal: Principal) -> tuple[list[str], str]:
         """The experiments ``principal`` may list runs of, and the filter that keeps a list to its team's runs."""
         if principal.sees_all:
+            teams = self.team_experiments()
             with self.translated():
-                return experiment_ids(self.client, self.experiment), ""
+                return experiment_ids(self.client, self.experiment, teams), ""
         own = self._experiment_ids.get(principal.team)
-        if own is None:
-            with self.translated():
-                found = self.client.get_experiment_by_name(experiment_name(self.experiment, principal.team))
-            if found is None:
+        if own is None and principal.team is not None:
+            own = self._recorded_experiment(principal.team)
+            if own is None:
                 return [], ""  # the team has submitted nothing yet
-            own = self._experiment_ids[principal.team] = found.experiment_id
+            self._experiment_ids[principal.team] = own
         return [own], f" and tags.`{TAG.TEAM}` = '{principal.team}'"
 
     def ping(self) -> None:

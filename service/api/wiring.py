@@ -35,7 +35,7 @@ class Services:
 def init_app(app: Flask, settings: ApiSettings) -> Services:
     """Build the MLflow store, the Redis client and the Celery sender for ``app``."""
     access = TeamAccess(settings.mlflow_tracking_uri) if settings.mlflow_team_access else None
-    runs = RunStore(settings.mlflow_tracking_uri, settings.experiment, access)
+    runs = RunStore(settings.mlflow_tracking_uri, settings.experiment, settings.study_storage, access)
     # Bounded, never retried by redis-py (from_url): Redis down or stalled answers 503 within seconds.
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
     celery = Celery("convtune-api", set_as_current=False)

@@ -29,11 +29,11 @@ def mlflow_access() -> None:
 @mlflow_access.command()
 def sync() -> None:
     """Grant every team's role READ on the team's experiment and registered models (idempotent)."""
-    from mlflow.tracking import MlflowClient
+    from models.store.claims import open_claims
 
     settings = _settings()
     access = _access(settings.mlflow_tracking_uri)
-    grants = _or_exit(lambda: access.sync(MlflowClient(settings.mlflow_tracking_uri), settings.experiment))
+    grants = _or_exit(lambda: access.sync(open_claims(settings.study_storage), settings.experiment))
     for grant in grants:
         click.echo(f"convtune-team-{grant.team}: READ on {grant.resource_type} {grant.resource}")
     click.echo(f"{len(grants)} grants in place on {settings.mlflow_tracking_uri}", err=True)

@@ -136,14 +136,15 @@ def test_only_the_submitter_or_an_admin_may_cancel_or_extend_a_study(api):
     assert api.post(f"/studies/{study_id}/cancel", headers=bearer("root")).status_code == 202
 
 
-def test_a_callback_url_is_shown_to_its_owner_and_admins_only(api):
+def test_a_callback_url_is_never_shown_and_its_host_only_to_its_team_and_admins(api):
     hook = "https://hooks.example.com/convtune?token=s3cret"
     accepted = api.post("/trials", json=tiny_trial(queue="gpu", callback_url=hook), headers=bearer("submitter"))
     assert accepted.status_code == 202, accepted.get_json()
     trial_id = accepted.get_json()["id"]
-    for name, sees in (("submitter", True), ("root", True), ("dashboard", False)):
+    # Nobody reads the URL back (it is sealed, outside MLflow): its team and admins see where it goes, others not even that.
+    for name, sees_host in (("submitter", True), ("submitter-2", True), ("root", True), ("dashboard", False)):
         shown = api.get(f"/trials/{trial_id}", headers=bearer(name)).get_json()["spec"]["callback_url"]
-        assert (shown == hook) is sees and ("s3cret" in shown) is sees, (name, shown)
+        assert "s3cret" not in shown and (shown == "https://hooks.example.com/...") is sees_host, (name, shown)
     assert api.get(f"/trials/{trial_id}", headers=bearer("other")).status_code == 404
     listed = api.get("/trials?status=queued&limit=200", headers=bearer("dashboard")).get_json()["items"]
     assert all("s3cret" not in str(item["spec"]) for item in listed)
@@ -210,10 +211,10 @@ def test_every_route_that_creates_work_refuses_oversized_specs_and_creates_nothi
     # 104M parameters (under the cap) but 2 TFLOPs per sample; and a 9 GiB generated data set.
     costly = tiny_trial(model={"channels": [1024, 1024], "convs_per_stage": 6}, data={"name": "shapes", "image_size": 128, "num_samples": 100})
     huge_data = tiny_trial(data={"name": "shapes", "image_size": 128, "num_samples": 50_000})
-    from models.store.teams import experiment_ids
+    from tests.helpers import experiments_named
 
     def count() -> int:
-        experiments = experiment_ids(mlflow_client, api_settings.experiment)
+        experiments = experiments_named(mlflow_client, api_settings.experiment)
         return len(mlflow_client.search_runs(experiments, max_results=5000)) if experiments else 0
 
     before = count()
@@ -236,3 +237,33 @@ def test_callbacks_to_internal_targets_are_refused_at_submit(secured_app, target
     app = create_app(secured_app.extensions["convtune"].settings.model_copy(update={"callback_allowed_networks": []}))
     problem = assert_problem(app.test_client().post("/trials", json=tiny_trial(callback_url=target), headers=bearer("submitter")), 422, "invalid-spec")
     assert problem["errors"][0]["field"] == "callback_url"
+
+
+def test_an_experiment_made_in_mlflow_with_a_team_s_name_never_holds_or_shows_the_team_s_work(api_settings, mlflow_client):
+    # Any MLflow user may create "{experiment}/{team}" before the team's first submit, to read what lands there,
+    # and plant runs tagged as convtune trials that the reconciler would send to the workers.
+    from models.store.claims import open_claims
+    from models.store.runs import TAG
+    from models.store.teams import experiment_ids
+
+    base = f"squat-{uuid.uuid4().hex[:8]}"
+    squatted = mlflow_client.create_experiment(f"{base}/submitter")
+    planted = mlflow_client.create_run(squatted, tags={TAG.KIND: "trial", TAG.TEAM: "submitter", TAG.OWNER: "submitter"}).info.run_id
+    mlflow_client.update_run(planted, status="SCHEDULED")
+    tokens = [TokenConfig(name=name, sha256=hash_token(SECRETS[name]), scopes=scopes, team=TEAMS.get(name)) for name, scopes in TOKENS.items()]
+    api = create_app(api_settings.model_copy(update={"auth_disabled": False, "auth_tokens": tokens, "experiment": base})).test_client()
+
+    accepted = api.post("/trials", json=tiny_trial(queue="gpu"), headers=bearer("submitter"))
+    assert accepted.status_code == 202, accepted.get_json()
+    trial_id = accepted.get_json()["id"]
+    ours = mlflow_client.get_run(trial_id).info.experiment_id
+    assert ours != squatted and mlflow_client.get_experiment(ours).name.startswith(f"{base}/submitter-")
+    assert f"/experiments/{ours}/runs/{trial_id}" in accepted.get_json()["mlflow_url"]
+    listed = {t["id"] for t in api.get("/trials?limit=200", headers=bearer("submitter-2")).get_json()["items"]}
+    assert trial_id in listed and planted not in listed
+    assert planted not in {t["id"] for t in api.get("/trials?limit=200", headers=bearer("root")).get_json()["items"]}
+    # What the workers' reconciler sweeps: the experiments convtune recorded, never the squatted one.
+    swept = experiment_ids(mlflow_client, base, open_claims(api_settings.study_storage).team_experiments(base).values())
+    assert ours in swept and squatted not in swept
+    assert api.post(f"/trials/{trial_id}/cancel", headers=bearer("submitter")).status_code == 202
+    mlflow_client.set_terminated(planted, status="KILLED")

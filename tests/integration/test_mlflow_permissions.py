@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from models.store.access import TeamAccess
+from models.store.claims import open_claims
 from service.api import create_app
 from service.api.auth import hash_token
 from service.api.settings import ApiSettings, TokenConfig
@@ -75,9 +76,16 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def as_service(auth_server: str) -> Iterator[None]:
+def study_storage(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The service's own records (each team's experiment, claimed model names) for this module's MLflow server alone."""
+    return str(tmp_path_factory.mktemp("mlflow-auth-studies") / "studies.journal")
+
+
+@pytest.fixture(scope="module")
+def as_service(auth_server: str, study_storage: str) -> Iterator[None]:
     """The service's MLflow login (the admin), as the deploy gives it to the API and the workers."""
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVTUNE_STUDY_STORAGE", study_storage)  # for `convtune mlflow-access sync`
         mp.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
         mp.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
         mp.setenv("CONVTUNE_MLFLOW_TRACKING_URI", auth_server)  # for `convtune mlflow-access`
@@ -91,7 +99,7 @@ def admin(auth_server: str, as_service: None) -> MlflowClient:
 
 
 @pytest.fixture(scope="module")
-def world(auth_server: str, as_service: None, admin: MlflowClient, redis_url: str) -> types.SimpleNamespace:
+def world(auth_server: str, as_service: None, admin: MlflowClient, redis_url: str, study_storage: str) -> types.SimpleNamespace:
     """alice and bob in their teams' roles, then one trial per team submitted through the API, an artifact on each
     run, and a registered model per team (beta's through the worker's hook, alpha's left for ``sync``)."""
     for person, team in PEOPLE.items():
@@ -101,7 +109,7 @@ def world(auth_server: str, as_service: None, admin: MlflowClient, redis_url: st
     settings = ApiSettings(
         redis_url=redis_url, mlflow_tracking_uri=auth_server, experiment=EXPERIMENT, default_queue="gpu", mlflow_team_access=True,
         auth_tokens=[TokenConfig(name=n, sha256=hash_token(SECRETS[n]), scopes=["read", "submit"], team=t) for n, t in TOKENS.items()],
-        rate_limit="100000/minute", submit_rate_limit="100000/minute",
+        rate_limit="100000/minute", submit_rate_limit="100000/minute", study_storage=study_storage,
     )
     api = create_app(settings).test_client()
     trials = {}
@@ -113,6 +121,7 @@ def world(auth_server: str, as_service: None, admin: MlflowClient, redis_url: st
     runs = {team: admin.get_run(t["id"]) for team, t in trials.items()}
     models = {team: f"model-{team}-{uuid.uuid4().hex[:6]}" for team in TOKENS.values()}
     for team, name in models.items():
+        open_claims(study_storage).claim(name, team)  # as a study's submit claims its register_as name
         admin.create_registered_model(name, tags={"convtune.team": team})
     from workers.study.report import _let_team_read  # the hook workers.study.report runs after registering
 

@@ -35,12 +35,11 @@ import models.callbacks
 from models.callbacks import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, shown_url, signed_headers, trial_ended_event, verify_signature, webhook_key, webhook_secret
 from models.messages import CALLBACK_QUEUE, CallbackMessage, queue_lists
 from models.store.runs import TAG
-from models.store.teams import experiment_ids
 from service.api import create_app
 from service.api.auth import REDACTED, hash_token
 from service.api.settings import ApiSettings, TokenConfig
 from tests.conftest import TEST_SECRET_KEY, Service, wait_for
-from tests.helpers import tiny_trial
+from tests.helpers import experiments_named, tiny_trial
 from workers.callbacks.delivery import RefusedDestination, post_event
 from workers.settings import WorkerSettings
 
@@ -107,7 +106,7 @@ def secure_app(settings: ApiSettings, mlflow_client):
     app = create_app(settings)
     yield app
     # End what is still waiting, by MLflow (not the API: no callback is queued), so no worker ever runs it.
-    experiments = experiment_ids(mlflow_client, settings.experiment)
+    experiments = experiments_named(mlflow_client, settings.experiment)
     if experiments:
         for run in mlflow_client.search_runs(experiments, filter_string="attributes.status != 'FINISHED'", max_results=5000):
             if run.info.status in ("SCHEDULED", "RUNNING"):
@@ -204,7 +203,7 @@ class Evidence:
     def snapshot(self) -> Snapshot:
         from mlflow.entities import ViewType
 
-        found = experiment_ids(self.mlflow, self.experiment)
+        found = experiments_named(self.mlflow, self.experiment)
         runs = {} if not found else {
             r.info.run_id: r.info.status for r in self.mlflow.search_runs(found, run_view_type=ViewType.ALL, max_results=5000)
         }

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.store.teams import experiment_ids
+
 from service.api import create_app
 from service.api.auth import hash_token
 from service.api.settings import ApiSettings, TokenConfig
-from tests.helpers import tiny_trial, wait_for_trial
+from tests.helpers import experiments_named, tiny_trial, wait_for_trial
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def api(api_settings: ApiSettings, data_root: Path):
 
 
 def run_ids(mlflow_client, experiment: str) -> set[str]:
-    ids = experiment_ids(mlflow_client, experiment)
+    ids = experiments_named(mlflow_client, experiment)
     return {r.info.run_id for r in mlflow_client.search_runs(ids, max_results=5000)} if ids else set()
 
 

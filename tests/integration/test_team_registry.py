@@ -19,11 +19,10 @@ import pytest
 from models.store.claims import SEAL_TAG, open_claims
 from models.store.runs import TAG
 from models.store.search import open_storage
-from models.store.teams import experiment_ids
 from service.api import create_app
 from service.api.auth import hash_token
 from service.api.settings import ApiSettings, TokenConfig
-from tests.helpers import tiny_trial
+from tests.helpers import experiments_named, tiny_trial
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +52,7 @@ def app(settings: ApiSettings, mlflow_client, worker):
     """The API with two teams; its studies train on the session's cpu worker."""
     app = create_app(settings)
     yield app
-    experiments = experiment_ids(mlflow_client, settings.experiment)
+    experiments = experiments_named(mlflow_client, settings.experiment)
     if experiments:  # nothing of this module keeps the session's worker busy afterwards
         for run in mlflow_client.search_runs(experiments, filter_string="attributes.status != 'FINISHED'", max_results=5000):
             if run.info.status in ("SCHEDULED", "RUNNING"):
@@ -102,7 +101,7 @@ def registry(mlflow_client, name: str) -> tuple[dict[str, str], list[str]]:
 
 def studies_of(mlflow_client, settings: ApiSettings, team: str) -> set[str]:
     """The ids of the team's studies (parent runs) in this module's experiments."""
-    experiments = experiment_ids(mlflow_client, settings.experiment)
+    experiments = experiments_named(mlflow_client, settings.experiment)
     where = f"tags.`{TAG.TEAM}` = '{team}' and tags.`{TAG.KIND}` = 'study'"
     found = mlflow_client.search_runs(experiments, filter_string=where, max_results=5000) if experiments else []
     return {r.info.run_id for r in found}

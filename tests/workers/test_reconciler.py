@@ -141,8 +141,8 @@ class FakeMlflow:
         self.runs[run_id] = SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status, experiment_id="1"), data=SimpleNamespace(tags=dict(tags)))
         return run_id
 
-    def search_experiments(self, view_type=None, filter_string="", max_results=1000, page_token=None) -> PagedList:
-        return PagedList([SimpleNamespace(experiment_id="1", name="convtune")], None)  # the settings' default experiment
+    def get_experiment_by_name(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(experiment_id="1")
 
     def search_runs(self, experiment_ids, filter_string="", max_results=1000, page_token=None) -> PagedList:
         return PagedList([r for r in self.runs.values() if r.info.status in ("SCHEDULED", "RUNNING")], None)

@@ -36,6 +36,7 @@ from models.store.budget import StudyBudget
 from models.store.keys import RECONCILER_COUNTS_KEY, RECONCILER_LOCK_KEY, RECONCILER_SUSPECTS_KEY, cancel_key, lease_key, resent_key
 from models.store.runs import KIND, TAG, TERMINAL_STATUSES
 from models.store.search import USER_ATTR, open_storage, storage_kind
+from models.store.claims import open_claims
 from models.store.teams import experiment_ids
 from workers.callbacks.announce import announce_end
 from workers.reconciler.judge import Messages, Seen, Verdict, judge_run, judge_slot, parse_messages, run_status
@@ -165,7 +166,8 @@ class _Sweep:
         self.seen_now: dict[str, float] = {}
 
     def run(self) -> None:
-        experiments = experiment_ids(self.mlflow, self.settings.experiment)  # every team's: new teams appear at any time
+        # Every team's, as the API recorded them (new teams appear at any time); never one only named like a team's.
+        experiments = experiment_ids(self.mlflow, self.settings.experiment, open_claims(self.settings.study_storage).team_experiments(self.settings.experiment).values())
         if not experiments:
             return  # nothing was ever accepted
         # Messages first, runs second: a run created after this read has no message in it, and waits out the grace.
