@@ -56,3 +56,13 @@ def experiments_named(client: Any, base: str) -> list[str]:
         token = page.token
         if not token:
             return found
+
+
+def end_open_runs(client: Any, base: str) -> None:
+    """End (KILLED, by MLflow, no callback) whatever a test module left queued or running in its experiments, so
+    that no worker of the session ever runs it."""
+    experiments = experiments_named(client, base)
+    if experiments:
+        for run in client.search_runs(experiments, filter_string="attributes.status != 'FINISHED'", max_results=5000):
+            if run.info.status in ("SCHEDULED", "RUNNING"):
+                client.set_terminated(run.info.run_id, status="KILLED")

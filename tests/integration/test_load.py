@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from models.store.runs import TAG, TERMINAL_STATUSES
 from service.api.auth import hash_token
 from tests.conftest import Service, free_port, start_worker, wait_for
-from tests.helpers import tiny_trial
+from tests.helpers import experiments_named, tiny_trial
 
 pytestmark = pytest.mark.integration
 
@@ -147,12 +147,12 @@ def test_300_posts_from_16_clients_answer_202_429_or_503_and_every_202_ends(api_
     assert len(set(accepted)) == len(accepted)
 
     mlflow = MlflowClient(mlflow_uri)
-    experiment_id = mlflow.get_experiment_by_name(load_experiment).experiment_id
+    experiments = experiments_named(mlflow, load_experiment)  # each token is a team of its own: an experiment each
 
     def runs() -> dict[str, object]:
         found, token = {}, None
         while True:
-            page = mlflow.search_runs([experiment_id], max_results=1000, page_token=token)
+            page = mlflow.search_runs(experiments, max_results=1000, page_token=token)
             found.update({run.info.run_id: run for run in page})
             token = page.token
             if not token:

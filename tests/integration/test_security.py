@@ -39,7 +39,7 @@ from service.api import create_app
 from service.api.auth import REDACTED, hash_token
 from service.api.settings import ApiSettings, TokenConfig
 from tests.conftest import TEST_SECRET_KEY, Service, wait_for
-from tests.helpers import experiments_named, tiny_trial
+from tests.helpers import end_open_runs, experiments_named, tiny_trial
 from workers.callbacks.delivery import RefusedDestination, post_event
 from workers.settings import WorkerSettings
 
@@ -105,12 +105,7 @@ def settings(api_settings: ApiSettings, worker_env: dict[str, str]) -> ApiSettin
 def secure_app(settings: ApiSettings, mlflow_client):
     app = create_app(settings)
     yield app
-    # End what is still waiting, by MLflow (not the API: no callback is queued), so no worker ever runs it.
-    experiments = experiments_named(mlflow_client, settings.experiment)
-    if experiments:
-        for run in mlflow_client.search_runs(experiments, filter_string="attributes.status != 'FINISHED'", max_results=5000):
-            if run.info.status in ("SCHEDULED", "RUNNING"):
-                mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+    end_open_runs(mlflow_client, settings.experiment)
 
 
 @pytest.fixture()

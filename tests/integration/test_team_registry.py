@@ -22,7 +22,7 @@ from models.store.search import open_storage
 from service.api import create_app
 from service.api.auth import hash_token
 from service.api.settings import ApiSettings, TokenConfig
-from tests.helpers import experiments_named, tiny_trial
+from tests.helpers import end_open_runs, experiments_named, tiny_trial
 
 pytestmark = pytest.mark.integration
 
@@ -52,11 +52,7 @@ def app(settings: ApiSettings, mlflow_client, worker):
     """The API with two teams; its studies train on the session's cpu worker."""
     app = create_app(settings)
     yield app
-    experiments = experiments_named(mlflow_client, settings.experiment)
-    if experiments:  # nothing of this module keeps the session's worker busy afterwards
-        for run in mlflow_client.search_runs(experiments, filter_string="attributes.status != 'FINISHED'", max_results=5000):
-            if run.info.status in ("SCHEDULED", "RUNNING"):
-                mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+    end_open_runs(mlflow_client, settings.experiment)  # nothing of this module keeps the session's worker busy afterwards
 
 
 @pytest.fixture()
