@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataRoot", "InvalidData", "RESERVED_TEAM_NAMES", "SHARED_FOLDER", "data_root_for"]
+__all__ = ["RESERVED_TEAM_NAMES", "SHARED_FOLDER", "DataRoot", "InvalidData", "data_root_for"]
 
 SHARED_FOLDER = "shared"
 # Names whose folder would be the shared one, or the data root and its parent.

@@ -24,8 +24,8 @@ import hashlib
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, g, request

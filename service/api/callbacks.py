@@ -13,8 +13,8 @@ import redis
 
 from models.callbacks import trial_ended_event
 from models.messages import CALLBACK_QUEUE, CallbackMessage
-from models.store.keys import OUTCOME_COUNTS_KEY
 from models.sealing import SealBroken
+from models.store.keys import OUTCOME_COUNTS_KEY
 from models.store.runs import TAG, run_spec
 from models.store.teams import callback_team
 from service.api.errors import ServiceUnavailable

@@ -46,7 +46,7 @@ def add(team: str, usernames: tuple[str, ...]) -> None:
     """Put MLflow users (already created) in TEAM's role: they read the team's work from now on."""
     access = _access(_settings().mlflow_tracking_uri)
     for username in usernames:
-        _or_exit(lambda: access.add_person(team, username))
+        _or_exit(lambda username=username: access.add_person(team, username))
         click.echo(f"{username} reads team {team}'s work")
 
 
@@ -57,17 +57,17 @@ def remove(team: str, usernames: tuple[str, ...]) -> None:
     """Take MLflow users out of TEAM's role: they no longer read the team's work."""
     access = _access(_settings().mlflow_tracking_uri)
     for username in usernames:
-        _or_exit(lambda: access.remove_person(team, username))
+        _or_exit(lambda username=username: access.remove_person(team, username))
         click.echo(f"{username} no longer reads team {team}'s work")
 
 
-def _settings():  # noqa: ANN202 - ApiSettings: the API's own (its tracking URI and experiment)
+def _settings():
     from service.api.settings import ApiSettings
 
     return ApiSettings()
 
 
-def _access(tracking_uri: str):  # noqa: ANN202 - TeamAccess, imported lazily (MLflow)
+def _access(tracking_uri: str):
     import re
 
     from models.store.access import TeamAccess
@@ -81,7 +81,7 @@ def _access(tracking_uri: str):  # noqa: ANN202 - TeamAccess, imported lazily (M
     return TeamAccess(tracking_uri)
 
 
-def _or_exit(call: Callable[[], object]):  # noqa: ANN202
+def _or_exit(call: Callable[[], object]):
     """``call()``; on AccessNotGranted, its message and exit 3 (the service unavailable or refusing)."""
     from models.store.access import AccessNotGranted
 

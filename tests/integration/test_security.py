@@ -32,7 +32,17 @@ import pytest
 import redis
 
 import models.callbacks
-from models.callbacks import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, shown_url, signed_headers, trial_ended_event, verify_signature, webhook_key, webhook_secret
+from models.callbacks import (
+    ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    shown_url,
+    signed_headers,
+    trial_ended_event,
+    verify_signature,
+    webhook_key,
+    webhook_secret,
+)
 from models.messages import CALLBACK_QUEUE, CallbackMessage, queue_lists
 from models.store.runs import TAG
 from service.api import create_app

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-
 from service.api import create_app
 from service.api.auth import hash_token
 from service.api.settings import ApiSettings, TokenConfig

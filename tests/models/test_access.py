@@ -12,7 +12,7 @@ from models.store.access import ROUTES, WORKSPACE, team_role
 def test_each_route_is_mlflows_own(route: str) -> None:
     from mlflow.server.auth import client, routes
 
-    endpoint, method = ROUTES[route]
+    endpoint, _method = ROUTES[route]
     assert getattr(routes, route.upper()) == endpoint, f"MLflow moved {route}: update models.store.access.ROUTES"
     assert hasattr(client.AuthServiceClient, route), f"MLflow's own client no longer has {route}"
 

@@ -13,8 +13,18 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from models.callbacks import (
-    ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, delivery_body, destination_problem, embedded_ipv4, encode, signed_headers, trial_ended_event,
-    verify_signature, webhook_key, webhook_secret,
+    ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    delivery_body,
+    destination_problem,
+    embedded_ipv4,
+    encode,
+    signed_headers,
+    trial_ended_event,
+    verify_signature,
+    webhook_key,
+    webhook_secret,
 )
 from models.sealing import SealBroken, Sealer, SecretKeySettings, shown_secrets, split_secrets, with_secrets
 

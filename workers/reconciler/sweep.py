@@ -33,10 +33,10 @@ from models.sealing import SealBroken
 from models.spec.study import StudySpec
 from models.store import runs
 from models.store.budget import StudyBudget
+from models.store.claims import open_claims
 from models.store.keys import RECONCILER_COUNTS_KEY, RECONCILER_LOCK_KEY, RECONCILER_SUSPECTS_KEY, cancel_key, lease_key, resent_key
 from models.store.runs import KIND, TAG, TERMINAL_STATUSES
 from models.store.search import USER_ATTR, open_storage, storage_kind
-from models.store.claims import open_claims
 from models.store.teams import experiment_ids
 from workers.callbacks.announce import announce_end
 from workers.reconciler.judge import Messages, Seen, Verdict, judge_run, judge_slot, parse_messages, run_status
@@ -167,7 +167,8 @@ class _Sweep:
 
     def run(self) -> None:
         # Every team's, as the API recorded them (new teams appear at any time); never one only named like a team's.
-        experiments = experiment_ids(self.mlflow, self.settings.experiment, open_claims(self.settings.study_storage).team_experiments(self.settings.experiment).values())
+        teams = open_claims(self.settings.study_storage).team_experiments(self.settings.experiment)
+        experiments = experiment_ids(self.mlflow, self.settings.experiment, teams.values())
         if not experiments:
             return  # nothing was ever accepted
         # Messages first, runs second: a run created after this read has no message in it, and waits out the grace.
