@@ -88,6 +88,7 @@ class TAG:
     EFFECTIVE_BATCH_SIZE = "convtune.effective_batch_size"
     LR_EFFECTIVE = "convtune.lr_effective"
     BATCH_PROBE = "convtune.batch_probe"
+    CHECKPOINT_LOST = "convtune.checkpoint_lost"  # why a delivery could not resume from the checkpoint there was (it trained from epoch 1)
     # A trial of a study.
     STUDY_ID = "convtune.study_id"
     STUDY_TRIAL = "convtune.study_trial"  # its Optuna trial number

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,53 @@ def test_a_resumed_schedule_continues_where_it_stopped(tmp_path: Path, schedule:
     epoch = restore_checkpoint(checkpoint, model, optimizer, scheduler, [], DivergenceDetector(spec().divergence))
     after = train(optimizer, scheduler, range(epoch + 1, optim.epochs + 1))
     assert before + after == pytest.approx(_lrs(optim, steps_per_epoch), rel=1e-12)
+
+
+@pytest.mark.parametrize("damage", ["torn", "garbage", "another_trial"])
+def test_an_unreadable_checkpoint_is_a_lost_one_and_the_trial_trains_from_its_first_epoch(tmp_path: Path, damage: str):
+    checkpoint = tmp_path / "trial.pt"
+    epochs_seen: list[int] = []
+    with pytest.raises(Cancelled):
+        run_trial(spec(epochs=3), ListTracker(), TrainingContext(
+            device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: epochs_seen.append(e), should_cancel=lambda: len(epochs_seen) >= 2,
+            check_every_steps=10**6,
+        ))
+    whole = checkpoint.read_bytes()
+    if damage == "torn":  # a host crash mid-write, on storage that does not rename atomically
+        checkpoint.write_bytes(whole[: len(whole) // 2])
+    elif damage == "garbage":
+        checkpoint.write_bytes(b"\x00" * 1000)
+    else:  # a whole checkpoint, of a network of another shape
+        other = torch.nn.Linear(3, 3)
+        torch.save({"model": other.state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 2, "history": []}, checkpoint)
+
+    lost: list[str] = []
+    tracker = ListTracker()
+    result = run_trial(spec(epochs=3), tracker, TrainingContext(device=CPU, checkpoint_path=checkpoint, on_checkpoint_lost=lost.append))
+    assert [e for e, _ in tracker.epochs] == [1, 2, 3] and result.epochs_done == 3
+    assert len(lost) == 1 and "trial.pt could not be read" in lost[0] and "trained again from epoch 1" in lost[0]
+    # The same as a first attempt from scratch: nothing of the damaged file, or of what it partly loaded, remains.
+    fresh = ListTracker()
+    run_trial(spec(epochs=3), fresh, TrainingContext(device=CPU))
+    assert [m["train_loss"] for _, m in tracker.epochs] == pytest.approx([m["train_loss"] for _, m in fresh.epochs], rel=1e-4)
+
+
+def test_a_checkpoint_is_written_under_a_name_of_its_own_then_renamed(tmp_path: Path, monkeypatch):
+    from workers.training import train
+
+    renamed: list[tuple[str, str]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(train.os, "replace", lambda src, dst: renamed.append((str(src), str(dst))) or real_replace(src, dst))
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(train.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    path = tmp_path / "trial.pt"
+    for _ in range(2):
+        train._write_checkpoint(path, {"epoch": 1})
+    [(first, _), (second, _)] = renamed
+    assert first != second and all(name.endswith(".tmp") and str(os.getpid()) not in Path(name).name for name in (first, second))
+    assert len(synced) == 4  # the file and its folder, each time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial.pt"]
 
 
 def test_a_checkpoint_written_while_training_goes_on_holds_the_state_it_was_given(tmp_path: Path):

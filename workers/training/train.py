@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,6 +75,8 @@ class TrainingContext:
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
     # Called once the batches are resolved, with tags naming them (batch size, accumulation, effective LR).
     on_setup: Callable[[BatchPlan], None] | None = None
+    # Called (before on_setup) when the checkpoint there was could not be read, with why: training starts again from epoch 1.
+    on_checkpoint_lost: Callable[[str], None] | None = None
     # What batch_size 'auto' may use on the CPU (a GPU's limit is its own memory).
     cpu_memory_limit_bytes: int = 2 * 2**30
     gpu_memory_fraction: float = 0.9
@@ -114,7 +117,20 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
     stamps: list[int] = []  # when each epoch of the history ended (ms): its metrics' timestamp
     evaluation: Evaluation | None = None
     guard = _Guard(spec, ctx)
-    start_epoch = 1 + restore_checkpoint(ctx.checkpoint_path, model, optimizer, scheduler, history, guard.divergence, stamps)
+    try:
+        start_epoch = 1 + restore_checkpoint(ctx.checkpoint_path, model, optimizer, scheduler, history, guard.divergence, stamps)
+    except UnreadableCheckpoint as exc:  # a lost checkpoint: the trial trains again from its first epoch
+        log.warning("%s", exc)
+        if ctx.on_checkpoint_lost is not None:
+            ctx.on_checkpoint_lost(str(exc))
+        torch.manual_seed(spec.seed)  # the state a first attempt starts from: restore_checkpoint may have loaded part of it
+        model.load_state_dict(build_model(spec.model, data.info).state_dict())
+        optimizer = make_optimizer(net.parameters(), optim)
+        scheduler = make_scheduler(optimizer, optim, steps_per_epoch)
+        history.clear()
+        stamps.clear()
+        guard = _Guard(spec, ctx)
+        start_epoch = 1
     if start_epoch == 1:
         tracker.log_summary(plan_network(spec.model, data.info).summary())
     for epoch, metrics in enumerate(history, start=1):  # resumed: the checkpoint's epochs the run may lack (logged once)
@@ -517,30 +533,66 @@ def _tensor_bytes(state: Any) -> int:
 
 
 def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` whole or not at all: a file of its own first (a unique name: workers on other
+    hosts share the volume, and their pids), on disk (fsync) before it takes the checkpoint's name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)  # the rename itself survives a host crash
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a file system that cannot open folders: the rename is as durable as it makes it
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class UnreadableCheckpoint(Exception):
+    """The checkpoint exists but cannot be loaded (torn by a crash mid-write on a file system without atomic rename,
+    damaged, or not a checkpoint of this trial): it is lost, and the trial trains again from its first epoch."""
 
 
 def restore_checkpoint(
     path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, history: list[dict[str, float]],
     divergence: DivergenceDetector, stamps: list[int] | None = None,
 ) -> int:
-    """Load the last checkpoint into the given objects (``stamps``: its epochs' end times, when it has them); the epoch it ended (0 when none)."""
+    """Load the last checkpoint into the given objects (``stamps``: its epochs' end times, when it has them); the epoch it ended (0 when none).
+
+    Raises UnreadableCheckpoint when the file is there but cannot be loaded; the objects may then hold part of it.
+    """
     if path is None or not path.exists():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    history.extend(state["history"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "divergence" in state:
+            # The first loss stays the untrained one: judged against a resumed, low loss, noise would look like a blow-up.
+            divergence.load_state_dict(state["divergence"])
+        epoch, loaded = int(state["epoch"]), list(state["history"])
+        kept = [int(t) for t in state.get("stamps", [])]  # none in a checkpoint written before they were kept
+    except Exception as exc:  # whatever is wrong with the file, it is no checkpoint to resume from
+        raise UnreadableCheckpoint(f"checkpoint {path.name} could not be read ({type(exc).__name__}: {str(exc)[:300]}); trained again from epoch 1") from exc
+    history.extend(loaded)
     if stamps is not None:
-        stamps.extend(int(t) for t in state.get("stamps", []))  # none in a checkpoint written before they were kept
-    if "divergence" in state:
-        # The first loss stays the untrained one: judged against a resumed, low loss, noise would look like a blow-up.
-        divergence.load_state_dict(state["divergence"])
-    return int(state["epoch"])
+        stamps.extend(kept)
+    return epoch
 
 
 os.register_at_fork(after_in_child=CheckpointWriter.forget_pool)

@@ -106,7 +106,7 @@ def _train(
     ctx = TrainingContext(
         device=rt.device, data_root=data_root_for(rt.settings.data_root, tracker.team), checkpoint_path=rt.checkpoint_path(trial_id),
         should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), still_owner=lease.held, check_every_steps=rt.settings.cancel_check_steps,
-        on_epoch_end=on_epoch_end, on_setup=tracker.log_batches,
+        on_epoch_end=on_epoch_end, on_setup=tracker.log_batches, on_checkpoint_lost=tracker.checkpoint_lost,
         cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
     )
     ending: Ending | None = None

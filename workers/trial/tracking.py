@@ -169,6 +169,7 @@ class MlflowTracker:
         # The run's team tag, as :meth:`status` read it (or :meth:`created` was told): whose folder of the data root it reads.
         # The tag, not team_of(): work submitted with auth off (owner 'anonymous', no team tag) reads the root, as the API checked it.
         self.team: str | None = None
+        self._lost_checkpoint: str | None = None  # why its checkpoint could not be read (:meth:`checkpoint_lost`)
         # The trial's last epoch: its metrics wait for the ending and go in its request (:meth:`finish`), one fewer a trial.
         self.final_epoch: int | None = None
         self._held: tuple[int, list[Metric]] | None = None
@@ -271,6 +272,10 @@ class MlflowTracker:
         exporter().save(_Predictor(model).cpu().eval(), example, local, self.run_id, pip_requirements())
         self.uploads.directory(local, "model")
 
+    def checkpoint_lost(self, why: str) -> None:
+        """The checkpoint there was could not be read (the trial trains from epoch 1): said on the run with its batches."""
+        self._lost_checkpoint = why
+
     def log_batches(self, plan: BatchPlan) -> None:
         """The batches the worker resolved (batch size, accumulation, effective LR), as tags: params are the API's, once."""
         if not self._may_write("the batches"):
@@ -279,6 +284,7 @@ class MlflowTracker:
             TAG.BATCH_SIZE: str(plan.batch_size), TAG.ACCUMULATE_STEPS: str(plan.accumulate),
             TAG.EFFECTIVE_BATCH_SIZE: str(plan.effective), TAG.LR_EFFECTIVE: f"{plan.lr:.6g}",
             **({TAG.BATCH_PROBE: plan.note} if plan.note else {}),
+            **({TAG.CHECKPOINT_LOST: self._lost_checkpoint[:5000]} if self._lost_checkpoint else {}),
         }
         starting, self._starting = self._starting, None
         if starting is None or self._created is not None:  # RUNNING already: the tags are all there is to send
