@@ -21,8 +21,10 @@ The functions take an ``MlflowClient``; the API translates MLflow's errors where
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.sealing import SealBroken, split_secrets, with_secrets
@@ -52,6 +54,10 @@ TrialOutcome = Literal[
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 EXPERIMENT_KIND = "custom_model_development"
+# MLflow keeps a tag value in at most 8,000 characters (a column of that size on Postgres; sqlite does not
+# check): a spec longer than this (twenty user tags of 500 characters make one) goes in an artifact.
+SPEC_TAG_LIMIT = 7000
+SPEC_ARTIFACT = "convtune/spec.json"
 # MLflow caps a tag value at 8,000 characters and a reason need not be longer than this.
 MAX_REASON = 5000
 
@@ -70,7 +76,8 @@ class TAG:
     KIND = "convtune.kind"  # "trial", "study" or "lr_finder" (see KIND)
     OUTCOME = "convtune.outcome"
     REASON = "convtune.reason"
-    SPEC = "convtune.spec"  # the validated TrialSpec (or LrRangeSpec) as JSON, its secret fields null (models.sealing)
+    SPEC = "convtune.spec"  # the validated TrialSpec (or LrRangeSpec) as JSON, when it fits in a tag
+    SPEC_IN = "convtune.spec_artifact"  # else: the run's artifact that holds it (SPEC_ARTIFACT), its secret fields null (models.sealing)
     SEALED = "convtune.sealed"  # those secret fields, sealed with the service's key (models.sealing.Sealer)
     OWNER = "convtune.owner"  # the name of the API token that submitted it
     TEAM = TEAM_TAG  # the team of that token: who may read and change it (models.store.teams)
@@ -164,11 +171,21 @@ def spec_tags(document: dict[str, Any], sealer: Sealer | None) -> dict[str, str]
     return tags
 
 
+def with_spec(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> dict[str, str]:
+    """``tags``, with ``TAG.SPEC`` read back from the run's artifact when the spec was too long for a tag (one more request)."""
+    if TAG.SPEC in tags or TAG.SPEC_IN not in tags:
+        return dict(tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(run_id, tags[TAG.SPEC_IN], tmp)).read_text()
+    return {**tags, TAG.SPEC: text}
+
+
 def run_spec(tags: Mapping[str, str], sealer: Sealer | None) -> dict[str, Any] | None:
     """The spec a run was submitted with, its sealed secrets put back: what a message for it carries.
 
-    None when the run has no spec tag. Raises models.sealing.SealBroken when it has sealed secrets that
-    ``sealer`` cannot open (or there is no sealer).
+    None when the run has no spec tag (a spec in an artifact is read into the tags by :func:`with_spec`).
+    Raises models.sealing.SealBroken when it has sealed secrets that ``sealer`` cannot open (or there is
+    no sealer).
     """
     raw = tags.get(TAG.SPEC)
     if raw is None:
@@ -207,9 +224,14 @@ def _create(
     from mlflow.entities import Param, RunTag
 
     assert TAG.KIND in tags, "every convtune run says what it is"
+    spec_text = tags.get(TAG.SPEC, "")
+    if len(spec_text) > SPEC_TAG_LIMIT:  # too long for a tag: in the run's artifact instead, written before anything reads it
+        tags = {**{k: v for k, v in tags.items() if k != TAG.SPEC}, TAG.SPEC_IN: SPEC_ARTIFACT}
     run = client.create_run(experiment_id, run_name=name, tags={TAG.RUN_NAME: name, **tags})
     run_id = run.info.run_id
     try:
+        if TAG.SPEC_IN in tags:
+            client.log_text(run_id, spec_text, SPEC_ARTIFACT)
         if scheduled:
             _set_status(client, run_id, "SCHEDULED")
         items = [Param(k, v) for k, v in (params or {}).items()]

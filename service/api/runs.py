@@ -242,7 +242,15 @@ class RunStore:
         if run.data.tags.get(TAG.KIND) != kind:
             raise NotFound(f"no {what} with id {run_id!r}")
         check_visible(run.data.tags, f"{what} with id {run_id!r}")
-        return RunRecord.from_run(run)
+        return self.record(run)
+
+    def record(self, run: Any) -> RunRecord:
+        """The record of ``run``, its spec read back from its artifact when it was too long for a tag."""
+        record = RunRecord.from_run(run)
+        if TAG.SPEC_IN in record.tags and TAG.SPEC not in record.tags:
+            with self.translated(record.id):
+                record.tags = runs.with_spec(self.client, record.id, record.tags)
+        return record
 
     def get(self, run_id: str) -> RunRecord:
         """The trial ``run_id``; NotFound when it is not a convtune trial."""
@@ -270,7 +278,7 @@ class RunStore:
         """Trials ``principal`` may read, newest first, optionally of one status; the page and the next page's token."""
         extra = f" and {STATUS_FILTERS[status]}" if status else ""
         page, token = self.search_runs(principal, KIND.TRIAL, extra, max_results=max_results, page_token=page_token)
-        return [RunRecord.from_run(run) for run in page], token
+        return [self.record(run) for run in page], token
 
     def queued_runs(self, principal: Principal, cap: int) -> tuple[int, list[str]]:
         """How much work ``principal`` (an API token) has queued (trials, studies, range tests), counted up to ``cap``, and their ids."""

@@ -218,3 +218,21 @@ def test_callback_hosts_are_limited_when_the_service_lists_them(api_settings):
         client.post(f"/trials/{response.get_json()['id']}/cancel")
     study = client.post("/studies", json={"base": tiny_trial(callback_url="http://10.0.0.1/x"), "search_space": {"model.activation": ["relu"]}, "n_trials": 1})
     assert study.status_code == 422 and study.get_json()["errors"][0]["field"] == "base.callback_url"
+
+
+def test_a_spec_too_long_for_a_tag_is_kept_in_an_artifact_and_read_back_everywhere(client, worker, mlflow_client):
+    # Twenty user tags of 500 characters: a valid spec of about 11,000 characters, over MLflow's 8,000 a tag
+    # (a column of that size on Postgres; this sqlite server would not say).
+    from models.store.runs import SPEC_ARTIFACT, SPEC_TAG_LIMIT, TAG, run_spec, with_spec
+
+    tags = {f"note{i}": chr(ord("a") + i) * 500 for i in range(20)}
+    response = client.post("/trials", json=tiny_trial(optim={"epochs": 2}, tags=tags))
+    assert response.status_code == 202, response.get_json()
+    trial_id = response.get_json()["id"]
+    run = mlflow_client.get_run(trial_id)
+    assert TAG.SPEC not in run.data.tags and run.data.tags[TAG.SPEC_IN] == SPEC_ARTIFACT
+    assert all(len(value) <= SPEC_TAG_LIMIT for value in run.data.tags.values())
+    # What the API shows, and what the reconciler would send again, is the whole spec.
+    assert client.get(f"/trials/{trial_id}").get_json()["spec"]["tags"] == tags
+    assert run_spec(with_spec(mlflow_client, trial_id, run.data.tags), None)["tags"] == tags
+    assert wait_for_trial(client, trial_id)["status"] == "succeeded"

@@ -398,11 +398,12 @@ class _Sweep:
 
         Secrets this worker cannot open (no or another CONVTUNE_SECRET_KEY) are left out, and said.
         """
+        tags = runs.with_spec(self.mlflow, run.info.run_id, run.data.tags)
         try:
-            return runs.run_spec(run.data.tags, self.settings.sealer())
+            return runs.run_spec(tags, self.settings.sealer())
         except SealBroken as exc:
             log.error("reconciler: run %s: %s; it goes on without its callback", run.info.run_id, exc)
-            return json.loads(run.data.tags[TAG.SPEC])
+            return json.loads(tags[TAG.SPEC])
 
     def load_study(self, study_id: str) -> tuple[optuna.Study, StudySpec] | None:
         """The study from this worker's storage, with its spec; None (logged) when it is not there."""

@@ -442,7 +442,7 @@ def _resume_trial(
     """
     study = optuna.load_study(study_name=study_id, storage=open_storage(rt.settings.study_storage), sampler=make_sampler(spec, spec.seed + slot), pruner=make_pruner(spec))
     optuna_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    raw_spec = rt.mlflow.get_run(trial_id).data.tags.get(TAG.SPEC)
+    raw_spec = runs.with_spec(rt.mlflow, trial_id, rt.mlflow.get_run(trial_id).data.tags).get(TAG.SPEC)
     if study._storage.get_trial(optuna_id).state != TrialState.RUNNING or raw_spec is None:
         _fail_lost_trial(rt, stored, trial_id, number)
         return "worker_lost"
