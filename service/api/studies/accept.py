@@ -23,7 +23,7 @@ from models.spec.objectives import constraint_problems
 from models.spec.space import grid_points, space_problems
 from models.spec.study import StudySpec
 from models.store.claims import ClaimRefused, may_adopt, open_claims, registered_model
-from models.store.runs import KIND, TAG
+from models.store.runs import KIND, SPEC_TAG_LIMIT, TAG
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
 from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space
 from service.api.auth import Principal
@@ -35,8 +35,6 @@ from service.api.wiring import Services
 __all__ = ["accept_study", "send_steps"]
 
 log = logging.getLogger(__name__)
-# MLflow caps a tag at 8,000 characters: a longer spec is read back from the parent's study/spec.json.
-SPEC_TAG_LIMIT = 7000
 
 
 def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Principal) -> str:
@@ -144,7 +142,7 @@ def _create_parent(s: Services, spec: StudySpec, queue: str, principal: Principa
     tags = {
         TAG.KIND: KIND.STUDY, TAG.QUEUE: queue, TAG.N_TRIALS: str(spec.budget),
         TAG.STUDY_STORAGE: storage_kind(s.settings.study_storage),
-        **({TAG.STUDY_SPEC: spec_json} if len(spec_json) <= SPEC_TAG_LIMIT else {}),
+        **({TAG.STUDY_SPEC: spec_json} if len(spec_json) <= SPEC_TAG_LIMIT else {}),  # else study/spec.json alone
         **{f"user.{k}": v for k, v in spec.tags.items()},
     }
     study_id = s.runs.create(spec.display_name(), tags, params, principal)  # only its team (or an admin) may cancel or extend it
