@@ -85,3 +85,35 @@ def test_a_stopped_study_ends_whatever_its_budget_says(ending) -> None:
     ending.budget.add(2)
     ending.budget.stop("target")
     assert finish(ending) == "FINISHED"
+
+
+def test_a_study_another_process_is_finishing_is_left_to_it(ending) -> None:
+    key = f"{ending.budget.key}:finishing"
+    ending.rt.redis.set(key, "another-process", ex=60)
+    assert finish(ending) == "RUNNING"  # the reconciler, say, while a slow step records it
+    assert "convtune.outcome" not in ending.client.get_run(ending.parent).data.tags
+    assert ending.rt.redis.get(key) == b"another-process"  # not taken from its holder
+    ending.rt.redis.delete(key)  # the holder died before ending it: its key expires, and the next one finishes it
+    assert finish(ending) == "FINISHED" and not ending.rt.redis.exists(key)
+
+
+def test_two_processes_finishing_a_study_at_once_record_it_once(ending, monkeypatch) -> None:
+    import threading
+    import time
+
+    recorded: list[str] = []
+    real = report._log_artifacts
+
+    def slow(*args, **kwargs):  # figures and tables of a large study: seconds, long enough for a second finisher to come
+        recorded.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "_log_artifacts", slow)
+    finishers = [threading.Thread(target=finish, args=(ending,), name=f"finisher-{i}") for i in range(2)]
+    for t in finishers:
+        t.start()
+    for t in finishers:
+        t.join(60)
+    assert len(recorded) == 1, recorded
+    assert ending.client.get_run(ending.parent).info.status == "FINISHED"

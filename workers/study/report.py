@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -37,6 +38,7 @@ from models.store import runs
 from models.store.access import AccessNotGranted, TeamAccess
 from models.store.budget import StudyBudget
 from models.store.claims import SEAL_TAG, ClaimRefused, open_claims, registered_model
+from models.store.keys import study_key
 from models.store.runs import TAG
 from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
 from models.store.teams import callback_team
@@ -51,8 +53,38 @@ __all__ = ["finish_study", "trial_rows"]
 log = logging.getLogger(__name__)
 
 
+# How long a process may take to record a study's results before another may do it instead (it died).
+FINISH_TTL_S = 600
+# KEYS[1] the finishing key, ARGV[1] the token of the process that took it: deleted only by that process.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
 def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, stopped: str) -> None:
-    """End the study's parent run with its results; every part is best-effort except the ending itself."""
+    """End the study's parent run with its results, unless another process is doing it now.
+
+    The step that leaves nothing in flight and the reconciler (which finishes what such a step left)
+    may both come to a study: one at a time records it (a Redis key, :data:`FINISH_TTL_S` at most),
+    so a slow ending is never done twice (two model versions, the alias moved twice, two callbacks).
+    With Redis unreachable, it goes on without the key, as it did before there was one.
+    """
+    key, token = f"{study_key(study_id)}:finishing", uuid.uuid4().hex
+    try:
+        if not rt.redis.set(key, token, nx=True, ex=FINISH_TTL_S):
+            log.info("study %s: another process is recording its results; left to it", study_id)
+            return
+    except redis.RedisError as exc:
+        log.warning("study %s: finishing without the key that keeps it to one process (%s)", study_id, exc)
+    try:
+        _finish_study(study_id, rt, stored, spec, stopped)
+    finally:
+        try:
+            rt.redis.eval(_RELEASE, 1, key, token)
+        except redis.RedisError:
+            pass  # it expires
+
+
+def _finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, stopped: str) -> None:
+    """Record the study's results and end its parent run; every part is best-effort except the ending itself."""
     _fail_orphans(stored)
     trials = stored.get_trials(deepcopy=False)
     counts = Counter(t.user_attrs.get(USER_ATTR.OUTCOME, TRIAL_STATES.get(t.state.name, "other")) for t in trials if t.state != TrialState.WAITING)
