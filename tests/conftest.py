@@ -167,6 +167,9 @@ def worker_env(redis_url: str, mlflow_uri: str, data_root: Path, experiment: str
         # Every worker of the session shares one study storage, whichever test started it.
         "CONVTUNE_STUDY_STORAGE": str(tmp_path_factory.mktemp("studies") / "studies.journal"),
         "CONVTUNE_LEASE_TTL_S": "10",
+        # The reconciler leaves work on a queue no worker serves alone: tests park work there on purpose,
+        # and a long session would otherwise see it ended 15 min after the queue's first sight.
+        "CONVTUNE_UNSERVED_QUEUE_S": "0",
         "CUDA_VISIBLE_DEVICES": "",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONUNBUFFERED": "1",

@@ -3,7 +3,8 @@
 Start workers with ``convtune worker`` (one process per visible GPU), or by hand:
 ``celery -A workers.celery_app worker -P prefork -c 1 -Q cpu -n cpu0@%h``. The tasks live in
 :mod:`workers.tasks` (named in ``include``, loaded by the worker, not imported here); the
-reconciler (:mod:`workers.reconciler`, also in ``include``) sweeps from the main process.
+reconciler (:mod:`workers.reconciler`, also in ``include``) sweeps from the main process, which
+also beats (:mod:`workers.fleet`): the queues it serves and the messages it holds.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ __all__ = ["app", "settings"]
 
 # Read once, when the worker starts: the tasks' retry policy (workers.failures) is fixed then.
 settings = _settings = WorkerSettings()
-# workers.reconciler starts its sweep on worker_ready in this (main) process; named here, not imported,
-# since it sends through this app and ends studies through the tasks' modules.
-app = Celery("convtune-workers", include=["workers.tasks", "workers.reconciler"])
+# workers.reconciler starts its sweep, and workers.fleet its heartbeat, on worker_ready in this (main)
+# process; named here, not imported, since the reconciler sends through this app and ends studies
+# through the tasks' modules.
+app = Celery("convtune-workers", include=["workers.tasks", "workers.reconciler", "workers.fleet"])
 app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s, socket_timeout_s=_settings.broker_timeout_s))
 # A pool process warms up before it says it is up (torch's first optimizer step, _warm_up below): about
 # 1 s on an idle host, 9 s seen on a loaded 2-core one. Celery's default wait of 4 s then killed every

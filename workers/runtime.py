@@ -54,6 +54,8 @@ class WorkerRuntime:
         log.info("worker warmed up on %s in %.2fs; %s", self.device, time.perf_counter() - t0, self.threads)
 
     def checkpoint_path(self, run_id: str) -> Path:
+        """The base name of ``run_id``'s checkpoints: each holder of its lease writes a fenced file beside it
+        (``workers.training.train.fenced_checkpoint``), and a delivery resumes from the highest fence's."""
         return self.settings.checkpoint_dir / f"{run_id}.pt"
 
 

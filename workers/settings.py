@@ -34,6 +34,15 @@ class WorkerSettings(BaseSettings, CallbackDestinations, SecretKeySettings, Stud
         default=30.0, ge=0,
         description="How long work must stay without a message before the reconciler re-sends or ends it (a run accepted a moment ago is left alone).",
     )
+    # Heartbeats (workers.fleet, models.store.fleet): the queues each worker serves, and what it holds.
+    unserved_queue_s: int = Field(
+        default=900, ge=0,
+        description=(
+            "How long a queue counts as served after its last worker's last beat; queued work on a queue unserved this long is ended "
+            "(outcome error) by the reconciler. 0: never ended, and a queue counts as served only while a worker beats. "
+            "Must equal the API's setting (which refuses submits to an unserved queue)."
+        ),
+    )
     max_attempts: int = Field(default=3, ge=1, description="Starts of one trial before it is failed as worker_lost.")
     cancel_check_steps: int = Field(default=50, ge=1, description="Training steps between two looks at the cancel flag.")
     log_model: bool = Field(default=True, description="Log each trained model as an MLflow pytorch model (pt2) in the run's model/ artifacts.")

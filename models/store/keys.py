@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "OUTCOME_COUNTS_KEY", "RECONCILER_COUNTS_KEY", "RECONCILER_LOCK_KEY", "RECONCILER_SUSPECTS_KEY",
-    "attempts_key", "cancel_key", "lease_key", "queued_key", "resent_key", "study_key",
+    "attempts_key", "cancel_key", "fence_key", "lease_key", "queued_key", "resent_key", "slot_lease_id", "study_key",
 ]
 
 # Redis hash: outcome -> how many trials ended with it (for /metrics).
@@ -40,6 +40,20 @@ def cancel_key(trial_id: str) -> str:
 def lease_key(trial_id: str) -> str:
     """Redis key held by the one worker executing ``trial_id`` (renewed while it trains)."""
     return f"convtune:trial:{trial_id}:lease"
+
+
+def slot_lease_id(study_id: str, slot: int) -> str:
+    """The lease name of a study slot's start (its key is ``lease_key`` of it), held by the step that starts the slot's trial.
+
+    A slot whose step died before it recorded its trial can be delivered again at once: the second
+    delivery waits on this lease instead of starting a second trial.
+    """
+    return f"{study_id}-slot-{slot}"
+
+
+def fence_key(trial_id: str) -> str:
+    """Redis counter taken with each lease of ``trial_id``: a later holder's is higher (workers.trial.lease)."""
+    return f"convtune:trial:{trial_id}:fence"
 
 
 def attempts_key(trial_id: str) -> str:

@@ -86,6 +86,7 @@ class TAG:
     QUEUE = "convtune.queue"
     ATTEMPTS = "convtune.attempts"
     EPOCHS_DONE = "convtune.epochs_done"
+    FENCE = "convtune.fence"  # the fence of the lease its latest holder took (workers.trial.lease): an earlier holder's writes are refused
     DEVICE = "convtune.device"
     ACCEPTED_AT = "convtune.accepted_at"  # ISO time the API accepted it
     STARTED_AT = "convtune.started_at"  # ISO time a worker first started it

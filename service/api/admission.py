@@ -1,5 +1,6 @@
 """What every route that creates work checks before anything is recorded: the spec's feasibility on
-its data, this service's limits, where its callbacks may go. Each refusal is a 4xx naming the field.
+its data, this service's limits, where its callbacks may go, whether a worker serves its queue. Each
+refusal is a 4xx naming the field.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as ResolveTimeout
+from typing import NoReturn
 from urllib.parse import urlsplit
 
+import redis
 from pydantic import ValidationError
 
 from models.data import DataRoot, InvalidData, data_root_for, describe
+from models.messages import QUEUES
 from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network
 from models.spec.space import MAX_COMBINATIONS, SearchedStudy, apply_params, corner_points, param_values
 from models.spec.trial import TrialSpec
-from service.api.errors import FieldError, InfeasibleSpec, InvalidSpec
+from models.store import fleet
+from service.api.errors import FieldError, InfeasibleSpec, InvalidSpec, ServiceUnavailable
 from service.api.settings import ApiSettings
 
-__all__ = ["admit_trial", "check_callback_url", "check_dataset_size", "check_feasible", "check_params", "check_space"]
+__all__ = ["admit_trial", "check_callback_url", "check_dataset_size", "check_feasible", "check_params", "check_space", "served_queue"]
 
 log = logging.getLogger(__name__)
 RESOLVE_TIMEOUT_S = 2.0  # a callback host's DNS lookup at submit; past it the callback worker's check at connect decides
@@ -38,6 +43,39 @@ def admit_trial(spec: TrialSpec, settings: ApiSettings, team: str | None, field_
     _check_size(plan, settings, field_prefix)
     check_dataset_size(spec, settings, field_prefix)
     return plan
+
+
+def served_queue(client: redis.Redis, queue: str | None, settings: ApiSettings, field: str) -> str:
+    """The queue work asking for ``queue`` goes to (the service's default when None); 422 on ``field`` when no worker serves it.
+
+    A queue is served while some worker's heartbeat named it in the last ``unserved_queue_s``
+    (:mod:`models.store.fleet`): work sent anywhere else would wait for ever. The check is off with
+    ``unserved_queue_s`` 0, and passes while Redis has no record of any worker at all (a new
+    deployment, or Redis restarted empty: the workers' first beats are seconds away); the reconciler
+    ends what no worker takes within ``unserved_queue_s``. Raises ServiceUnavailable when Redis fails.
+    """
+    chosen = queue or settings.default_queue
+    if settings.unserved_queue_s <= 0:
+        return chosen
+    try:
+        served = fleet.served_queues(client, QUEUES)
+        if chosen in served or not fleet.has_record(client):
+            return chosen
+        # Read again: a worker's first beat may have landed between the two reads (it marks its queues before the record).
+        served = fleet.served_queues(client, QUEUES)
+        if chosen in served:
+            return chosen
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
+    which = f"queue {chosen!r}" if queue else f"queue {chosen!r} (this service's default, CONVTUNE_DEFAULT_QUEUE)"
+    now = f"the queues served now: {', '.join(sorted(served))}" if served else "no queue is served now: are the workers up?"
+    _refuse(field, f"no worker has served {which} in the last {_span(settings.unserved_queue_s)}, so nothing would ever run it; {now}")
+
+
+def _span(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
 
 
 def check_dataset_size(spec: TrialSpec, settings: ApiSettings, field_prefix: str = "") -> None:
@@ -181,5 +219,5 @@ def _resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _refuse(field: str, message: str) -> None:
+def _refuse(field: str, message: str) -> NoReturn:
     raise InvalidSpec(message, errors=[FieldError(field=field, message=message)])

@@ -20,7 +20,7 @@ from models.messages import RangeTestMessage
 from models.spec.trial import flatten_params
 from models.spec.tuning import LrRangeSpec
 from models.store.runs import KIND, TAG, spec_tags
-from service.api.admission import admit_trial
+from service.api.admission import admit_trial, served_queue
 from service.api.auth import check_owner, current_principal, redacted
 from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
@@ -92,8 +92,8 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     s = services()
     principal = current_principal()
     admit_trial(body.trial, s.settings, principal.team, field_prefix="trial.")
+    queue = served_queue(s.redis, body.trial.queue, s.settings, "trial.queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
-    queue = body.trial.queue or s.settings.default_queue
     o = body.trial.optim
     name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
     params = {**flatten_params(body.trial), **{f"lr_finder.{k}": str(v) for k, v in body.model_dump(exclude={"trial"}).items()}}

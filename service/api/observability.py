@@ -10,8 +10,9 @@ before any worker imports prometheus_client, every process writes its samples th
 of any process sums them all (``MultiProcessCollector``). Values that live outside the API are
 read at scrape time by :class:`LiveCollector`: queue depth (Redis list lengths of the Celery
 queues), trials by outcome (a Redis hash the workers increment), the reconciler's actions by kind
-and action (a Redis hash it increments, :mod:`workers.reconciler`) and workers per queue (Celery's
-``inspect``, cached for a few seconds).
+and action (a Redis hash it increments, :mod:`workers.reconciler`), workers per queue (Celery's
+``inspect``, cached for a few seconds) and whether a worker serves each queue (their heartbeats,
+:mod:`models.store.fleet`: a queue unserved for ``unserved_queue_s`` refuses submits).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 
 from models.logs import bind, clear, current_ids
 from models.messages import CALLBACK_QUEUE, QUEUES, queue_lists
+from models.store import fleet
 from models.store.keys import OUTCOME_COUNTS_KEY, RECONCILER_COUNTS_KEY
 from service.api.auth import current_principal
 from service.api.openapi import PUBLIC_ERRORS
@@ -64,6 +66,9 @@ class LiveCollector:
         reconciled = CounterMetricFamily(
             "convtune_reconciler_actions", "Stranded work the reconciler re-sent or ended, by kind of run and action.", labels=["kind", "action"],
         )
+        served = GaugeMetricFamily(
+            "convtune_queue_served", "1 while some worker's heartbeat named the queue recently (CONVTUNE_UNSERVED_QUEUE_S), else 0.", labels=["queue"],
+        )
         try:
             pipe = self.redis.pipeline()
             lists = {queue: queue_lists(queue) for queue in (*QUEUES, CALLBACK_QUEUE)}
@@ -82,11 +87,15 @@ class LiveCollector:
             for field, count in sorted(results[-1].items()):
                 kind, _, action = field.decode().partition(":")
                 reconciled.add_metric([kind, action], int(count))
+            serving = fleet.served_queues(self.redis, QUEUES)
+            for queue in QUEUES:
+                served.add_metric([queue], 1 if queue in serving else 0)
         except redis.RedisError:
             pass  # an empty family: the scrape still answers, convtune_up says the rest
         yield depth
         yield outcomes
         yield reconciled
+        yield served
         workers = GaugeMetricFamily("convtune_workers", "Celery workers consuming each queue (answering within 1 s).", labels=["queue"])
         for queue, count in sorted(self.workers().items()):
             workers.add_metric([queue], count)

@@ -66,6 +66,13 @@ class ApiSettings(BaseSettings, CallbackDestinations, SecretKeySettings, StudyPl
         description="The MLflow experiment convtune records runs in; with authentication on, each team's go in '{experiment}/{team}'.",
     )
     default_queue: Literal["gpu", "cpu"] = "gpu"
+    unserved_queue_s: int = Field(
+        default=900, ge=0,
+        description=(
+            "A submit to a queue no worker has served (by its heartbeat) for this long is a 422: it would wait for ever. "
+            "0 turns the check off. Must equal the workers' setting (their reconciler ends work left on such a queue)."
+        ),
+    )
     visibility_timeout_s: int = Field(default=4 * 3600, ge=60, description="Must equal the workers' setting.")
     redis_timeout_s: float = Field(
         default=2.0, gt=0, le=30,

@@ -21,7 +21,7 @@ from models.spec.plan import NetworkPlan
 from models.spec.trial import TrialSpec, flatten_params
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG, trial_tags
-from service.api.admission import admit_trial
+from service.api.admission import admit_trial, served_queue
 from service.api.auth import Principal, check_owner, current_principal, redacted
 from service.api.callbacks import notify_ended_by_api
 from service.api.errors import Conflict, ServiceUnavailable
@@ -98,8 +98,8 @@ class Accepted:
 def accept_trial(s: Services, spec: TrialSpec, principal: Principal) -> Accepted:
     """Check, record (the SCHEDULED run), send; a message not sent ends the run failed and raises 503."""
     plan = admit_trial(spec, s.settings, principal.team)
+    queue = served_queue(s.redis, spec.queue, s.settings, "queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
-    queue = spec.queue or s.settings.default_queue
     trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, s.settings.sealer()), flatten_params(spec), principal)
     try:
         s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)

@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
+from models.store import fleet
+
 __all__ = [
     "STOP_SIGNALS", "Process", "Stack", "StackConfig", "api_command", "gpu_count", "redis_command", "spawn", "stop_on_signals", "stop_processes",
     "worker_commands",
@@ -212,7 +214,7 @@ class Stack:
         return path.read_text().strip()
 
     def up(self) -> None:
-        """Start everything and wait until the API is ready; raises RuntimeError naming what failed."""
+        """Start everything and wait until the API is ready and a worker serves the stack's queue; raises RuntimeError naming what failed."""
         self.ensure_redis()
         self.start_mlflow()
         env = self.env()
@@ -221,6 +223,7 @@ class Stack:
         api = api_command(f"{self.config.api_host}:{self.config.api_port}", self.config.api_workers)
         self.start("api", api, env)
         self.wait_http("api", f"{self.config.api_url}/readyz", timeout_s=90)
+        self.wait_served({"gpu" if gpu_count() else "cpu"}, timeout_s=180)
         self.say(f"API ready at {self.config.api_url}; workers: {', '.join(p.name for p in self.processes if p.name.startswith('worker'))}")
 
     def ensure_redis(self) -> None:
@@ -262,6 +265,25 @@ class Stack:
             dead = self.dead()
             culprit = dead or next(p for p in self.processes if p.name == name)
             raise RuntimeError(f"{name} did not become ready at {url}; last lines of {culprit.log_path}:\n{culprit.tail()}")
+
+    def wait_served(self, queues: set[str], timeout_s: float) -> None:
+        """Wait until a worker's heartbeat names each of ``queues`` (:mod:`models.store.fleet`): the API takes work for them then.
+
+        Before it, a submit is accepted only while this Redis has no record of any worker (a new
+        stack): a Redis kept from an earlier stack may remember other queues, or none recently.
+        """
+        client = redis.Redis.from_url(self.config.redis_url, socket_connect_timeout=2, socket_timeout=2)
+
+        def served() -> bool:
+            try:
+                return fleet.served_queues(client, queues) == queues
+            except redis.RedisError:
+                return False
+
+        if not _wait(lambda: served() or self.dead() is not None, timeout_s) or self.dead() is not None:
+            dead = self.dead()
+            culprit = dead or next(p for p in self.processes if p.name.startswith("worker"))
+            raise RuntimeError(f"no worker serves {', '.join(sorted(queues))} after {timeout_s:.0f}s; last lines of {culprit.log_path}:\n{culprit.tail()}")
 
     def dead(self) -> Process | None:
         """The first process that has exited, if any."""

@@ -641,8 +641,10 @@ def resume_on_the_other_worker(d: Deployment, mlflow_user: str, mlflow_password:
         # worker's lease has lapsed (60 s), and the other worker resumes from the checkpoint the
         # first one left on the shared volume.
         first.kill()
-        checkpoint = Path(d.stack.net.path(other.container.env["CONVTUNE_CHECKPOINT_DIR"], other.container)) / f"{trial_id}.pt"
-        assert checkpoint.exists(), f"no checkpoint where the other worker looks: {checkpoint}"
+        folder = Path(d.stack.net.path(other.container.env["CONVTUNE_CHECKPOINT_DIR"], other.container))
+        found = sorted(folder.glob(f"{trial_id}.f*.pt"))  # <run>.f<fence>.pt: one per lease holder (workers.training.train)
+        assert found, f"no checkpoint where the other worker looks: {folder}"
+        checkpoint = found[-1]
         assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"] >= 2
         ended = wait_json(api, f"/trials/{trial_id}", lambda t: t["status"] not in ("queued", "running"), 240, "trial")
     assert ended["status"] == "succeeded", ended

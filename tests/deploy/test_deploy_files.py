@@ -159,6 +159,22 @@ def test_k8s_api_and_workers_share_the_postgres_study_storage_from_the_secret():
         assert names.index("REDIS_PASSWORD") < names.index("CONVTUNE_REDIS_URL")
 
 
+def test_the_api_and_workers_agree_on_how_long_a_queue_may_go_unserved(monkeypatch: pytest.MonkeyPatch):
+    """One value for both (issue 20): the API refuses a queue unserved this long, the workers' reconciler ends work left on it."""
+    from service.api.settings import ApiSettings
+    from workers.settings import WorkerSettings
+
+    services = compose_config(example_env())["services"]
+    assert services["api"]["environment"]["CONVTUNE_UNSERVED_QUEUE_S"] == services["worker"]["environment"]["CONVTUNE_UNSERVED_QUEUE_S"] == "900"
+    docs = k8s_documents()
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    for name in ("convtune-api", "convtune-worker"):
+        (spec,) = next(d for d in docs if d["metadata"]["name"] == name and d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"]
+        assert {"configMapRef": {"name": "convtune-config"}} in spec["envFrom"] and "CONVTUNE_UNSERVED_QUEUE_S" not in {e["name"] for e in spec["env"]}
+    monkeypatch.setenv("CONVTUNE_UNSERVED_QUEUE_S", config["CONVTUNE_UNSERVED_QUEUE_S"])
+    assert ApiSettings().unserved_queue_s == WorkerSettings().unserved_queue_s == 900
+
+
 def test_k8s_checkpoints_are_on_a_read_write_many_claim_every_worker_mounts():
     docs = k8s_documents()
     claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "convtune-checkpoints")

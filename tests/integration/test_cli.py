@@ -43,6 +43,7 @@ def api_url(redis_url: str, mlflow_uri: str, worker, worker_env: dict[str, str])
         "CONVTUNE_EXPERIMENT": f"cli-{uuid.uuid4().hex[:8]}", "CONVTUNE_AUTH_TOKENS": json.dumps(tokens),
         "CONVTUNE_STUDY_STORAGE": worker_env["CONVTUNE_STUDY_STORAGE"],  # studies live where the workers look
         "CONVTUNE_RATE_LIMIT": "10000/minute", "CONVTUNE_SUBMIT_RATE_LIMIT": "10000/minute", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "CONVTUNE_UNSERVED_QUEUE_S": "0",  # a test parks a trial on the gpu queue, which no worker serves
     }
     server = Service("cli-api", [*CLI, "api", "--bind", f"127.0.0.1:{port}", "--workers", "2"], env)
     url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,8 @@
 """Leases that mean something, and retries that lose nothing, in real worker processes.
 
 - A worker paused (SIGSTOP) past its lease's TTL while another takes the trial over stops without
-  writing once it wakes (SIGCONT): every epoch of every metric is logged exactly once, and a stale
+  writing once it wakes (SIGCONT): every epoch of every metric is logged exactly once, the run
+  carries the second holder's fence, no checkpoint of either holder's is left, and a stale
   redelivery of the message after that trains nothing.
 - A range test whose lease a dead process still holds is tried again once it lapses, not dropped.
 - MLflow down, longer than the client's own retries, when a worker picks a trial up: the task is
@@ -89,7 +90,7 @@ def steps_per_metric(mlflow_client: MlflowClient, run_id: str) -> dict[str, list
     return {key: sorted(m.step for m in mlflow_client.get_metric_history(run_id, key)) for key in METRICS}
 
 
-def test_a_worker_paused_past_its_lease_stops_without_writing_and_the_trial_trains_once(lease_app, two_workers, mlflow_client):
+def test_a_worker_paused_past_its_lease_stops_without_writing_and_the_trial_trains_once(lease_app, two_workers, lease_env, mlflow_client):
     client = lease_app.test_client()
     epochs = 30
     spec = tiny_trial(optim={"epochs": epochs, "batch_size": 32}, data={"name": "shapes", "num_samples": 600, "image_size": 16})
@@ -114,7 +115,9 @@ def test_a_worker_paused_past_its_lease_stops_without_writing_and_the_trial_trai
     trial = wait_for_trial(client, trial_id, timeout_s=240)
     assert trial["status"] == "succeeded", trial["reason"]
     assert steps_per_metric(mlflow_client, trial_id) == {key: list(range(1, epochs + 1)) for key in METRICS}
-    assert mlflow_client.get_run(trial_id).data.tags["convtune.attempts"] == "2"
+    tags = mlflow_client.get_run(trial_id).data.tags
+    assert tags["convtune.attempts"] == "2" and tags["convtune.fence"] == "2" and tags["convtune.epochs_done"] == str(epochs)
+    assert not list(Path(lease_env["CONVTUNE_CHECKPOINT_DIR"]).glob(f"{trial_id}*")), "the ending removed every holder's checkpoint"
     assert wait_for(lambda: "duplicate delivery skipped" in first.log() + other.log() or "being trained by another worker" in first.log() + other.log(), 30)
     assert all(w.alive() for w in two_workers)
 

@@ -110,6 +110,7 @@ def world(auth_server: str, as_service: None, admin: MlflowClient, redis_url: st
         redis_url=redis_url, mlflow_tracking_uri=auth_server, experiment=EXPERIMENT, default_queue="gpu", mlflow_team_access=True,
         auth_tokens=[TokenConfig(name=n, sha256=hash_token(SECRETS[n]), scopes=["read", "submit"], team=t) for n, t in TOKENS.items()],
         rate_limit="100000/minute", submit_rate_limit="100000/minute", study_storage=study_storage,
+        unserved_queue_s=0,  # its trials wait on gpu, which no worker serves, on purpose
     )
     api = create_app(settings).test_client()
     trials = {}

@@ -117,3 +117,31 @@ def test_two_processes_finishing_a_study_at_once_record_it_once(ending, monkeypa
         t.join(60)
     assert len(recorded) == 1, recorded
     assert ending.client.get_run(ending.parent).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("value", ["last_epoch", "best_epoch"])
+def test_a_trial_that_succeeded_before_its_step_told_optuna_counts_with_its_value(ending, value) -> None:
+    """Its step ended the run and died (or the storage failed) before telling Optuna: the run, the record, says how it ended."""
+    from mlflow.entities import Metric
+
+    from models.store.search import USER_ATTR
+
+    spec = StudySpec.model_validate({
+        "base": BASE, "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}, "n_trials": 2,
+        "objective": {"metric": "val_accuracy", "value": value},
+    })
+    trial = ending.stored.ask({"optim.lr": distribution(spec.search_space["optim.lr"])})
+    run_id = ending.client.create_run(ending.client.get_run(ending.parent).info.experiment_id).info.run_id
+    trial.set_user_attr(USER_ATTR.TRIAL_ID, run_id)
+    epochs = [Metric("val_accuracy", v, 0, step) for step, v in enumerate((0.5, 0.99, 0.95), start=1)]
+    ending.client.log_batch(run_id, metrics=epochs)
+    runs.end_run(ending.client, run_id, "FINISHED", "succeeded", "trained 3 epochs", tags={runs.TAG.EPOCHS_DONE: "3"})
+
+    report.finish_study(ending.parent, ending.rt, ending.stored, spec, "")
+    told = ending.stored.trials[trial.number]
+    assert told.state == optuna.trial.TrialState.COMPLETE, told.user_attrs
+    assert told.value == pytest.approx(0.99 if value == "best_epoch" else 0.95)
+    assert told.user_attrs[USER_ATTR.OUTCOME] == "succeeded" and told.user_attrs[USER_ATTR.EPOCHS] == 3
+    parent = ending.client.get_run(ending.parent).data
+    assert parent.metrics["best_trial_number"] == trial.number and parent.metrics["trials_succeeded"] == 1
+    assert "trials_worker_lost" not in parent.metrics

@@ -125,21 +125,22 @@ def test_a_callback_task_retries_its_own_errors_too(dead_broker_app: Celery):
 
 
 class FakeRedis:
-    """Just what a Lease asks of Redis: SET NX PX and the compare-and-set scripts."""
+    """Just what a Lease asks of Redis: the acquire script (SET NX PX, then the next fence) and the compare-and-set scripts."""
 
     def __init__(self) -> None:
         self.value: str | None = None
         self.down = False
+        self.fence = 0
 
-    def set(self, key: str, value: str, nx: bool, px: int) -> bool:
-        if self.value is not None:
-            return False
-        self.value = value
-        return True
-
-    def eval(self, script: str, n: int, key: str, token: str, *args: Any) -> int:
+    def eval(self, script: str, n: int, *keys_and_args: Any) -> int:
         if self.down:
             raise redis.ConnectionError("down")
+        token = keys_and_args[n]
+        if "incr" in script:  # acquire
+            if self.value is not None:
+                return 0
+            self.value, self.fence = token, self.fence + 1
+            return self.fence
         if self.value != token:
             return 0
         if "del" in script:

@@ -4,8 +4,10 @@ MLflow and the tests' real Redis (workers.reconciler.sweep), messages pushed whe
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import optuna
@@ -13,14 +15,16 @@ import pytest
 import redis
 from mlflow.store.entities.paged_list import PagedList
 
-from models.messages import StudyStepMessage, TrialMessage
+from models.messages import UNACKED_INDEX_KEY, UNACKED_KEY, StudyStepMessage, TrialMessage, celery_config, give_back, send
 from models.spec.study import StudySpec
+from models.store import fleet
 from models.store.budget import StudyBudget
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import KIND, TAG
 from models.store.search import USER_ATTR, open_storage
+from tests.conftest import Service, free_port, wait_for
 from workers.reconciler import Reconciler
-from workers.reconciler.judge import Seen, judge_run, judge_slot, parse_messages
+from workers.reconciler.judge import Seen, judge_run, judge_slot, parse_messages, unheld
 from workers.reconciler.sweep import Clients, LockLost
 from workers.settings import WorkerSettings
 
@@ -95,7 +99,8 @@ def test_a_queued_trial_with_no_message_and_a_cancel_flag_is_cancelled_after_the
 def test_a_slot_whose_trial_trains_or_whose_step_waits_is_carried():
     assert judge_slot("RUNNING", Seen(lease=True, held_s=5000.0), None, GRACE, STALE) is None
     assert judge_slot(None, Seen(lease=False, waiting=True), None, GRACE, STALE) is None
-    assert judge_slot(None, Seen(lease=False, held_s=5000.0), None, GRACE, STALE) is None  # its step runs (before its trial exists)
+    assert judge_slot(None, Seen(lease=True, held_s=5000.0), None, GRACE, STALE) is None  # its step holds the slot's lease: it starts the trial
+    assert judge_slot(None, Seen(lease=False, held_s=100.0), None, GRACE, STALE) is None  # its step runs, or waits to retry
     assert judge_slot("SCHEDULED", Seen(lease=False, held_s=100.0), None, GRACE, STALE) is None
     assert judge_slot(None, Seen(lease=False), "held", GRACE, STALE) is None  # it waits on the lr_auto range test
 
@@ -121,6 +126,75 @@ def test_a_slot_stuck_behind_a_lost_lr_auto_range_test_is_resent_unless_its_mess
     verdict = judge_slot(None, Seen(lease=False, held_s=600.0), "lost", GRACE, STALE)
     assert verdict is not None and verdict.action == "resent" and not verdict.after_grace
     assert judge_slot(None, Seen(lease=False, held_s=3.0), "lost", GRACE, STALE) is None  # a sibling's retry, taken a moment ago
+
+
+def test_a_slot_with_no_trial_whose_step_is_held_longer_than_any_retry_waits_is_resent():
+    # Its worker died before the trial was recorded, or its retry sits prefetched behind another trial: the
+    # slot's lease (not held) lets only one delivery start the trial, so a second copy is safe.
+    verdict = judge_slot(None, Seen(lease=False, held_s=STALE + 1), None, GRACE, STALE)
+    assert verdict is not None and verdict.action == "resent" and verdict.after_grace
+    assert judge_slot(None, Seen(lease=True, held_s=STALE + 1), None, GRACE, STALE) is None
+
+
+def test_a_message_held_by_no_live_worker_for_long_enough_is_given_back():
+    raw = {tag: json.dumps([json.loads(_message(task)), "", "gpu"]).encode() for tag, task in ((b"dead", "t1"), (b"live", "t2"), (b"young", "t3"))}
+    messages = parse_messages([], raw, {b"dead": 0.0, b"live": 0.0, b"young": 90.0}, now=100.0)
+    lost = unheld(messages, live_held={"t2"}, min_held_s=30.0)
+    assert [(h.tag, h.task_id, h.task) for h in lost] == [(b"dead", "t1", "convtune.run_trial")]
+    assert unheld(messages, live_held={"t1", "t2"}, min_held_s=30.0) == []
+
+
+@pytest.fixture()
+def private_redis_url() -> Iterator[str]:
+    """A redis-server of this test's own: the session's workers consume the session database's queues."""
+    port = free_port()
+    server = Service(f"redis-give-back-{port}", [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""])
+    url = f"redis://127.0.0.1:{port}/0"
+    assert wait_for(lambda: _answers(url), 10), server.log()
+    yield url
+    server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture()
+def celery_on_redis(private_redis_url: str):
+    """A Celery app on a Redis of its own, and a consumer that takes one message without acking it, as a worker does."""
+    from celery import Celery
+    from kombu import Exchange, Queue
+
+    app = Celery("test-give-back")
+    app.conf.update(celery_config(private_redis_url, 3600))
+    queue_name = "cpu"
+    conn = app.connection()
+    queue = Queue(queue_name, Exchange(queue_name), routing_key=queue_name)(conn.default_channel)
+    yield app, queue
+    conn.release()
+
+
+def test_a_message_given_back_is_delivered_again_and_no_longer_unacked(celery_on_redis, private_redis_url: str):
+    """The kombu assumptions give_back rests on: the unacked hash's value, its index, the queue list it is taken from."""
+    app, queue = celery_on_redis
+    client = redis.Redis.from_url(private_redis_url)
+    trial_id = uuid.uuid4().hex
+    send(app, TrialMessage(trial_id=trial_id, spec={}), "cpu")
+    first = queue.get(no_ack=False)  # held unacked, as by a worker that then died
+    tag = first.delivery_tag
+    raw = client.hget(UNACKED_KEY, tag)
+    assert raw is not None and client.zscore(UNACKED_INDEX_KEY, tag) is not None
+    assert give_back(client, tag, raw)
+    assert client.hget(UNACKED_KEY, tag) is None and client.zscore(UNACKED_INDEX_KEY, tag) is None
+    again = queue.get(no_ack=False)
+    assert again is not None and again.headers["id"] == trial_id and again.delivery_info.get("redelivered") is not False
+    assert again.payload == first.payload
+    again.ack()
+    assert not give_back(client, again.delivery_tag, raw)  # acked meanwhile: nothing put back
+    assert queue.get(no_ack=True) is None
 
 
 # --- whole sweeps ---------------------------------------------------------------------------------
@@ -164,7 +238,10 @@ def world(redis_url: str, tmp_path, monkeypatch):
     keys = {name: f"test:{uuid.uuid4().hex}:{name}" for name in ("RECONCILER_LOCK_KEY", "RECONCILER_SUSPECTS_KEY", "RECONCILER_COUNTS_KEY")}
     for name, key in keys.items():
         monkeypatch.setattr(f"workers.reconciler.sweep.{name}", key)
-    settings = WorkerSettings(redis_url=redis_url, reconcile_interval_s=5, reconcile_grace_s=30, study_storage=str(tmp_path / "studies.journal"))
+    settings = WorkerSettings(
+        redis_url=redis_url, reconcile_interval_s=5, reconcile_grace_s=30, study_storage=str(tmp_path / "studies.journal"),
+        unserved_queue_s=0,  # its gpu trials have no worker on purpose (workers.reconciler.unserved is tested in test_fleet.py)
+    )
     mlflow, sent, pushed = FakeMlflow(), [], []
 
     def send(message, queue: str) -> None:  # as kombu does: the message waits in its queue's list
@@ -182,10 +259,17 @@ def world(redis_url: str, tmp_path, monkeypatch):
         assert reconciler.lock.acquire()
         return reconciler.sweep()
 
-    yield SimpleNamespace(redis=client, mlflow=mlflow, sent=sent, sweep=sweep, settings=settings, reconciler=reconciler, keys=keys)
+    cleanup: list[bytes] = []
+    yield SimpleNamespace(redis=client, mlflow=mlflow, sent=sent, sweep=sweep, settings=settings, reconciler=reconciler, keys=keys, cleanup=cleanup)
     for queue, message in pushed:
         client.lrem(queue, 0, message)
-    client.delete(*keys.values())
+    for tag in cleanup:
+        client.hdel(UNACKED_KEY, tag)
+        client.zrem(UNACKED_INDEX_KEY, tag)
+    for item in client.lrange("gpu", 0, -1):  # what a sweep gave back
+        if b'"redelivered": true' in item:
+            client.lrem("gpu", 0, item)
+    client.delete(*keys.values(), *client.keys("convtune:fleet:*"))
 
 
 def test_a_queued_trial_with_no_message_is_resent_once_the_grace_has_passed(world):
@@ -287,6 +371,28 @@ def test_a_study_whose_counters_were_lost_gets_them_back_and_its_slots_sent(worl
     assert [a.action for a in world.sweep(later_s=31)] == ["restored"]
     assert StudyBudget(world.redis, study_id).state()["claimed"] == "2"  # parallelism 2
     assert sorted(m.slot for m, _ in world.sent) == [1, 2]
+
+
+def _hold(world, trial_id: str, held_s: float) -> bytes:
+    """A trial message held unacked for ``held_s``, as by a worker that took it; its delivery tag."""
+    tag = uuid.uuid4().hex.encode()
+    world.redis.hset(UNACKED_KEY, tag, json.dumps([{"headers": {"id": trial_id, "task": "convtune.run_trial"}, "properties": {}, "body": ""}, "", "gpu"]))
+    world.redis.zadd(UNACKED_INDEX_KEY, {tag: time.time() - held_s})
+    world.cleanup.append(tag)
+    return tag
+
+
+def test_a_message_no_live_worker_holds_goes_back_to_its_queue_once_some_worker_beats(world):
+    trial_id = world.mlflow.add("RUNNING", **{TAG.KIND: KIND.TRIAL, TAG.SPEC: json.dumps(SPEC), TAG.QUEUE: "gpu"})
+    world.redis.set(lease_key(trial_id), "a live worker", px=60_000)  # the run itself is carried: only its message is in question
+    dead, young = _hold(world, trial_id, 600.0), _hold(world, "another", 5.0)
+    assert [a.action for a in world.sweep()] == []  # no worker beats (an old fleet, or Redis lost everything): today's rules
+    assert world.redis.hexists(UNACKED_KEY, dead)
+    fleet.beat(world.redis, "survivor@host", ["gpu"], held=["another"], served_ttl_s=60)
+    actions = world.sweep()
+    assert [(a.kind, a.action, a.run_id) for a in actions] == [("trial", "requeued", trial_id)]
+    assert not world.redis.hexists(UNACKED_KEY, dead) and world.redis.hexists(UNACKED_KEY, young)
+    assert any(json.loads(m)["headers"]["id"] == trial_id for m in world.redis.lrange("gpu", 0, -1))
 
 
 def test_one_sweep_at_a_time_and_a_sweeper_that_lost_the_lock_stops(world):

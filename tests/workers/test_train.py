@@ -19,6 +19,7 @@ from workers.training.train import (
     OPTIMIZERS,
     SCHEDULES,
     TrainingContext,
+    checkpoint_files,
     make_optimizer,
     make_scheduler,
     restore_checkpoint,
@@ -78,8 +79,11 @@ def test_resumes_from_its_last_checkpoint(tmp_path: Path):
         run_trial(spec(epochs=4), first, TrainingContext(device=CPU, checkpoint_path=checkpoint, on_epoch_end=lambda e, m: epochs_seen.append(e), should_cancel=lambda: len(epochs_seen) >= 2, check_every_steps=10**6))
     assert [e for e, _ in first.epochs] == [1, 2] and checkpoint.exists()
 
-    resumed = ListTracker()
-    result = run_trial(spec(epochs=4), resumed, TrainingContext(device=CPU, checkpoint_path=checkpoint))
+    resumed, restored, later = ListTracker(), [], []
+    result = run_trial(spec(epochs=4), resumed, TrainingContext(
+        device=CPU, checkpoint_path=checkpoint, on_resume=restored.append, on_epoch_end=lambda e, m: later.append(e)))
+    # A study's objective is told the restored epochs once, before the epochs this delivery trains (a best_epoch objective).
+    assert restored == [[m for _, m in first.epochs]] and later == [3, 4]
     # The checkpoint's epochs are offered again, as the first attempt logged them (the tracker logs an epoch
     # the run lacks, e.g. one whose metrics were still on their way when the worker died); then 3 and 4.
     assert [e for e, _ in resumed.epochs] == [1, 2, 3, 4] and resumed.epochs[:2] == first.epochs
@@ -88,6 +92,22 @@ def test_resumes_from_its_last_checkpoint(tmp_path: Path):
     assert resumed.stamps == sorted(resumed.stamps)
     assert result.epochs_done == 4 and len(result.history) == 4
     assert resumed.summary == []  # logged by the first attempt only
+
+
+def test_a_delivery_resumes_from_the_highest_fence_and_its_first_checkpoint_removes_the_earlier_ones(tmp_path: Path):
+    base = tmp_path / "trial.pt"
+    epochs_seen: list[int] = []
+    with pytest.raises(Cancelled):  # the holder of fence 1 checkpoints epochs 1 and 2, then stops
+        run_trial(spec(epochs=4), ListTracker(), TrainingContext(
+            device=CPU, checkpoint_path=base, fence=1, on_epoch_end=lambda e, m: epochs_seen.append(e), should_cancel=lambda: len(epochs_seen) >= 2,
+            check_every_steps=10**6,
+        ))
+    assert [(f, p.name) for f, p in checkpoint_files(base)] == [(1, "trial.f1.pt")] and not base.exists()
+
+    resumed = ListTracker()
+    result = run_trial(spec(epochs=4), resumed, TrainingContext(device=CPU, checkpoint_path=base, fence=2))
+    assert [e for e, _ in resumed.epochs] == [1, 2, 3, 4] and result.epochs_done == 4  # epochs 1-2 from fence 1's file
+    assert [f for f, _ in checkpoint_files(base)] == [2], "epoch 3's checkpoint, and fence 1's removed after it"
 
 
 def test_sigmoid_head_trains_with_per_class_bce():

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # Read once, when the worker starts: the delivery task's retry policy (workers.callbacks.delivery) is fixed then.
 settings = WorkerSettings()
-app = Celery("convtune-callbacks", include=["workers.callbacks.delivery"])
+app = Celery("convtune-callbacks", include=["workers.callbacks.delivery", "workers.fleet"])
 app.conf.update(celery_config(settings.redis_url, settings.visibility_timeout_s, socket_timeout_s=settings.broker_timeout_s))
 app.conf.task_default_queue = CALLBACK_QUEUE
 

@@ -10,8 +10,13 @@ with a token lets one of them sweep at a time, across hosts, about once per ``re
 It builds its own MLflow and Redis clients: it never touches the device.
 
 A sweep (:mod:`workers.reconciler.sweep`) reads the task ids of the messages waiting in the queues
-and held unacked by a worker (and for how long), then the open runs of the experiment (MLflow
-SCHEDULED or RUNNING), their leases and cancel flags, and decides (:mod:`workers.reconciler.judge`):
+and held unacked by a worker (and for how long); once some worker beats (:mod:`models.store.fleet`),
+it first gives back to its queue every message held unacked for the grace (and longer than a beat
+lives) that no live worker lists, whatever its kind (trial, study step, range test, callback):
+its worker died, and Redis would return it only after the visibility timeout. With no beat at all
+(workers that do not beat, or a Redis that lost everything) it falls back to the rules below alone.
+Then it reads the open runs of the experiment (MLflow SCHEDULED or RUNNING), their leases and
+cancel flags, and decides (:mod:`workers.reconciler.judge`):
 
     work                               seen                                           action
     trial or range test, queued        no message (or one held unacked longer than    re-send its message
@@ -19,8 +24,12 @@ SCHEDULED or RUNNING), their leases and cancel flags, and decides (:mod:`workers
     trial or range test, running       no live lease, no re-sent copy on its way      re-send: it resumes (*)
     either, cancel flag raised         no live lease (queued: for the grace)          end it cancelled
     study, its counters gone           for the grace                                  rebuild them from Optuna, top up
-    study slot in flight               no step message, no lease on its trial,        re-send the step
-                                       for the grace (at once if its trial runs)
+    any message held unacked           no live worker lists it, held for the grace    give it back to its queue
+                                       and a beat's life (some worker beats)
+    study slot in flight               no step message, no lease on its trial nor     re-send the step
+                                       its slot, for the grace (at once if its trial
+                                       runs); or its step held unacked longer than
+                                       any retry waits
     study slot whose trial ended       Optuna has the trial, the slot is unreleased   release it, send the next
     study, nothing in flight           for the grace                                  top it up, or finish it
     study trial or range test that     no lease, for the grace (a range test that     end it worker_lost

@@ -9,7 +9,16 @@ from typing import Any, NamedTuple
 
 from models.store.runs import TAG
 
-__all__ = ["Messages", "Seen", "Verdict", "judge_run", "judge_slot", "parse_messages", "run_status"]
+__all__ = ["Held", "Messages", "Seen", "Verdict", "judge_run", "judge_slot", "parse_messages", "run_status", "unheld"]
+
+
+class Held(NamedTuple):
+    """One message held unacked: its delivery tag, task id, task name and how long it has been held."""
+
+    tag: bytes
+    task_id: str
+    task: str
+    held_s: float
 
 
 @dataclass(frozen=True)
@@ -18,6 +27,7 @@ class Messages:
 
     waiting: frozenset[str]
     unacked: dict[str, float]
+    held: tuple[Held, ...] = ()  # each copy held, with its delivery tag
 
     def held_for(self, task_id: str) -> float | None:
         """How long a worker has held ``task_id``'s message unacked (the shortest, when several); None: no worker does."""
@@ -28,21 +38,38 @@ def parse_messages(queued: Iterable[bytes], unacked: dict[bytes, bytes], deliver
     """Messages from kombu's raw values: the queue lists' items, the ``unacked`` hash and its index of delivery times."""
     waiting = {_task_id(item) for item in queued} - {""}
     held: dict[str, float] = {}
+    copies = []
     for tag, raw in unacked.items():
         try:
-            task_id = _task_id(json.loads(raw)[0])
+            message = json.loads(raw)[0]
         except (ValueError, TypeError, IndexError, KeyError):
             continue
+        task_id = _task_id(message)
         if task_id:
             age = max(0.0, now - delivered_at.get(tag, now))
             held[task_id] = min(age, held.get(task_id, age))
-    return Messages(frozenset(waiting), held)
+            copies.append(Held(tag, task_id, _header(message, "task"), age))
+    return Messages(frozenset(waiting), held, tuple(copies))
+
+
+def unheld(messages: Messages, live_held: set[str], min_held_s: float) -> list[Held]:
+    """The messages held unacked for ``min_held_s`` or more whose task no live worker holds: their worker died.
+
+    A live worker lists every task it holds (running, prefetched, waiting for an ETA) in its beat
+    (:mod:`models.store.fleet`); ``min_held_s`` is longer than a beat lives, so the beat of any worker
+    that took a message was written after it did. A task a live worker holds keeps all its copies.
+    """
+    return [h for h in messages.held if h.held_s >= min_held_s and h.task_id not in live_held]
 
 
 def _task_id(message: bytes | str | dict) -> str:
+    return _header(message, "id")
+
+
+def _header(message: bytes | str | dict, name: str) -> str:
     try:
         payload = message if isinstance(message, dict) else json.loads(message)
-        return str(payload["headers"]["id"])
+        return str(payload["headers"][name])
     except (ValueError, TypeError, KeyError):
         return ""  # not a Celery message
 
@@ -60,7 +87,7 @@ def run_status(run: Any) -> str:
 class Seen(NamedTuple):
     """What a sweep saw of one piece of work in Redis."""
 
-    lease: bool  # its lease is held: a worker runs it now
+    lease: bool  # its lease is held: a worker runs it now (a study slot: its trial's, or the lease of the step starting it)
     cancel: bool = False  # its cancel flag is raised
     waiting: bool = False  # its message waits in a queue
     held_s: float | None = None  # a worker has held its message unacked for this long (None: none does)
@@ -109,9 +136,9 @@ def judge_slot(trial_status: str | None, seen: Seen, lr_auto: str | None, grace_
     ``trial_status`` is the MLflow status of the trial the slot recorded (None: none yet); ``seen``
     is the slot's step message with that trial's lease; ``lr_auto`` is ``held`` while the study's
     lr_auto range test holds its lease, ``lost`` when that range test is open with no lease, else None.
-    A step held unacked longer than ``stale_s`` is re-sent when its slot has a trial (the lease lets
-    one delivery resume it); a slot with no trial only when no worker holds its message: two
-    deliveries of it would each start a trial.
+    A step held unacked longer than ``stale_s`` (its worker died, or its retry waits behind another
+    trial a worker runs) is re-sent: the trial's lease lets one delivery resume a slot's trial, and
+    the slot's own lease (``seen.lease`` while no trial is recorded) one delivery start it.
     """
     if seen.lease or seen.waiting:
         return None
@@ -130,6 +157,8 @@ def judge_slot(trial_status: str | None, seen: Seen, lr_auto: str | None, grace_
     # waiting on that lease re-sends itself every few seconds: its message is fresh.
     if lr_auto == "lost" and seen.held_s is not None and seen.held_s >= grace_s:
         return Verdict("resent", "its step ran the lr_auto range test, whose worker was lost", after_grace=False)
+    if seen.held_s is not None and seen.held_s < stale_s:
+        return None  # its step runs, or waits to retry
     if seen.held_s is not None:
-        return None
+        return Verdict("resent", f"no trial started and no step starting it, its step message held unacked for {seen.held_s:.0f}s, longer than any retry waits")
     return Verdict("resent", "no step message in any queue and no trial started (lost: Redis restarted empty, or it was never sent)")

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,26 +21,41 @@ from mlflow.tracking import MlflowClient
 from models.logs import log_context
 from models.messages import (
     QUEUES,
+    TASK_DELIVER_CALLBACK,
+    TASK_LR_FIND,
+    TASK_RUN_TRIAL,
+    TASK_STUDY_STEP,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     Message,
     RangeTestMessage,
     StudyStepMessage,
     TrialMessage,
+    give_back,
     queue_lists,
     send,
 )
 from models.sealing import SealBroken
 from models.spec.study import StudySpec
-from models.store import runs
+from models.store import fleet, runs
 from models.store.budget import StudyBudget
 from models.store.claims import open_claims
-from models.store.keys import RECONCILER_COUNTS_KEY, RECONCILER_LOCK_KEY, RECONCILER_SUSPECTS_KEY, cancel_key, lease_key, resent_key
+from models.store.keys import (
+    RECONCILER_COUNTS_KEY,
+    RECONCILER_LOCK_KEY,
+    RECONCILER_SUSPECTS_KEY,
+    cancel_key,
+    lease_key,
+    resent_key,
+    slot_lease_id,
+)
 from models.store.runs import KIND, TAG, TERMINAL_STATUSES
 from models.store.search import USER_ATTR, open_storage, storage_kind
 from models.store.teams import experiment_ids
 from workers.callbacks.announce import announce_end
-from workers.reconciler.judge import Messages, Seen, Verdict, judge_run, judge_slot, parse_messages, run_status
+from workers.reconciler.checkpoints import sweep_checkpoints
+from workers.reconciler.judge import Held, Messages, Seen, Verdict, judge_run, judge_slot, parse_messages, run_status, unheld
+from workers.reconciler.unserved import end_unserved
 from workers.settings import WorkerSettings
 from workers.study.report import finish_study
 from workers.study.step import restore_counters
@@ -48,6 +64,8 @@ from workers.training.outcomes import Ending
 __all__ = ["Action", "Clients", "LockLost", "Reconciler", "SweepLock", "read_messages"]
 
 log = logging.getLogger("workers.reconciler")
+# The kind of work each task carries, as the actions are counted (``convtune_reconciler_actions_total{kind}``).
+_TASK_KINDS = {TASK_RUN_TRIAL: KIND.TRIAL, TASK_LR_FIND: KIND.LR_FINDER, TASK_STUDY_STEP: KIND.STUDY, TASK_DELIVER_CALLBACK: "callback"}
 
 
 class Action(NamedTuple):
@@ -172,8 +190,10 @@ class _Sweep:
         if not experiments:
             return  # nothing was ever accepted
         # Messages first, runs second: a run created after this read has no message in it, and waits out the grace.
-        self.messages = read_messages(self.redis, self.now)
+        self.messages = self.read_messages()
         open_runs = self._open_runs(experiments)
+        ended = end_unserved(self, open_runs)  # work on a queue that lost its last worker (workers.reconciler.unserved)
+        open_runs = [run for run in open_runs if run.info.run_id not in ended]
         children: dict[str, list[Any]] = defaultdict(list)
         for run in open_runs:
             if run.data.tags.get(TAG.STUDY_ID) and run.data.tags.get(TAG.KIND) != KIND.STUDY:
@@ -194,8 +214,16 @@ class _Sweep:
         for study_id, kids in children.items():
             if study_id not in studies:  # the study has ended (or is another experiment's): what it left open ends too
                 self.orphans(study_id, kids, parent_open=False, carried=set())
+        self.checkpoints()
         self._save_first_seen()
         self.r.lock.hold(0.5)  # the next sweep, by any worker, in half an interval or more
+
+    def checkpoints(self) -> None:
+        """Delete the checkpoints (and killed writers' temp files) of runs that ended: endings elsewhere leave them."""
+        try:
+            sweep_checkpoints(self.settings.checkpoint_dir, self.mlflow, time.time(), min_age_s=max(60.0, 2 * self.settings.lease_ttl_s))
+        except Exception as exc:  # noqa: BLE001 - checkpoints wait for the next sweep
+            log.warning("reconciler: checkpoint sweep failed (%s: %s)", type(exc).__name__, exc)
 
     # --- a trial or range test of no study ---
 
@@ -252,9 +280,11 @@ class _Sweep:
                 carried.add(trial_id)
                 trial_status = open_status.get(trial_id) or run_status(self.mlflow.get_run(trial_id))
             step = StudyStepMessage(study_id=study_id, slot=slot)
-            verdict = judge_slot(trial_status, self.seen(trial_id, step.task_id), lr_auto, self.grace_s, self.stale_s)
+            verdict = judge_slot(trial_status, self.slot_seen(study_id, slot, trial_id, step.task_id), lr_auto, self.grace_s, self.stale_s)
             if verdict is None or not self.stranded(f"study:{study_id}:slot:{slot}", verdict):
                 continue
+            if self.redis.exists(lease_key(slot_lease_id(study_id, slot))):
+                continue  # a step took the slot since it was seen
             if trial_id is None:
                 if budget.slot_record(slot) is not None or self._settled(budget, study_id, slot, queue, carried):
                     continue
@@ -340,6 +370,35 @@ class _Sweep:
                 self.end(run, "FAILED", "worker_lost", "its worker was lost and nothing resumes it", why, action="ended")
 
     # --- seeing and acting ---
+
+    def read_messages(self) -> Messages:
+        """The queues and the unacked messages, after giving back to their queues those held by workers that died.
+
+        Only once some worker beats (:mod:`models.store.fleet`): with no beat at all (workers that do
+        not beat, or a Redis that lost everything) nothing can tell a live worker's message from a dead one's.
+        """
+        messages = read_messages(self.redis, self.now)
+        if not messages.held or not fleet.live_workers(self.redis):
+            return messages
+        min_held_s = max(self.grace_s, fleet.BEAT_TTL_S + fleet.BEAT_S)  # longer than a beat lives, plus a beat of clock skew
+        lost = unheld(messages, fleet.held_task_ids(self.redis), min_held_s)
+        for held in lost:
+            self._give_back(held)
+        return read_messages(self.redis, self.now) if lost else messages
+
+    def _give_back(self, held: Held) -> None:
+        """Put one message no live worker holds back on its queue (at once: the next free worker takes it)."""
+        raw = self.redis.hget(UNACKED_KEY, held.tag)
+        if raw is None:
+            return  # acked since it was read
+        kind = _TASK_KINDS.get(held.task, "task")
+        why = f"{held.task} message held unacked {held.held_s:.0f}s by a worker that no longer beats (it died): given back to its queue"
+        self.act(kind, held.task_id, "requeued", why, lambda: give_back(self.redis, held.tag, raw))
+
+    def slot_seen(self, study_id: str, slot: int, trial_id: str | None, task_id: str) -> Seen:
+        """A study slot's view: its step message, and a lease carrying it, its trial's or its starting step's."""
+        seen = self.seen(trial_id, task_id)
+        return seen if seen.lease else seen._replace(lease=bool(self.redis.exists(lease_key(slot_lease_id(study_id, slot)))))
 
     def seen(self, run_id: str | None, task_id: str) -> Seen:
         """Redis' view of a run (its lease and cancel flag) and of a task's message."""

@@ -20,8 +20,11 @@ from models.spec.objectives import EPOCH_MEASURES, LATENCY_MEASURES
 from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network
 from models.spec.study import StudySpec
 from models.spec.trial import TrialSpec
+from models.store.runs import TAG
 
-__all__ = ["broken_budgets", "constrain", "final_measures", "over_budget_reason", "sizes", "trial_sizes"]
+__all__ = [
+    "best_epoch_metrics", "broken_budgets", "constrain", "final_measures", "over_budget_reason", "run_measures", "run_sizes", "sizes", "trial_sizes",
+]
 
 
 def sizes(plan: NetworkPlan | None) -> dict[str, float]:
@@ -63,11 +66,39 @@ def constrain(trial: optuna.Trial, spec: StudySpec, measures: Mapping[str, float
 
 
 def final_measures(spec: StudySpec, history: Sequence[Mapping[str, float]], known_sizes: Mapping[str, float], logged: Mapping[str, Any]) -> dict[str, float]:
-    """Everything measured of a trial that trained: sizes, its last epoch's metrics, timed latencies, each objective's value."""
-    measures = {**known_sizes, **{k: float(v) for k, v in (history[-1] if history else {}).items() if k in EPOCH_MEASURES}}
+    """Everything measured of a trial that trained: sizes, its last epoch's metrics, timed latencies, each objective's value.
+
+    ``history`` is every epoch the trial trained, those before a resume included (a ``best_epoch``
+    objective is judged over all of them).
+    """
+    series = {metric: [h[metric] for h in history] for metric in best_epoch_metrics(spec)}
+    return _measures(spec, history[-1] if history else {}, series, known_sizes, logged)
+
+
+def run_measures(spec: StudySpec, metrics: Mapping[str, float], series: Mapping[str, Sequence[float]], known_sizes: Mapping[str, float]) -> dict[str, float]:
+    """What :func:`final_measures` gives, rebuilt from an ended run: its last metrics and, per ``best_epoch`` objective, that metric's epochs."""
+    return _measures(spec, metrics, series, known_sizes, metrics)
+
+
+def run_sizes(tags: Mapping[str, str]) -> dict[str, float]:
+    """The sizes a trial's run was created with (its plan's, in tags): none when its input could not be sized."""
+    found = {"params": tags.get(TAG.PARAMS_COUNT), "flops_per_sample": tags.get(TAG.FLOPS)}
+    return {k: float(v) for k, v in found.items() if v is not None}
+
+
+def best_epoch_metrics(spec: StudySpec) -> list[str]:
+    """The metrics an objective judges at their best epoch, not the last."""
+    return [g.metric for g in spec.goals if g.metric in EPOCH_MEASURES and g.value == "best_epoch"]
+
+
+def _measures(
+    spec: StudySpec, last: Mapping[str, float], series: Mapping[str, Sequence[float]], known_sizes: Mapping[str, float], logged: Mapping[str, Any],
+) -> dict[str, float]:
+    measures = {**known_sizes, **{k: float(v) for k, v in last.items() if k in EPOCH_MEASURES}}
     measures.update({k: float(logged[k]) for k in LATENCY_MEASURES if k in logged})
     for goal in spec.goals:
-        if goal.metric in EPOCH_MEASURES and goal.value == "best_epoch" and history:
+        values = series.get(goal.metric)
+        if goal.metric in EPOCH_MEASURES and goal.value == "best_epoch" and values:
             better = max if goal.resolved_direction == "maximize" else min
-            measures[goal.metric] = float(better(h[goal.metric] for h in history))
+            measures[goal.metric] = float(better(values))
     return measures

@@ -14,6 +14,15 @@ A step that meets an infrastructure error raises it, Optuna told nothing, for it
 (the delivery holding the lease now finishes the slot); a step given up ends its slot's trial as
 ``error`` and goes on (:func:`abandon_step`).
 
+Each step may be delivered twice (a worker died, the reconciler gave its message back). The step
+that starts a slot's trial holds the slot's lease (:func:`models.store.keys.slot_lease_id`) from
+before the trial exists until it ends, so a second delivery never starts a second trial: it looks
+again later, or finds the trial recorded and resumes it. Holding that lease, a step also cleans up
+after a delivery of its slot that died before recording its trial: a trial Optuna has RUNNING for
+the slot is resumed when it has its run, else failed ``worker_lost`` and its enqueued point sent
+again. A trial whose run ended but which Optuna still has RUNNING (its step died, or the storage
+failed, in between) is told its state and values from the run (:func:`workers.study.report.tell_ended`).
+
 Budgets (the spec's ``constraints``) on sizes are checked on the sampled configuration before it is
 sent: one that breaks them is never trained (``over_budget``, zero epochs, no worker time). Every
 trial that ends COMPLETE or PRUNED tells Optuna its constraint values (:mod:`workers.study.measures`),
@@ -54,16 +63,17 @@ from models.spec.study import StudySpec
 from models.spec.trial import LatencySpec, TrialSpec, flatten_params
 from models.store import runs
 from models.store.budget import StudyBudget
-from models.store.keys import lease_key
+from models.store.keys import lease_key, slot_lease_id
 from models.store.runs import TAG, TERMINAL_STATUSES, trial_tags
 from models.store.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from workers.callbacks.announce import count_outcome
 from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.study.measures import broken_budgets, constrain, final_measures, over_budget_reason, sizes, trial_sizes
-from workers.study.report import finish_study
-from workers.training.outcomes import Ending, Pruned, Superseded
+from workers.study.report import PRUNED_OUTCOMES, fail_unstarted, finish_study, tell_ended
+from workers.training.outcomes import Pruned, Superseded
 from workers.trial.execution import LeaseHeld, abandon_run, execute_trial
+from workers.trial.lease import Lease
 from workers.trial.lr_finder import LrAutoFailed, with_lr_range
 
 __all__ = ["SendStep", "StepInterrupted", "TrialFailed", "abandon_step", "execute_step", "restore_counters"]
@@ -72,7 +82,6 @@ log = logging.getLogger(__name__)
 # Optuna logs each trial that ends FAIL with a traceback; convtune logs the outcome and reason itself.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 SendStep = Callable[[str, int, str], None]  # (study_id, slot, queue)
-PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible", "over_budget")
 Value = float | list[float]  # what the objective returns: one value, or one per objective
 
 
@@ -203,17 +212,71 @@ def _release_slot(
 
 
 def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Parent) -> str:
-    """Run the slot's trial; ``stopped`` when none starts. Raises LeaseHeld when another delivery runs it."""
+    """Run the slot's trial; ``stopped`` when none starts. Raises LeaseHeld when another delivery runs it, or starts it."""
     record = budget.slot_record(slot)
-    if record is not None:
-        trial_id, number = record
-        if rt.mlflow.get_run(trial_id).info.status in TERMINAL_STATUSES:
-            return "done"  # an earlier delivery ran it and died before topping up
-        if rt.redis.exists(lease_key(trial_id)):
-            # Another worker trains it (a redelivered message), or one that died still holds the
-            # lease: the task looks again once it could lapse; then the trial has ended or is lost.
-            raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
-        return _resume_trial(study_id, slot, rt, budget, stored, spec, parent, trial_id, number)
+    if record is None:
+        with _SlotLease(rt, study_id, slot):
+            # A delivery that held the lease a moment ago may have recorded its trial; one that died may have left it unrecorded.
+            record = budget.slot_record(slot) or _adopt_unrecorded(rt, budget, stored, slot)
+            if record is None:
+                return _start_trial(study_id, slot, rt, budget, stored, spec, parent)
+    trial_id, number = record
+    run = rt.mlflow.get_run(trial_id)
+    if run.info.status in TERMINAL_STATUSES:
+        tell_ended(rt, stored, spec, number, run)  # an earlier delivery ran it and died before telling Optuna (or topping up)
+        return "done"
+    if rt.redis.exists(lease_key(trial_id)) or rt.redis.exists(lease_key(slot_lease_id(study_id, slot))):
+        # Another worker trains it (a redelivered message), or one that died still holds the
+        # lease: the task looks again once it could lapse; then the trial has ended or is lost.
+        raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
+    return _resume_trial(study_id, slot, rt, budget, stored, spec, parent, trial_id, number)
+
+
+class _SlotLease:
+    """The right to start a slot's trial, held (renewed) while the step that starts it runs.
+
+    Raises LeaseHeld on entry when another delivery of the slot holds it: it is starting or training
+    the slot's trial, or it died and its lease lapses within the TTL.
+    """
+
+    def __init__(self, rt: WorkerRuntime, study_id: str, slot: int):
+        self.lease = Lease(rt.redis, slot_lease_id(study_id, slot), rt.settings.lease_ttl_s)
+        self.name, self.ttl_s = slot_lease_id(study_id, slot), rt.settings.lease_ttl_s
+
+    def __enter__(self) -> _SlotLease:
+        if not self.lease.acquire():
+            raise LeaseHeld(self.name, self.ttl_s)
+        self.lease.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lease.__exit__(None, None, None)
+
+
+def _adopt_unrecorded(rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, slot: int) -> tuple[str, int] | None:
+    """Settle the trials a dead delivery of ``slot`` left RUNNING without recording them (the caller holds the slot's lease).
+
+    One with its run is recorded for the slot, and resumed (or told from its ended run) as any
+    recorded trial; one without (its step died before creating the run) fails ``worker_lost`` and
+    its enqueued point runs again. A RUNNING trial with no slot at all died before the step could
+    name its slot: it is failed too, once older than a lease TTL (no live step takes that long).
+    """
+    adopted = None
+    now = time.time()
+    for t in stored.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        mine = t.user_attrs.get(USER_ATTR.SLOT) == slot
+        if mine and USER_ATTR.TRIAL_ID in t.user_attrs:
+            adopted = (str(t.user_attrs[USER_ATTR.TRIAL_ID]), t.number)
+        elif mine or (USER_ATTR.SLOT not in t.user_attrs and t.datetime_start is not None and now - t.datetime_start.timestamp() > rt.settings.lease_ttl_s):
+            fail_unstarted(stored, t, "its step's worker was lost before the trial started")
+    if adopted is not None:
+        log.warning("study %s: slot %d: trial #%d was started but never recorded for its slot; resuming it", stored.study_name, slot, adopted[1])
+        budget.record_slot(slot, *adopted)
+    return adopted
+
+
+def _start_trial(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Parent) -> str:
+    """Start and run the slot's new trial through Optuna (the caller holds the slot's lease); ``stopped`` when none starts."""
     if budget.stopped() or parent.status in ("KILLED", "FAILED"):
         return "stopped"
     started = float(stored.user_attrs.get(USER_ATTR.STARTED_AT, time.time()))
@@ -230,7 +293,10 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
     objective = StudyObjective(
         study_id, slot, spec, rt, budget, parent.experiment_id, stored.user_attrs[USER_ATTR.QUEUE], parent.owner,
     )
-    study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
+    try:
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False, show_progress_bar=False)
+    except _EndedEarlier as ended:
+        return ended.tell(rt, stored, spec)
     if spec.target is not None and _target_reached(study, spec):
         _stop(budget, stored, "target", f"a trial reached the target {spec.primary.metric} {spec.target:g}")
     return objective.outcome
@@ -249,8 +315,8 @@ class StudyObjective:
         self.sizes: dict[str, float] | None = None  # of the sampled configuration, from its plan
 
     def __call__(self, trial: optuna.Trial) -> Value:
+        trial.set_user_attr(USER_ATTR.SLOT, self.slot)  # first: a step that dies from here on leaves a trial its slot's next delivery finds
         params = suggest(trial, self.spec)
-        trial.set_user_attr(USER_ATTR.SLOT, self.slot)
         name = f"{trial_label(params)} #{trial.number}"
         try:
             trial_spec: TrialSpec | None = apply_params(self.spec.base, params, name=name)
@@ -316,16 +382,18 @@ class StudyObjective:
                 raise Pruned(f"pruned by the {pruner} pruner after epoch {epoch}: {primary.metric} {value:.4f}")
 
         try:
-            ending = execute_trial(trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end, created=created, team=self.owner.get(TAG.TEAM))
+            ending = execute_trial(
+                trial_id, trial_spec.model_dump(mode="json"), self.rt, on_epoch_end=on_epoch_end, created=created, team=self.owner.get(TAG.TEAM),
+                on_resume=history.extend,  # resumed: the epochs before it count too (a best_epoch objective)
+            )
         except Superseded as exc:
             raise StepInterrupted() from exc
         except Exception as exc:
             if is_infrastructure(exc):
                 raise StepInterrupted() from exc
             raise
-        if ending is None:  # an earlier delivery ended the run and died before telling Optuna: read how
-            tags = self.rt.mlflow.get_run(trial_id).data.tags
-            ending = Ending("FAILED", tags.get(TAG.OUTCOME, "error"), tags.get(TAG.REASON, "ended by an earlier delivery"))
+        if ending is None:  # an earlier delivery ended the run and died before telling Optuna: told from the run
+            raise _EndedEarlier(trial_id, trial.number)
         outcome, reason = ending.outcome, ending.reason
         known = self.sizes if self.sizes is not None else trial_sizes(trial_spec, self.data_root)
         if outcome == "succeeded" and history:
@@ -407,6 +475,21 @@ class StudyObjective:
         return runs.create_started_run(self.rt.mlflow, self.experiment_id, name=name, tags=tags, params=flat)
 
 
+class _EndedEarlier(BaseException):
+    """The trial's run had ended before this delivery trained it: Optuna is told from the run, by the caller.
+
+    A BaseException, as StepInterrupted, so that ``study.optimize`` records nothing itself.
+    """
+
+    def __init__(self, trial_id: str, number: int):
+        super().__init__(trial_id)
+        self.trial_id, self.number = trial_id, number
+
+    def tell(self, rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec) -> str:
+        tell_ended(rt, stored, spec, self.number, rt.mlflow.get_run(self.trial_id))
+        return "done"
+
+
 def _twin(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     """An earlier trial of the study with the same parameters whose result can stand for this one."""
     for other in trial.study.get_trials(deepcopy=False):
@@ -457,6 +540,8 @@ def _resume_trial(
         study.tell(trial, state=TrialState.PRUNED)
     except TrialFailed:
         study.tell(trial, state=TrialState.FAIL)
+    except _EndedEarlier as ended:
+        return ended.tell(rt, stored, spec)
     return objective.outcome
 
 

@@ -5,14 +5,22 @@ built-in sets (:mod:`workers.training.data`), and is batched by index: the data 
 a DataLoader's worker processes would cost more than they save. Every epoch
 ends with an evaluation, one batched metrics call to the tracker and a checkpoint, so a trial
 redelivered after its worker died resumes from its last finished epoch.
+
+A trial's checkpoints are fenced: the holder of lease fence ``f`` writes ``<run>.f<f>.pt`` (never
+another holder's file), a delivery resumes from the highest fence there is, and a holder removes
+the lower ones once its own first checkpoint is written. A worker that lost the trial and wakes up
+late can then only write a file nobody reads, never replace a later holder's checkpoint.
+``<run>.pt`` itself is fence 0: what a caller without a lease (a test, a tool) writes and reads.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -39,8 +47,8 @@ from workers.training.outcomes import Cancelled, Superseded, TimedOut, TrialStop
 from workers.training.parallel import Parallel
 
 __all__ = [
-    "CheckpointWriter", "Evaluation", "Tracker", "TrainingContext", "TrialResult", "evaluate", "requested_stop", "resolve_batches", "run_trial",
-    "train_one_epoch",
+    "CheckpointWriter", "Evaluation", "Tracker", "TrainingContext", "TrialResult", "checkpoint_files", "checkpoint_run", "evaluate",
+    "fenced_checkpoint", "remove_checkpoints", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,13 +74,21 @@ class TrainingContext:
 
     device: torch.device
     data_root: DataRoot | None = None  # as the run's team sees it (models.data.roots)
+    # The trial's checkpoint, as its base name (``<run>.pt``): the fenced files are found from it (see the module's doc).
     checkpoint_path: Path | None = None
+    # The fence of this delivery's lease: its checkpoints are written as ``<run>.f<fence>.pt`` (0: as ``checkpoint_path``).
+    fence: int = 0
     should_cancel: Callable[[], bool] = lambda: False
     # Whether this worker still holds the trial (its lease); False stops training without writing anything more.
     still_owner: Callable[[], bool] = lambda: True
+    # The same, asked of the lease's store itself, before a checkpoint is written (None: ``still_owner``).
+    confirm_owner: Callable[[], bool] | None = None
     check_every_steps: int = 50
     # Called after every epoch with (epoch, metrics); a study's pruner raises Pruned from here.
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    # Called once when a delivery resumes from a checkpoint, with the epochs' metrics it restored (before any on_epoch_end):
+    # a study's objective judges a best_epoch over all of them, not over the epochs after the resume only.
+    on_resume: Callable[[list[dict[str, float]]], None] | None = None
     # Called once the batches are resolved, with tags naming them (batch size, accumulation, effective LR).
     on_setup: Callable[[BatchPlan], None] | None = None
     # Called (before on_setup) when the checkpoint there was could not be read, with why: training starts again from epoch 1.
@@ -133,13 +149,15 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
         start_epoch = 1
     if start_epoch == 1:
         tracker.log_summary(plan_network(spec.model, data.info).summary())
+    elif ctx.on_resume is not None:
+        ctx.on_resume([dict(h) for h in history])
     for epoch, metrics in enumerate(history, start=1):  # resumed: the checkpoint's epochs the run may lack (logged once)
         tracker.log_epoch(epoch, metrics, at_ms=stamps[epoch - 1] if epoch <= len(stamps) else None)
     if ctx.on_setup is not None:
         ctx.on_setup(batches)
 
     # Written on a thread of their own while the next epoch trains; none lands after this delivery ends.
-    with CheckpointWriter(ctx.checkpoint_path, ctx.still_owner) as checkpoints:
+    with CheckpointWriter(ctx.checkpoint_path, ctx.confirm_owner or ctx.still_owner, ctx.fence) as checkpoints:
         for epoch in range(start_epoch, spec.optim.epochs + 1):
             t0 = time.perf_counter()
             order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(spec.seed * 10_007 + epoch))
@@ -437,14 +455,20 @@ class CheckpointWriter:
     instead: copying a large model costs more than its write. Leaving the block waits for the write in
     flight, so none lands after the delivery ended and removed the file; while an exception leaves it,
     a failed write is logged, not raised over that exception.
+
+    ``base`` is the trial's checkpoint name and ``fence`` this delivery's: it writes
+    ``fenced_checkpoint(base, fence)`` only, asks ``still_owner`` right before each write, and removes
+    the lower fences' files after its first write.
     """
 
     SNAPSHOT_LIMIT_BYTES = 256 * 2**20
     _pool: ThreadPoolExecutor | None = None  # per process: a forked child makes its own (forget_pool)
 
-    def __init__(self, path: Path | None, still_owner: Callable[[], bool] = lambda: True):
-        self.path, self.still_owner = path, still_owner
+    def __init__(self, base: Path | None, still_owner: Callable[[], bool] = lambda: True, fence: int = 0):
+        self.base, self.fence, self.still_owner = base, fence, still_owner
+        self.path = None if base is None else fenced_checkpoint(base, fence)
         self._pending: Future | None = None
+        self._written = False
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -472,7 +496,7 @@ class CheckpointWriter:
         self.wait()
         state = _checkpoint_state(epoch, model, optimizer, scheduler, history, divergence, stamps)
         if _tensor_bytes(state) > self.SNAPSHOT_LIMIT_BYTES:
-            _write_checkpoint(self.path, state)
+            self._write(state)
             return None
         if CheckpointWriter._pool is None:  # made in the process that trains (after a prefork worker forked)
             CheckpointWriter._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -480,10 +504,17 @@ class CheckpointWriter:
         return self._pending
 
     def _write(self, state: dict[str, Any]) -> None:
-        # Asked again when written: a worker paused since the epoch ended may have lost the trial to another,
-        # whose checkpoints this one must not overwrite.
-        if self.still_owner():
-            _write_checkpoint(self.path, state)  # type: ignore[arg-type] - save() returns early without a path
+        # Asked again when written: a worker paused since the epoch ended may have lost the trial to another. Its
+        # file would not replace the other's (a lower fence, which no one reads), but it need not be written at all.
+        if not self.still_owner():
+            return
+        _write_checkpoint(self.path, state)  # type: ignore[arg-type] - save() returns early without a path
+        if not self._written and self.fence:
+            try:
+                remove_checkpoints(self.base, below=self.fence)  # type: ignore[arg-type] - a path was given
+            except OSError:  # no reader takes them over this one's; the ending, or the reconciler's sweep, deletes them
+                log.warning("checkpoint %s: the earlier holders' files could not be removed", self.path, exc_info=True)
+        self._written = True
 
     def wait(self) -> None:
         pending, self._pending = self._pending, None
@@ -562,6 +593,51 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def fenced_checkpoint(base: Path, fence: int) -> Path:
+    """The file the holder of lease fence ``fence`` writes the checkpoints of ``base`` (``<run>.pt``) to: ``<run>.f<fence>.pt``."""
+    return base if fence == 0 else base.with_name(f"{base.stem}.f{fence}{base.suffix}")
+
+
+_FENCED = re.compile(r"(?P<run>.+?)(?:\.f(?P<fence>\d+))?\.pt")
+_TEMPORARY = re.compile(r"(?P<checkpoint>.+)\.[0-9a-f]{32}\.tmp")  # _write_checkpoint's file before its rename
+
+
+def checkpoint_run(name: str, temporary: bool = False) -> tuple[str, int] | None:
+    """The run and fence of a checkpoint file's ``name`` (``<run>.pt`` is fence 0); None for any other file.
+
+    ``temporary``: of a temporary file's name instead (``<checkpoint>.<hex>.tmp``), the checkpoint it was to become.
+    """
+    if temporary:
+        written = _TEMPORARY.fullmatch(name)
+        if written is None:
+            return None
+        name = written["checkpoint"]
+    match = _FENCED.fullmatch(name)
+    return None if match is None else (match["run"], int(match["fence"] or 0))
+
+
+def checkpoint_files(base: Path) -> list[tuple[int, Path]]:
+    """Every fence's checkpoint of ``base`` on disk, the highest fence first (the one to resume from)."""
+    if not base.parent.is_dir():
+        return []
+    found = []
+    for path in base.parent.glob(f"{glob.escape(base.stem)}*{base.suffix}"):
+        parsed = checkpoint_run(path.name)
+        if parsed is not None and parsed[0] == base.stem:
+            found.append((parsed[1], path))
+    return sorted(found, key=lambda fp: fp[0], reverse=True)
+
+
+def remove_checkpoints(base: Path, below: int | None = None) -> list[Path]:
+    """Delete the checkpoints of ``base`` (those of fences below ``below`` only, when given); the files deleted."""
+    removed = []
+    for fence, path in checkpoint_files(base):
+        if below is None or fence < below:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 class UnreadableCheckpoint(Exception):
     """The checkpoint exists but cannot be loaded (torn by a crash mid-write on a file system without atomic rename,
     damaged, or not a checkpoint of this trial): it is lost, and the trial trains again from its first epoch."""
@@ -571,12 +647,15 @@ def restore_checkpoint(
     path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, history: list[dict[str, float]],
     divergence: DivergenceDetector, stamps: list[int] | None = None,
 ) -> int:
-    """Load the last checkpoint into the given objects (``stamps``: its epochs' end times, when it has them); the epoch it ended (0 when none).
+    """Load the last checkpoint of ``path`` (the highest fence's file) into the given objects (``stamps``: its epochs' end times,
+    when it has them); the epoch it ended (0 when none).
 
     Raises UnreadableCheckpoint when the file is there but cannot be loaded; the objects may then hold part of it.
     """
-    if path is None or not path.exists():
+    files = [] if path is None else checkpoint_files(path)
+    if not files:
         return 0
+    path = files[0][1]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])

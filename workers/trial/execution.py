@@ -12,7 +12,13 @@ Two things leave without an ending. An infrastructure error (MLflow or Redis dow
 attempt, and the checkpoint stays for the retry to resume from. A worker that loses the lease
 midway (paused past its TTL, Redis lost the key) raises :class:`Superseded` at its next check and
 writes nothing more, neither metrics nor an ending, and keeps the checkpoint: the delivery that
-holds the lease now resumes from it.
+holds the lease now resumes from it. Each delivery's lease comes with a fence (see
+:mod:`workers.trial.lease`) that its checkpoints and its run carry, so one that wakes up late
+cannot replace a later delivery's checkpoint or end the run under it.
+
+Every ending this module writes deletes the run's checkpoints, every fence's; what other endings
+leave (the reconciler's, the API's, a study step's recovery) is swept by
+:func:`workers.reconciler.checkpoints.sweep_checkpoints`.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from workers.runtime import WorkerRuntime
 from workers.training.devices import train_on_devices
 from workers.training.latency import measure_latency
 from workers.training.outcomes import Ending, Superseded, classify
-from workers.training.train import TrainingContext
+from workers.training.train import TrainingContext, checkpoint_files, remove_checkpoints
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
-__all__ = ["LeaseHeld", "abandon_run", "admit", "count_attempt", "execute_trial", "forget_attempt", "lost_too_often", "tracker_for"]
+__all__ = [
+    "LeaseHeld", "abandon_run", "admit", "count_attempt", "execute_trial", "fence_floor", "forget_attempt", "lost_too_often", "tracker_for",
+]
 
 log = logging.getLogger(__name__)
 SpecT = TypeVar("SpecT", bound=BaseModel)
@@ -57,11 +65,12 @@ class LeaseHeld(Exception):
 
 def execute_trial(
     trial_id: str, payload: dict, rt: WorkerRuntime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    created: RunInfo | None = None, team: str | None = None,
+    created: RunInfo | None = None, team: str | None = None, on_resume: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> Ending | None:
     """Run one delivery of ``trial_id``; how the trial ended, or None for a duplicate delivery.
 
-    ``on_epoch_end`` is a study's pruning hook (see :class:`workers.training.train.TrainingContext`);
+    ``on_epoch_end`` is a study's pruning hook and ``on_resume`` is told the epochs a resumed delivery
+    restored (see :class:`workers.training.train.TrainingContext`);
     ``created`` and ``team``, the run's info and team when the caller created it a moment ago (a study's
     step): not read back. Otherwise the run's team is read with its status; the trial reads that team's data.
     Raises LeaseHeld (another worker trains it), Superseded (this worker lost the lease midway) and
@@ -75,13 +84,13 @@ def execute_trial(
         return ending
 
     lease = Lease(rt.redis, trial_id, rt.settings.lease_ttl_s)
-    if not lease.acquire():
+    if not lease.acquire(floor=fence_floor(tracker, rt.checkpoint_path(trial_id))):
         raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
     with lease:
-        tracker.still_owner = lease.held
+        tracker.hold(lease)
         attempt = count_attempt(rt, trial_id)
         try:
-            return _train(trial_id, spec, tracker, rt, lease, attempt, on_epoch_end)
+            return _train(trial_id, spec, tracker, rt, lease, attempt, on_epoch_end, on_resume)
         except Superseded as exc:
             log.warning("trial %s: %s; stopped without recording anything", trial_id, exc.reason)
             raise
@@ -93,7 +102,7 @@ def execute_trial(
 
 def _train(
     trial_id: str, spec: TrialSpec, tracker: MlflowTracker, rt: WorkerRuntime, lease: Lease, attempt: int,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None, on_resume: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> Ending:
     if attempt > rt.settings.max_attempts:
         return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id))
@@ -104,9 +113,10 @@ def _train(
     tracker.starting(str(rt.device), attempt)  # RUNNING once its batches are resolved (log_batches), in one request
     tracker.final_epoch = spec.optim.epochs
     ctx = TrainingContext(
-        device=rt.device, data_root=data_root_for(rt.settings.data_root, tracker.team), checkpoint_path=rt.checkpoint_path(trial_id),
-        should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))), still_owner=lease.held, check_every_steps=rt.settings.cancel_check_steps,
-        on_epoch_end=on_epoch_end, on_setup=tracker.log_batches, on_checkpoint_lost=tracker.checkpoint_lost,
+        device=rt.device, data_root=data_root_for(rt.settings.data_root, tracker.team),
+        checkpoint_path=rt.checkpoint_path(trial_id), fence=lease.fence, should_cancel=lambda: bool(rt.redis.exists(cancel_key(trial_id))),
+        still_owner=lease.held, confirm_owner=lambda: lease.held(strict=True), check_every_steps=rt.settings.cancel_check_steps,
+        on_epoch_end=on_epoch_end, on_resume=on_resume, on_setup=tracker.log_batches, on_checkpoint_lost=tracker.checkpoint_lost,
         cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
     )
     ending: Ending | None = None
@@ -185,6 +195,16 @@ def abandon_run(run_id: str, rt: WorkerRuntime, reason: str) -> Ending | None:
     return _end(tracker, Ending("FAILED", "error", reason), rt.checkpoint_path(run_id))
 
 
+def fence_floor(tracker: MlflowTracker, checkpoint: Path | None = None) -> int:
+    """The highest fence the run (as :meth:`MlflowTracker.status` read it) and its checkpoints carry.
+
+    The next lease's fence goes above it, even from a Redis that forgot the counter: else its holder would
+    resume from an earlier holder's checkpoint forever and have every write refused.
+    """
+    on_disk = [fence for fence, _ in checkpoint_files(checkpoint)] if checkpoint is not None else []
+    return max([tracker.fence_seen, *on_disk])
+
+
 def tracker_for(rt: WorkerRuntime, run_id: str, log_model: bool) -> MlflowTracker:
     """The tracker of ``run_id`` as this worker's settings say (model logging, where artifacts go)."""
     return MlflowTracker(rt.mlflow, run_id, log_model=log_model, artifacts_destination=rt.settings.artifacts_destination)
@@ -198,5 +218,5 @@ def lost_too_often(attempt: int, max_attempts: int) -> Ending:
 def _end(tracker: MlflowTracker, ending: Ending, checkpoint: Path | None = None) -> Ending:
     tracker.finish(ending)
     if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
+        remove_checkpoints(checkpoint)  # every fence's: an earlier holder's file too
     return ending

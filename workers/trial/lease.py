@@ -6,9 +6,20 @@ steps aside. The holder renews the lease from a heartbeat thread while it trains
 whose worker died expires after ``ttl_s`` and the next delivery resumes the trial.
 
 A lease is lost when a renewal finds another token or no key (the process was paused past the
-TTL, Redis lost the key): :meth:`Lease.held` says so, and the holder then stops writing. It is
-also asked before each write, since a paused process wakes up before its heartbeat does: a lease
-not renewed for half its TTL is checked against Redis there and then.
+TTL, Redis lost the key): :meth:`Lease.held` says so, and the holder then stops writing. Two
+kinds of asking: the cheap one (the per-step cancel and ownership checks inside training) trusts
+a renewal younger than half the TTL; the strict one (``held(strict=True)``, before every write:
+an epoch's metrics, a checkpoint, the ending) asks Redis there and then, since a paused process
+wakes up before its heartbeat does, and the reconciler may have handed the trial to another
+worker the moment Redis lost the key.
+
+Each acquisition also takes a **fence**: a per-trial counter, incremented in the same script that
+takes the lease, so a later holder always has a higher one. Every write carries it and the stores
+that can check it do (:mod:`workers.trial.tracking`, :class:`workers.training.train.CheckpointWriter`):
+a holder that lost the lease and wakes up late cannot replace what a later holder wrote. The
+counter outlives any one lease (``FENCE_TTL_S``, renewed at each acquisition); should Redis forget
+it anyway (a restart without persistence), the caller passes a floor (the fence the run and the
+checkpoints on disk carry), and the new fence is above it.
 """
 
 from __future__ import annotations
@@ -20,9 +31,24 @@ from types import TracebackType
 
 import redis
 
-from models.store.keys import lease_key
+from models.store.keys import fence_key, lease_key
 
-__all__ = ["Lease"]
+__all__ = ["FENCE_TTL_S", "Lease"]
+
+# How long a trial's fence counter lives after its last acquisition: longer than any redelivery of its message.
+FENCE_TTL_S = 7 * 24 * 3600
+
+# Take the lease if it is free and, in the same step, the next fence (above ARGV[3], the floor the stores carry); 0 if held.
+_ACQUIRE = """
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local fence = redis.call('incr', KEYS[2])
+if fence <= tonumber(ARGV[3]) then
+  fence = tonumber(ARGV[3]) + 1
+  redis.call('set', KEYS[2], fence)
+end
+redis.call('pexpire', KEYS[2], ARGV[4])
+return fence
+"""
 
 # Renew or release only while we still hold the lease (compare-and-set on the token).
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
@@ -35,19 +61,25 @@ class Lease:
     def __init__(self, client: redis.Redis, trial_id: str, ttl_s: int):
         self.client = client
         self.key = lease_key(trial_id)
+        self.fence_key = fence_key(trial_id)
         self.ttl_ms = ttl_s * 1000
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        self.fence = 0  # taken with the lease (acquire); higher than every earlier holder's
         self._renewed_at = time.monotonic()  # when the key was last known to be ours for ttl_s more
 
-    def acquire(self) -> bool:
-        """Take the lease if it is free; whether we hold it now."""
+    def acquire(self, floor: int = 0) -> bool:
+        """Take the lease if it is free, with a fence above every earlier holder's and above ``floor``; whether we hold it now.
+
+        ``floor``: the highest fence the trial's stores carry (its run's tag, its checkpoints), for a Redis that forgot the counter.
+        """
         asked = time.monotonic()
-        taken = bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        fence = int(self.client.eval(_ACQUIRE, 2, self.key, self.fence_key, self.token, self.ttl_ms, floor, FENCE_TTL_S * 1000))
         self._renewed_at = asked
-        return taken
+        self.fence = fence
+        return fence > 0
 
     def renew(self) -> bool:
         """Extend the lease; False means it expired and someone else may hold it (lost for good)."""
@@ -58,17 +90,18 @@ class Lease:
         self.lost = self.lost or not held
         return not self.lost
 
-    def held(self) -> bool:
+    def held(self, strict: bool = False) -> bool:
         """Whether this worker may still write as the holder; False once the lease is lost, for good.
 
         Cheap while the heartbeat keeps up; a lease not renewed for half its TTL (the process was
-        paused, or Redis is slow) is renewed here first. While Redis does not answer, it counts as
-        held until the TTL of its last renewal runs out.
+        paused, or Redis is slow) is renewed here first. ``strict`` (before a write) renews it here
+        in any case: Redis may have lost the key a moment ago, and another worker taken the trial.
+        While Redis does not answer, it counts as held until the TTL of its last renewal runs out.
         """
         if self.lost:
             return False
         since = time.monotonic() - self._renewed_at
-        if since < self.ttl_ms / 2000:
+        if not strict and since < self.ttl_ms / 2000:
             return True
         try:
             return self.renew()

@@ -5,7 +5,8 @@
 duplicate deliveries skipped through the MLflow run's status, a lease held while it runs (a
 delivery that finds it held, say a dead process's, raises LeaseHeld and is retried once it could
 lapse), starts capped at ``max_attempts`` (a redelivered test starts again from its first step),
-one outcome at the end, and nothing written by a worker that lost the lease (Superseded). The
+one outcome at the end, and nothing written by a worker that lost the lease (Superseded: each
+write asks the lease's store, and the ending checks the run's fence, as a trial's does). The
 MLflow run gets the curve as metric series (``lr_finder.lr``, ``lr_finder.loss``,
 ``lr_finder.smoothed_loss`` at step = optimizer step), the two LRs as metrics and tags, the whole
 result as ``lr_finder.json`` and a plot with both LRs marked.
@@ -33,7 +34,7 @@ from workers.failures import is_infrastructure
 from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.range_test import Curve, range_test
 from workers.training.train import TrainingContext
-from workers.trial.execution import LeaseHeld, admit, count_attempt, forget_attempt, lost_too_often, tracker_for
+from workers.trial.execution import LeaseHeld, admit, count_attempt, fence_floor, forget_attempt, lost_too_often, tracker_for
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
@@ -77,10 +78,10 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
     if spec is None:
         return ending.outcome if ending is not None else "skipped"
     lease = Lease(rt.redis, run_id, rt.settings.lease_ttl_s)
-    if not lease.acquire():
+    if not lease.acquire(floor=fence_floor(tracker)):
         raise LeaseHeld(run_id, rt.settings.lease_ttl_s)
     with lease:
-        tracker.still_owner = lease.held
+        tracker.hold(lease)
         attempt = count_attempt(rt, run_id)
         if attempt > rt.settings.max_attempts:
             return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts))
@@ -124,7 +125,7 @@ def run_and_record(spec: LrRangeSpec, tracker: MlflowTracker, ctx: TrainingConte
         ending = classify(exc)
         log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "range test %s ended %s: %s", tracker.run_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
         return ending, None
-    if not ctx.still_owner():
+    if not tracker.may_write("the result"):
         raise Superseded(f"this worker lost the lease of range test {tracker.run_id} at its end")
     _log_result(tracker, spec, result)
     summary = (
@@ -157,7 +158,7 @@ def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_s
             found = stored.user_attrs.get(USER_ATTR.LR_AUTO)
             if found is None:
                 try:
-                    found = _study_range_test(study_id, spec, rt, should_stop, lease.held)
+                    found = _study_range_test(study_id, spec, rt, should_stop, lease)
                 except Superseded as exc:  # another step runs the test now: read its result later
                     raise LeaseHeld(f"{study_id} (its lr_auto range test)", retry_in_s=min(5, rt.settings.lease_ttl_s)) from exc
                 stored.set_user_attr(USER_ATTR.LR_AUTO, found)
@@ -167,7 +168,7 @@ def with_lr_range(study_id: str, spec: StudySpec, stored: Any, rt: Any, should_s
     return spec.model_copy(update={"search_space": {"optim.lr": lr, **spec.search_space}})
 
 
-def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Callable[[], bool], still_owner: Callable[[], bool]) -> dict[str, Any]:
+def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Callable[[], bool], lease: Lease) -> dict[str, Any]:
     assert spec.lr_auto is not None
     test = LrRangeSpec(trial=spec.base, **spec.lr_auto.model_dump(exclude={"decades"}))
     parent = rt.mlflow.get_run(study_id)
@@ -180,9 +181,9 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
         },
     )
     tracker = tracker_for(rt, test_id, log_model=False)
-    tracker.still_owner = still_owner
+    tracker.hold(lease)  # a run of its own: its fence is the study's lr_auto lease's
     tracker.start(str(rt.device), 1)
-    ending, result = run_and_record(test, tracker, _context(rt, parent.data.tags.get(TAG.TEAM), should_stop, still_owner))
+    ending, result = run_and_record(test, tracker, _context(rt, parent.data.tags.get(TAG.TEAM), should_stop, lease.held))
     tracker.finish(ending)
     if result is None:
         return {"error": f"lr_auto: its range test {test_id} ended {ending.outcome}: {ending.reason}", "test_id": test_id}
@@ -193,7 +194,7 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
 
 
 def _log_steps(tracker: MlflowTracker, curve: Curve, first: int) -> None:
-    if not tracker.still_owner():
+    if not tracker.may_write(f"steps from {first + 1}"):
         return  # the next holder starts the test again and logs its own curve
     now = int(time.time() * 1000)
     metrics = []

@@ -11,11 +11,25 @@ file), through the server or straight into its store (:func:`direct_artifact_uri
 ended has every artifact, and an upload that failed (MLflow down) fails the delivery as any other
 MLflow error does, for the task to retry.
 
-Once told who owns the run (``still_owner``, the lease's :meth:`~workers.trial.lease.Lease.held`),
-it writes nothing for a worker that lost it: the next holder logs those epochs again. An epoch is
-logged once across deliveries: a worker that died between logging an epoch and checkpointing it
-leaves ``convtune.epochs_done`` ahead of the checkpoint, and the delivery that resumes trains that
-epoch again without logging it twice.
+Once told who owns the run (:meth:`MlflowTracker.hold`, the trial's lease), it writes nothing for a
+worker that lost it: the next holder logs those epochs again. Each write asks the lease's store
+itself first (the lease's cached answer may be up to half a TTL old), and the holder's fence goes
+on the run with its start tags (``convtune.fence``). Before the two writes a late one would damage,
+an epoch's ``convtune.epochs_done`` and the ending, it reads the run's fence and refuses (Superseded)
+when a later holder's is there: a paused worker then neither moves ``epochs_done`` back nor ends a
+run another worker trains.
+
+What remains: MLflow has no compare-and-set, so a write can still land after the checks that let
+it go. The strict lease check renews the lease for a whole TTL, so that takes this worker pausing
+longer than the TTL between its checks and the server applying its request (or Redis losing the
+key in that moment): a window of one request per paused worker, in which ``epochs_done`` may step
+back until the next epoch's write, or a run see a second ending. The lease and fence guarantee the
+rest: a stale holder is refused at its next write, never replaces a later holder's checkpoint, and
+stops training at its next check.
+
+An epoch is logged once across deliveries: a worker that died between logging an epoch and
+checkpointing it leaves ``convtune.epochs_done`` ahead of the checkpoint, and the delivery that
+resumes trains that epoch again without logging it twice.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
@@ -45,6 +59,9 @@ from workers.training.batching import BatchPlan
 from workers.training.outcomes import Ending, Superseded
 from workers.trial.export import exporter
 from workers.trial.figures import confusion_svg, learning_curve_svg
+
+if TYPE_CHECKING:
+    from workers.trial.lease import Lease
 
 __all__ = ["MlflowTracker", "Uploads", "direct_artifact_uri", "pip_requirements"]
 
@@ -160,8 +177,13 @@ class MlflowTracker:
         self.client = client
         self.run_id = run_id
         self.log_model_enabled = log_model
-        # Whether this worker still holds the run (set once it takes the lease); writes are skipped once it does not.
+        # Whether this worker still holds the run (set once it takes the lease, :meth:`hold`); writes are skipped once it does not.
         self.still_owner: Callable[[], bool] = lambda: True
+        # The same, asked of the lease's store before each write (None: ``still_owner``).
+        self.confirm_owner: Callable[[], bool] | None = None
+        # This holder's lease fence (None: not fenced); fence_seen, the run's as :meth:`status` read it.
+        self.fence: int | None = None
+        self.fence_seen = 0
         self.logged_through = 0  # the last epoch the run has, as :meth:`status` read it
         self.uploads = Uploads(client, run_id, artifacts_destination)
         self._starting: dict[str, str] | None = None  # start tags not sent yet (:meth:`starting`)
@@ -183,11 +205,32 @@ class MlflowTracker:
         self._created, self.team = info, team
         self.uploads.artifact_uri = info.artifact_uri
 
-    def _may_write(self, what: str) -> bool:
-        if self.still_owner():
+    def hold(self, lease: Lease) -> None:
+        """Write as the holder of ``lease`` from now on: its cheap check, its strict one before each write, its fence."""
+        self.still_owner = lease.held
+        self.confirm_owner = lambda: lease.held(strict=True)
+        self.fence = lease.fence
+
+    def may_write(self, what: str, strict: bool = True) -> bool:
+        """Whether this worker still holds the run; ``strict`` (before a write): asked of the lease's store itself."""
+        owns = self.confirm_owner if strict and self.confirm_owner is not None else self.still_owner
+        if owns():
             return True
         log.warning("run %s: this worker lost its lease; %s not logged", self.run_id, what)
         return False
+
+    def superseded(self, what: str) -> bool:
+        """Whether the run carries a later holder's fence than this worker's (one request; False when not fenced)."""
+        if self.fence is None:
+            return False
+        theirs = int(self.client.get_run(self.run_id).data.tags.get(TAG.FENCE, "0"))
+        if theirs <= self.fence:
+            return False
+        log.warning("run %s: a later holder (fence %d) writes it, not this one (%d); %s not logged", self.run_id, theirs, self.fence, what)
+        return True
+
+    def _fence_tags(self) -> dict[str, str]:
+        return {} if self.fence is None else {TAG.FENCE: str(self.fence)}
 
     def status(self) -> str:
         """The run's MLflow status (and, kept, the last epoch it has logged)."""
@@ -195,6 +238,7 @@ class MlflowTracker:
             return self._created.status  # nothing logged yet
         run = self.client.get_run(self.run_id)
         self.logged_through = int(run.data.tags.get(TAG.EPOCHS_DONE, "0"))
+        self.fence_seen = int(run.data.tags.get(TAG.FENCE, "0"))
         self.team = run.data.tags.get(TAG.TEAM)
         self.uploads.artifact_uri = run.info.artifact_uri
         return run.info.status
@@ -204,15 +248,16 @@ class MlflowTracker:
 
     def start(self, device: str, attempt: int) -> None:
         """Mark the run RUNNING on this worker."""
-        runs.start_run(self.client, self.run_id, {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt)}, first=attempt == 1)
+        runs.start_run(self.client, self.run_id, {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **self._fence_tags()}, first=attempt == 1)
 
     def starting(self, device: str, attempt: int) -> None:
         """Like :meth:`start`, sent with the batches (:meth:`log_batches`) when training begins: two requests fewer per trial."""
-        self._starting = {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **({TAG.STARTED_AT: runs.now()} if attempt == 1 else {})}
+        first = {TAG.STARTED_AT: runs.now()} if attempt == 1 else {}
+        self._starting = {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **self._fence_tags(), **first}
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], at_ms: int | None = None, after: Future | None = None) -> None:
         """See :meth:`workers.training.train.Tracker.log_epoch`."""
-        if not self._may_write(f"epoch {epoch}"):
+        if not self.may_write(f"epoch {epoch}", strict=False):  # the write itself asks the lease's store (_send_epoch, finish)
             return
         if epoch <= self.logged_through:
             log.debug("run %s: epoch %d was logged by an earlier delivery; not logged twice", self.run_id, epoch)
@@ -234,16 +279,17 @@ class MlflowTracker:
     def _send_epoch(self, epoch: int, batch: list[Metric], after: Future | None = None) -> None:
         if after is not None:
             wait([after])  # the epoch's checkpoint first (its error is the training loop's to raise)
-        # Asked again on the upload thread: a worker paused between the two (SIGSTOP, a frozen VM) may have lost
-        # the trial meanwhile, and the new holder logs this epoch itself (from its checkpoint, or by training it).
-        # Paused after this check, its request may still land late: its epoch's checkpoint is written by then, so
-        # the new holder resumed from it and offered the same metrics with the same stamp, which MLflow keeps once.
-        if self._may_write(f"epoch {epoch}"):
+        # Asked again on the upload thread, of Redis and of the run: a worker paused between the two (SIGSTOP, a frozen
+        # VM) may have lost the trial meanwhile, and the new holder logs this epoch itself (from its checkpoint, or by
+        # training it), and later ones, whose epochs_done this one must not set back. Paused after these checks, its
+        # request may still land late (see the module's doc): its epoch's checkpoint is written by then, so the new
+        # holder resumed from it and offered the same metrics with the same stamp, which MLflow keeps once.
+        if self.may_write(f"epoch {epoch}") and not self.superseded(f"epoch {epoch}"):
             self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(TAG.EPOCHS_DONE, str(epoch))])
 
     def log_summary(self, rows: list[dict[str, Any]]) -> None:
         """The model summary table: each layer, its output shape, parameters and FLOPs."""
-        if not self._may_write("the model summary"):
+        if not self.may_write("the model summary"):
             return
         # What MlflowClient.log_table writes (pandas' "split" JSON, tagged as a table for the UI), without
         # its four requests and pandas: this run has no table yet, and the tag goes with the start tags.
@@ -259,7 +305,7 @@ class MlflowTracker:
 
     def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None:
         """At the end of training: the learning curves and the trained model."""
-        if not self._may_write("the results"):
+        if not self.may_write("the results"):
             return
         self.uploads.text(learning_curve_svg(history), "plots/learning_curve.svg")
         self.uploads.text(json.dumps(history, indent=2), "history.json")
@@ -278,7 +324,7 @@ class MlflowTracker:
 
     def log_batches(self, plan: BatchPlan) -> None:
         """The batches the worker resolved (batch size, accumulation, effective LR), as tags: params are the API's, once."""
-        if not self._may_write("the batches"):
+        if not self.may_write("the batches"):
             return
         tags = {
             TAG.BATCH_SIZE: str(plan.batch_size), TAG.ACCUMULATE_STEPS: str(plan.accumulate),
@@ -294,7 +340,7 @@ class MlflowTracker:
 
     def log_confusion(self, matrix: list[list[int]], class_names: list[str]) -> None:
         """The final model's confusion matrix on the validation set, as a plot and as JSON."""
-        if not self._may_write("the confusion matrix"):
+        if not self.may_write("the confusion matrix"):
             return
         names = class_names if len(class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
         document = {"classes": names, "matrix": matrix, "rows": "true class", "columns": "predicted class"}
@@ -302,9 +348,13 @@ class MlflowTracker:
         self.uploads.text(confusion_svg(matrix, names), "plots/confusion_matrix.svg")
 
     def finish(self, ending: Ending) -> None:
-        """Wait for the uploads, then end the run with its MLflow status and convtune's outcome and reason; Superseded if this worker lost it."""
+        """Wait for the uploads, then end the run with its MLflow status and convtune's outcome and reason.
+
+        Raises Superseded when this worker lost the lease (asked of its store), or the run carries a later
+        holder's fence: that holder ends the run, once.
+        """
         self.uploads.wait()
-        if not self.still_owner():
+        if not self.may_write(f"the ending ({ending.outcome})") or self.superseded(f"the ending ({ending.outcome})"):
             raise Superseded(f"this worker lost the lease of run {self.run_id} before ending it ({ending.outcome})")
         tags, self._starting = self._starting or {}, None  # it ended before training began: its start tags go with the ending
         held, self._held = self._held, None

@@ -25,7 +25,7 @@ from models.spec.study import StudySpec
 from models.store.claims import ClaimRefused, may_adopt, open_claims, registered_model
 from models.store.runs import KIND, SPEC_TAG_LIMIT, TAG
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
-from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space
+from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space, served_queue
 from service.api.auth import Principal
 from service.api.errors import FieldError, Forbidden, InfeasibleSpec, InvalidSpec, ServiceUnavailable
 from service.api.limits import check_queued_quota, note_queued
@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Principal) -> str:
     """Check, record (parent run + Optuna study), send the first steps; the study id."""
     check_study(s, spec, principal.team)
+    queue = served_queue(s.redis, spec.base.queue, s.settings, "base.queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
     claimed = claim_model_name(s, spec.register_as.name, principal) if spec.register_as else False
-    queue = spec.base.queue or s.settings.default_queue
     study_id = _create_parent(s, spec, queue, principal)
     if claimed:
         _note_claiming_study(s, spec.register_as.name, study_id)

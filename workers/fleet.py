@@ -1,0 +1,132 @@
+"""A worker's heartbeat (:mod:`models.store.fleet`): which queues it serves, which messages it holds.
+
+Every worker's main process beats from a daemon thread, started on ``worker_ready`` (never sent in a
+pool process) and stopped on ``worker_shutdown`` (this module is in the Celery app's ``include``):
+at once, then every :data:`~models.store.fleet.BEAT_S` seconds, it writes its node name (``-n``),
+the queues its consumer takes messages from (``-Q``, and any added or cancelled since) and the task
+id of every message it holds: waiting for a pool process, waiting for its ETA (a retry's countdown)
+or running. The API refuses work for a queue no worker serves; the reconciler ends work queued on a
+queue that lost its last worker (:mod:`workers.reconciler.unserved`) and gives back messages held
+by a worker that stopped beating.
+
+It has its own Redis client with the workers' short timeouts: a Redis that fails is logged at most
+once a minute and tried again at the next beat. A worker that stops cleanly removes its beat; one
+killed whole stops beating and its beat lapses after :data:`~models.store.fleet.BEAT_TTL_S`.
+
+What it reads of Celery's worker state is internal to Celery and read here only
+(:func:`held_task_ids`, :func:`consumed_queues`); ``tests/workers/test_fleet.py`` checks exactly
+those assumptions against the installed version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+from celery.worker import state
+
+from models.store import fleet
+from workers.settings import WorkerSettings
+
+__all__ = ["Heart", "consumed_queues", "held_task_ids"]
+
+log = logging.getLogger("workers.fleet")
+COMPLAIN_EVERY_S = 60.0  # a Redis that keeps failing is logged at most this often
+_stop = threading.Event()
+_heart: Heart | None = None
+_thread: threading.Thread | None = None
+
+
+def held_task_ids() -> set[str] | None:
+    """The task ids of every request this worker process holds; None when they could not be read this time.
+
+    Celery 5.7 keeps them in three sets of :mod:`celery.worker.state`: ``reserved_requests`` (taken
+    from the broker, waiting for a pool process), ``scheduled_requests`` (waiting for an ETA or
+    countdown: these are *not* in ``reserved_requests`` until it elapses; older Celerys have no such
+    set and keep them reserved) and ``active_requests`` (running). They are changed by the worker's
+    main thread while this thread copies them: a copy that races with a change is tried again.
+    """
+    kinds = (state.reserved_requests, getattr(state, "scheduled_requests", ()), state.active_requests)
+    for _ in range(5):
+        try:
+            return {request.id for requests in kinds for request in tuple(requests)}
+        except RuntimeError:  # "Set changed size during iteration"
+            time.sleep(0.01)
+    return None
+
+
+def consumed_queues(consumer: Any) -> list[str]:
+    """The names of the queues ``consumer`` (a worker's, the sender of ``worker_ready``) takes messages from.
+
+    ``app.amqp.queues.consume_from`` is what ``-Q`` selected, kept up to date by ``add_consumer`` and
+    ``cancel_consumer``, and there while the broker connection (and so the task consumer) is down.
+    """
+    return sorted(consumer.app.amqp.queues.consume_from)
+
+
+class Heart:
+    """Beats for one worker: :meth:`beat` once, :meth:`run` until told to stop."""
+
+    def __init__(self, client: redis.Redis, consumer: Any, served_ttl_s: int):
+        self.client = client
+        self.consumer = consumer
+        self.name = str(consumer.hostname)
+        self.served_ttl_s = served_ttl_s
+        self._complained_at: float | None = None
+
+    def beat(self) -> bool:
+        """Write this worker's beat now; whether it was written (a failure is logged, at most once a minute)."""
+        held = held_task_ids()
+        if held is None:
+            return False  # the beat before still lives: three more misses before it lapses
+        try:
+            fleet.beat(self.client, self.name, consumed_queues(self.consumer), held, self.served_ttl_s)
+        except redis.RedisError as exc:
+            now = time.monotonic()
+            if self._complained_at is None or now - self._complained_at >= COMPLAIN_EVERY_S:
+                self._complained_at = now
+                log.warning("fleet: %s could not beat (%s: %s); trying again every %.0fs", self.name, type(exc).__name__, exc, fleet.BEAT_S)
+            return False
+        if self._complained_at is not None:
+            self._complained_at = None
+            log.info("fleet: %s beats again", self.name)
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        """Beat at once, then every BEAT_S seconds until ``stop`` is set; then remove the beat."""
+        while True:
+            try:
+                self.beat()
+            except Exception:
+                log.exception("fleet: %s: beat failed", self.name)
+            if stop.wait(fleet.BEAT_S):
+                break
+        try:
+            fleet.leave(self.client, self.name)
+        except redis.RedisError:
+            pass  # it lapses by itself
+
+
+@worker_ready.connect
+def _start(sender: Any = None, **_: object) -> None:
+    """Start beating in this worker's main process (``sender``: its consumer)."""
+    global _heart, _thread
+    settings = WorkerSettings()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.broker_timeout_s, socket_connect_timeout=settings.broker_timeout_s)
+    _heart = Heart(client, sender, settings.unserved_queue_s)
+    _stop.clear()
+    _thread = threading.Thread(target=_heart.run, args=(_stop,), name="convtune-fleet", daemon=True)
+    _thread.start()
+    log.info("fleet: %s beats every %.0fs, serving %s", _heart.name, fleet.BEAT_S, ", ".join(consumed_queues(sender)) or "no queue")
+
+
+@worker_shutdown.connect
+def _shutdown(**_: object) -> None:
+    """Stop beating, and remove this worker's beat: the messages it held are back in Redis."""
+    _stop.set()
+    if _thread is not None:
+        _thread.join(timeout=5)
