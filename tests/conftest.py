@@ -23,7 +23,9 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = Path(os.environ.get("CONVTUNE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+# Under pytest-xdist each test process is a session of its own: its own logs folder, its own Redis (below).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+ARTIFACTS = Path(os.environ.get("CONVTUNE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / XDIST_WORKER
 TEST_REDIS_DB = int(os.environ.get("CONVTUNE_TEST_REDIS_DB", "11"))
 # The secret key of the session's API and workers (models.sealing): callbacks need one.
 TEST_SECRET_KEY = "convtune-test-secret-key"
@@ -91,10 +93,14 @@ def _redis_ok(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A real Redis: the machine's on 6379 (own database number), else a redis-server we start."""
+    """A real Redis: the machine's on 6379 (own database number), else a redis-server we start.
+
+    Under pytest-xdist, a redis-server of each test process's own: the tests that take a database
+    of their own (fleet, leases, load, stack) name fixed numbers, which two processes would share.
+    """
     url = os.environ.get("CONVTUNE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
     started = None
-    if not _redis_ok(url):
+    if XDIST_WORKER and "CONVTUNE_TEST_REDIS_URL" not in os.environ or not _redis_ok(url):
         server = shutil.which("redis-server")
         if server is None:
             pytest.fail(f"no Redis at {url} and no redis-server to start: apt-get install redis-server")

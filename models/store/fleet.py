@@ -105,9 +105,14 @@ def served_queues(client: redis.Redis, queues: Iterable[str]) -> set[str]:
     return {q for q, v in zip(queues, found, strict=True) if v is not None}
 
 
-def has_record(client: redis.Redis) -> bool:
-    """Whether this Redis knows of any worker's beat: False on a new deployment, or after Redis lost its data."""
-    return bool(client.exists(_LAST_SERVED_KEY))
+def has_record(client: redis.Redis, queues: Iterable[str]) -> bool:
+    """Whether this Redis knows of a worker of any of ``queues``: False on a new deployment, or after Redis lost its data.
+
+    Only those queues: the light callback worker starts (and beats) seconds before the training
+    workers, whose queues the API asks about.
+    """
+    queues = sorted(set(queues))
+    return bool(queues) and any(v is not None for v in client.hmget(_LAST_SERVED_KEY, queues))
 
 
 def last_served(client: redis.Redis, queues: Iterable[str], now: float) -> dict[str, float]:

@@ -59,7 +59,7 @@ def served_queue(client: redis.Redis, queue: str | None, settings: ApiSettings, 
         return chosen
     try:
         served = fleet.served_queues(client, QUEUES)
-        if chosen in served or not fleet.has_record(client):
+        if chosen in served or not fleet.has_record(client, QUEUES):
             return chosen
         # Read again: a worker's first beat may have landed between the two reads (it marks its queues before the record).
         served = fleet.served_queues(client, QUEUES)

@@ -64,10 +64,12 @@ def test_with_no_served_ttl_a_queue_counts_as_served_as_long_as_a_beat(client):
 
 
 def test_the_last_beat_of_each_queue_is_kept_and_a_queue_never_served_starts_its_clock_when_first_asked(client):
-    assert not fleet.has_record(client)
+    assert not fleet.has_record(client, ["cpu", "gpu"])
+    fleet.beat(client, "callbacks@host", ["callbacks"], [], served_ttl_s=900)  # the light callback worker, up first
+    assert not fleet.has_record(client, ["cpu", "gpu"])
     before = time.time()
     fleet.beat(client, "cpu0@host", ["cpu"], [], served_ttl_s=900)
-    assert fleet.has_record(client)
+    assert fleet.has_record(client, ["cpu", "gpu"]) and not fleet.has_record(client, ["gpu"])
     seen = fleet.last_served(client, ["cpu", "gpu"], now=before + 100)
     assert before <= seen["cpu"] <= time.time() and seen["gpu"] == before + 100
     assert fleet.last_served(client, ["gpu"], now=before + 500) == {"gpu": before + 100}  # its clock runs from the first time
