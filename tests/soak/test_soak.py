@@ -48,10 +48,10 @@ pytestmark = [pytest.mark.soak, pytest.mark.integration]
 
 N_TRIALS = 24
 PARALLELISM = 2
-EPOCHS = int(os.environ.get("CONVTUNE_SOAK_EPOCHS", "20"))
-# About 0.4 s an epoch on one core, a trial of about 8 s: the faultless study takes 100 s or so, time
-# for six faults 15-25 s apart, and twice that bounds the faulted one.
-SAMPLES = int(os.environ.get("CONVTUNE_SOAK_SAMPLES", "1600"))
+EPOCHS = int(os.environ.get("CONVTUNE_SOAK_EPOCHS", "28"))
+# About 0.4 s an epoch on one core, a trial of about 12 s: the faultless study takes about 2.5 min on an
+# idle 2-core machine, time for six faults 15-25 s apart in the faulted one, and twice it bounds the faulted one.
+SAMPLES = int(os.environ.get("CONVTUNE_SOAK_SAMPLES", "3200"))
 FAULT_EVERY_S = (15.0, 25.0)
 LEASE_TTL_S = 10
 SWEEP_S = 5
