@@ -28,6 +28,7 @@ __all__ = [
     "chosen",
     "decode_params",
     "encode_params",
+    "fail_trial",
     "front",
     "make_pruner",
     "make_sampler",
@@ -267,3 +268,19 @@ def _short_float(value: float) -> str:
         return f"{value:.2g}"
     mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def fail_trial(stored: optuna.Study, number: int, outcome: str, reason: str) -> bool:
+    """Fail trial ``number`` with convtune's ``outcome`` and ``reason`` (Optuna keeps neither) if it still runs; whether it did.
+
+    The one way a running trial is failed outside its objective: a step given up, a trial lost for
+    good, one a dead step never started, a cancel that finds no worker holding it.
+    """
+    storage = stored._storage
+    optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, number)
+    if storage.get_trial(optuna_id).state != optuna.trial.TrialState.RUNNING:
+        return False
+    storage.set_trial_user_attr(optuna_id, USER_ATTR.OUTCOME, outcome)
+    storage.set_trial_user_attr(optuna_id, USER_ATTR.REASON, reason[:1000])
+    storage.set_trial_state_values(optuna_id, optuna.trial.TrialState.FAIL)
+    return True

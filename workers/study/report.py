@@ -46,11 +46,11 @@ from models.store.teams import callback_team
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
 from workers.study.figures import Axis, intermediate_values_svg, optimization_history_svg, parallel_coordinate_svg, param_importances_svg
-from workers.study.measures import best_epoch_metrics, broken_budgets, constrain, run_measures, run_sizes
+from workers.study.recovery import ended_run, fail_unstarted, tell_ended
 from workers.training.outcomes import Ending
 from workers.trial.tracking import Uploads
 
-__all__ = ["PRUNED_OUTCOMES", "fail_unstarted", "finish_study", "tell_ended", "trial_rows"]
+__all__ = ["finish_study", "trial_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -191,108 +191,11 @@ def _settle_orphans(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec) ->
     """
     for t in stored.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_id = t.user_attrs.get(USER_ATTR.TRIAL_ID)
-        run = _ended_run(rt, trial_id) if trial_id else None
+        run = ended_run(rt, trial_id) if trial_id else None
         if run is not None:
             tell_ended(rt, stored, spec, t.number, run)
         else:
             fail_unstarted(stored, t, "its worker was lost and nothing resumed the trial before its study ended", requeue=False)
-
-
-def _ended_run(rt: WorkerRuntime, trial_id: str) -> Any | None:
-    """The trial's MLflow run if it has ended, else None (none, or still open)."""
-    try:
-        run = rt.mlflow.get_run(trial_id)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    return run if run.info.status in runs.TERMINAL_STATUSES else None
-
-
-# How an ended run's outcome becomes an Optuna state (workers.study.step's table); duplicate: its twin's.
-PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible", "over_budget")
-_STATUS_OUTCOMES = {"FINISHED": "succeeded", "KILLED": "cancelled", "FAILED": "error"}
-
-
-def tell_ended(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, number: int, run: Any) -> bool:
-    """Tell Optuna how trial ``number`` ended from its ended MLflow run; whether it was still RUNNING there (else nothing is done).
-
-    MLflow is the record: a delivery that ended the run and died (or lost the study storage)
-    before telling Optuna leaves the trial RUNNING. Its state, values, constraints and measures are
-    rebuilt from the run as the objective would have told them, so a trial that succeeded keeps its
-    place in ``best``, the Pareto front and ``register_as`` instead of counting as lost.
-    """
-    storage = stored._storage
-    optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, number)
-    if storage.get_trial(optuna_id).state != TrialState.RUNNING:
-        return False
-    trial = optuna.Trial(stored, optuna_id)
-    tags = run.data.tags
-    outcome = tags.get(TAG.OUTCOME) or _STATUS_OUTCOMES.get(run.info.status, "error")
-    reason = tags.get(TAG.REASON) or f"its run ended {run.info.status.lower()}"
-    state, values = _ended_state(rt, stored, spec, trial, run, outcome)
-    if state == TrialState.FAIL and outcome == "succeeded":
-        outcome, reason = "error", f"{reason}; but it has none of {', '.join(g.metric for g in spec.goals)} to optimise"
-    for key, value in ((USER_ATTR.OUTCOME, outcome), (USER_ATTR.REASON, reason[:1000]), (USER_ATTR.EPOCHS, int(tags.get(TAG.EPOCHS_DONE, "0") or 0))):
-        trial.set_user_attr(key, value)
-    stored.tell(trial, values, state=state, skip_if_finished=True)
-    log.warning("study %s: trial #%d (%s) had ended %s but the study was never told; told it from its run", stored.study_name, number, run.info.run_id, outcome)
-    return True
-
-
-def _ended_state(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, trial: optuna.Trial, run: Any, outcome: str) -> tuple[TrialState, Any]:
-    """The Optuna state and value(s) of an ended run's outcome, its constraints and measures set on ``trial``."""
-    frozen = trial._cached_frozen_trial
-    if outcome == "duplicate" and USER_ATTR.DUPLICATE_OF in frozen.user_attrs:
-        return _twin_state(stored, spec, trial, int(frozen.user_attrs[USER_ATTR.DUPLICATE_OF]))
-    measured = frozen.user_attrs.get(USER_ATTR.MEASURES) or run_sizes(run.data.tags)
-    if outcome != "succeeded":
-        if not frozen.constraints:  # an over_budget trial had them set before its run ended
-            constrain(trial, spec, measured)
-        return (TrialState.PRUNED if outcome in PRUNED_OUTCOMES else TrialState.FAIL), None
-    series = {m: [x.value for x in sorted(rt.mlflow.get_metric_history(run.info.run_id, m), key=lambda x: x.step)] for m in best_epoch_metrics(spec)}
-    measures = run_measures(spec, run.data.metrics, series, run_sizes(run.data.tags))
-    if any(g.metric not in measures for g in spec.goals):
-        return TrialState.FAIL, None
-    trial.set_user_attr(USER_ATTR.MEASURES, measures)
-    constrain(trial, spec, measures)
-    broken = broken_budgets(spec, measures)
-    if broken:
-        trial.set_user_attr(USER_ATTR.OVER_BUDGET, broken)
-    values = [measures[g.metric] for g in spec.goals]
-    return TrialState.COMPLETE, (values if spec.multi_objective else values[0])
-
-
-def _twin_state(stored: optuna.Study, spec: StudySpec, trial: optuna.Trial, twin_number: int) -> tuple[TrialState, Any]:
-    """A duplicate's state: its twin's, as the objective reused it (a twin still running: nothing learnt)."""
-    twin = stored.get_trials(deepcopy=False)[twin_number]
-    for key, value in twin.constraints.items():
-        trial.set_constraint(key, value)
-    if twin.state == TrialState.COMPLETE:
-        return TrialState.COMPLETE, (list(twin.values) if spec.multi_objective else float(twin.value))
-    return (TrialState.PRUNED if twin.state == TrialState.PRUNED else TrialState.FAIL), None
-
-
-def fail_unstarted(stored: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, requeue: bool = True) -> None:
-    """Fail a RUNNING trial whose step was lost (``worker_lost``); with ``requeue``, its enqueued point (grid, warm start) runs again.
-
-    Optuna took the point off its queue when the trial started: failed, it would never run. It is
-    enqueued again unless another trial that did not fail already has the same fixed parameters.
-    """
-    storage = stored._storage
-    storage.set_trial_user_attr(trial._trial_id, USER_ATTR.OUTCOME, "worker_lost")
-    storage.set_trial_user_attr(trial._trial_id, USER_ATTR.REASON, reason[:1000])
-    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    point = trial.system_attrs.get("fixed_params")
-    if not requeue or not point:
-        return
-    taken = any(
-        t.number != trial.number and t.state != TrialState.FAIL and t.system_attrs.get("fixed_params") == point
-        for t in stored.get_trials(deepcopy=False)
-    )
-    if not taken:
-        stored.enqueue_trial(point, skip_if_exists=False)
-        log.warning("study %s: trial #%d lost its step before it started; its enqueued point runs again", stored.study_name, trial.number)
 
 
 def _log_best_params(rt: WorkerRuntime, study_id: str, params: dict[str, Any]) -> None:
@@ -455,7 +358,6 @@ def _claimed_model(rt: WorkerRuntime, study_id: str, name: str, team: str | None
 
     Raises PermissionError when another team holds the name, or when a model of that name was made outside the claim.
     """
-    from mlflow.exceptions import MlflowException
 
     claims = open_claims(rt.settings.study_storage)
     held = claims.holder(name)

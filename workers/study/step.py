@@ -21,7 +21,7 @@ again later, or finds the trial recorded and resumes it. Holding that lease, a s
 after a delivery of its slot that died before recording its trial: a trial Optuna has RUNNING for
 the slot is resumed when it has its run, else failed ``worker_lost`` and its enqueued point sent
 again. A trial whose run ended but which Optuna still has RUNNING (its step died, or the storage
-failed, in between) is told its state and values from the run (:func:`workers.study.report.tell_ended`).
+failed, in between) is told its state and values from the run (:mod:`workers.study.recovery`).
 
 Budgets (the spec's ``constraints``) on sizes are checked on the sampled configuration before it is
 sent: one that breaks them is never trained (``over_budget``, zero epochs, no worker time). Every
@@ -65,15 +65,15 @@ from models.store import runs
 from models.store.budget import StudyBudget
 from models.store.keys import lease_key, slot_lease_id
 from models.store.runs import TAG, TERMINAL_STATUSES, trial_tags
-from models.store.search import USER_ATTR, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
+from models.store.search import USER_ATTR, fail_trial, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from workers.callbacks.announce import count_outcome
 from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.study.measures import broken_budgets, constrain, final_measures, over_budget_reason, sizes, trial_sizes
-from workers.study.report import PRUNED_OUTCOMES, fail_unstarted, finish_study, tell_ended
+from workers.study.recovery import PRUNED_OUTCOMES, SlotLease, adopt_unrecorded, tell_ended
+from workers.study.report import finish_study
 from workers.training.outcomes import Pruned, Superseded
 from workers.trial.execution import LeaseHeld, abandon_run, execute_trial
-from workers.trial.lease import Lease
 from workers.trial.lr_finder import LrAutoFailed, with_lr_range
 
 __all__ = ["SendStep", "StepInterrupted", "TrialFailed", "abandon_step", "execute_step", "restore_counters"]
@@ -184,12 +184,7 @@ def abandon_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep, re
     stored = optuna.load_study(study_name=study_id, storage=open_storage(rt.settings.study_storage))
     record = budget.slot_record(slot)
     if record is not None and abandon_run(record[0], rt, reason) is not None:
-        storage = stored._storage
-        optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, record[1])
-        if storage.get_trial(optuna_id).state == TrialState.RUNNING:
-            storage.set_trial_user_attr(optuna_id, USER_ATTR.OUTCOME, "error")
-            storage.set_trial_user_attr(optuna_id, USER_ATTR.REASON, reason[:1000])
-            storage.set_trial_state_values(optuna_id, TrialState.FAIL)
+        fail_trial(stored, record[1], "error", reason)
     spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
     _release_slot(study_id, slot, rt, budget, stored, spec, stored.user_attrs[USER_ATTR.QUEUE], send)
 
@@ -215,9 +210,9 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
     """Run the slot's trial; ``stopped`` when none starts. Raises LeaseHeld when another delivery runs it, or starts it."""
     record = budget.slot_record(slot)
     if record is None:
-        with _SlotLease(rt, study_id, slot):
+        with SlotLease(rt, study_id, slot):
             # A delivery that held the lease a moment ago may have recorded its trial; one that died may have left it unrecorded.
-            record = budget.slot_record(slot) or _adopt_unrecorded(rt, budget, stored, slot)
+            record = budget.slot_record(slot) or adopt_unrecorded(rt, budget, stored, slot)
             if record is None:
                 return _start_trial(study_id, slot, rt, budget, stored, spec, parent)
     trial_id, number = record
@@ -230,49 +225,6 @@ def _run_slot(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, 
         # lease: the task looks again once it could lapse; then the trial has ended or is lost.
         raise LeaseHeld(trial_id, rt.settings.lease_ttl_s)
     return _resume_trial(study_id, slot, rt, budget, stored, spec, parent, trial_id, number)
-
-
-class _SlotLease:
-    """The right to start a slot's trial, held (renewed) while the step that starts it runs.
-
-    Raises LeaseHeld on entry when another delivery of the slot holds it: it is starting or training
-    the slot's trial, or it died and its lease lapses within the TTL.
-    """
-
-    def __init__(self, rt: WorkerRuntime, study_id: str, slot: int):
-        self.lease = Lease(rt.redis, slot_lease_id(study_id, slot), rt.settings.lease_ttl_s)
-        self.name, self.ttl_s = slot_lease_id(study_id, slot), rt.settings.lease_ttl_s
-
-    def __enter__(self) -> _SlotLease:
-        if not self.lease.acquire():
-            raise LeaseHeld(self.name, self.ttl_s)
-        self.lease.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.lease.__exit__(None, None, None)
-
-
-def _adopt_unrecorded(rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, slot: int) -> tuple[str, int] | None:
-    """Settle the trials a dead delivery of ``slot`` left RUNNING without recording them (the caller holds the slot's lease).
-
-    One with its run is recorded for the slot, and resumed (or told from its ended run) as any
-    recorded trial; one without (its step died before creating the run) fails ``worker_lost`` and
-    its enqueued point runs again. A RUNNING trial with no slot at all died before the step could
-    name its slot: it is failed too, once older than a lease TTL (no live step takes that long).
-    """
-    adopted = None
-    now = time.time()
-    for t in stored.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        mine = t.user_attrs.get(USER_ATTR.SLOT) == slot
-        if mine and USER_ATTR.TRIAL_ID in t.user_attrs:
-            adopted = (str(t.user_attrs[USER_ATTR.TRIAL_ID]), t.number)
-        elif mine or (USER_ATTR.SLOT not in t.user_attrs and t.datetime_start is not None and now - t.datetime_start.timestamp() > rt.settings.lease_ttl_s):
-            fail_unstarted(stored, t, "its step's worker was lost before the trial started")
-    if adopted is not None:
-        log.warning("study %s: slot %d: trial #%d was started but never recorded for its slot; resuming it", stored.study_name, slot, adopted[1])
-        budget.record_slot(slot, *adopted)
-    return adopted
 
 
 def _start_trial(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, parent: Parent) -> str:
@@ -550,12 +502,7 @@ def _fail_lost_trial(rt: WorkerRuntime, stored: optuna.Study, trial_id: str, num
     reason = "its worker was lost and the trial could not be resumed"
     log.warning("study trial %s (#%d): %s", trial_id, number, reason)
     runs.end_run(rt.mlflow, trial_id, "FAILED", "worker_lost", reason)
-    storage = stored._storage
-    optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, number)
-    if storage.get_trial(optuna_id).state == TrialState.RUNNING:
-        storage.set_trial_user_attr(optuna_id, USER_ATTR.OUTCOME, "worker_lost")
-        storage.set_trial_user_attr(optuna_id, USER_ATTR.REASON, reason)
-        storage.set_trial_state_values(optuna_id, TrialState.FAIL)
+    fail_trial(stored, number, "worker_lost", reason)
 
 
 def _restore_counters(budget: StudyBudget, stored: optuna.Study, spec: StudySpec) -> Any:

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import redis
-from optuna.trial import TrialState
 from pydantic import ValidationError
 
 from models.spec.space import grid_points
@@ -15,7 +14,7 @@ from models.spec.study import StudySpec
 from models.store import runs
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG, TERMINAL_STATUSES
-from models.store.search import USER_ATTR, encode_params
+from models.store.search import USER_ATTR, encode_params, fail_trial
 from service.api.errors import Conflict, FieldError, InvalidSpec, ServiceUnavailable
 from service.api.studies.accept import send_steps
 from service.api.studies.records import StudyRecord, StudyStore
@@ -69,11 +68,7 @@ def _cancel_orphan(s: Services, store: StudyStore, record: StudyRecord, trial: A
     reason = "the study was cancelled on request; no worker held this trial"
     s.runs.end(trial_id, "KILLED", "cancelled", reason)
     with store.storage_errors():
-        storage = record.study._storage
-        if storage.get_trial(trial._trial_id).state.name == "RUNNING":
-            storage.set_trial_user_attr(trial._trial_id, USER_ATTR.OUTCOME, "cancelled")
-            storage.set_trial_user_attr(trial._trial_id, USER_ATTR.REASON, reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        fail_trial(record.study, trial.number, "cancelled", reason)
 
 
 def extend_study(s: Services, store: StudyStore, record: StudyRecord, n_trials: int, warm_start: list[dict[str, Any]]) -> int:
