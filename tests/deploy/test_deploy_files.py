@@ -160,7 +160,7 @@ def test_k8s_api_and_workers_share_the_postgres_study_storage_from_the_secret():
 
 
 def test_the_api_and_workers_agree_on_how_long_a_queue_may_go_unserved(monkeypatch: pytest.MonkeyPatch):
-    """One value for both (issue 20): the API refuses a queue unserved this long, the workers' reconciler ends work left on it."""
+    """One value for both: the API refuses a queue unserved this long, the workers' reconciler ends work left on it."""
     from service.api.settings import ApiSettings
     from workers.settings import WorkerSettings
 

@@ -1,4 +1,4 @@
-"""Heartbeats with a real Celery worker (issue 20): its beat names its queue and the messages it holds, the
+"""Heartbeats with a real Celery worker: its beat names its queue and the messages it holds, the
 API refuses work for a queue no worker serves, and a worker killed whole stops beating within BEAT_TTL_S.
 
 The module has its own Redis database, so that only its worker beats there (the session's workers serve
