@@ -84,11 +84,23 @@ class Service:
                 pass
 
 
-def _redis_ok(url: str) -> bool:
+def redis_answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except redis.RedisError:
         return False
+
+
+def start_redis(name: str, *options: str) -> tuple[Service, str]:
+    """A redis-server of a test's own on a free port (nothing kept on disk unless ``options`` say), answering; (server, url)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("no redis-server to start: apt-get install redis-server")
+    port = free_port()
+    started = Service(name, [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options])
+    url = f"redis://127.0.0.1:{port}/0"
+    assert wait_for(lambda: redis_answers(url), 10), started.log()
+    return started, url
 
 
 @pytest.fixture(scope="session")
@@ -100,14 +112,8 @@ def redis_url() -> Iterator[str]:
     """
     url = os.environ.get("CONVTUNE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_REDIS_DB}")
     started = None
-    if XDIST_WORKER and "CONVTUNE_TEST_REDIS_URL" not in os.environ or not _redis_ok(url):
-        server = shutil.which("redis-server")
-        if server is None:
-            pytest.fail(f"no Redis at {url} and no redis-server to start: apt-get install redis-server")
-        port = free_port()
-        started = Service("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        url = f"redis://127.0.0.1:{port}/0"
-        assert wait_for(lambda: _redis_ok(url), 10), started.log()
+    if XDIST_WORKER and "CONVTUNE_TEST_REDIS_URL" not in os.environ or not redis_answers(url):
+        started, url = start_redis("redis")
     redis.Redis.from_url(url).flushdb()
     yield url
     if started:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,16 +31,24 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import redis
 from mlflow.tracking import MlflowClient
 
 from models.store.runs import KIND, TAG
 from service.stack.supervisor import api_command
-from tests.conftest import ARTIFACTS, TEST_SECRET_KEY, Service, free_port, mlflow_healthy, start_worker, wait_for
+from tests.conftest import (
+    ARTIFACTS,
+    TEST_SECRET_KEY,
+    Service,
+    free_port,
+    mlflow_healthy,
+    redis_answers,
+    start_redis,
+    start_worker,
+    wait_for,
+)
 from tests.helpers import tiny_trial
 
 pytestmark = [pytest.mark.soak, pytest.mark.integration]
@@ -59,13 +66,6 @@ STUDY_BOUND_S = 900  # a study that has not ended by then is stranded
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
 
 
-def _redis_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
 def _api_ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
@@ -79,13 +79,7 @@ class SoakStack:
     def __init__(self, home: Path):
         self.home = home
         (home / "redis").mkdir()
-        self.redis_url = f"redis://127.0.0.1:{free_port()}/0"
-        port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
-        self.redis = Service("soak-redis", [
-            shutil.which("redis-server") or "redis-server", "--port", port, "--bind", "127.0.0.1", "--dir", str(home / "redis"),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-        ])
-        assert wait_for(lambda: _redis_answers(self.redis_url), 10), self.redis.log()
+        self.redis, self.redis_url = start_redis("soak-redis", "--dir", str(home / "redis"), "--appendonly", "yes", "--appendfsync", "everysec")
         self.mlflow_uri = f"http://127.0.0.1:{free_port()}"
         self.mlflow = Service("soak-mlflow", [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.mlflow_uri.rsplit(":", 1)[1], "--workers", "1",
@@ -128,7 +122,7 @@ class SoakStack:
 
     def kill_training_process(self) -> str:
         for i in random.sample(range(len(self.workers)), len(self.workers)):
-            children = subprocess.run(["pgrep", "-P", str(self.workers[i].popen.pid)], capture_output=True, text=True).stdout.split()
+            children = subprocess.run(["pgrep", "-P", str(self.workers[i].popen.pid)], capture_output=True, text=True, check=False).stdout.split()
             if children:
                 os.kill(int(children[0]), signal.SIGKILL)
                 return f"worker {i}'s training process {children[0]} SIGKILLed"
@@ -156,7 +150,7 @@ class SoakStack:
     def restart_redis(self) -> str:
         self.redis.stop(signal.SIGKILL)
         self.redis.start_again()
-        assert wait_for(lambda: _redis_answers(self.redis_url), 30), self.redis.log()[-3000:]
+        assert wait_for(lambda: redis_answers(self.redis_url), 30), self.redis.log()[-3000:]
         return "Redis SIGKILLed and started again from its append-only file"
 
     def faults(self) -> Iterator[Callable[[], str]]:

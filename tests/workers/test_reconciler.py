@@ -4,7 +4,6 @@ MLflow and the tests' real Redis (workers.reconciler.sweep), messages pushed whe
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from models.store.budget import StudyBudget
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import KIND, TAG
 from models.store.search import USER_ATTR, open_storage
-from tests.conftest import Service, free_port, wait_for
+from tests.conftest import start_redis
 from workers.reconciler import Reconciler
 from workers.reconciler.judge import Seen, judge_run, judge_slot, parse_messages, unheld
 from workers.reconciler.sweep import Clients, LockLost
@@ -147,19 +146,9 @@ def test_a_message_held_by_no_live_worker_for_long_enough_is_given_back():
 @pytest.fixture()
 def private_redis_url() -> Iterator[str]:
     """A redis-server of this test's own: the session's workers consume the session database's queues."""
-    port = free_port()
-    server = Service(f"redis-give-back-{port}", [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""])
-    url = f"redis://127.0.0.1:{port}/0"
-    assert wait_for(lambda: _answers(url), 10), server.log()
+    server, url = start_redis("redis-give-back")
     yield url
     server.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture()
