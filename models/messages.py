@@ -9,10 +9,12 @@ reconciler) names the same work.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from models.compat import CompatError, kombu_redis
+from models.compat.kombu_redis import UNACKED_INDEX_KEY, UNACKED_KEY, queue_lists
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -33,22 +35,8 @@ TASK_STUDY_STEP = "convtune.study_step"
 TASK_DELIVER_CALLBACK = "convtune.deliver_callback"
 CALLBACK_QUEUE = "callbacks"
 QUEUES = ("gpu", "cpu")
-# kombu's Redis transport keeps a queue's waiting messages in a list named after it, and its
-# prioritised ones in sibling lists; a message delivered but not acknowledged yet is in the hash
-# UNACKED_KEY (delivery tag -> [message, exchange, routing key]), delivered at the time in UNACKED_INDEX_KEY.
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
-_PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's PRIORITY_STEPS: a message of priority p waits in the list of the highest step <= p
-# KEYS[1] unacked, KEYS[2] unacked_index, KEYS[3] the queue's list; ARGV[1] the delivery tag, ARGV[2] its value as read,
-# ARGV[3] the message to put back. Only while the tag still holds that value (its worker did not ack it meanwhile).
-_GIVE_BACK = """
-if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('rpush', KEYS[3], ARGV[3])
-redis.call('hdel', KEYS[1], ARGV[1])
-redis.call('zrem', KEYS[2], ARGV[1])
-return 1
-"""
+# Where kombu's Redis transport keeps waiting and unacked messages (queue_lists, UNACKED_KEY,
+# UNACKED_INDEX_KEY) is kombu's layout, assumed in one place: models.compat.kombu_redis.
 
 
 class NotSent(Exception):
@@ -122,11 +110,6 @@ def send(celery: Celery, message: Message, queue: str) -> None:
         raise NotSent(f"the broker (Redis) did not take the {message.task} message: {exc}") from exc
 
 
-def queue_lists(queue: str) -> list[str]:
-    """The Redis lists in which kombu keeps the messages waiting in ``queue`` (one per priority step)."""
-    return [queue + suffix for suffix in _PRIORITY_SUFFIXES]
-
-
 def give_back(client: Any, tag: bytes | str, raw: bytes) -> bool:
     """Put a message held unacked back on its queue, as kombu's ``QoS.restore_by_tag`` does; whether it was.
 
@@ -134,29 +117,16 @@ def give_back(client: Any, tag: bytes | str, raw: bytes) -> bool:
     One script: the message is pushed on its queue's list (the right end, which workers take first,
     marked redelivered) and removed from ``unacked`` and ``unacked_index``, only while the tag
     still holds ``raw``; a worker that acked it meanwhile keeps it acked. A message whose queue is
-    not one of convtune's is left for Redis' visibility timeout.
+    not one of convtune's, or not of kombu's shape, is left for Redis' visibility timeout. Raises
+    CompatError when the installed kombu keeps its messages elsewhere (:mod:`models.compat.kombu_redis`).
     """
-    target = _restored(raw)
-    if target is None:
-        return False
-    queue_list, payload = target
-    return bool(client.eval(_GIVE_BACK, 3, UNACKED_KEY, UNACKED_INDEX_KEY, queue_list, tag, raw, payload))
-
-
-def _restored(raw: bytes) -> tuple[str, str] | None:
-    """The list a held message goes back to and the message as it goes back (kombu's ``_do_restore_message``)."""
+    kombu_redis.check_layout()
     try:
-        message, _exchange, routing_key = json.loads(raw)
-        priority = max(0, min(int(message.get("properties", {}).get("priority") or 0), 9))
-    except (ValueError, TypeError, AttributeError):
-        return None
-    if routing_key not in (*QUEUES, CALLBACK_QUEUE):
-        return None
-    for part in (message.get("headers"), message.get("properties", {}).get("delivery_info")):
-        if isinstance(part, dict):
-            part["redelivered"] = True
-    step = max(s for s in _PRIORITY_STEPS if s <= priority)
-    return queue_lists(routing_key)[_PRIORITY_STEPS.index(step)], json.dumps(message)
+        if kombu_redis.unacked_value(raw)[2] not in (*QUEUES, CALLBACK_QUEUE):
+            return False
+        return kombu_redis.restore_unacked(client, tag, raw)
+    except CompatError:  # not a message kombu wrote
+        return False
 
 
 def celery_config(broker_url: str, visibility_timeout_s: int, *, socket_timeout_s: float = 10.0, sender: bool = False) -> dict:

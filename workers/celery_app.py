@@ -26,8 +26,8 @@ settings = _settings = WorkerSettings()
 # through the tasks' modules.
 app = Celery("convtune-workers", include=["workers.tasks", "workers.reconciler", "workers.fleet"])
 app.conf.update(celery_config(_settings.redis_url, _settings.visibility_timeout_s, socket_timeout_s=_settings.broker_timeout_s))
-# A pool process warms up before it says it is up (torch's first optimizer step, _warm_up below): about
-# 1 s on an idle host, 9 s seen on a loaded 2-core one. Celery's default wait of 4 s then killed every
+# A pool process warms up before it says it is up (torch's first optimizer step, _warm_up below), which
+# takes seconds on a loaded host (docs/performance.md). Celery's default wait of 4 s then killed every
 # new pool process before it was up, one after another, and the worker never trained again.
 app.conf.worker_proc_alive_timeout = 120
 

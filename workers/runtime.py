@@ -43,7 +43,7 @@ class WorkerRuntime:
         self.threads = thread_policy(settings.host_training_processes, settings.torch_threads)
 
     def warm_up(self) -> None:
-        """Take this process's share of the cores, then run a first optimizer step: it imports torch._dynamo (~1 s) once per process, not per trial."""
+        """Take this process's share of the cores, then run a first optimizer step: it imports torch._dynamo (slow: docs/performance.md) once per process, not per trial."""
         t0 = time.perf_counter()
         apply_threads(self.threads)
         param = torch.nn.Parameter(torch.zeros(1, device=self.device))
@@ -70,9 +70,9 @@ def settle_heap() -> None:
     """After this process's first task (once): collect, then keep what is left out of every later collection.
 
     A worker's heap is mostly modules and caches that live as long as the process (torch, MLflow,
-    Optuna; what the first trial imports and builds): about 560,000 objects. Python's full
-    collections walk all of it: 280-365 ms each, about once per 30 one-epoch trials per process on
-    this project's 2-core CI machine, in the middle of a trial. Frozen (:func:`gc.freeze`) at warm-up
+    Optuna; what the first trial imports and builds). Python's full collections walk all of it,
+    a pause in the middle of whichever trial they hit (docs/performance.md, "The end of a study,
+    and Python's collector"). Frozen (:func:`gc.freeze`) at warm-up
     and here, they walk only what later trials made. Collecting first keeps the first task's cyclic
     garbage from living on.
     """

@@ -3,45 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.callbacks import CallbackDestinations
-from models.sealing import SecretKeySettings
-from models.store.placement import StudyPlacement
+from models.settings import SharedSettings
 
 __all__ = ["WorkerSettings"]
 
 
-class WorkerSettings(BaseSettings, CallbackDestinations, SecretKeySettings, StudyPlacement):
-    """Settings of a worker; read once per process and passed to the code that needs them."""
+class WorkerSettings(SharedSettings):
+    """Settings of a worker, beside those it shares with the API (:class:`~models.settings.SharedSettings`); read once per process and passed to the code that needs them."""
 
-    # hide_input_in_errors: a refused setting is logged at start-up without the values (URLs with passwords, tokens) beside it.
-    model_config = SettingsConfigDict(env_prefix="CONVTUNE_", extra="ignore", hide_input_in_errors=True)
-
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
-    visibility_timeout_s: int = Field(default=4 * 3600, ge=60, description="Must equal the API's setting.")
-    data_root: Path | None = Field(default=None, description="Root that 'npz' and 'folder' data paths are relative to.")
     checkpoint_dir: Path = Field(default=Path(".convtune/checkpoints"), description="Per-epoch checkpoints, for resuming a redelivered trial.")
     lease_ttl_s: int = Field(default=60, ge=5, description="A lease not renewed for this long is free again.")
     # The reconciler (workers.reconciler): a sweep in every worker's main process, one at a time across hosts.
-    experiment: str = Field(default="convtune", description="The MLflow experiment the API records runs in; must equal the API's.")
     reconcile_interval_s: float = Field(default=15.0, ge=0, description="Seconds between two sweeps of the reconciler (across all workers); 0 turns it off.")
     reconcile_grace_s: float = Field(
         default=30.0, ge=0,
         description="How long work must stay without a message before the reconciler re-sends or ends it (a run accepted a moment ago is left alone).",
-    )
-    # Heartbeats (workers.fleet, models.store.fleet): the queues each worker serves, and what it holds.
-    unserved_queue_s: int = Field(
-        default=900, ge=0,
-        description=(
-            "How long a queue counts as served after its last worker's last beat; queued work on a queue unserved this long is ended "
-            "(outcome error) by the reconciler. 0: never ended, and a queue counts as served only while a worker beats. "
-            "Must equal the API's setting (which refuses submits to an unserved queue)."
-        ),
     )
     max_attempts: int = Field(default=3, ge=1, description="Starts of one trial before it is failed as worker_lost.")
     cancel_check_steps: int = Field(default=50, ge=1, description="Training steps between two looks at the cancel flag.")
@@ -54,18 +33,16 @@ class WorkerSettings(BaseSettings, CallbackDestinations, SecretKeySettings, Stud
             "'convtune up' sets it for the server it starts; unset: every file goes through the server."
         ),
     )
-    # Tuning (issue 4): batch_size 'auto' and data-parallel trials.
+    # Tuning: batch_size 'auto' and data-parallel trials.
     cpu_memory_limit_mb: int = Field(default=2048, ge=16, description="What batch_size 'auto' may use for one training step on the CPU.")
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Share of a GPU's memory batch_size 'auto' may fill.")
     cpu_devices: int = Field(default=1, ge=1, le=64, description="Processes a trial with 'devices' > 1 may use on a CPU host (gloo).")
-    # Threads (issue 10, workers.training.threads): the host's usable cores divided between its training processes.
+    # Threads (workers.training.threads): the host's usable cores divided between its training processes.
     host_training_processes: int = Field(
         default=1, ge=1, le=1024, description="Training processes sharing this host's cores (set by 'convtune worker' and 'convtune up'); each takes an equal share.",
     )
     torch_threads: int | None = Field(default=None, ge=1, le=1024, description="Intra-op threads of each training process; default: its share of the usable cores.")
-    max_params: int = Field(default=200_000_000, ge=1, description="Largest network a study's sampled configuration may have (the API's CONVTUNE_MAX_PARAMS).")
-    max_flops_per_sample: int = Field(default=50 * 10**9, ge=1, description="Largest forward FLOPs per sample of a sampled configuration (the API's setting).")
-    # Failures (issue 9, workers.failures): infrastructure errors that escape a task are retried, never acked away.
+    # Failures (workers.failures): infrastructure errors that escape a task are retried, never acked away.
     retry_backoff_s: int = Field(default=5, ge=1, description="Delay bound of the first retry after an infrastructure error; doubled per retry (full jitter).")
     retry_backoff_max_s: int = Field(default=300, ge=1, description="Largest delay bound between two retries.")
     retry_max: int = Field(
@@ -75,10 +52,7 @@ class WorkerSettings(BaseSettings, CallbackDestinations, SecretKeySettings, Stud
     broker_timeout_s: float = Field(default=10.0, gt=0, description="Socket timeout of the workers' broker and Redis connections.")
     mlflow_timeout_s: int = Field(default=10, ge=1, description="How long one MLflow request may take (MLFLOW_HTTP_REQUEST_TIMEOUT, unless set).")
     mlflow_max_retries: int = Field(default=2, ge=0, description="Retries of one failed MLflow request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless set).")
-    mlflow_team_access: bool = Field(
-        default=False, description="Grant a study's team READ on the model it registers in MLflow (docs/mlflow-access.md); as the API's setting.",
-    )
-    # Callbacks and logs (issue 5).
+    # Callbacks (workers.callbacks).
     callback_max_retries: int = Field(default=8, ge=0, description="Retries of a failed callback delivery, with exponential backoff.")
     callback_backoff_s: float = Field(default=2.0, gt=0, description="First retry delay; doubled per retry, at most callback_backoff_max_s.")
     callback_backoff_max_s: float = Field(default=600.0, gt=0)
@@ -86,6 +60,3 @@ class WorkerSettings(BaseSettings, CallbackDestinations, SecretKeySettings, Stud
     callback_resolve_timeout_s: float = Field(
         default=5.0, gt=0, description="How long a callback host's DNS lookup may take; past it the delivery is retried later, like a connection error.",
     )
-    log_format: Literal["json", "text"] = "json"
-    log_level: str = "INFO"
-

@@ -4,8 +4,9 @@ The architecture, its layer names and its arithmetic are documented in :mod:`mod
 sizes it without torch; :func:`build_model` plans first, so an infeasible spec raises
 :class:`~models.spec.plan.InfeasibleArchitecture` before any module is built.
 
-Layer options are name -> class tables (:data:`ACTIVATIONS`, :data:`NORMS`, :data:`POOLS`), one entry
-per value the spec allows; a name missing from a table fails with the list of known names.
+Layer options are name -> factory tables (:data:`ACTIVATIONS`, :data:`NORMS`, :data:`DOWNSAMPLING`) keyed
+by the names of :mod:`models.spec.choices`, one entry per name the spec allows (``tests/test_registries.py``
+checks they agree); a name missing from a table fails with the list of known names, never a default.
 
 The output layer ``head`` is linear, without activation or norm: :meth:`ConvNet.forward` returns
 logits whatever ``head`` says, because the losses want logits (cross-entropy takes them, and
@@ -18,15 +19,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 from torch import nn
 
+from models.spec.choices import lookup
 from models.spec.plan import InputInfo, conv_has_bias, plan_network, stage_geometry
 from models.spec.trial import ConvNetSpec
 
-__all__ = ["ACTIVATIONS", "NORMS", "OUTPUT_ACTIVATIONS", "POOLS", "ASPP", "ConvBlock", "ConvNet", "Stage", "build_model", "lookup"]
+__all__ = ["ACTIVATIONS", "DOWNSAMPLING", "NORMS", "OUTPUT_ACTIVATIONS", "ASPP", "ConvBlock", "ConvNet", "Stage", "build_model", "lookup"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU,
@@ -38,22 +40,15 @@ NORMS: dict[str, Callable[[int, int], nn.Module]] = {
     "group": lambda channels, groups: nn.GroupNorm(groups, channels),
     "none": lambda channels, groups: nn.Identity(),
 }
-# The downsampling modes that pool before a stage; 'stride' and 'dilation' change the convs instead.
-POOLS: dict[str, Callable[[], nn.Module]] = {
+# Each builds the pool before a stage that downsamples; None: no pool layer, the stage's convs stride or
+# dilate instead (models.spec.plan.stage_geometry decides which stages, for the plan and the modules alike).
+DOWNSAMPLING: dict[str, Callable[[], nn.Module] | None] = {
+    "stride": None,
     "maxpool": lambda: nn.MaxPool2d(2, 2),
     "avgpool": lambda: nn.AvgPool2d(2, 2),
+    "dilation": None,
 }
 OUTPUT_ACTIVATIONS: dict[str, type[nn.Module]] = {"logits": nn.Identity, "sigmoid": nn.Sigmoid}
-
-T = TypeVar("T")
-
-
-def lookup(table: dict[str, T], name: str, what: str) -> T:
-    """``table[name]``, or a ValueError naming ``what`` was asked for and every known name."""
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}") from None
 
 
 class ConvBlock(nn.Module):
@@ -83,8 +78,10 @@ class Stage(nn.Sequential):
     def __init__(self, model: ConvNetSpec, index: int, in_channels: int):
         geometry = stage_geometry(model.downsample, index)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
+        make_pool = lookup(DOWNSAMPLING, model.downsample, "downsample")
         if geometry.pool:
-            layers["pool"] = lookup(POOLS, model.downsample, "pooling downsample")()
+            assert make_pool is not None, f"the plan pools before stage {index} under {model.downsample!r}, which builds no pool"
+            layers["pool"] = make_pool()
         width = model.channels[index - 1]
         for j in range(1, model.convs_per_stage + 1):
             layers[f"conv{j}"] = ConvBlock(

@@ -35,7 +35,7 @@ from models.spec.trial import ConvNetSpec, DataSpec
 
 __all__ = [
     "InfeasibleArchitecture", "InputInfo", "LayerPlan", "NetworkPlan", "StageGeometry",
-    "builtin_input", "conv_has_bias", "plan_network", "stage_geometry",
+    "builtin_input", "conv_has_bias", "plan_network", "size_problem", "stage_geometry",
 ]
 
 Shape = tuple[int, int, int]  # (C, H, W)
@@ -237,3 +237,16 @@ def plan_network(model: ConvNetSpec, inp: InputInfo) -> NetworkPlan:
     layers.append(LayerPlan("pool", "global_avgpool", layers[-1].out_shape, (c, 1, 1), 0, 0))
     layers.append(LayerPlan("head", "linear", (c, 1, 1), (k, 1, 1), c * k + k, 2 * c * k))
     return NetworkPlan(tuple(layers), sum(x.params for x in layers), sum(x.flops for x in layers))
+
+
+def size_problem(plan: NetworkPlan, max_params: int, max_flops_per_sample: int) -> str | None:
+    """What makes ``plan`` larger than a service's size limits (its parameters, else its forward FLOPs per sample); None when it fits.
+
+    The API sizes every spec and every corner of a study's space with it, a worker every sampled
+    configuration, each with its own settings of the same two limits.
+    """
+    if plan.params > max_params:
+        return f"the network has {plan.params:,} parameters; this service allows at most {max_params:,} (CONVTUNE_MAX_PARAMS)"
+    if plan.flops > max_flops_per_sample:
+        return f"the network costs {plan.flops:,} FLOPs per sample; this service allows at most {max_flops_per_sample:,} (CONVTUNE_MAX_FLOPS_PER_SAMPLE)"
+    return None

@@ -41,6 +41,7 @@ __all__ = [
     "SearchedStudy",
     "apply_params",
     "combination_problems",
+    "condition_met",
     "corner_points",
     "grid_points",
     "param_values",
@@ -214,7 +215,12 @@ def apply_params(base: TrialSpec, params: dict[str, Any], *, name: str | None = 
     return TrialSpec.model_validate(data)
 
 
-def _condition_met(when: Condition | None, assigned: dict[str, Any], base: dict[str, Any]) -> bool:
+def condition_met(when: Condition | None, assigned: Mapping[str, Any], base: dict[str, Any]) -> bool:
+    """Whether a parameter with condition ``when`` is sampled: every path it names has one of its allowed values.
+
+    A path's value is the one already ``assigned`` to it (an earlier search-space key), else the
+    base's (``base``: the base trial spec dumped as JSON); no condition is always met.
+    """
     if not when:
         return True
     return all((assigned[p] if p in assigned else _get_path(base, p)) in allowed for p, allowed in when.items())
@@ -230,7 +236,7 @@ def _assignments(spec: SearchedStudy, values: dict[str, Sequence[Any]]) -> Itera
             yield dict(assigned)
             return
         key = keys[i]
-        if not _condition_met(spec.search_space[key].when, assigned, base):
+        if not condition_met(spec.search_space[key].when, assigned, base):
             yield from walk(i + 1, assigned)
             return
         for value in values[key]:

@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, HttpUrl, ValidationError, Validatio
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from models.spec.base import Spec
+from models.spec.choices import PRUNERS, SAMPLERS
 from models.spec.objectives import EPOCH_MEASURES, LATENCY_MEASURES, ConstraintSpec, ObjectiveSpec, RegisterSpec, constraint_problems
 from models.spec.plan import builtin_input
 from models.spec.space import (
@@ -41,7 +42,7 @@ __all__ = ["ConstraintSpec", "ObjectiveSpec", "PrunerSpec", "RegisterSpec", "Sam
 class SamplerSpec(Spec):
     """Optuna's sampler. ``grid`` enqueues every point of the space (which must then be enumerable)."""
 
-    name: Literal["tpe", "random", "grid", "cmaes", "gp", "nsga2"] = "tpe"
+    name: Literal[tuple(SAMPLERS)] = "tpe"  # type: ignore[valid-type]
     n_startup_trials: int = Field(default=8, ge=0, le=1000, description="Random trials before TPE, CMA-ES or GP model the results.")
     multivariate: bool = Field(default=False, description="TPE only: model the parameters jointly.")
     population_size: int = Field(default=50, ge=2, le=1000, description="nsga2 only: trials per generation.")
@@ -50,7 +51,7 @@ class SamplerSpec(Spec):
 class PrunerSpec(Spec):
     """Optuna's pruner, judging each trial on its objective after every epoch."""
 
-    name: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
+    name: Literal[tuple(PRUNERS)] = "successive_halving"  # type: ignore[valid-type]
     min_resource: int = Field(default=1, ge=1, le=1000, description="successive_halving, hyperband: epochs before the first rung.")
     max_resource: int | None = Field(default=None, ge=1, le=1000, description="hyperband: epochs of a full trial (default: the base's epochs).")
     reduction_factor: int = Field(default=3, ge=2, le=10, description="successive_halving, hyperband: keep the top 1/reduction_factor at each rung.")
@@ -210,7 +211,7 @@ class StudySpec(Spec):
 
     @model_validator(mode="after")
     def _lr_auto_fits(self) -> StudySpec:
-        # Tuning (issue 4): lr_auto adds optim.lr to the space once its range test ran (workers.trial.lr_finder.with_lr_range).
+        # Tuning: lr_auto adds optim.lr to the space once its range test ran (workers.trial.lr_finder.with_lr_range).
         problem = None
         if self.lr_auto is None and not self.search_space:
             problem = ("search_space",), "search_space is empty: give at least one parameter to search, or lr_auto"
@@ -225,7 +226,7 @@ class StudySpec(Spec):
     @model_validator(mode="after")
     def _check_space(self, info: ValidationInfo) -> StudySpec:
         if info.context and info.context.get("stored"):
-            return self  # read back from the study's storage: checked when it was submitted (up to ~0.5 s for big spaces)
+            return self  # read back from the study's storage: checked when it was submitted (slow for big spaces: docs/performance.md)
         # The checks of models.spec.space, with the budget's between the values' and the (slowest) combinations'.
         problems = path_problems(self)
         if not problems:

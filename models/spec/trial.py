@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, HttpUrl, field_validator, model_validator
 
 from models.spec.base import Spec
+from models.spec.choices import ACTIVATIONS, DOWNSAMPLING, NORMS, OPTIMIZERS, SCHEDULES
 
 __all__ = [
     "ACTIVATIONS",
@@ -32,11 +33,6 @@ __all__ = [
     "flatten_params",
 ]
 
-ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
-NORMS = ("batch", "group", "none")
-DOWNSAMPLING = ("stride", "maxpool", "avgpool", "dilation")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
-SCHEDULES = ("none", "step", "cosine", "onecycle", "exponential")
 BUILTIN_DATASETS = ("digits", "shapes")
 FILE_DATASETS = ("npz", "folder")
 
@@ -44,15 +40,16 @@ FILE_DATASETS = ("npz", "folder")
 # they are not MLflow params (flatten_params) and a study cannot search them (models.spec.space).
 NON_HYPERPARAMETERS = ("name", "tags", "queue", "callback_url", "latency")
 
-# Optimizers that take a momentum term, and those that take Adam's betas.
-MOMENTUM_OPTIMIZERS = ("momentum", "nesterov", "rmsprop")
-BETAS_OPTIMIZERS = ("adam", "adamw")
+# Optimizers that take a momentum term, and those that take Adam's betas (models.spec.choices says which).
+MOMENTUM_OPTIMIZERS = tuple(name for name, choice in OPTIMIZERS.items() if "momentum" in choice.options)
+BETAS_OPTIMIZERS = tuple(name for name, choice in OPTIMIZERS.items() if "betas" in choice.options)
 
-Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid"]
-Norm = Literal["batch", "group", "none"]
-Downsampling = Literal["stride", "maxpool", "avgpool", "dilation"]
-Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"]
-Schedule = Literal["none", "step", "cosine", "onecycle", "exponential"]
+# The names of models.spec.choices, in its order: the JSON schema's enums and the error messages list them so.
+Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
+Norm = Literal[tuple(NORMS)]  # type: ignore[valid-type]
+Downsampling = Literal[tuple(DOWNSAMPLING)]  # type: ignore[valid-type]
+Optimizer = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
+Schedule = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]
 Channels = Annotated[int, Field(ge=1, le=2048)]
 
 

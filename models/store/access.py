@@ -23,7 +23,7 @@ stack has no MLflow users and no teams. MLflow's errors are translated here into
 MLflow's client for these routes (``mlflow.server.auth.client.AuthServiceClient``) imports MLflow's
 server and Flask, which neither the API's start nor a worker should pay for: this module calls the
 same REST routes with MLflow's own request helper (the same credentials and TLS settings as
-``MlflowClient``). The routes and the workspace name are the assumptions ``tests/models/test_access.py``
+``MlflowClient``; :func:`models.compat.mlflow_store.rest_call`). The routes and the workspace name are the assumptions ``tests/models/test_access.py``
 checks against the installed MLflow.
 """
 
@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from models.compat import mlflow_store
 from models.store.teams import TEAM_NAME
 
 if TYPE_CHECKING:
@@ -148,11 +149,8 @@ class TeamAccess:
             raise
 
     def _call(self, route: str, **kwargs: Any) -> dict[str, Any]:
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-
         endpoint, method = ROUTES[route]
-        response = verify_rest_response(http_request(get_default_host_creds(self.tracking_uri), endpoint, method, **kwargs), endpoint)
+        response = mlflow_store.rest_call(self.tracking_uri, endpoint, method, **kwargs)
         return response.json() if response.content else {}
 
     @contextmanager

@@ -4,15 +4,9 @@ A trial's id *is* its MLflow run id; a study's is its parent run's; a range test
 Every site that creates or ends one of them calls this module, so every run is created the same
 way (SCHEDULED, its tags and params logged once, at creation; a study's trial, which the step that
 creates it trains at once, RUNNING from the start) and ends the same way (exactly one
-``convtune.outcome`` and ``convtune.reason``, then its terminal MLflow status):
-
-    client status   MLflow status   outcome tag
-    queued          SCHEDULED       -
-    running         RUNNING         -
-    succeeded       FINISHED        succeeded (or duplicate: a study trial that reused a twin's result)
-    pruned          FINISHED        pruned
-    failed          FAILED          diverged, timeout, out_of_memory, invalid_data, infeasible, over_budget, worker_lost, error
-    cancelled       KILLED          cancelled
+``convtune.outcome`` and ``convtune.reason``, then its terminal MLflow status). A client sees
+``queued`` (SCHEDULED), ``running`` (RUNNING), then the ended run's status from its outcome: the
+outcome table (:mod:`models.spec.outcomes`) gives each outcome's MLflow status and client status.
 
 The functions take an ``MlflowClient``; the API translates MLflow's errors where it calls them
 (:mod:`service.api.runs`), the workers let them propagate so the message is retried.
@@ -25,9 +19,11 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from models.compat import CompatError, mlflow_store
 from models.sealing import SealBroken, split_secrets, with_secrets
+from models.spec.outcomes import OUTCOMES, OutcomeName
 from models.store.teams import TEAM_TAG
 
 if TYPE_CHECKING:
@@ -43,13 +39,8 @@ __all__ = [
     "reopen_run", "run_spec", "spec_tags", "start_run", "study_state", "trial_tags",
 ]
 
-# Every ended trial carries exactly one outcome; 'succeeded' is the only good one.
-TrialOutcome = Literal[
-    "succeeded", "diverged", "pruned", "out_of_memory", "timeout", "cancelled", "worker_lost", "invalid_data", "error",
-    # a study trial whose sampled architecture cannot run on its input; one that reused a twin's result;
-    # one whose sampled configuration breaks the study's size budget (never trained)
-    "infeasible", "duplicate", "over_budget",
-]
+# Every ended trial carries exactly one outcome (the table's names); 'succeeded' is the only good one.
+TrialOutcome = OutcomeName
 # MLflow run statuses of a run that has ended: a message for such a run is a duplicate.
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
@@ -133,7 +124,9 @@ def client_status(mlflow_status: str, outcome: str | None) -> str:
     if mlflow_status in by_mlflow:
         return by_mlflow[mlflow_status]
     if mlflow_status == "FINISHED":
-        return "pruned" if outcome == "pruned" else "succeeded"
+        # The status decides first: a run ended FINISHED with an outcome of another status (or none) still succeeded.
+        ended = OUTCOMES.get(outcome or "")
+        return ended.client_status if ended is not None and ended.mlflow_status == "FINISHED" else "succeeded"
     return "failed"
 
 
@@ -212,7 +205,7 @@ def create_started_run(
 ) -> RunInfo:
     """Create a run its creator trains at once (a study's trial): RUNNING, as MLflow creates it, never SCHEDULED.
 
-    Two requests fewer than :func:`create_run` + :func:`start_run` (issue 10). ``TAG.STARTED_AT`` comes
+    Two requests fewer than :func:`create_run` + :func:`start_run`, on every trial of a study. ``TAG.STARTED_AT`` comes
     when training starts, under the trial's lease: until then the reconciler counts it as queued
     (:func:`workers.reconciler.judge.run_status`). Its info (the artifact URI among it).
     """
@@ -299,14 +292,11 @@ def now() -> str:
 
 def _set_status(client: MlflowClient, run_id: str, status: str) -> None:
     """``client.update_run(run_id, status=status)`` in one request: MlflowClient reads the whole run first (for
-    its end time, which a status change keeps), a second round trip on every accept (issue 10)."""
-    from mlflow.entities import RunStatus
-
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    if store is None or not hasattr(store, "update_run_info"):
+    its end time, which a status change keeps), a second round trip on every accept."""
+    try:
+        mlflow_store.set_run_status(client, run_id, status)
+    except CompatError:  # a client without that store: the two requests
         client.update_run(run_id, status=status)
-        return
-    store.update_run_info(run_id, RunStatus.from_string(status), end_time=None, run_name=None)
 
 
 def _millis() -> int:

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from models.compat import optuna_storage
+from models.spec.choices import lookup
 from models.spec.objectives import Candidate, choose, pareto_front
-from models.spec.space import CategoricalParam, FloatParam, IntParam, param_values
+from models.spec.space import CategoricalParam, FloatParam, IntParam, condition_met, param_values
 from models.spec.study import StudySpec
 
 __all__ = [
+    "PRUNERS",
+    "SAMPLERS",
     "TRIAL_STATES",
     "USER_ATTR",
     "candidates",
@@ -151,7 +156,7 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     base = spec.base.model_dump(mode="json")
     values: dict[str, Any] = {}
     for key, param in spec.search_space.items():
-        if param.when and not all(_current(values, base, path) in allowed for path, allowed in param.when.items()):
+        if not condition_met(param.when, values, base):
             continue
         if isinstance(param, FloatParam):
             values[key] = trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
@@ -163,45 +168,54 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return values
 
 
-def _current(values: dict[str, Any], base: dict[str, Any], path: str) -> Any:
-    if path in values:
-        return values[path]
-    for part in path.split("."):
-        base = base.get(part) if isinstance(base, dict) else None
-    return base
+# (study spec, seed) -> sampler, one per name of models.spec.choices.SAMPLERS; each reads its options from spec.sampler.
+SAMPLERS: dict[str, Callable[[StudySpec, int], optuna.samplers.BaseSampler]] = {
+    # The constant liar keeps parallel steps from sampling next to each other's running trials.
+    "tpe": lambda spec, seed: optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=spec.sampler.multivariate,
+        group=spec.sampler.multivariate, constant_liar=spec.parallelism > 1,
+    ),
+    "random": lambda spec, seed: optuna.samplers.RandomSampler(seed=seed),
+    # A grid's points are all enqueued when the study is created (service.api.studies.accept): nothing is left to sample.
+    "grid": lambda spec, seed: optuna.samplers.RandomSampler(seed=seed),
+    "cmaes": lambda spec, seed: optuna.samplers.CmaEsSampler(
+        seed=seed, n_startup_trials=spec.sampler.n_startup_trials, warn_independent_sampling=False,
+    ),
+    "gp": lambda spec, seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials),
+    "nsga2": lambda spec, seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=spec.sampler.population_size),
+}
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded with ``seed`` (the study's seed plus the step's slot, so draws differ)."""
-    s = spec.sampler
-    if s.name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate, group=s.multivariate,
-            constant_liar=spec.parallelism > 1,
-        )
-    if s.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False)
-    if s.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
-    if s.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size)
-    # random, and grid: a grid's points are all enqueued when the study is created.
-    return optuna.samplers.RandomSampler(seed=seed)
+    """The study's sampler, seeded with ``seed`` (the study's seed plus the step's slot, so draws differ).
+
+    Raises ValueError naming the known samplers for a name :data:`SAMPLERS` lacks.
+    """
+    return lookup(SAMPLERS, spec.sampler.name, "sampler")(spec, seed)
+
+
+def _hyperband(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """Hyperband up to the longest trial the study can sample, unless max_resource says otherwise."""
+    p, searched = spec.pruner, spec.search_space.get("optim.epochs")
+    epochs = max(param_values(searched)) if searched else spec.base.optim.epochs
+    return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource or epochs, reduction_factor=p.reduction_factor)
+
+
+# study spec -> pruner, one per name of models.spec.choices.PRUNERS; each reads its options from spec.pruner.
+PRUNERS: dict[str, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
+    "none": lambda spec: optuna.pruners.NopPruner(),
+    "median": lambda spec: optuna.pruners.MedianPruner(n_startup_trials=spec.pruner.n_startup_trials, n_warmup_steps=spec.pruner.n_warmup_steps),
+    "successive_halving": lambda spec: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=spec.pruner.min_resource, reduction_factor=spec.pruner.reduction_factor,
+        min_early_stopping_rate=spec.pruner.min_early_stopping_rate,
+    ),
+    "hyperband": _hyperband,
+}
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    p = spec.pruner
-    if p.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    if p.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor, min_early_stopping_rate=p.min_early_stopping_rate,
-        )
-    if p.name == "hyperband":
-        searched = spec.search_space.get("optim.epochs")
-        epochs = max(param_values(searched)) if searched else spec.base.optim.epochs
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource or epochs, reduction_factor=p.reduction_factor)
-    return optuna.pruners.NopPruner()
+    """The study's pruner; raises ValueError naming the known pruners for a name :data:`PRUNERS` lacks."""
+    return lookup(PRUNERS, spec.pruner.name, "pruner")(spec)
 
 
 def candidates(study: optuna.Study, spec: StudySpec) -> list[Candidate]:
@@ -276,8 +290,8 @@ def fail_trial(stored: optuna.Study, number: int, outcome: str, reason: str) -> 
     The one way a running trial is failed outside its objective: a step given up, a trial lost for
     good, one a dead step never started, a cancel that finds no worker holding it.
     """
-    storage = stored._storage
-    optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, number)
+    storage = optuna_storage.storage(stored)
+    optuna_id = optuna_storage.trial_id(stored, number)
     if storage.get_trial(optuna_id).state != optuna.trial.TrialState.RUNNING:
         return False
     storage.set_trial_user_attr(optuna_id, USER_ATTR.OUTCOME, outcome)

@@ -20,14 +20,14 @@ from pydantic import ValidationError
 
 from models.data import DataRoot, InvalidData, data_root_for, describe
 from models.messages import QUEUES
-from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network
+from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network, size_problem
 from models.spec.space import MAX_COMBINATIONS, SearchedStudy, apply_params, corner_points, param_values
 from models.spec.trial import TrialSpec
 from models.store import fleet
 from service.api.errors import FieldError, InfeasibleSpec, InvalidSpec, ServiceUnavailable
 from service.api.settings import ApiSettings
 
-__all__ = ["admit_trial", "check_callback_url", "check_dataset_size", "check_feasible", "check_params", "check_space", "served_queue"]
+__all__ = ["admit_trial", "check_callback_url", "check_dataset_size", "check_epochs", "check_feasible", "check_params", "check_space", "served_queue"]
 
 log = logging.getLogger(__name__)
 RESOLVE_TIMEOUT_S = 2.0  # a callback host's DNS lookup at submit; past it the callback worker's check at connect decides
@@ -36,8 +36,7 @@ _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="callback-dns")
 
 def admit_trial(spec: TrialSpec, settings: ApiSettings, team: str | None, field_prefix: str = "") -> NetworkPlan | None:
     """Check a trial spec of ``team`` against this service's limits; its network plan (None when only workers see its data)."""
-    if spec.optim.epochs > settings.max_epochs:
-        _refuse(f"{field_prefix}optim.epochs", f"at most {settings.max_epochs} epochs are allowed on this service")
+    check_epochs(spec.optim.epochs, settings, f"{field_prefix}optim.epochs")
     check_callback_url(spec.callback_url, settings, f"{field_prefix}callback_url")
     plan = check_feasible(spec, data_root_for(settings.data_root, team), field_prefix)
     _check_size(plan, settings, field_prefix)
@@ -112,9 +111,8 @@ def check_space(spec: SearchedStudy, settings: ApiSettings, team: str | None) ->
     and every sampled configuration again by the worker.
     """
     searched = spec.search_space.get("optim.epochs")
-    if searched is not None and max(param_values(searched)) > settings.max_epochs:
-        most = max(param_values(searched))
-        _refuse("search_space.optim.epochs", f"the space reaches {most}; at most {settings.max_epochs} epochs are allowed on this service (CONVTUNE_MAX_EPOCHS)")
+    if searched is not None:
+        check_epochs(max(param_values(searched)), settings, "search_space.optim.epochs")
     if not any(key == "model" or key.startswith("model.") for key in spec.search_space):
         return  # the network is the base's, which check_params sized
     try:
@@ -131,7 +129,7 @@ def check_space(spec: SearchedStudy, settings: ApiSettings, team: str | None) ->
         except (ValidationError, InfeasibleArchitecture):
             continue  # never trained as it is: the space's own checks judge it
         values = {(key, json.dumps(value, sort_keys=True)) for key, value in combo.items()}
-        problem = _size_problem(plan, settings)
+        problem = size_problem(plan, settings.max_params, settings.max_flops_per_sample)
         if problem is None:
             fitting |= values
         else:
@@ -144,17 +142,14 @@ def check_space(spec: SearchedStudy, settings: ApiSettings, team: str | None) ->
     _refuse(f"search_space.{field}", f"the configuration {json.dumps(combo, sort_keys=True)} of the search space is too large: {problem}")
 
 
-def _size_problem(plan: NetworkPlan, settings: ApiSettings) -> str | None:
-    if plan.params > settings.max_params:
-        return f"the network has {plan.params:,} parameters; this service allows at most {settings.max_params:,} (CONVTUNE_MAX_PARAMS)"
-    if plan.flops > settings.max_flops_per_sample:
-        limit = settings.max_flops_per_sample
-        return f"the network costs {plan.flops:,} FLOPs per sample; this service allows at most {limit:,} (CONVTUNE_MAX_FLOPS_PER_SAMPLE)"
-    return None
+def check_epochs(epochs: int, settings: ApiSettings, field: str) -> None:
+    """Refuse (422 on ``field``) ``epochs``, a trial's or the most a study's space reaches, above this service's ``max_epochs``."""
+    if epochs > settings.max_epochs:
+        _refuse(field, f"at most {settings.max_epochs} epochs are allowed on this service (CONVTUNE_MAX_EPOCHS), not {epochs}")
 
 
 def _check_size(plan: NetworkPlan | None, settings: ApiSettings, field_prefix: str) -> None:
-    problem = _size_problem(plan, settings) if plan is not None else None
+    problem = size_problem(plan, settings.max_params, settings.max_flops_per_sample) if plan is not None else None
     if problem:
         _refuse(f"{field_prefix}model.channels", problem)
 

@@ -17,7 +17,7 @@ _dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix
 
 accesslog = None
 # Threads: an accept spends most of its time waiting on MLflow and Redis; with sync workers, 32 clients
-# queued behind two processes (issue 10). CONVTUNE_GUNICORN_THREADS=1 gives back one request per process.
+# queued behind two processes (docs/performance.md, "Accepting work"). CONVTUNE_GUNICORN_THREADS=1 gives back one request per process.
 worker_class = "gthread"
 threads = int(os.environ.get("CONVTUNE_GUNICORN_THREADS", "4"))
 # Let a long MLflow call finish rather than kill the worker at gunicorn's default 30 s.

@@ -69,7 +69,7 @@ def check_queued_quota(runs: RunStore, redis_client: redis.Redis, principal: Pri
     """Raise 429 when ``principal`` (a token) already has ``max_queued_trials_per_token`` trials, studies or range tests waiting.
 
     Counting them is a search of MLflow that reads every queued run of the owner: on every submit it made
-    accepting O(backlog) (issue 10). Redis keeps the runs accepted since the last count (:func:`note_queued`):
+    accepting O(backlog). Redis keeps the runs accepted since the last count (:func:`note_queued`):
     started or ended ones stay in it, so its size bounds the queue from above, and the search runs only
     when that bound reaches the cap, when the index is missing (first submit, Redis restarted) or an hour
     old; the search then starts the index again from the runs really queued.

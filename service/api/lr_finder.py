@@ -20,11 +20,12 @@ from models.messages import RangeTestMessage
 from models.spec.trial import flatten_params
 from models.spec.tuning import LrRangeSpec
 from models.store.runs import KIND, TAG, spec_tags
+from service.api.accept import accept_run
 from service.api.admission import admit_trial, served_queue
 from service.api.auth import check_owner, current_principal, redacted
-from service.api.errors import Conflict, ServiceUnavailable
+from service.api.errors import Conflict
 from service.api.idempotency import IdempotencyHeader, idempotent
-from service.api.limits import check_queued_quota, note_queued
+from service.api.limits import check_queued_quota
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
 from service.api.runs import RunRecord
 from service.api.schemas import Status
@@ -101,14 +102,12 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
         TAG.KIND: KIND.LR_FINDER, **spec_tags(body.model_dump(mode="json"), s.settings.sealer()), TAG.QUEUE: queue,
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
-    test_id = s.runs.create(name, tags, params, principal)
-    bind(trial_id=test_id)
-    try:
+
+    def send(test_id: str) -> None:
         s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), queue)
-    except ServiceUnavailable as exc:
-        s.runs.end_undispatched(test_id, exc.detail)
-        raise
-    note_queued(s.redis, principal.name, test_id)
+
+    test_id = accept_run(s, principal, WHAT, name, tags, params, send)
+    bind(trial_id=test_id)
     url = url_for("lr_finder.get_range_test", test_id=test_id, _external=True)
     answer = LrFinderAccepted(id=test_id, status="queued", name=name, queue=queue, url=url, mlflow_url=s.runs.run_url(s.settings.ui_url, s.runs.experiment_id(principal.team), test_id))
     return answer.model_dump(), 202, {"Location": url}

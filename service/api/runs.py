@@ -105,7 +105,7 @@ class RunStore:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow.tracking import MlflowClient  # ~2 s: paid once per API process
+        from mlflow.tracking import MlflowClient  # a slow import (docs/performance.md): paid once per API process
 
         self.client = MlflowClient(tracking_uri)
         self.experiment = experiment

@@ -9,9 +9,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from models.spec.outcomes import describe_outcomes
+
 __all__ = ["PageToken", "CancelPath", "Health", "TrialAccepted", "TrialList", "TrialListQuery", "TrialPath", "TrialPublic"]
 
 Status = Literal["queued", "running", "succeeded", "pruned", "failed", "cancelled"]
+# An ended run's outcome (null while it runs), each with its meaning: the outcome table's own words.
+OUTCOME_DESCRIPTION = f"How it ended (null until it has): {describe_outcomes()}."
 
 
 def _mlflow_page_token(token: str) -> str:
@@ -66,7 +70,7 @@ class TrialPublic(BaseModel):
     id: str
     name: str | None
     status: Status
-    outcome: str | None = Field(description="How it ended: succeeded, diverged, pruned, out_of_memory, timeout, cancelled, worker_lost, invalid_data, error; in a study also infeasible (the sampled architecture cannot run) or duplicate (a twin's result reused).")
+    outcome: str | None = Field(description=OUTCOME_DESCRIPTION)
     reason: str | None = Field(description="Why it ended that way, for a person.")
     queue: str | None
     epochs_done: int

@@ -21,12 +21,13 @@ from models.spec.plan import NetworkPlan
 from models.spec.trial import TrialSpec, flatten_params
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG, trial_tags
+from service.api.accept import accept_run
 from service.api.admission import admit_trial, served_queue
 from service.api.auth import Principal, check_owner, current_principal, redacted
 from service.api.callbacks import notify_ended_by_api
 from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
-from service.api.limits import check_queued_quota, note_queued
+from service.api.limits import check_queued_quota
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
 from service.api.runs import RunRecord
 from service.api.schemas import BestMetric, TrialAccepted, TrialList, TrialListQuery, TrialPath, TrialPublic
@@ -96,18 +97,16 @@ class Accepted:
 
 
 def accept_trial(s: Services, spec: TrialSpec, principal: Principal) -> Accepted:
-    """Check, record (the SCHEDULED run), send; a message not sent ends the run failed and raises 503."""
+    """Check, then record and send (:func:`service.api.accept.accept_run`: a message not sent ends the run failed and raises 503)."""
     plan = admit_trial(spec, s.settings, principal.team)
     queue = served_queue(s.redis, spec.queue, s.settings, "queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
-    trial_id = s.runs.create(spec.display_name(), trial_tags(spec, plan, queue, s.settings.sealer()), flatten_params(spec), principal)
-    try:
+
+    def send(trial_id: str) -> None:
         s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
-    except ServiceUnavailable as exc:
-        log.warning("trial %s not sent, marking it failed: %s", trial_id, exc.detail)
-        s.runs.end_undispatched(trial_id, exc.detail)
-        raise
-    note_queued(s.redis, principal.name, trial_id)
+
+    tags = trial_tags(spec, plan, queue, s.settings.sealer())
+    trial_id = accept_run(s, principal, "trial", spec.display_name(), tags, flatten_params(spec), send)
     log.info("trial %s accepted on queue %s", trial_id, queue)
     return Accepted(trial_id, queue, plan)
 

@@ -199,7 +199,7 @@ class Stack:
             "CONVTUNE_SECRET_KEY": os.environ.get("CONVTUNE_SECRET_KEY") or self.secret_key(),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
-            # One host: the workers put artifacts straight into the server's store, not one request per file (issue 10).
+            # One host: the workers put artifacts straight into the server's store, not one request per file.
             **({"CONVTUNE_ARTIFACTS_DESTINATION": self.artifacts_destination} if self.artifacts_destination else {}),
             **c.extra_env,
         }

@@ -102,7 +102,7 @@ def test_two_objectives_give_a_pareto_front_with_its_table_and_plot(studies, wor
     parent = mlflow_client.get_run(accepted["id"])
     assert parent.data.tags["convtune.selection"] == "knee of the front"
     assert parent.data.params["study.objective"] == "val_accuracy,flops_per_sample" and parent.data.params["study.direction"] == "maximize,minimize"
-    assert "plots/pareto_front.png" in {a.path for a in mlflow_client.list_artifacts(accepted["id"], "plots")}
+    assert "plots/pareto_front.svg" in {a.path for a in mlflow_client.list_artifacts(accepted["id"], "plots")}
     with tempfile.TemporaryDirectory() as tmp:
         table = json.loads(Path(mlflow_client.download_artifacts(accepted["id"], "study/pareto_front.json", tmp)).read_text())
     assert sorted(table["columns"]) == sorted(["number", "trial_id", "val_accuracy", "flops_per_sample", "params.model.channels", "params.optim.lr"])

@@ -65,7 +65,7 @@ def test_range_test_then_its_suggestion_trains_and_ten_times_its_largest_stable_
     assert len(curve["lr"]) == len(curve["loss"]) == test["steps_done"] and curve["step"][0] == 1
     run = mlflow_client.get_run(accepted["id"])
     assert run.data.tags[TAG.KIND] == "lr_finder" and run.data.params["lr_finder.steps"] == "200"
-    assert {a.path for a in mlflow_client.list_artifacts(accepted["id"], "plots")} == {"plots/lr_range_test.png"}
+    assert {a.path for a in mlflow_client.list_artifacts(accepted["id"], "plots")} == {"plots/lr_range_test.svg"}
     assert run.data.metrics["largest_stable_lr"] == pytest.approx(largest, rel=1e-5)
 
     good = client.post("/trials", json=with_lr(suggested)).get_json()

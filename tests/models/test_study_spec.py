@@ -9,6 +9,7 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
+from models.spec.choices import PRUNERS, SAMPLERS
 from models.spec.objectives import Candidate, ConstraintSpec, ObjectiveSpec, choose, knee, pareto_front
 from models.spec.space import CategoricalParam, apply_params, grid_points
 from models.spec.study import StudySpec
@@ -153,14 +154,16 @@ def test_each_step_seed_draws_differently_and_reproducibly() -> None:
     assert first_draw(1) == first_draw(1) != first_draw(2)
 
 
-@pytest.mark.parametrize("name", ["none", "median", "successive_halving", "hyperband"])
+OPTUNA_PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner"}
+
+
+@pytest.mark.parametrize("name", PRUNERS)
 def test_every_pruner_is_optunas(name: str) -> None:
-    pruner = make_pruner(study(pruner=name))
-    expected = {"none": "NopPruner", "median": "MedianPruner", "successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner"}[name]
-    assert type(pruner).__name__ == expected
+    assert name in OPTUNA_PRUNERS, f"say here which Optuna pruner {name!r} builds"
+    assert type(make_pruner(study(pruner=name))).__name__ == OPTUNA_PRUNERS[name]
 
 
-@pytest.mark.parametrize("name", ["tpe", "random", "grid", "cmaes", "gp", "nsga2"])
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_every_sampler_samples_the_space(name: str) -> None:
     search_space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}, "optim.batch_size": {"type": "int", "low": 16, "high": 64, "step": 16}}
     if name == "grid":

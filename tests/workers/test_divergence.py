@@ -125,7 +125,9 @@ def test_real_training_whose_activations_overflow_is_stopped_at_the_first_non_fi
 
 
 def test_real_training_that_stalls_at_chance_is_diverged_after_stall_epochs():
-    spec = trial(optim={"optimizer": "momentum", "lr": 8.0, "epochs": 6})
+    # At lr 8 the loss wanders around chance (ln 10); how far it wanders from one run to the next
+    # depends on the host's kernels, so the bar is a tenth of the first loss, not the default 2 %.
+    spec = trial(optim={"optimizer": "momentum", "lr": 8.0, "epochs": 6}, divergence={"min_progress": 0.1})
     tracker = ListTracker()
     with pytest.raises(Diverged, match=r"no progress for 3 epochs .*at lr 8; the learning rate may be too high") as caught:
         run_trial(spec, tracker, TrainingContext(device=CPU))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import pytest
@@ -14,9 +15,10 @@ from tests.workers.trackers import ListTracker
 from workers.training.outcomes import Cancelled, Diverged
 from workers.training.range_test import range_test
 from workers.training.train import TrainingContext, run_trial
-from workers.trial.lr_finder import range_curve_figure
+from workers.trial.figures import range_test_svg
 
 CPU = torch.device("cpu")
+SVG = "{http://www.w3.org/2000/svg}"
 
 # SGD with momentum and batch norm, the setting of Smith's range test. (With Adam and batch norm the
 # net is nearly scale-invariant: 10x the largest stable LR still trains; docs/tuning.md.)
@@ -87,6 +89,10 @@ def test_range_test_is_cancelled_cooperatively():
 
 def test_curve_plot_marks_both_lrs(found):
     spec, result = found
-    fig = range_curve_figure(spec, result)
-    marked = {line.get_xdata()[0] for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"}
-    assert marked == {result.suggested_lr, result.largest_stable_lr}
+    root = ET.fromstring(range_test_svg(spec, result))
+    marks = {line.find(f"{SVG}title").text: float(line.get("x1")) for line in root.iter(f"{SVG}line") if line.find(f"{SVG}title") is not None}
+    largest, suggested = f"largest stable LR {result.largest_stable_lr:.3g}", f"suggested LR {result.suggested_lr:.3g}"
+    assert set(marks) == {largest, suggested}
+    assert marks[suggested] < marks[largest]  # a third of it, to its left on the log axis
+    raw, smoothed = (len(line.get("points").split()) for line in root.iter(f"{SVG}polyline"))
+    assert raw == sum(math.isfinite(v) for v in result.losses) and 0 < smoothed <= len(result.losses)

@@ -1,4 +1,4 @@
-"""A study's figures as SVG (issue 10): what each draws, from plain values and from a real Optuna study."""
+"""A study's figures as SVG: what each draws, from plain values and from a real Optuna study."""
 
 from __future__ import annotations
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import math
 import os
-import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from models.spec.choices import OPTIMIZERS as OPTIMIZER_NAMES
 from models.spec.trial import OptimSpec, TrialSpec
 from tests.workers.trackers import ListTracker
 from workers.training.divergence import DivergenceDetector
 from workers.training.outcomes import Cancelled, TimedOut
 from workers.training.train import (
-    OPTIMIZERS,
     SCHEDULES,
     TrainingContext,
     checkpoint_files,
@@ -120,9 +119,8 @@ def test_sigmoid_head_trains_with_per_class_bce():
     assert ((probabilities > 0) & (probabilities < 1)).all()
 
 
-@pytest.mark.parametrize("name", typing.get_args(OptimSpec.model_fields["optimizer"].annotation))
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_every_optimizer_is_built(name: str):
-    assert set(OPTIMIZERS) == set(typing.get_args(OptimSpec.model_fields["optimizer"].annotation))
     optim = OptimSpec(optimizer=name, lr=0.01)
     optimizer = make_optimizer([torch.nn.Parameter(torch.ones(2))], optim)
     assert optimizer.param_groups[0]["lr"] == 0.01
@@ -141,7 +139,6 @@ def _lrs(optim: OptimSpec, steps_per_epoch: int = 2) -> list[float]:
 
 
 def test_schedules_follow_their_definitions():
-    assert set(SCHEDULES) | {"onecycle"} == set(typing.get_args(OptimSpec.model_fields["schedule"].annotation))
     assert _lrs(OptimSpec(lr=1.0, epochs=4)) == [1.0] * 8
     assert _lrs(OptimSpec(lr=1.0, epochs=4, schedule="step", step_size=2, gamma=0.5)) == pytest.approx([1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5])
     assert _lrs(OptimSpec(lr=1.0, epochs=3, schedule="exponential", gamma=0.5)) == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
@@ -172,7 +169,7 @@ def _formula(optim: OptimSpec, steps_per_epoch: int) -> list[float]:
 
 
 @pytest.mark.parametrize("warmup_epochs", [0, 1, 3])
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("schedule", sorted(set(SCHEDULES) - {"onecycle"}))  # onecycle: torch's own curve, checked above
 def test_every_schedule_follows_its_formula_step_by_step(schedule: str, warmup_epochs: int):
     optim = OptimSpec(lr=0.3, epochs=7, schedule=schedule, step_size=2, gamma=0.5, warmup_epochs=warmup_epochs)
     assert _lrs(optim, steps_per_epoch=5) == pytest.approx(_formula(optim, steps_per_epoch=5), rel=1e-9, abs=1e-12)

@@ -30,6 +30,7 @@ import httpx
 from celery import Task
 
 from models.callbacks import EVENT_HEADER, delivery_body, shown_url, signed_headers
+from models.compat import httpx_transport
 from models.logs import log_context
 from models.messages import TASK_DELIVER_CALLBACK, CallbackMessage
 from workers.callbacks.app import app, settings
@@ -88,9 +89,7 @@ def resolve(host: str, port: int, timeout_s: float) -> list[str]:
 
 def _client(settings: WorkerSettings) -> httpx.Client:
     """An HTTP client that connects only where callbacks may go; no proxies from the environment, no redirects."""
-    transport = httpx.HTTPTransport()
-    # httpx takes no network backend; its transport's httpcore pool does (same TLS context, guarded connects).
-    transport._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), network_backend=_GuardedBackend(settings))
+    transport = httpx_transport.transport_through(_GuardedBackend(settings))
     return httpx.Client(transport=transport, trust_env=False, follow_redirects=False, timeout=settings.callback_timeout_s)
 
 

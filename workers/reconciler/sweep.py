@@ -18,6 +18,7 @@ import optuna
 import redis
 from mlflow.tracking import MlflowClient
 
+from models.compat.kombu_redis import UNACKED_INDEX_KEY, UNACKED_KEY, queue_lists
 from models.logs import log_context
 from models.messages import (
     QUEUES,
@@ -25,14 +26,11 @@ from models.messages import (
     TASK_LR_FIND,
     TASK_RUN_TRIAL,
     TASK_STUDY_STEP,
-    UNACKED_INDEX_KEY,
-    UNACKED_KEY,
     Message,
     RangeTestMessage,
     StudyStepMessage,
     TrialMessage,
     give_back,
-    queue_lists,
     send,
 )
 from models.sealing import SealBroken
@@ -60,6 +58,7 @@ from workers.settings import WorkerSettings
 from workers.study.report import finish_study
 from workers.study.step import restore_counters
 from workers.training.outcomes import Ending
+from workers.trial.lease import renew_held
 
 __all__ = ["Action", "Clients", "LockLost", "Reconciler", "SweepLock", "read_messages"]
 
@@ -88,8 +87,6 @@ class SweepLock:
     however many workers there are.
     """
 
-    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
-
     def __init__(self, client: redis.Redis, interval_s: float):
         self.client = client
         self.hold_ms = max(1000, int(interval_s * 1000))
@@ -100,7 +97,7 @@ class SweepLock:
 
     def hold(self, fraction: float = 1.0) -> None:
         """Keep the lock ``fraction`` of an interval from now; LockLost if it lapsed and another took it."""
-        if not self.client.eval(self._RENEW, 1, RECONCILER_LOCK_KEY, self.token, max(1, int(self.hold_ms * fraction))):
+        if not renew_held(self.client, RECONCILER_LOCK_KEY, self.token, max(1, int(self.hold_ms * fraction))):
             raise LockLost("the sweep lock lapsed and another reconciler took it")
 
 

@@ -24,6 +24,8 @@ import optuna
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
+from models.compat import optuna_storage
+from models.spec.outcomes import OUTCOMES
 from models.spec.study import StudySpec
 from models.store import runs
 from models.store.budget import StudyBudget
@@ -35,7 +37,7 @@ from workers.study.measures import best_epoch_metrics, broken_budgets, constrain
 from workers.trial.execution import LeaseHeld
 from workers.trial.lease import Lease
 
-__all__ = ["PRUNED_OUTCOMES", "SlotLease", "adopt_unrecorded", "ended_run", "fail_unstarted", "tell_ended"]
+__all__ = ["PRUNED_OUTCOMES", "SlotLease", "adopt_unrecorded", "ended_run", "fail_unstarted", "tell_ended", "trial_state"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,19 @@ def ended_run(rt: WorkerRuntime, trial_id: str) -> Any | None:
     return run if run.info.status in runs.TERMINAL_STATUSES else None
 
 
-# How an ended run's outcome becomes an Optuna state (workers.study.step's table); duplicate: its twin's.
-PRUNED_OUTCOMES = ("pruned", "diverged", "timeout", "out_of_memory", "infeasible", "over_budget")
-_STATUS_OUTCOMES = {"FINISHED": "succeeded", "KILLED": "cancelled", "FAILED": "error"}
+# The outcomes a study tells Optuna PRUNED (models.spec.outcomes): the sampler learns the configuration is bad.
+PRUNED_OUTCOMES = tuple(name for name, o in OUTCOMES.items() if o.counts_as_pruned)
+_STATUS_OUTCOMES = {"FINISHED": "succeeded", "KILLED": "cancelled", "FAILED": "error"}  # a run ended without an outcome tag
+
+
+def trial_state(outcome: str) -> TrialState:
+    """The Optuna state of a study trial that ended ``outcome``, as the outcome table says.
+
+    An outcome without a state of its own (``duplicate``: its twin's), or one the table lacks (a tag
+    written outside convtune), is FAIL: nothing is learnt about the configuration.
+    """
+    ended = OUTCOMES.get(outcome)
+    return TrialState[ended.study_state] if ended is not None and ended.study_state is not None else TrialState.FAIL
 
 
 def tell_ended(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, number: int, run: Any) -> bool:
@@ -64,8 +76,8 @@ def tell_ended(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, number:
     rebuilt from the run as the objective would have told them, so a trial that succeeded keeps its
     place in ``best``, the Pareto front and ``register_as`` instead of counting as lost.
     """
-    storage = stored._storage
-    optuna_id = storage.get_trial_id_from_study_id_trial_number(stored._study_id, number)
+    storage = optuna_storage.storage(stored)
+    optuna_id = optuna_storage.trial_id(stored, number)
     if storage.get_trial(optuna_id).state != TrialState.RUNNING:
         return False
     trial = optuna.Trial(stored, optuna_id)
@@ -91,7 +103,7 @@ def _ended_state(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, trial
     if outcome != "succeeded":
         if not frozen.constraints:  # an over_budget trial had them set before its run ended
             constrain(trial, spec, measured)
-        return (TrialState.PRUNED if outcome in PRUNED_OUTCOMES else TrialState.FAIL), None
+        return (TrialState.PRUNED if trial_state(outcome) == TrialState.PRUNED else TrialState.FAIL), None
     series = {m: [x.value for x in sorted(rt.mlflow.get_metric_history(run.info.run_id, m), key=lambda x: x.step)] for m in best_epoch_metrics(spec)}
     measures = run_measures(spec, run.data.metrics, series, run_sizes(run.data.tags))
     if any(g.metric not in measures for g in spec.goals):

@@ -8,7 +8,7 @@ The parent run gets:
 - metrics ``best_<metric>`` (per objective), ``best_trial_number``, ``trials_<outcome>`` counts and
   ``epochs_trained``; the tag ``convtune.selection`` says which rule chose the trial;
 - with several objectives, ``study/pareto_front.json`` (a table: each front trial's values, params
-  and run) and ``plots/pareto_front.png`` (every trained trial, the front and the chosen one);
+  and run) and ``plots/pareto_front.svg`` (every trained trial, the front and the chosen one);
 - params ``best.<path>`` when the study first ends (MLflow params are immutable; after ``/extend``
   the tags ``convtune.best.<path>``, the metric and ``study/best.json`` follow the new best);
 - ``plots/optimization_history.svg``, ``plots/param_importances.svg``, ``plots/parallel_coordinate.svg``
@@ -45,9 +45,12 @@ from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, dec
 from models.store.teams import callback_team
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
-from workers.study.figures import Axis, intermediate_values_svg, optimization_history_svg, parallel_coordinate_svg, param_importances_svg
+from workers.study.figures import (
+    Axis, intermediate_values_svg, optimization_history_svg, parallel_coordinate_svg, param_importances_svg, pareto_front_svg,
+)
 from workers.study.recovery import ended_run, fail_unstarted, tell_ended
 from workers.training.outcomes import Ending
+from workers.trial.lease import release_held
 from workers.trial.tracking import Uploads
 
 __all__ = ["finish_study", "trial_rows"]
@@ -57,8 +60,6 @@ log = logging.getLogger(__name__)
 
 # How long a process may take to record a study's results before another may do it instead (it died).
 FINISH_TTL_S = 600
-# KEYS[1] the finishing key, ARGV[1] the token of the process that took it: deleted only by that process.
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, stopped: str) -> None:
@@ -80,7 +81,7 @@ def finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: S
         _finish_study(study_id, rt, stored, spec, stopped)
     finally:
         try:
-            rt.redis.eval(_RELEASE, 1, key, token)
+            release_held(rt.redis, key, token)  # only this process's: another may have taken it after FINISH_TTL_S
         except redis.RedisError:
             pass  # it expires
 
@@ -273,7 +274,7 @@ def _figures(stored: optuna.Study, spec: StudySpec, importances: dict[str, float
 
 
 def _log_front(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec: StudySpec) -> None:
-    """The Pareto front as a table (``study/pareto_front.json``) and a plot of its first two objectives (``plots/pareto_front.png``)."""
+    """The Pareto front as a table (``study/pareto_front.json``) and a plot of its first two objectives (``plots/pareto_front.svg``)."""
     points = front(stored, spec)
     trials = stored.get_trials(deepcopy=False)
     rows = [
@@ -289,45 +290,18 @@ def _log_front(rt: WorkerRuntime, study_id: str, stored: optuna.Study, spec: Stu
         rt.mlflow.log_table(study_id, data={k: [r.get(k) for r in rows] for k in keys}, artifact_file="study/pareto_front.json")
     try:
         pick = chosen(stored, spec)
-        figure = _front_figure(spec, candidates(stored, spec), points, None if pick is None else pick.number)
-        rt.mlflow.log_figure(study_id, figure, "plots/pareto_front.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        svg = _front_svg(spec, candidates(stored, spec), points, None if pick is None else pick.number)
+        rt.mlflow.log_text(study_id, svg, "plots/pareto_front.svg")
     except Exception as exc:  # noqa: BLE001 - a plot is a bonus, the table carries the front
         log.info("study %s: no pareto_front plot: %s", study_id, exc)
 
 
-def _front_figure(spec: StudySpec, every: list[Any], points: list[Any], chosen_number: int | None) -> Any:
-    """Every trained trial (grey; over a budget: red), the front (joined, blue) and the chosen trial (star), on the first two objectives."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x_goal, y_goal = spec.goals[0], spec.goals[1]
-    figure, ax = plt.subplots(figsize=(8, 5.5))
-    for feasible, color, label in ((True, "0.6", "trained"), (False, "tab:red", "over a budget")):
-        group = [c for c in every if c.feasible is feasible]
-        if group:
-            ax.scatter([c.values[0] for c in group], [c.values[1] for c in group], color=color, s=24, label=label, zorder=2)
-    ax.plot([c.values[0] for c in points], [c.values[1] for c in points], "o-", color="tab:blue", label="Pareto front", zorder=3)
-    for c in points:
-        ax.annotate(f"#{c.number}", (c.values[0], c.values[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if chosen_number is not None:
-        pick = next(c for c in every if c.number == chosen_number)
-        ax.scatter([pick.values[0]], [pick.values[1]], marker="*", s=260, color="tab:orange", edgecolor="black", label=f"chosen: #{pick.number}", zorder=4)
-    ax.set_xlabel(f"{x_goal.metric} ({x_goal.resolved_direction})")
-    ax.set_ylabel(f"{y_goal.metric} ({y_goal.resolved_direction})")
-    if x_goal.metric in SIZE_MEASURES:  # sizes span orders of magnitude
-        ax.set_xscale("log")
-    if y_goal.metric in SIZE_MEASURES:
-        ax.set_yscale("log")
-    ax.set_title(f"Pareto front: {len(points)} of {len(every)} trained trials")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    return figure
+def _front_svg(spec: StudySpec, every: list[Any], points: list[Any], chosen_number: int | None) -> str:
+    """Every trained trial, the front and the chosen trial on the first two objectives (:func:`workers.study.figures.pareto_front_svg`)."""
+    # sizes span orders of magnitude: a log axis
+    axes = [Axis(f"{g.metric} ({g.resolved_direction})", log=g.metric in SIZE_MEASURES) for g in spec.goals[:2]]
+    trials = [(c.number, c.values[0], c.values[1], c.feasible) for c in every]
+    return pareto_front_svg(trials, [c.number for c in points], chosen_number, *axes)
 
 
 def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.trial.FrozenTrial) -> str | None:

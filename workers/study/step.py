@@ -29,14 +29,10 @@ trial that ends COMPLETE or PRUNED tells Optuna its constraint values (:mod:`wor
 those on metrics and latencies once it trained; with several objectives the trial's value is the list
 of its objectives' values, and nothing is reported per epoch (Optuna's pruners judge one objective).
 
-How a trial's outcome becomes an Optuna state:
-
-    succeeded                               COMPLETE  its value (or values)
-    pruned, diverged, timeout, out_of_memory,
-    infeasible, over_budget                 PRUNED    the configuration is bad: the sampler learns it
-    cancelled, error, invalid_data,
-    worker_lost                             FAIL      nothing learnt about the configuration
-    duplicate (same params as trial N)      N's state and value, reused, not trained again
+A trial's outcome becomes the Optuna state the outcome table names (:mod:`models.spec.outcomes`,
+``study_state``, read by :func:`workers.study.recovery.trial_state`): COMPLETE with its value (or
+values), PRUNED where the configuration is bad (the sampler learns it), FAIL where nothing was
+learnt; a ``duplicate`` (same params as trial N) takes N's state and value, not trained again.
 """
 
 from __future__ import annotations
@@ -54,10 +50,11 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
+from models.compat import optuna_storage
 from models.data import data_root_for
 from models.data.sets import InvalidData, describe
 from models.spec.objectives import EPOCH_MEASURES
-from models.spec.plan import InfeasibleArchitecture, plan_network
+from models.spec.plan import InfeasibleArchitecture, plan_network, size_problem
 from models.spec.space import apply_params
 from models.spec.study import StudySpec
 from models.spec.trial import LatencySpec, TrialSpec, flatten_params
@@ -70,7 +67,7 @@ from workers.callbacks.announce import count_outcome
 from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.study.measures import broken_budgets, constrain, final_measures, over_budget_reason, sizes, trial_sizes
-from workers.study.recovery import PRUNED_OUTCOMES, SlotLease, adopt_unrecorded, tell_ended
+from workers.study.recovery import SlotLease, adopt_unrecorded, tell_ended, trial_state
 from workers.study.report import finish_study
 from workers.training.outcomes import Pruned, Superseded
 from workers.trial.execution import LeaseHeld, abandon_run, execute_trial
@@ -95,7 +92,7 @@ class Parent(NamedTuple):
 
 # Studies whose parent run this process has seen RUNNING: experiment and owner never change, and a running
 # study stops through its budget's flag (cancel, lr_auto failure), which every step reads. One request
-# fewer per trial (issue 10); the first step of a study in each process reads the run.
+# fewer per trial; the first step of a study in each process reads the run.
 _RUNNING_PARENTS: dict[str, Parent] = {}
 
 
@@ -114,6 +111,11 @@ def _parent(rt: WorkerRuntime, study_id: str) -> Parent:
 
 class TrialFailed(Exception):
     """The trial ended without telling anything about its configuration (Optuna FAIL)."""
+
+
+def _without_value(outcome: str, reason: str) -> Exception:
+    """What the objective raises for a trial that ended ``outcome`` with no value: Optuna's PRUNED or FAIL, as its outcome says."""
+    return optuna.TrialPruned(reason) if trial_state(outcome) == TrialState.PRUNED else TrialFailed(reason)
 
 
 class StepInterrupted(BaseException):
@@ -287,11 +289,9 @@ class StudyObjective:
             except InvalidData as exc:
                 problem = str(exc)
             # The API sized the base and the space's corners (up to its limit); a sampled configuration may still be larger.
-            limit, flops_limit = self.rt.settings.max_params, self.rt.settings.max_flops_per_sample
-            if plan is not None and plan.params > limit:
-                infeasible = f"the sampled network has {plan.params:,} parameters; this service allows at most {limit:,} (CONVTUNE_MAX_PARAMS)"
-            elif plan is not None and plan.flops > flops_limit:
-                infeasible = f"the sampled network needs {plan.flops:,} FLOPs per sample; this service allows at most {flops_limit:,} (CONVTUNE_MAX_FLOPS_PER_SAMPLE)"
+            too_large = size_problem(plan, self.rt.settings.max_params, self.rt.settings.max_flops_per_sample) if plan is not None else None
+            if too_large:
+                infeasible = f"the sampled configuration is too large: {too_large}"
         self.sizes = sizes(plan)
         created = self._create_run(trial, name, params, trial_spec, plan)
         trial_id = created.run_id
@@ -352,9 +352,7 @@ class StudyObjective:
             return self._result(trial, trial_id, reason, history, known)
         constrain(trial, self.spec, known)
         self._record(trial, outcome, reason, len(history))
-        if outcome in PRUNED_OUTCOMES:
-            raise optuna.TrialPruned(reason)
-        raise TrialFailed(reason)
+        raise _without_value(outcome, reason)
 
     def _result(self, trial: optuna.Trial, trial_id: str, reason: str, history: list[dict[str, float]], known: dict[str, float]) -> Value:
         """A trained trial's value(s), its measures and constraint values; a budget on a metric it broke is told, not hidden."""
@@ -402,9 +400,7 @@ class StudyObjective:
     def _end(self, trial: optuna.Trial, trial_id: str, status: str, outcome: str, reason: str) -> Value:
         self._end_run(trial_id, status, outcome, reason)
         self._record(trial, outcome, reason, 0)
-        if outcome in PRUNED_OUTCOMES:
-            raise optuna.TrialPruned(reason)
-        raise TrialFailed(reason)
+        raise _without_value(outcome, reason)
 
     def _record(self, trial: optuna.Trial, outcome: str, reason: str, epochs: int) -> None:
         self.outcome = outcome
@@ -476,9 +472,9 @@ def _resume_trial(
     from the last epoch's checkpoint; the pruner keeps judging it, and the result is told to Optuna.
     """
     study = optuna.load_study(study_name=study_id, storage=open_storage(rt.settings.study_storage), sampler=make_sampler(spec, spec.seed + slot), pruner=make_pruner(spec))
-    optuna_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    optuna_id = optuna_storage.trial_id(study, number)
     raw_spec = runs.with_spec(rt.mlflow, trial_id, rt.mlflow.get_run(trial_id).data.tags).get(TAG.SPEC)
-    if study._storage.get_trial(optuna_id).state != TrialState.RUNNING or raw_spec is None:
+    if optuna_storage.storage(study).get_trial(optuna_id).state != TrialState.RUNNING or raw_spec is None:
         _fail_lost_trial(rt, stored, trial_id, number)
         return "worker_lost"
     log.warning("study %s: trial #%d (%s) lost its worker; resuming it", study_id, number, trial_id)

@@ -1,8 +1,8 @@
 """A trial's data as tensors on its device, built once per worker process for the built-in sets.
 
 A study's trials differ in learning rate, batch size or architecture, rarely in data: loading,
-splitting and normalising ``digits`` again for each one-epoch trial cost about 35 ms of a 0.1 s
-epoch (``bench/trial_overhead.py``). The built-in sets are a pure function of their spec (name,
+splitting and normalising ``digits`` again for each one-epoch trial cost a large share of the epoch
+(docs/performance.md, "Per-trial work outside the epoch"). The built-in sets are a pure function of their spec (name,
 size, seed, split), so their tensors are kept per process, keyed by that spec and the device, a few
 at a time. Files (``npz``, ``folder``) are read again every time: they may change between trials.
 Training never writes into these tensors (it indexes them), so trials can share them.

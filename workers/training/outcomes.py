@@ -1,16 +1,17 @@
-"""How a trial ends: the fixed set of outcomes and the exceptions that carry them out of training.
+"""How a trial ends: the exceptions that carry an outcome out of training, and :func:`classify`.
 
     TrialStopped            the loop stopped the trial on purpose
-     +-- Cancelled          KILLED   cancelled    the cancel flag was raised
-     +-- TimedOut           FAILED   timeout      past the spec's time_limit_s
-     +-- Diverged           FAILED   diverged     the loss blew up (learning rate too high?)
-     +-- Pruned             FINISHED pruned       a study's pruner stopped it early
-     +-- Superseded         (none)                this worker lost the trial's lease: another one
-                                                  resumes it, so this one stops without recording anything
+     +-- Cancelled          cancelled    the cancel flag was raised
+     +-- TimedOut           timeout      past the spec's time_limit_s
+     +-- Diverged           diverged     the loss blew up (learning rate too high?)
+     +-- Pruned             pruned       a study's pruner stopped it early
+     +-- Superseded         (none)       this worker lost the trial's lease: another one
+                                         resumes it, so this one stops without recording anything
 
 Any other exception is classified by :func:`classify`: unusable data is ``invalid_data``, a CUDA
 or host out-of-memory is ``out_of_memory``, anything else ``error`` with its type and message.
 ``worker_lost`` is decided by the execution wrapper when a trial has been started too often.
+Each outcome's MLflow status is the outcome table's (:mod:`models.spec.outcomes`), never written here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.data.sets import InvalidData
+from models.spec.outcomes import OUTCOMES
+from models.spec.outcomes import outcome as find_outcome
 
 __all__ = ["Cancelled", "Diverged", "Ending", "Pruned", "Superseded", "TimedOut", "TrialStopped", "classify"]
 
@@ -30,12 +33,17 @@ class Ending:
     outcome: str
     reason: str
 
+    @classmethod
+    def of(cls, outcome: str, reason: str) -> Ending:
+        """The ending with ``outcome`` and that outcome's MLflow status; raises UnknownOutcome (a KeyError) for a name the table lacks."""
+        return cls(find_outcome(outcome).mlflow_status, outcome, reason)
+
 
 class TrialStopped(Exception):
-    """Base of the deliberate stops; each subclass names its MLflow status and outcome."""
+    """Base of the deliberate stops; each subclass names its outcome, and takes that outcome's MLflow status."""
 
-    mlflow_status = "FAILED"
     outcome = "error"
+    mlflow_status = OUTCOMES[outcome].mlflow_status
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -45,25 +53,29 @@ class TrialStopped(Exception):
 class Cancelled(TrialStopped):
     """The trial's cancel flag was raised."""
 
-    mlflow_status, outcome = "KILLED", "cancelled"
+    outcome = "cancelled"
+    mlflow_status = OUTCOMES[outcome].mlflow_status
 
 
 class TimedOut(TrialStopped):
     """The trial ran past its wall-clock limit."""
 
-    mlflow_status, outcome = "FAILED", "timeout"
+    outcome = "timeout"
+    mlflow_status = OUTCOMES[outcome].mlflow_status
 
 
 class Diverged(TrialStopped):
     """The training loss became non-finite or blew up."""
 
-    mlflow_status, outcome = "FAILED", "diverged"
+    outcome = "diverged"
+    mlflow_status = OUTCOMES[outcome].mlflow_status
 
 
 class Pruned(TrialStopped):
     """A study's pruner judged the trial not worth finishing."""
 
-    mlflow_status, outcome = "FINISHED", "pruned"
+    outcome = "pruned"
+    mlflow_status = OUTCOMES[outcome].mlflow_status
 
 
 class Superseded(TrialStopped):
@@ -85,8 +97,8 @@ def classify(exc: BaseException) -> Ending:
     if isinstance(exc, TrialStopped):
         return Ending(exc.mlflow_status, exc.outcome, exc.reason)
     if isinstance(exc, InvalidData):
-        return Ending("FAILED", "invalid_data", str(exc))
+        return Ending.of("invalid_data", str(exc))
     if _is_oom(exc):
-        return Ending("FAILED", "out_of_memory", f"ran out of memory ({type(exc).__name__}: {str(exc)[:300]}); try a smaller batch_size or model")
+        return Ending.of("out_of_memory", f"ran out of memory ({type(exc).__name__}: {str(exc)[:300]}); try a smaller batch_size or model")
     message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-    return Ending("FAILED", "error", f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+    return Ending.of("error", f"{type(exc).__name__}: {message}" if message else type(exc).__name__)

@@ -1,9 +1,8 @@
 """How many threads torch may use in a training process: the host's cores shared, not fought over.
 
 torch's default is one intra-op thread per core *in every process*. A host running two training
-processes on two cores then runs four busy threads that preempt each other and the MLflow server:
-measured with ``bench/small_trials.py`` on a 2-core host, two workers trained 26 one-epoch trials a
-minute with the default and 77 with one thread each (issue 10). So every worker applies a policy
+processes on two cores then runs four busy threads that preempt each other and the MLflow server,
+and trains a fraction of the trials one thread each would (docs/performance.md, "Threads"). So every worker applies a policy
 itself, at start, with nothing for the operator to export:
 
 - the usable cores are those this process may run on (its CPU affinity), capped by its cgroup's CPU

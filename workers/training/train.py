@@ -38,6 +38,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRSc
 
 from models.data.roots import DataRoot
 from models.nets.convnet import build_model
+from models.spec.choices import lookup
 from models.spec.plan import plan_network
 from models.spec.trial import OptimSpec, TrialSpec
 from workers.training.batching import BatchPlan, MemoryProbe, plan_batches
@@ -323,8 +324,8 @@ def make_loss(head: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tens
     return F.cross_entropy
 
 
-# (parameters, spec, fused) -> optimizer. ``fused``: one kernel updates every parameter tensor instead of a
-# loop of small ops per tensor (:func:`make_optimizer` decides).
+# (parameters, spec, fused) -> optimizer, one per name of models.spec.choices.OPTIMIZERS. ``fused``: one kernel
+# updates every parameter tensor instead of a loop of small ops per tensor (:func:`make_optimizer` decides).
 OPTIMIZERS: dict[str, Callable[[list[torch.Tensor], OptimSpec, bool], torch.optim.Optimizer]] = {
     "sgd": lambda p, o, fused: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay, fused=fused),
     "momentum": lambda p, o, fused: torch.optim.SGD(p, lr=o.lr, weight_decay=o.weight_decay, momentum=_or(o.momentum, 0.9), fused=fused),
@@ -347,35 +348,36 @@ def _or(value: float | None, default: float) -> float:
 def make_optimizer(params: Any, optim: OptimSpec) -> torch.optim.Optimizer:
     """The spec's optimizer over ``params``, with PyTorch's fused kernel where it has one for them.
 
-    On the CPU (one thread, small_trials' net on ``digits``, batch 32) Adam's step took 0.73-0.81 ms
-    fused against 1.6 ms for the per-tensor loop torch picks by default on the CPU, a whole iteration
-    11.3-11.4 ms against 11.9-12.6; over whole epochs of ``run_trial`` the difference (0.99x) was
-    inside the machine's noise. Same update rule: the fused kernel computes it in one pass.
+    On the CPU torch otherwise picks a loop of small ops per parameter tensor; the fused step is
+    faster (docs/performance.md, "Fused optimizers"). Same update rule: the fused kernel computes it
+    in one pass.
     """
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES and not p.is_sparse for p in params)
-    return OPTIMIZERS[optim.optimizer](params, optim, fused)
+    return lookup(OPTIMIZERS, optim.optimizer, "optimizer")(params, optim, fused)
 
 
-# The schedule after warm-up, stepped once per optimizer step: (optimizer, spec, steps per epoch, its steps) -> scheduler.
+# The schedule after warm-up, stepped once per optimizer step, one per name of models.spec.choices.SCHEDULES:
+# (optimizer, spec, steps per epoch, its steps) -> scheduler.
 SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, OptimSpec, int, int], LRScheduler]] = {
     "none": lambda opt, o, per_epoch, steps: LambdaLR(opt, lambda step: 1.0),
     "step": lambda opt, o, per_epoch, steps: StepLR(opt, step_size=o.step_size * per_epoch, gamma=o.gamma),
     "exponential": lambda opt, o, per_epoch, steps: StepLR(opt, step_size=per_epoch, gamma=o.gamma),  # gamma once per epoch
     "cosine": lambda opt, o, per_epoch, steps: CosineAnnealingLR(opt, T_max=steps),  # to 0 at the last step
+    # Its own warm-up: the spec refuses warmup_epochs with it, so it always spans every step.
+    "onecycle": lambda opt, o, per_epoch, steps: OneCycleLR(opt, max_lr=o.lr, total_steps=steps),
 }
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec, steps_per_epoch: int) -> LRScheduler:
     """A per-step scheduler: linear warm-up from lr/100 over ``warmup_epochs``, then the spec's schedule."""
     total_steps = optim.epochs * steps_per_epoch
-    if optim.schedule == "onecycle":
-        return OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total_steps)
     warmup_steps = optim.warmup_epochs * steps_per_epoch
+    make_schedule = lookup(SCHEDULES, optim.schedule, "schedule")
     if not warmup_steps:
-        return SCHEDULES[optim.schedule](optimizer, optim, steps_per_epoch, total_steps)
+        return make_schedule(optimizer, optim, steps_per_epoch, total_steps)
     warmup = LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup_steps)
-    decay = SCHEDULES[optim.schedule](optimizer, optim, steps_per_epoch, total_steps - warmup_steps)
+    decay = make_schedule(optimizer, optim, steps_per_epoch, total_steps - warmup_steps)
     return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 
 
@@ -535,9 +537,8 @@ def _checkpoint_state(
 def _snapshot(state: Any) -> Any:
     """A copy of a checkpoint's state that training cannot change: tensors cloned, containers rebuilt.
 
-    A tenth of ``copy.deepcopy``'s time (0.4 ms against 4.6 ms for the default net's model and AdamW
-    state): deepcopy's per-tensor bookkeeping, not the bytes, was the cost, paid on the training path
-    every epoch.
+    Cheaper than ``copy.deepcopy`` (docs/performance.md, "Checkpoint snapshots"): deepcopy's
+    per-tensor bookkeeping, not the bytes, was the cost, paid on the training path every epoch.
     """
     if isinstance(state, torch.Tensor):
         return state.detach().clone()

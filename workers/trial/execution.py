@@ -122,7 +122,7 @@ def _train(
     ending: Ending | None = None
     try:
         result = train_on_devices(spec, tracker, ctx, rt.devices_owned)
-        if spec.latency is not None:  # timed only when the spec asks for it (issue 13)
+        if spec.latency is not None:  # timed only when the spec asks for it: timing costs inference passes
             for key, value in measure_latency(spec, ctx.device, ctx.data_root).items():
                 rt.mlflow.log_metric(trial_id, key, value)
         if result.confusion is not None:

@@ -1,8 +1,9 @@
 """A trained net as an MLflow pytorch model (pt2), each architecture exported once per worker process.
 
-``mlflow.pytorch.log_model`` costs about 1.1 s per trial here (``bench/trial_overhead.py``): it
-traces the net with ``torch.export`` (0.8 s), then loads the result back to check that its input
-example serves (0.5 s), then makes some twenty requests. For a study's trials most of that is the
+``mlflow.pytorch.log_model`` was the largest cost of a small trial outside its epochs
+(docs/performance.md, "Per-trial work outside the epoch"): it traces the net with ``torch.export``,
+then loads the result back to check that its input example serves, then makes some twenty
+requests. For a study's trials most of that is the
 same work again: the architecture (and so the exported graph) repeats, only the weights change.
 
 So the first trial of an architecture is saved by ``mlflow.pytorch.save_model`` into a template
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.compat import CompatError, torch_export
 
 __all__ = ["ModelExporter", "exporter", "placeholder_input"]
 
@@ -147,17 +150,14 @@ def _agrees(template: _Template, model: nn.Module, example: torch.Tensor) -> boo
 
 
 def _archive_without_weights(program_file: Path) -> dict[str, bytes] | None:
-    """The records of a saved program that do not depend on its weights; None if this torch's archive layout is not the one known here."""
+    """The records of a saved program that do not depend on its weights; None if this torch's archive layout is not the one
+    :mod:`models.compat.torch_export` knows (every trial is then saved with ``torch.export.save``)."""
     try:
-        from torch.export.pt2_archive import _package as pt2
-
-        with pt2.PT2ArchiveReader(str(program_file)) as reader:
-            names = reader.get_file_names()
-            records = {n: reader.read_bytes(n) for n in names if not n.startswith((pt2.WEIGHTS_DIR, ".data/"))}
-        if pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format("model") not in names:
-            return None
-        return records
-    except (ImportError, AttributeError, RuntimeError, AssertionError) as exc:
+        return torch_export.read_records_without_weights(program_file)
+    except CompatError as exc:  # a torch upgrade: slower, still correct
+        log.warning("models are saved with torch.export.save: %s", exc)
+        return None
+    except (RuntimeError, AssertionError) as exc:
         log.info("models are saved with torch.export.save: %s", exc)
         return None
 
@@ -172,14 +172,7 @@ def _write_program(template: _Template, program_file: Path) -> None:
     if template.archive is None:
         torch.export.save(template.program, program_file)
         return
-    from torch.export.pt2_archive import _package as pt2
-
-    with pt2.PT2ArchiveWriter(str(program_file)) as writer:
-        config = pt2._package_state_dict("model", template.program, writer)
-        pt2._package_payload_config(writer, config, pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format("model"))
-        for name, data in template.archive.items():
-            if not writer.has_record(name):
-                writer.write_bytes(name, data)
+    torch_export.write_program(template.program, program_file, template.archive)
 
 
 def _stamp(path: Path, run_id: str) -> None:

@@ -20,6 +20,9 @@ a holder that lost the lease and wakes up late cannot replace what a later holde
 counter outlives any one lease (``FENCE_TTL_S``, renewed at each acquisition); should Redis forget
 it anyway (a restart without persistence), the caller passes a floor (the fence the run and the
 checkpoints on disk carry), and the new fence is above it.
+
+:func:`renew_held` and :func:`release_held` are the compare-and-set on a token that every key a
+worker holds uses (this lease, the reconciler's sweep lock, a study's finishing key).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import redis
 
 from models.store.keys import fence_key, lease_key
 
-__all__ = ["FENCE_TTL_S", "Lease"]
+__all__ = ["FENCE_TTL_S", "Lease", "release_held", "renew_held"]
 
 # How long a trial's fence counter lives after its last acquisition: longer than any redelivery of its message.
 FENCE_TTL_S = 7 * 24 * 3600
@@ -50,9 +53,24 @@ redis.call('pexpire', KEYS[2], ARGV[4])
 return fence
 """
 
-# Renew or release only while we still hold the lease (compare-and-set on the token).
+# Renew or release a key only while it still holds our token (compare-and-set): never another holder's.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+def renew_held(client: redis.Redis, key: str, token: str, ttl_ms: int) -> bool:
+    """Give ``key`` ``ttl_ms`` more if it still holds ``token``; False when it expired or another holder's token is there.
+
+    Every key a worker holds with a token (a trial's lease, the reconciler's sweep lock, a study's
+    finishing key) is renewed and released through these two, so none ever extends or deletes a
+    key another process took after it lapsed. Raises redis.RedisError.
+    """
+    return bool(client.eval(_RENEW, 1, key, token, ttl_ms))
+
+
+def release_held(client: redis.Redis, key: str, token: str) -> bool:
+    """Delete ``key`` if it still holds ``token``; whether it did (another holder's key is left alone). Raises redis.RedisError."""
+    return bool(client.eval(_RELEASE, 1, key, token))
 
 
 class Lease:
@@ -84,7 +102,7 @@ class Lease:
     def renew(self) -> bool:
         """Extend the lease; False means it expired and someone else may hold it (lost for good)."""
         asked = time.monotonic()
-        held = bool(self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
+        held = renew_held(self.client, self.key, self.token, self.ttl_ms)
         if held and not self.lost:
             self._renewed_at = asked
         self.lost = self.lost or not held
@@ -111,7 +129,7 @@ class Lease:
             return not self.lost
 
     def release(self) -> None:
-        self.client.eval(_RELEASE, 1, self.key, self.token)
+        release_held(self.client, self.key, self.token)
 
     def __enter__(self) -> Lease:
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.key}", daemon=True)

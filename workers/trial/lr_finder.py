@@ -9,13 +9,13 @@ one outcome at the end, and nothing written by a worker that lost the lease (Sup
 write asks the lease's store, and the ending checks the run's fence, as a trial's does). The
 MLflow run gets the curve as metric series (``lr_finder.lr``, ``lr_finder.loss``,
 ``lr_finder.smoothed_loss`` at step = optimizer step), the two LRs as metrics and tags, the whole
-result as ``lr_finder.json`` and a plot with both LRs marked.
+result as ``lr_finder.json`` and ``plots/lr_range_test.svg``, the curve with both LRs marked
+(:func:`workers.trial.figures.range_test_svg`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,36 +35,13 @@ from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.range_test import Curve, range_test
 from workers.training.train import TrainingContext
 from workers.trial.execution import LeaseHeld, admit, count_attempt, fence_floor, forget_attempt, lost_too_often, tracker_for
+from workers.trial.figures import range_test_svg
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
-__all__ = ["LrAutoFailed", "execute_lr_find", "range_curve_figure", "run_and_record", "with_lr_range"]
+__all__ = ["LrAutoFailed", "execute_lr_find", "run_and_record", "with_lr_range"]
 
 log = logging.getLogger(__name__)
-
-
-def range_curve_figure(spec: LrRangeSpec, result: LrRangeResult) -> Any:
-    """Loss against LR (log scale), raw and centred-average, with the two LRs marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    ax.plot(result.lrs, result.losses, color="0.7", lw=1, label="loss per step")
-    finite = [(lr, s) for lr, s in zip(result.lrs, result.smoothed) if s is not None and math.isfinite(s)]
-    ax.plot([p[0] for p in finite], [p[1] for p in finite], color="tab:blue", lw=2, label=f"centred average ({spec.centred_window()} steps)")
-    ax.axvline(result.largest_stable_lr, color="tab:red", ls="--", label=f"largest stable LR {result.largest_stable_lr:.3g}")
-    ax.axvline(result.suggested_lr, color="tab:green", ls="--", label=f"suggested LR {result.suggested_lr:.3g}")
-    shown = [v for v in result.losses if math.isfinite(v)]
-    if shown:
-        ax.set_ylim(min(shown) * 0.9, min(max(shown), (result.smoothed[0] or shown[0]) * spec.blowup_factor * 1.2))
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="Learning-rate range test")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    return fig
 
 
 def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
@@ -214,7 +191,7 @@ def _log_result(tracker: MlflowTracker, spec: LrRangeSpec, result: LrRangeResult
         tags=[RunTag(TAG.SUGGESTED_LR, f"{result.suggested_lr:.6g}"), RunTag(TAG.LARGEST_STABLE_LR, f"{result.largest_stable_lr:.6g}")],
     )
     client.log_dict(run_id, result.model_dump(mode="json"), "lr_finder.json")
-    client.log_figure(run_id, range_curve_figure(spec, result), "plots/lr_range_test.png")
+    client.log_text(run_id, range_test_svg(spec, result), "plots/lr_range_test.svg")
 
 
 def _end(tracker: MlflowTracker, ending: Ending) -> str:

@@ -45,7 +45,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 import torch
 from mlflow.entities import Metric, RunInfo, RunTag
@@ -53,6 +52,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from torch import nn
 
+from models.compat import mlflow_store
 from models.store import runs
 from models.store.runs import TAG
 from workers.training.batching import BatchPlan
@@ -84,11 +84,9 @@ def direct_artifact_uri(artifact_uri: str, destination: str | None) -> str:
     one HTTP request the (single) server answers; a worker told ``D`` (``CONVTUNE_ARTIFACTS_DESTINATION``:
     the same directory on one host, or the same object store) writes there itself, and the server
     serves the files as if it had stored them. Any other URI, or no destination, is returned as it is.
+    The layout is MLflow's: :func:`models.compat.mlflow_store.artifact_store_uri`.
     """
-    parsed = urlparse(artifact_uri)
-    if not destination or parsed.scheme != "mlflow-artifacts":
-        return artifact_uri
-    return f"{destination.rstrip('/')}/{parsed.path.lstrip('/')}"
+    return mlflow_store.artifact_store_uri(artifact_uri, destination)
 
 
 class Uploads:

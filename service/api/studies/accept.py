@@ -25,10 +25,11 @@ from models.spec.study import StudySpec
 from models.store.claims import ClaimRefused, may_adopt, open_claims, registered_model
 from models.store.runs import KIND, SPEC_TAG_LIMIT, TAG
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
-from service.api.admission import check_callback_url, check_dataset_size, check_params, check_space, served_queue
+from service.api.accept import accept_run
+from service.api.admission import check_callback_url, check_dataset_size, check_epochs, check_params, check_space, served_queue
 from service.api.auth import Principal
 from service.api.errors import FieldError, Forbidden, InfeasibleSpec, InvalidSpec, ServiceUnavailable
-from service.api.limits import check_queued_quota, note_queued
+from service.api.limits import check_queued_quota
 from service.api.studies.records import StudyStore
 from service.api.wiring import Services
 
@@ -43,28 +44,33 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Pri
     queue = served_queue(s.redis, spec.base.queue, s.settings, "base.queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
     claimed = claim_model_name(s, spec.register_as.name, principal) if spec.register_as else False
-    study_id = _create_parent(s, spec, queue, principal)
-    if claimed:
-        _note_claiming_study(s, spec.register_as.name, study_id)
-    try:
-        _create_study(store, study_id, spec, queue)
-        budget = store.budget(study_id)
-        budget.open(spec.budget, spec.parallelism)
-        send_steps(s, study_id, budget.top_up().slots, queue)
-    except Exception as exc:  # never leave the parent SCHEDULED with nothing sent
-        detail = exc.detail if isinstance(exc, ServiceUnavailable) else f"the broker (Redis) is unreachable: {exc}" if isinstance(exc, redis.RedisError) else str(exc)
-        log.warning("study %s not started, marking it failed: %s", study_id, detail)
-        s.runs.end_undispatched(study_id, detail)
+    # MLflow's copies of the spec hold no secret (models.sealing): the Optuna storage keeps the whole spec, callbacks included.
+    public, _ = split_secrets(spec.model_dump(mode="json"))
+
+    def start(study_id: str) -> None:
+        with s.runs.translated(study_id, "study"):
+            s.runs.client.log_dict(study_id, public, "study/spec.json")
+        if claimed:
+            _note_claiming_study(s, spec.register_as.name, study_id)
         try:
-            store.budget(study_id).stop("error")
-        except redis.RedisError:
-            pass  # the parent run is failed: steps that were sent see it and stop
-        if isinstance(exc, redis.RedisError):
-            raise ServiceUnavailable(detail) from exc
-        raise
-    note_queued(s.redis, principal.name, study_id)
+            _create_study(store, study_id, spec, queue)
+            budget = store.budget(study_id)
+            budget.open(spec.budget, spec.parallelism)
+            send_steps(s, study_id, budget.top_up().slots, queue)
+        except Exception:
+            _close_slots(store, study_id)
+            raise
+
+    study_id = accept_run(s, principal, "study", spec.display_name(), _parent_tags(s, spec, queue, public), _parent_params(spec), start)
     log.info("study %s accepted: %d trials, %d in parallel on %s (%s storage)", study_id, spec.budget, spec.parallelism, queue, storage_kind(s.settings.study_storage))
     return study_id
+
+
+def _close_slots(store: StudyStore, study_id: str) -> None:
+    try:
+        store.budget(study_id).stop("error")
+    except redis.RedisError:
+        pass  # the parent run is failed: steps that were sent see it and stop
 
 
 def check_study(s: Services, spec: StudySpec, team: str | None) -> None:
@@ -73,9 +79,7 @@ def check_study(s: Services, spec: StudySpec, team: str | None) -> None:
     check_callback_url(spec.base.callback_url, s.settings, "base.callback_url")
     check_params(spec.base, s.settings, team, field_prefix="base.")
     check_dataset_size(spec.base, s.settings, field_prefix="base.")  # data.* is never searched
-    if spec.base.optim.epochs > s.settings.max_epochs:
-        message = f"at most {s.settings.max_epochs} epochs are allowed on this service"
-        raise InvalidSpec(message, errors=[FieldError(field="base.optim.epochs", message=message)])
+    check_epochs(spec.base.optim.epochs, s.settings, "base.optim.epochs")
     check_space(spec, s.settings, team)  # the epochs it searches, and the size of every configuration it makes
     if spec.base.data.name in ("npz", "folder") and s.settings.data_root is not None:
         try:
@@ -128,31 +132,25 @@ def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None
         s.send(StudyStepMessage(study_id=study_id, slot=slot), queue)
 
 
-def _create_parent(s: Services, spec: StudySpec, queue: str, principal: Principal) -> str:
-    params = {
+def _parent_params(spec: StudySpec) -> dict[str, str]:
+    return {
         "study.sampler": spec.sampler.name, "study.pruner": spec.pruner.name, "study.objective": ",".join(g.metric for g in spec.goals),
         "study.direction": ",".join(spec.directions), "study.seed": str(spec.seed), "study.parallelism": str(spec.parallelism),
         **({"study.constraints": "; ".join(str(c) for c in spec.constraints)[:6000]} if spec.constraints else {}),
         **({"study.register_rule": spec.selection_rule[:6000]} if spec.register_as else {}),
         **{f"space.{k}": json.dumps(p.model_dump(exclude_none=True, exclude={"type"}) if p.type != "categorical" else p.choices)[:6000] for k, p in spec.search_space.items()},
     }
-    # MLflow's copies of the spec hold no secret (models.sealing): the Optuna storage keeps the whole spec, callbacks included.
-    public, _ = split_secrets(spec.model_dump(mode="json"))
+
+
+def _parent_tags(s: Services, spec: StudySpec, queue: str, public: dict[str, Any]) -> dict[str, str]:
+    """The parent run's tags (``public``: the spec without its secrets, kept whole in a tag when it fits)."""
     spec_json = json.dumps(public, separators=(",", ":"))
-    tags = {
+    return {
         TAG.KIND: KIND.STUDY, TAG.QUEUE: queue, TAG.N_TRIALS: str(spec.budget),
         TAG.STUDY_STORAGE: storage_kind(s.settings.study_storage),
         **({TAG.STUDY_SPEC: spec_json} if len(spec_json) <= SPEC_TAG_LIMIT else {}),  # else study/spec.json alone
         **{f"user.{k}": v for k, v in spec.tags.items()},
     }
-    study_id = s.runs.create(spec.display_name(), tags, params, principal)  # only its team (or an admin) may cancel or extend it
-    try:
-        with s.runs.translated(study_id, "study"):
-            s.runs.client.log_dict(study_id, public, "study/spec.json")
-    except ServiceUnavailable as exc:
-        s.runs.end_undispatched(study_id, exc.detail)
-        raise
-    return study_id
 
 
 def _create_study(store: StudyStore, study_id: str, spec: StudySpec, queue: str) -> Any:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.api.schemas import PageToken
+from service.api.schemas import OUTCOME_DESCRIPTION, PageToken
 
 __all__ = [
     "StudyAccepted", "StudyBest", "StudyExtend", "StudyFrontTrial", "StudyList", "StudyListQuery", "StudyPath", "StudyProgress",
@@ -128,7 +128,7 @@ class StudyTrial(BaseModel):
     trial_id: str | None = Field(description="Its MLflow child run id (also a /trials id).")
     name: str | None
     state: str = Field(description="Optuna's state: running, complete, pruned, fail, waiting.")
-    outcome: str | None
+    outcome: str | None = Field(description=OUTCOME_DESCRIPTION)
     reason: str | None
     value: float | None = Field(description="Its (first) objective's value.")
     values: dict[str, float] | None = Field(default=None, description="Each objective's value, by metric (several objectives).")

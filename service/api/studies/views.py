@@ -150,7 +150,7 @@ def study_public(record: StudyRecord) -> StudyPublic:
 
 
 def _diverged_lrs(record: StudyRecord, trials: list[Any]) -> list[float]:
-    """The LR each diverged trial trained at: its sampled optim.lr, else the base's (tuning, issue 4)."""
+    """The LR each diverged trial trained at: its sampled optim.lr, else the base's."""
     lrs = [float(t.params.get("optim.lr", record.spec.base.optim.lr)) for t in trials if t.user_attrs.get(USER_ATTR.OUTCOME) == "diverged"]
     return sorted(lrs)
 
