@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from models.compat import CompatError, kombu_redis
 from models.compat.kombu_redis import UNACKED_INDEX_KEY, UNACKED_KEY, queue_lists
+from models.errors import ConvtuneError
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -39,7 +40,7 @@ QUEUES = ("gpu", "cpu")
 # UNACKED_INDEX_KEY) is kombu's layout, assumed in one place: models.compat.kombu_redis.
 
 
-class NotSent(Exception):
+class NotSent(ConvtuneError):
     """The broker did not take the message (Redis down, stalled or refusing)."""
 
 

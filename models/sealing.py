@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from models.callbacks import DEFAULT_TEAM, shown_url, webhook_key
+from models.errors import ConvtuneError
 
 __all__ = ["SECRET_FIELDS", "SealBroken", "Sealer", "SecretKeySettings", "shown_secrets", "split_secrets", "with_secrets"]
 
@@ -33,7 +34,7 @@ __all__ = ["SECRET_FIELDS", "SealBroken", "Sealer", "SecretKeySettings", "shown_
 SECRET_FIELDS = frozenset({"callback_url"})
 
 
-class SealBroken(ValueError):
+class SealBroken(ConvtuneError, ValueError):
     """A sealed value that this service's key does not open (another key, or altered)."""
 
 

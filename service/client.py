@@ -7,7 +7,11 @@
 Answers of 429 and 503 are retried (by tenacity), waiting what ``Retry-After`` says (capped), up to
 ``retries`` times; so is a connection that could not be made, with exponential backoff. Every submit
 carries an ``Idempotency-Key`` generated once per call, so a retried POST never creates a second trial. Error answers raise
-:class:`ApiProblem` (with the problem document), no answer at all :class:`Unreachable`.
+:class:`ApiProblem` (with the problem document), no answer at all :class:`Unreachable`:
+
+    ClientError                   what this client raises (not a ConvtuneError: the client imports nothing of models)
+     +-- ApiProblem               the API answered with a problem document (4xx/5xx)
+     +-- Unreachable              the API did not answer at all
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["FINAL_STATUSES", "STUDY_FINAL_STATES", "ApiProblem", "ConvtuneClient", "Unreachable"]
+__all__ = ["FINAL_STATUSES", "STUDY_FINAL_STATES", "ApiProblem", "ClientError", "ConvtuneClient", "Unreachable"]
 
 # What the API reports once nothing more will happen: a trial's or lr-find run's ``status``, a study's
 # ``state``. (MLflow's own run statuses, FINISHED/FAILED/KILLED, are another vocabulary.)
@@ -32,7 +36,11 @@ STUDY_FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRIED_STATUSES = (429, 503)
 
 
-class ApiProblem(Exception):
+class ClientError(Exception):
+    """Base of what the client raises about the API's answers (or their absence)."""
+
+
+class ApiProblem(ClientError):
     """The API answered with a problem document (4xx/5xx)."""
 
     def __init__(self, status: int, problem: dict[str, Any]):
@@ -44,7 +52,7 @@ class ApiProblem(Exception):
         super().__init__("\n  ".join([f"{status} {detail}", *lines]))
 
 
-class Unreachable(Exception):
+class Unreachable(ClientError):
     """The API did not answer at all."""
 
 

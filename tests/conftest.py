@@ -31,6 +31,19 @@ TEST_REDIS_DB = int(os.environ.get("CONVTUNE_TEST_REDIS_DB", "11"))
 TEST_SECRET_KEY = "convtune-test-secret-key"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_test_process() -> None:
+    """Under pytest-xdist, the tests that train in their own process use one torch thread each.
+
+    torch's default is a thread per core in every process: two test processes on two cores (plus
+    the workers and servers the integration tests start) would run twice as many busy threads as
+    cores, and its OpenMP threads spin while they wait for each other (workers.training.threads
+    gives the product's workers their share the same way).
+    """
+    if XDIST_WORKER and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,8 @@ For each concept, the spec's Literal is the choices' names in their order, the f
 exactly those names (a name added to the spec only, or to a table only, fails here), and every
 name builds: a tiny ConvNet runs forward for every activation, norm and downsampling; every
 optimizer and schedule takes one step; every sampler and pruner asks one trial of an in-memory
-Optuna study. The docs hold the current rendering of every concept's table.
+Optuna study. The plan's sizing tables (norms, downsampling) have the same names as the modules'.
+The docs hold the current rendering of every concept's table.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from models.nets import convnet
-from models.spec import docs
+from models.spec import docs, plan
 from models.spec.choices import CONCEPTS, lookup, render_table, rendered_docs
 from models.spec.plan import InputInfo, stage_geometry
 from models.spec.study import PrunerSpec, SamplerSpec, StudySpec
@@ -38,6 +39,8 @@ REGISTRIES: dict[str, tuple[dict[str, Any], type, str]] = {
     "samplers": (search.SAMPLERS, SamplerSpec, "name"),
     "pruners": (search.PRUNERS, PrunerSpec, "name"),
 }
+# concept -> models.spec.plan's sizing table keyed by its names (the plan sizes what convnet builds).
+PLAN_TABLES: dict[str, dict[str, Any]] = {"norms": plan.NORM_PARAMS, "downsampling": plan.DOWNSAMPLING_GEOMETRY}
 DIGITS = InputInfo(channels=1, height=8, width=8, num_classes=10)
 
 
@@ -55,6 +58,14 @@ def test_the_factory_table_has_exactly_the_specs_names(concept: str) -> None:
     spec_names = set(names(concept))
     assert set(table) == spec_names, (
         f"{concept}: in models.spec.choices only: {sorted(spec_names - set(table))}; in the factory table only: {sorted(set(table) - spec_names)}"
+    )
+
+
+@pytest.mark.parametrize("concept", sorted(PLAN_TABLES))
+def test_the_plans_sizing_table_has_exactly_the_specs_names(concept: str) -> None:
+    spec_names, table = set(names(concept)), PLAN_TABLES[concept]
+    assert set(table) == spec_names, (
+        f"{concept}: in models.spec.choices only: {sorted(spec_names - set(table))}; in models.spec.plan only: {sorted(set(table) - spec_names)}"
     )
 
 

@@ -9,8 +9,9 @@ somewhere inside a trial. ``pyproject.toml`` caps each of these libraries to the
 contract tests passed on; ``deploy/newest-deps.sh`` runs them against the newest releases.
 
 - :mod:`models.compat.torch_export`: the pt2 archive's weight records (workers only: it imports torch)
+- :mod:`models.compat.torch_state`: the load metadata on a module's state dict (workers only: it imports torch)
 - :mod:`models.compat.optuna_storage`: a study's storage and a trial's storage id
-- :mod:`models.compat.mlflow_store`: the client's tracking store, MLflow's REST helper, the proxied artifact layout
+- :mod:`models.compat.mlflow_store`: the client's tracking store, MLflow's REST helper, artifact repositories, the tables tag, the proxied artifact layout
 - :mod:`models.compat.kombu_redis`: kombu's Redis keys for queued and unacked messages
 - :mod:`models.compat.httpx_transport`: the connection pool inside httpx's transport
 

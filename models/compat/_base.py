@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from models.errors import ConvtuneError
+
 __all__ = ["CompatError", "installed_version", "require"]
 
 
@@ -15,7 +17,7 @@ def installed_version(distribution: str) -> str:
         return "not installed"
 
 
-class CompatError(RuntimeError):
+class CompatError(ConvtuneError, RuntimeError):
     """An installed library breaks an assumption a ``models.compat`` module makes about its internals.
 
     The message names the library, its installed version, the assumption and the module that makes

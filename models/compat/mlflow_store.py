@@ -1,6 +1,6 @@
-"""MLflow: the client's tracking store, MLflow's REST request helper, and where a tracking server stores proxied artifacts.
+"""MLflow: the client's tracking store, its REST helper, its artifact repositories and tables tag, the proxied artifact layout.
 
-Three things convtune takes from MLflow beyond its documented client API:
+What convtune takes from MLflow beyond its documented client API:
 
 - ``MlflowClient._tracking_client.store``, the store behind a client, whose ``update_run_info(run_id,
   status, end_time=, run_name=)`` changes a run's status in one request (``MlflowClient.update_run``
@@ -10,7 +10,13 @@ Three things convtune takes from MLflow beyond its documented client API:
   routes its client does not wrap without importing MLflow's server (the basic-auth role routes);
 - the artifact layout of ``mlflow server --artifacts-destination D``: a run's artifact URI is
   ``mlflow-artifacts:/<experiment>/<run>/artifacts`` and the server keeps its files under
-  ``D/<experiment>/<run>/artifacts``, so a worker that can reach ``D`` writes there itself.
+  ``D/<experiment>/<run>/artifacts``, so a worker that can reach ``D`` writes there itself;
+- ``mlflow.store.artifact.artifact_repository_registry.get_artifact_repository``: the repository
+  behind an artifact URI, whose ``log_artifact(local, artifact_path)`` uploads one file (the
+  workers upload on threads of their own, to that URI or the store's path of it);
+- ``mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS``: the run tag listing a run's tables
+  (``[{"path": ..., "type": "table"}]``), as ``MlflowClient.log_table`` writes it and the UI and
+  ``MlflowClient.load_table`` read it.
 
 Checked on mlflow 3.18.0 (``tests/compat/test_mlflow_store.py``). MLflow is imported only inside
 the functions: the API's start does not pay for it here.
@@ -18,6 +24,7 @@ the functions: the API's start does not pay for it here.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -26,7 +33,7 @@ from models.compat._base import CompatError, require
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["artifact_store_uri", "rest_call", "set_run_status"]
+__all__ = ["artifact_repository", "artifact_store_uri", "rest_call", "set_run_status", "tables_tag"]
 
 _LIBRARY = "mlflow"
 PROXIED_SCHEME = "mlflow-artifacts"
@@ -69,3 +76,31 @@ def artifact_store_uri(artifact_uri: str, destination: str | None) -> str:
     if not destination or parsed.scheme != PROXIED_SCHEME:
         return artifact_uri
     return f"{destination.rstrip('/')}/{parsed.path.lstrip('/')}"
+
+
+def artifact_repository(artifact_uri: str, tracking_uri: str) -> Any:
+    """MLflow's artifact repository for ``artifact_uri``: its ``log_artifact(local, artifact_path)`` uploads one file.
+
+    Raises CompatError when this MLflow has no such registry, or a repository without ``log_artifact``.
+    """
+    try:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    except ImportError as exc:
+        raise CompatError(_LIBRARY, "mlflow.store.artifact.artifact_repository_registry.get_artifact_repository gives the repository of a URI",
+                          __name__, str(exc)) from exc
+    repository = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+    require(repository, "log_artifact", _LIBRARY, "an artifact repository uploads a file with log_artifact(local, artifact_path)", __name__)
+    return repository
+
+
+def tables_tag(*paths: str) -> tuple[str, str]:
+    """The run tag (name, value) marking the JSON artifacts ``paths`` as tables, as ``MlflowClient.log_table`` writes it.
+
+    Raises CompatError when this MLflow names no such tag.
+    """
+    try:
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+    except ImportError as exc:
+        raise CompatError(_LIBRARY, "mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS names the run tag listing its tables", __name__,
+                          str(exc)) from exc
+    return MLFLOW_LOGGED_ARTIFACTS, json.dumps([{"path": path, "type": "table"} for path in paths])

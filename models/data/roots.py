@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.errors import ConvtuneError
+
 __all__ = ["RESERVED_TEAM_NAMES", "SHARED_FOLDER", "DataRoot", "InvalidData", "data_root_for"]
 
 SHARED_FOLDER = "shared"
@@ -26,7 +28,7 @@ SHARED_FOLDER = "shared"
 RESERVED_TEAM_NAMES = frozenset({SHARED_FOLDER, ".", ".."})
 
 
-class InvalidData(ValueError):
+class InvalidData(ConvtuneError, ValueError):
     """The data set named by a spec cannot be used; the message says why, in a person's words."""
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from models.spec.errors import ConvtuneError
+
 __all__ = ["OUTCOMES", "Outcome", "OutcomeName", "UnknownOutcome", "describe_outcomes", "outcome"]
 
 
@@ -67,7 +69,7 @@ OUTCOMES: dict[str, Outcome] = {o.name: o for o in _TABLE}
 OutcomeName = Literal[tuple(OUTCOMES)]  # type: ignore[valid-type]
 
 
-class UnknownOutcome(KeyError):
+class UnknownOutcome(ConvtuneError, KeyError):
     """A name that is not an outcome of :data:`OUTCOMES`."""
 
     def __str__(self) -> str:

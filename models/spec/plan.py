@@ -31,10 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from models.spec.choices import lookup
+from models.spec.errors import ConvtuneError
 from models.spec.trial import ConvNetSpec, DataSpec
 
 __all__ = [
-    "InfeasibleArchitecture", "InputInfo", "LayerPlan", "NetworkPlan", "StageGeometry",
+    "DOWNSAMPLING_GEOMETRY", "NORM_PARAMS", "InfeasibleArchitecture", "InputInfo", "LayerPlan", "NetworkPlan", "StageGeometry",
     "builtin_input", "conv_has_bias", "plan_network", "size_problem", "stage_geometry",
 ]
 
@@ -64,7 +66,7 @@ def builtin_input(data: DataSpec) -> InputInfo | None:
     return None
 
 
-class InfeasibleArchitecture(ValueError):
+class InfeasibleArchitecture(ConvtuneError, ValueError):
     """The architecture cannot run on its input; ``layer`` is where, ``field`` the spec field to change."""
 
     def __init__(self, layer: str, field: str, reason: str):
@@ -114,7 +116,9 @@ class StageGeometry:
     dilation: int = 1
 
 
-_DOWNSAMPLING: dict[str, Callable[[int], StageGeometry]] = {
+# Keyed by the names of models.spec.choices (DOWNSAMPLING, NORMS), as the modules' tables in
+# models.nets.convnet are; tests/test_registries.py fails when a name is missing from either.
+DOWNSAMPLING_GEOMETRY: dict[str, Callable[[int], StageGeometry]] = {
     "stride": lambda stage: StageGeometry(stride=2),
     "maxpool": lambda stage: StageGeometry(pool=True),
     "avgpool": lambda stage: StageGeometry(pool=True),
@@ -122,20 +126,17 @@ _DOWNSAMPLING: dict[str, Callable[[int], StageGeometry]] = {
 }
 # Norm -> (affine parameters per channel, whether the conv before it keeps its bias). A bias before
 # batch or group norm is cancelled by the mean subtraction, so the conv goes without.
-_NORM_PARAMS: dict[str, tuple[int, bool]] = {"batch": (2, False), "group": (2, False), "none": (0, True)}
+NORM_PARAMS: dict[str, tuple[int, bool]] = {"batch": (2, False), "group": (2, False), "none": (0, True)}
 
 
 def stage_geometry(downsample: str, stage: int) -> StageGeometry:
     """Geometry of stage ``stage`` (1-based) under ``downsample``; stage 1 never downsamples."""
-    if downsample not in _DOWNSAMPLING:
-        raise ValueError(f"unknown downsample {downsample!r}; known: {', '.join(sorted(_DOWNSAMPLING))}")
-    return StageGeometry() if stage == 1 else _DOWNSAMPLING[downsample](stage)
+    geometry = lookup(DOWNSAMPLING_GEOMETRY, downsample, "downsample")
+    return StageGeometry() if stage == 1 else geometry(stage)
 
 
 def _norm_params(norm: str) -> tuple[int, bool]:
-    if norm not in _NORM_PARAMS:
-        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(sorted(_NORM_PARAMS))}")
-    return _NORM_PARAMS[norm]
+    return lookup(NORM_PARAMS, norm, "norm")
 
 
 def conv_has_bias(norm: str) -> bool:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, Field, model_validator
 
 from models.spec.base import Spec
+from models.spec.errors import ConvtuneError
 from models.spec.trial import TrialSpec
 
 __all__ = [
@@ -85,7 +86,7 @@ class LrAutoSpec(RangeTestSettings):
     decades: float = Field(default=1.0, gt=0.0, le=3.0, description="How far, in decades, either side of the suggested LR the search goes.")
 
 
-class NoSuggestion(ValueError):
+class NoSuggestion(ConvtuneError, ValueError):
     """The curve does not allow a suggestion (the loss never fell); the message says what to change."""
 
 

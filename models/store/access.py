@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from models.compat import mlflow_store
+from models.errors import ConvtuneError
 from models.store.teams import TEAM_NAME
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ ROUTES = {
 _TEAM = re.compile(TEAM_NAME)
 
 
-class AccessNotGranted(Exception):
+class AccessNotGranted(ConvtuneError):
     """MLflow refused a grant or did not answer; the message says which and what to check."""
 
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from models.errors import ConvtuneError
 from models.store.teams import team_of
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ _since = sa.Table(  # one row: when this storage's claims began (names registere
 )
 
 
-class ClaimRefused(Exception):
+class ClaimRefused(ConvtuneError):
     """The name is claimed by another team (never said which)."""
 
 

@@ -17,7 +17,9 @@
 Foreign errors are translated where they enter (``raise ... from``); anything else that escapes a
 view is logged and becomes a 500 ``internal-error`` without details. Every problem has a stable
 ``type`` URI, a ``title``, a human ``detail``, the ``status`` and, for validation, ``errors``: a
-list of ``{"field": "optim.lr", "message": ...}``.
+list of ``{"field": "optim.lr", "message": ...}``. ApiError derives from ConvtuneError, the root both
+processes share (:mod:`models.errors`), whose own classes (InfeasibleArchitecture, InvalidData...) are
+translated into these where they enter the API.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from pydantic import BaseModel, Field, ValidationError
 from werkzeug.exceptions import HTTPException
+
+from models.errors import ConvtuneError
 
 __all__ = [
     "ApiError",
@@ -69,7 +73,7 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = None
 
 
-class ApiError(Exception):
+class ApiError(ConvtuneError):
     """Base of every error the API answers with a problem document."""
 
     status = 500

@@ -107,6 +107,49 @@ def test_a_proxied_artifact_uri_is_the_path_mlflow_asks_its_server_for(tmp_path:
     assert mlflow_store.artifact_store_uri("s3://bucket/12/run/artifacts", str(tmp_path)) == "s3://bucket/12/run/artifacts"
 
 
+def _run_with_local_artifacts(client: MlflowClient, name: str, store: Path) -> tuple[str, str]:
+    """A run of a new experiment ``name`` whose artifacts live under ``store``: its experiment id and run id."""
+    experiment = client.create_experiment(name, artifact_location=store.as_uri())
+    return experiment, client.create_run(experiment).info.run_id
+
+
+def test_an_artifact_repository_uploads_a_file_where_the_client_finds_it(local_client: MlflowClient, tmp_path: Path):
+    _, run_id = _run_with_local_artifacts(local_client, "compat-artifacts", tmp_path / "store")
+    local = tmp_path / "sent.txt"
+    local.write_text("uploaded")
+    repository = mlflow_store.artifact_repository(local_client.get_run(run_id).info.artifact_uri, local_client.tracking_uri)
+    repository.log_artifact(str(local), "texts")
+    assert [f.path for f in local_client.list_artifacts(run_id, "texts")] == ["texts/sent.txt"]
+    assert Path(local_client.download_artifacts(run_id, "texts/sent.txt", str(tmp_path / "back"))).read_text() == "uploaded"
+
+
+def test_a_table_written_with_the_tables_tag_is_one_mlflow_load_table_reads(local_client: MlflowClient, tmp_path: Path):
+    experiment, run_id = _run_with_local_artifacts(local_client, "compat-tables", tmp_path / "store")
+    table = tmp_path / "model_summary.json"  # pandas' "split" JSON, as convtune writes a model summary
+    table.write_text(json.dumps({"columns": ["layer", "params"], "data": [["conv1", 448], ["fc", 650]]}))
+    mlflow_store.artifact_repository(local_client.get_run(run_id).info.artifact_uri, local_client.tracking_uri).log_artifact(str(table))
+    local_client.set_tag(run_id, *mlflow_store.tables_tag("model_summary.json"))
+
+    loaded = local_client.load_table(experiment, "model_summary.json", run_ids=[run_id])
+    assert loaded[["layer", "params"]].values.tolist() == [["conv1", 448], ["fc", 650]]
+
+
+def test_an_artifact_registry_gone_from_mlflow_is_named_in_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import mlflow.store.artifact.artifact_repository_registry as registry
+
+    monkeypatch.delattr(registry, "get_artifact_repository")
+    with pytest.raises(CompatError, match=rf"mlflow .* {MODULE} assumes: .*get_artifact_repository gives the repository of a URI"):
+        mlflow_store.artifact_repository(tmp_path.as_uri(), "sqlite:///unused.db")
+
+
+def test_a_tables_tag_gone_from_mlflow_tags_is_named_in_a_clear_error(monkeypatch: pytest.MonkeyPatch):
+    import mlflow.utils.mlflow_tags
+
+    monkeypatch.delattr(mlflow.utils.mlflow_tags, "MLFLOW_LOGGED_ARTIFACTS")
+    with pytest.raises(CompatError, match=rf"mlflow .* {MODULE} assumes: .*MLFLOW_LOGGED_ARTIFACTS names the run tag listing its tables"):
+        mlflow_store.tables_tag("model_summary.json")
+
+
 @pytest.fixture(scope="module")
 def proxying_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``mlflow server --artifacts-destination D`` of this module's own: its address and D."""

@@ -355,6 +355,10 @@ class Stack:
         for path in (home, tmp):
             path.mkdir(parents=True, exist_ok=True)
         env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "HOSTNAME": c.name, "TMPDIR": str(tmp), **self.net.environment(c)}
+        # What a CPU quota of one core per container would give it (workers.training.threads reads the
+        # cgroup's): every container here shares this host's cores with the other test process, and
+        # torch's default (a thread per core in each process) would have them preempt each other.
+        env.setdefault("CONVTUNE_TORCH_THREADS", "1")
         process = Process(c, self.net.command(c), env, cwd, self.home / "logs" / f"{c.name}.log")
         self.processes.append(process)
         return process

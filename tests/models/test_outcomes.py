@@ -1,5 +1,6 @@
 """The outcome table against everything that maps an outcome: the code that writes them, the study's
-Optuna states, the client's status, the API schema and docs/api.md.
+Optuna states, the client's status, the API schema and docs/api.md (the one doc that lists them;
+any other doc links to it, and one that copies part of the table fails here).
 
 The code is read with ``ast``: every string given where an outcome goes (an argument of a parameter
 called ``outcome``, an ``Ending``, an ``outcome = ...`` assignment, a comparison with an outcome, a
@@ -254,3 +255,40 @@ def test_docs_api_lists_every_outcome_as_the_table_says():
     missing = [row for row in expected if row not in rows]
     extra = [row for row in rows if row not in expected]
     assert not missing and not extra, f"docs/api.md's ## Outcomes table disagrees with models/spec/outcomes.py; rows it should have: {missing}; rows it should not: {extra}"
+
+
+# An outcome's MLflow status or Optuna state, as a doc would copy it.
+_RECORDED_AS = {"FINISHED", "FAILED", "KILLED", "COMPLETE", "PRUNED", "FAIL"}
+
+
+def outcome_table_copies(text: str) -> list[str]:
+    """The paragraphs, list items and table rows of a markdown ``text`` that copy part of the outcome table.
+
+    A table row keyed by an outcome that names a status or state, or a passage that pairs three or
+    more outcomes with two or more statuses or states (``succeeded`` COMPLETE; ``pruned`` PRUNED...).
+    """
+    copies = []
+    for passage in re.split(r"\n\s*\n|\n(?=\s*[-*] )|\n(?=\|)", text):
+        outcomes = set(re.findall(r"`([a-z_]+)`", passage)) & set(OUTCOMES)
+        recorded = set(re.findall(r"\b[A-Z]+\b", passage)) & _RECORDED_AS
+        if (passage.startswith("| `") and outcomes and recorded) or (len(outcomes) >= 3 and len(recorded) >= 2):
+            copies.append(passage.strip())
+    return copies
+
+
+def test_the_copy_finder_finds_a_table_row_and_a_state_list():
+    assert outcome_table_copies("intro\n\n| `timeout` | FAILED | past its limit |\n| `cancelled` | KILLED | flag |\n") == [
+        "| `timeout` | FAILED | past its limit |", "| `cancelled` | KILLED | flag |",
+    ]
+    state_list = "- Outcome -> Optuna state: `succeeded` COMPLETE; `pruned`,\n  `diverged` PRUNED; `error` FAIL."
+    assert outcome_table_copies(f"text\n{state_list}\n- next item") == [state_list]
+    assert outcome_table_copies("- `over_budget` (MLflow FAILED, like `infeasible`) and a reason") == []
+
+
+_OTHER_DOCS = [p for p in [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").glob("*.md"))] if p.name != "api.md"]
+
+
+@pytest.mark.parametrize("path", _OTHER_DOCS, ids=lambda p: p.name)
+def test_no_doc_but_docs_api_carries_a_copy_of_the_outcome_table(path: Path):
+    copies = outcome_table_copies(path.read_text(encoding="utf-8"))
+    assert not copies, f"{path.name} copies the outcome table (link to docs/api.md#outcomes instead): {copies}"

@@ -34,6 +34,7 @@ from models.compat import httpx_transport
 from models.logs import log_context
 from models.messages import TASK_DELIVER_CALLBACK, CallbackMessage
 from workers.callbacks.app import app, settings
+from workers.errors import WorkerError
 from workers.failures import task_options
 from workers.settings import WorkerSettings
 
@@ -46,11 +47,11 @@ RETRIED_STATUSES = frozenset({408, 425, 429})
 _resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="callback-dns")
 
 
-class RetryableDelivery(Exception):
+class RetryableDelivery(WorkerError):
     """The receiver could not take the event now; try again later."""
 
 
-class RefusedDestination(Exception):
+class RefusedDestination(WorkerError):
     """The callback's address or port is one callbacks may not reach (private, loopback, metadata...)."""
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from models.compat import CompatError, kombu_redis
 from models.store.runs import TAG
 
 __all__ = ["Held", "Messages", "Seen", "Verdict", "judge_run", "judge_slot", "parse_messages", "run_status", "unheld"]
@@ -41,8 +42,8 @@ def parse_messages(queued: Iterable[bytes], unacked: dict[bytes, bytes], deliver
     copies = []
     for tag, raw in unacked.items():
         try:
-            message = json.loads(raw)[0]
-        except (ValueError, TypeError, IndexError, KeyError):
+            message = kombu_redis.unacked_value(raw)[0]
+        except CompatError:  # not a message kombu wrote
             continue
         task_id = _task_id(message)
         if task_id:

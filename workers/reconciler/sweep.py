@@ -51,6 +51,7 @@ from models.store.runs import KIND, TAG, TERMINAL_STATUSES
 from models.store.search import USER_ATTR, open_storage, storage_kind
 from models.store.teams import experiment_ids
 from workers.callbacks.announce import announce_end
+from workers.errors import WorkerError
 from workers.reconciler.checkpoints import sweep_checkpoints
 from workers.reconciler.judge import Held, Messages, Seen, Verdict, judge_run, judge_slot, parse_messages, run_status, unheld
 from workers.reconciler.unserved import end_unserved
@@ -76,7 +77,7 @@ class Action(NamedTuple):
     why: str
 
 
-class LockLost(Exception):
+class LockLost(WorkerError):
     """The sweep lock lapsed and another reconciler took it: this sweep stops where it is."""
 
 

@@ -96,12 +96,12 @@ def tell_ended(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, number:
 
 def _ended_state(rt: WorkerRuntime, stored: optuna.Study, spec: StudySpec, trial: optuna.Trial, run: Any, outcome: str) -> tuple[TrialState, Any]:
     """The Optuna state and value(s) of an ended run's outcome, its constraints and measures set on ``trial``."""
-    frozen = trial._cached_frozen_trial
-    if outcome == "duplicate" and USER_ATTR.DUPLICATE_OF in frozen.user_attrs:
-        return _twin_state(stored, spec, trial, int(frozen.user_attrs[USER_ATTR.DUPLICATE_OF]))
-    measured = frozen.user_attrs.get(USER_ATTR.MEASURES) or run_sizes(run.data.tags)
+    user_attrs = trial.user_attrs
+    if outcome == "duplicate" and USER_ATTR.DUPLICATE_OF in user_attrs:
+        return _twin_state(stored, spec, trial, int(user_attrs[USER_ATTR.DUPLICATE_OF]))
+    measured = user_attrs.get(USER_ATTR.MEASURES) or run_sizes(run.data.tags)
     if outcome != "succeeded":
-        if not frozen.constraints:  # an over_budget trial had them set before its run ended
+        if not trial.constraints:  # an over_budget trial had them set before its run ended
             constrain(trial, spec, measured)
         return (TrialState.PRUNED if trial_state(outcome) == TrialState.PRUNED else TrialState.FAIL), None
     series = {m: [x.value for x in sorted(rt.mlflow.get_metric_history(run.info.run_id, m), key=lambda x: x.step)] for m in best_epoch_metrics(spec)}

@@ -64,6 +64,7 @@ from models.store.keys import lease_key, slot_lease_id
 from models.store.runs import TAG, TERMINAL_STATUSES, trial_tags
 from models.store.search import USER_ATTR, fail_trial, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from workers.callbacks.announce import count_outcome
+from workers.errors import WorkerError
 from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.study.measures import broken_budgets, constrain, final_measures, over_budget_reason, sizes, trial_sizes
@@ -109,7 +110,7 @@ def _parent(rt: WorkerRuntime, study_id: str) -> Parent:
     return parent
 
 
-class TrialFailed(Exception):
+class TrialFailed(WorkerError):
     """The trial ended without telling anything about its configuration (Optuna FAIL)."""
 
 

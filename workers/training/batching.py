@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from models.spec.trial import OptimSpec, TrialSpec
+from workers.errors import WorkerError
 
 __all__ = ["BatchPlan", "BatchTooLarge", "MemoryProbe", "largest_fitting", "plan_batches", "scaled_lr"]
 
 log = logging.getLogger(__name__)
 
 
-class BatchTooLarge(MemoryError):
+class BatchTooLarge(WorkerError, MemoryError):
     """Even the smallest batch does not fit the device; classified as ``out_of_memory``."""
 
 

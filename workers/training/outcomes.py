@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from models.data.sets import InvalidData
 from models.spec.outcomes import OUTCOMES
 from models.spec.outcomes import outcome as find_outcome
+from workers.errors import WorkerError
 
 __all__ = ["Cancelled", "Diverged", "Ending", "Pruned", "Superseded", "TimedOut", "TrialStopped", "classify"]
 
@@ -39,7 +40,7 @@ class Ending:
         return cls(find_outcome(outcome).mlflow_status, outcome, reason)
 
 
-class TrialStopped(Exception):
+class TrialStopped(WorkerError):
     """Base of the deliberate stops; each subclass names its outcome, and takes that outcome's MLflow status."""
 
     outcome = "error"

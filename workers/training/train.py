@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR, StepLR
 
+from models.compat import torch_state
 from models.data.roots import DataRoot
 from models.nets.convnet import build_model
 from models.spec.choices import lookup
 from models.spec.plan import plan_network
 from models.spec.trial import OptimSpec, TrialSpec
+from workers.errors import WorkerError
 from workers.training.batching import BatchPlan, MemoryProbe, plan_batches
 from workers.training.data import device_data
 from workers.training.divergence import DivergenceDetector
@@ -544,8 +546,7 @@ def _snapshot(state: Any) -> Any:
         return state.detach().clone()
     if type(state) in (dict, OrderedDict):  # a module's state_dict is an OrderedDict with its load metadata
         copied = type(state)((k, _snapshot(v)) for k, v in state.items())
-        if hasattr(state, "_metadata"):
-            copied._metadata = copy.deepcopy(state._metadata)  # type: ignore[attr-defined]
+        torch_state.copy_load_metadata(state, copied)
         return copied
     if type(state) in (list, tuple):
         return type(state)(_snapshot(v) for v in state)
@@ -639,7 +640,7 @@ def remove_checkpoints(base: Path, below: int | None = None) -> list[Path]:
     return removed
 
 
-class UnreadableCheckpoint(Exception):
+class UnreadableCheckpoint(WorkerError):
     """The checkpoint exists but cannot be loaded (torn by a crash mid-write on a file system without atomic rename,
     damaged, or not a checkpoint of this trial): it is lost, and the trial trains again from its first epoch."""
 

@@ -38,6 +38,7 @@ from models.data import data_root_for
 from models.spec.trial import TrialSpec
 from models.store.keys import attempts_key, cancel_key, lease_key
 from models.store.runs import TERMINAL_STATUSES
+from workers.errors import WorkerError
 from workers.failures import is_infrastructure
 from workers.runtime import WorkerRuntime
 from workers.training.devices import train_on_devices
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
-class LeaseHeld(Exception):
+class LeaseHeld(WorkerError):
     """Another worker holds this trial's lease; try again after ``retry_in_s``."""
 
     def __init__(self, trial_id: str, retry_in_s: int):

@@ -30,6 +30,7 @@ from models.store import runs
 from models.store.keys import cancel_key
 from models.store.runs import KIND, TAG
 from models.store.search import USER_ATTR
+from workers.errors import WorkerError
 from workers.failures import is_infrastructure
 from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.range_test import Curve, range_test
@@ -112,7 +113,7 @@ def run_and_record(spec: LrRangeSpec, tracker: MlflowTracker, ctx: TrainingConte
     return Ending("FINISHED", "succeeded", summary), result
 
 
-class LrAutoFailed(Exception):
+class LrAutoFailed(WorkerError):
     """A study's ``lr_auto`` range test gave no range; the message says why."""
 
 

@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from mlflow.entities import Metric, RunInfo, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from torch import nn
 
 from models.compat import mlflow_store
@@ -140,10 +139,8 @@ class Uploads:
 
     def repository(self) -> Any:
         if self._repository is None:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
             uri = direct_artifact_uri(self.artifact_uri or self.client.get_run(self.run_id).info.artifact_uri, self.destination)
-            self._repository = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
+            self._repository = mlflow_store.artifact_repository(uri, self.client.tracking_uri)
         return self._repository
 
     def staging(self) -> Path:
@@ -295,11 +292,11 @@ class MlflowTracker:
         table = {"columns": keys, "data": [[json.dumps(r[k]) if isinstance(r[k], (list, tuple)) else r[k] for k in keys] for r in rows]}
         self.uploads.text(json.dumps(table), "model_summary.json")
         self.uploads.text(_summary_text(rows), "model_summary.txt")
-        tables = {MLFLOW_LOGGED_ARTIFACTS: json.dumps([{"path": "model_summary.json", "type": "table"}])}
+        tag, tables = mlflow_store.tables_tag("model_summary.json")
         if self._starting is not None:
-            self._starting.update(tables)
+            self._starting[tag] = tables
         else:
-            self.uploads.submit(self.client.set_tag, self.run_id, MLFLOW_LOGGED_ARTIFACTS, tables[MLFLOW_LOGGED_ARTIFACTS])
+            self.uploads.submit(self.client.set_tag, self.run_id, tag, tables)
 
     def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None:
         """At the end of training: the learning curves and the trained model."""
