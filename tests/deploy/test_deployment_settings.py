@@ -80,6 +80,7 @@ def _start(argv: list[str], tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
 
 
+@pytest.mark.integration  # starts the process
 def test_the_api_process_refuses_to_start(tmp_path: Path):
     started = _start([sys.executable, "-m", "gunicorn", "-c", "python:service.api.gunicorn_conf", "--workers", "1", "--bind", "127.0.0.1:0",
                       "service.api:create_app()"], tmp_path)
@@ -87,6 +88,7 @@ def test_the_api_process_refuses_to_start(tmp_path: Path):
     assert "CONVTUNE_STUDY_STORAGE='/srv/studies.journal' is a local file, but CONVTUNE_DEPLOYMENT=distributed" in started.stdout + started.stderr
 
 
+@pytest.mark.integration  # starts the process
 def test_a_worker_process_refuses_to_start(tmp_path: Path):
     started = _start([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "solo", "-Q", "cpu"], tmp_path)
     assert started.returncode != 0

@@ -9,6 +9,8 @@ checkpoint), and MLflow keeps one row per (key, step, value, timestamp). Real ML
 
 from __future__ import annotations
 
+import pytest
+
 import time
 import uuid
 from concurrent.futures import Future
@@ -16,6 +18,9 @@ from concurrent.futures import Future
 from mlflow.tracking import MlflowClient
 
 from workers.trial.tracking import MlflowTracker
+
+pytestmark = pytest.mark.integration  # a real mlflow server
+
 
 METRICS = {"train_loss": 0.75, "val_loss": 0.5, "val_accuracy": 0.875}
 

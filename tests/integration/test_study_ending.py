@@ -27,6 +27,9 @@ from models.store.search import distribution
 from workers.settings import WorkerSettings
 from workers.study import report
 
+pytestmark = pytest.mark.integration  # a real mlflow server
+
+
 BASE = {"model": {"channels": [4, 8], "convs_per_stage": 1}, "optim": {"epochs": 1}, "data": {"name": "digits"}}
 
 

@@ -22,7 +22,7 @@ import redis
 
 from tests.conftest import ROOT, free_port, wait_for
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")]  # starts real worker/stack processes
 
 # What a shell does to a background job without job control: SIGINT ignored, kept across exec.
 IGNORING_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"

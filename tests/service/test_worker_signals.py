@@ -22,7 +22,7 @@ import redis
 from tests.conftest import ROOT, free_port, wait_for
 from tests.service.test_stack_signals import IGNORING_SIGINT, alive, descendants
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")]  # starts real worker/stack processes
 
 CLI = [sys.executable, "-c", "from service.cli.main import main; main()"]
 

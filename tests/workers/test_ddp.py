@@ -61,12 +61,14 @@ def one_process() -> list[float]:
     return curve(tracker)
 
 
+@pytest.mark.integration  # spawns a second process
 def test_two_spawned_processes_follow_the_one_process_curve(tmp_path: Path, one_process: list[float]):
     out = tmp_path / "rank0.json"
     mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True)
     assert json.loads(out.read_text()) == pytest.approx(one_process, rel=1e-3)
 
 
+@pytest.mark.integration  # spawns a second process
 def test_worker_path_trains_as_rank_zero_with_a_spawned_rank_one(tmp_path: Path, one_process: list[float]):
     tracker = ListTracker()
     told: list[BatchPlan] = []
