@@ -22,6 +22,10 @@ worker_class = "gthread"
 threads = int(os.environ.get("CONVTUNE_GUNICORN_THREADS", "4"))
 # Let a long MLflow call finish rather than kill the worker at gunicorn's default 30 s.
 timeout = int(os.environ.get("CONVTUNE_GUNICORN_TIMEOUT", "60"))
+# An idle keep-alive connection is closed by the client first: at gunicorn's default of 2 s the server
+# closed connections that clients (httpx keeps them 5 s, load balancers 60 s) were sending a POST on at
+# that moment, which they see as "Server disconnected without sending a response" and must not retry.
+keepalive = int(os.environ.get("CONVTUNE_GUNICORN_KEEPALIVE", "75"))
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
