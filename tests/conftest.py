@@ -31,6 +31,49 @@ TEST_REDIS_DB = int(os.environ.get("CONVTUNE_TEST_REDIS_DB", "11"))
 TEST_SECRET_KEY = "convtune-test-secret-key"
 
 
+# The files that take longest, longest first (`--durations` of a whole run). pytest-xdist hands out
+# whole files (--dist loadfile), by default those with the most tests first: the few long tests of a
+# deployment file then started last and ran alone while the other process idled. Started first, the
+# many short files fill the gaps at the end.
+SLOWEST_FILES = (
+    "tests/deploy/test_compose_as_processes.py",
+    "tests/integration/test_faults.py",
+    "tests/deploy/test_k8s_as_processes.py",
+    "tests/integration/test_studies.py",
+    "tests/integration/test_study_recovery.py",
+    "tests/integration/test_ci_examples.py",
+    "tests/integration/test_leases.py",
+    "tests/integration/test_fleet.py",
+    "tests/integration/test_load.py",
+    "tests/integration/test_stack.py",
+    "tests/integration/test_worker_recovery.py",
+    "tests/integration/test_tuning.py",
+    "tests/service/test_worker_signals.py",
+    "tests/e2e/test_mlflow_ui.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slowest files first, then the other files that start processes, then the rest (each file's tests in order)."""
+
+    def path(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    starts_processes = {path(item) for item in items if item.get_closest_marker("integration")}
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if path(item) in SLOWEST_FILES:
+            return 0, SLOWEST_FILES.index(path(item))
+        return (1, 0) if path(item) in starts_processes else (2, 0)
+
+    items.sort(key=rank)  # stable: a file's tests stay together and in order, as do files of one rank
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread_per_test_process() -> None:
     """Under pytest-xdist, the tests that train in their own process use one torch thread each.

@@ -13,9 +13,9 @@ It has its own Redis client with the workers' short timeouts: a Redis that fails
 once a minute and tried again at the next beat. A worker that stops cleanly removes its beat; one
 killed whole stops beating and its beat lapses after :data:`~models.store.fleet.BEAT_TTL_S`.
 
-What it reads of Celery's worker state is internal to Celery and read here only
-(:func:`held_task_ids`, :func:`consumed_queues`); ``tests/workers/test_fleet.py`` checks exactly
-those assumptions against the installed version.
+What it reads of Celery's worker state is internal to Celery: it is read through
+:mod:`models.compat.celery_worker` (``tests/compat/test_celery_worker.py`` checks exactly those
+assumptions against the installed version).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 import redis
 from celery.signals import worker_ready, worker_shutdown
-from celery.worker import state
 
+from models.compat.celery_worker import consumed_queues, held_task_ids
 from models.store import fleet
 from workers.settings import WorkerSettings
 
@@ -39,33 +39,6 @@ COMPLAIN_EVERY_S = 60.0  # a Redis that keeps failing is logged at most this oft
 _stop = threading.Event()
 _heart: Heart | None = None
 _thread: threading.Thread | None = None
-
-
-def held_task_ids() -> set[str] | None:
-    """The task ids of every request this worker process holds; None when they could not be read this time.
-
-    Celery 5.7 keeps them in three sets of :mod:`celery.worker.state`: ``reserved_requests`` (taken
-    from the broker, waiting for a pool process), ``scheduled_requests`` (waiting for an ETA or
-    countdown: these are *not* in ``reserved_requests`` until it elapses; older Celerys have no such
-    set and keep them reserved) and ``active_requests`` (running). They are changed by the worker's
-    main thread while this thread copies them: a copy that races with a change is tried again.
-    """
-    kinds = (state.reserved_requests, getattr(state, "scheduled_requests", ()), state.active_requests)
-    for _ in range(5):
-        try:
-            return {request.id for requests in kinds for request in tuple(requests)}
-        except RuntimeError:  # "Set changed size during iteration"
-            time.sleep(0.01)
-    return None
-
-
-def consumed_queues(consumer: Any) -> list[str]:
-    """The names of the queues ``consumer`` (a worker's, the sender of ``worker_ready``) takes messages from.
-
-    ``app.amqp.queues.consume_from`` is what ``-Q`` selected, kept up to date by ``add_consumer`` and
-    ``cancel_consumer``, and there while the broker connection (and so the task consumer) is down.
-    """
-    return sorted(consumer.app.amqp.queues.consume_from)
 
 
 class Heart:

@@ -18,7 +18,7 @@ from models.store import fleet
 from models.store.budget import StudyBudget
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import KIND, TAG
-from workers.fleet import Heart, consumed_queues, held_task_ids
+from workers.fleet import Heart
 from workers.reconciler.unserved import end_unserved, stranded_on, unserved_queues
 from workers.settings import WorkerSettings
 
@@ -84,33 +84,6 @@ class _Request:
     def __init__(self, name: str = "convtune.run_trial"):
         self.id = uuid.uuid4().hex
         self.name = name
-
-
-def test_held_task_ids_reads_the_reserved_the_eta_waiting_and_the_running_requests():
-    # Celery 5.7: a request waiting for its ETA (a retry's countdown) is in scheduled_requests, not reserved_requests.
-    reserved, waiting, running = _Request(), _Request(), _Request()
-    state.task_reserved(reserved)
-    state.task_scheduled(waiting)
-    state.task_accepted(running)
-    try:
-        assert waiting not in state.reserved_requests, "celery keeps ETA requests in reserved_requests again: simplify held_task_ids"
-        assert {reserved.id, waiting.id, running.id} <= held_task_ids()
-    finally:
-        for request in (reserved, waiting, running):
-            state.task_ready(request)
-    assert not {reserved.id, waiting.id, running.id} & held_task_ids()
-
-
-def test_consumed_queues_follows_q_and_the_queues_added_or_cancelled_at_run_time():
-    app = Celery("fleet-test", set_as_current=False)
-    app.conf.task_default_queue = "gpu"
-    consumer = SimpleNamespace(app=app, hostname="cpu0@host")
-    app.amqp.queues.select(["cpu"])  # what `-Q cpu` does (celery.worker.WorkController.setup_queues)
-    assert consumed_queues(consumer) == ["cpu"]
-    app.amqp.queues.select_add("extra")  # app.control.add_consumer (Consumer.add_task_queue)
-    assert consumed_queues(consumer) == ["cpu", "extra"]
-    app.amqp.queues.deselect("extra")  # cancel_consumer (Consumer.cancel_task_queue)
-    assert consumed_queues(consumer) == ["cpu"]
 
 
 def test_a_heart_beats_its_node_name_queues_and_held_requests(client):
