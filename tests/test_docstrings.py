@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "service", "workers")
-ISSUE = re.compile(r"(?i)\bissues?\s*#?\d+|(?<![\w.-])#\d+\b")
+# An issue number, or a document the repository does not hold (the team's design notes).
+ISSUE = re.compile(r"(?i)\bissues?\s*#?\d+|(?<![\w.-])#\d+\b|\bDESIGN(?:\.md| decision)|\bSEED-NOTES|\bSTACK-NOTES")
 
 
 def prose(source: str) -> Iterator[tuple[int, str]]:
@@ -44,6 +45,8 @@ def issue_numbers(source: str) -> list[str]:
     "class C:\n    '''Fixes #14.'''\n",
     "x = 1  # see issues 9 and 10\n",
     "# (#7) a comment of its own\n",
+    '"""Accepting follows DESIGN decision 3."""\n',
+    "# strided conv vs pooling (SEED-NOTES)\n",
 ])
 def test_an_issue_number_in_a_docstring_or_comment_is_found(source: str) -> None:
     assert issue_numbers(source)

@@ -1,4 +1,4 @@
-"""The accept sequence every route that creates work ends with (DESIGN decision 3): the run recorded
+"""The accept sequence every route that creates work ends with (ARCHITECTURE.md, decision 2): the run recorded
 SCHEDULED in MLflow, then its work started (its message sent), then the run counted queued.
 
 A start that fails ends the run failed (``not dispatched: ...``) before the client hears the error,

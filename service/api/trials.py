@@ -1,6 +1,6 @@
 """/trials: submit a training run, follow it, list them, cancel one.
 
-Accepting is the contract of DESIGN decision 3, in this order: check the spec (admission), create
+Accepting is the contract of ARCHITECTURE.md, decision 2, in this order: check the spec (admission), create
 its MLflow run SCHEDULED with params and tags (the trial's id is the run's id), then send its
 message. A message the broker does not take ends the run as failed before the client hears 503:
 nothing is half-accepted.

@@ -14,7 +14,7 @@ from service.client import FINAL_STATUSES, ConvtuneClient
 __all__ = ["DEMO_TRIALS", "run_demo"]
 
 _BASE: dict[str, Any] = {"data": {"name": "digits"}, "optim": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "epochs": 6}}
-# Three ways to grow the receptive field on the same data (SEED-NOTES: strided conv vs pooling vs dilation + ASPP).
+# Three ways to grow the receptive field on the same data: strided conv vs pooling vs dilation + ASPP.
 DEMO_TRIALS: list[dict[str, Any]] = [
     {**_BASE, "name": "strided conv", "model": {"channels": [32, 64], "downsample": "stride"}},
     {**_BASE, "name": "max pooling", "model": {"channels": [32, 64], "downsample": "maxpool"}},

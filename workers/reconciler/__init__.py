@@ -1,6 +1,6 @@
 """The reconciler: finds accepted work that nothing carries any more, and re-sends or ends it.
 
-DESIGN decision 9: every 202 ends with an outcome and a reason. A message can be lost (Redis
+ARCHITECTURE.md, decision 7: every 202 ends with an outcome and a reason. A message can be lost (Redis
 restarted empty, an API process that died between creating the run and sending its message,
 kombu's window between taking a message and recording it as unacked) and a worker can die whole
 (its message then sits in Redis' ``unacked`` hash until the visibility timeout, hours). Every

@@ -1,6 +1,6 @@
 """Accepting a study: check it, record it (parent run, Optuna study), send its first steps.
 
-It follows the trial's contract (DESIGN decision 3): the study's parent run (SCHEDULED) and its
+It follows the trial's contract (ARCHITECTURE.md, decision 2): the study's parent run (SCHEDULED) and its
 Optuna study (in the durable storage, with its spec, budget, grid and warm-start points) exist
 before the first step message is sent; a storage or broker failure ends the parent run as failed
 and the client hears 503. The steps then run on the workers (:mod:`workers.study.step`).
