@@ -36,6 +36,8 @@ TASK_STUDY_STEP = "convtune.study_step"
 TASK_DELIVER_CALLBACK = "convtune.deliver_callback"
 CALLBACK_QUEUE = "callbacks"
 QUEUES = ("gpu", "cpu")
+# A team's waiting queue for a device queue is named "<queue><SHARE_INFIX><team>" (models.store.share).
+SHARE_INFIX = ".share."
 # Where kombu's Redis transport keeps waiting and unacked messages (queue_lists, UNACKED_KEY,
 # UNACKED_INDEX_KEY) is kombu's layout, assumed in one place: models.compat.kombu_redis.
 
@@ -100,13 +102,16 @@ class CallbackMessage(Message):
     team: str | None = None
 
 
-def send(celery: Celery, message: Message, queue: str) -> None:
-    """Publish ``message`` on ``queue``; raises NotSent when the broker does not take it.
+def send(celery: Celery, message: Message, queue: str, *, priority: int | None = None) -> None:
+    """Publish ``message`` on ``queue`` (kombu's ``priority``: 0 is taken first); raises NotSent when the broker does not take it.
 
     Sends once (no kombu retry loop): the caller decides whether to answer 503 or to retry later.
+    Work for the workers goes through :class:`models.store.share.Share`, which picks the queue.
     """
     try:
-        celery.send_task(message.task, kwargs={"message": message.model_dump(mode="json")}, queue=queue, task_id=message.task_id, retry=False)
+        celery.send_task(
+            message.task, kwargs={"message": message.model_dump(mode="json")}, queue=queue, task_id=message.task_id, retry=False, priority=priority,
+        )
     except Exception as exc:  # kombu OperationalError, redis ConnectionError/TimeoutError, OSError...
         raise NotSent(f"the broker (Redis) did not take the {message.task} message: {exc}") from exc
 
@@ -117,13 +122,16 @@ def give_back(client: Any, tag: bytes | str, raw: bytes) -> bool:
     ``raw`` is the ``unacked`` hash's value for ``tag`` as read (``[message, exchange, routing key]``).
     One script: the message is pushed on its queue's list (the right end, which workers take first,
     marked redelivered) and removed from ``unacked`` and ``unacked_index``, only while the tag
-    still holds ``raw``; a worker that acked it meanwhile keeps it acked. A message whose queue is
-    not one of convtune's, or not of kombu's shape, is left for Redis' visibility timeout. Raises
+    still holds ``raw``; a worker that acked it meanwhile keeps it acked. Its queue is its routing
+    key: a team's waiting queue (``gpu.share.<team>``) for work dispatched by the fair share, which
+    feeds it again. A message whose queue is not one of convtune's, or not of kombu's shape, is left
+    for Redis' visibility timeout. Raises
     CompatError when the installed kombu keeps its messages elsewhere (:mod:`models.compat.kombu_redis`).
     """
     kombu_redis.check_layout()
     try:
-        if kombu_redis.unacked_value(raw)[2] not in (*QUEUES, CALLBACK_QUEUE):
+        routing_key = kombu_redis.unacked_value(raw)[2]
+        if routing_key not in (*QUEUES, CALLBACK_QUEUE) and routing_key.partition(SHARE_INFIX)[0] not in QUEUES:
             return False
         return kombu_redis.restore_unacked(client, tag, raw)
     except CompatError:  # not a message kombu wrote

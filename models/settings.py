@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.callbacks import CallbackDestinations
 from models.sealing import SecretKeySettings
 from models.store.placement import StudyPlacement
+from models.store.share import TeamPolicy
 
 __all__ = ["SharedSettings"]
 
@@ -55,6 +56,20 @@ class SharedSettings(BaseSettings, CallbackDestinations, SecretKeySettings, Stud
     max_params: int = Field(default=200_000_000, ge=1, description="Largest trainable-parameter count a trial, or a study's sampled configuration, may have.")
     max_flops_per_sample: int = Field(
         default=50 * 10**9, ge=1, description="Largest forward FLOPs per sample a trial's network, or a study's sampled configuration, may have.",
+    )
+    fair_share: bool = Field(
+        default=True,
+        description=(
+            "Share the workers between teams by weight (each team's work waits in queues of its own, fed to the workers as they free up); "
+            "false: one queue per device kind, first come first served."
+        ),
+    )
+    teams: dict[str, TeamPolicy] = Field(
+        default_factory=dict,
+        description=(
+            'Per team: its weight in the fair share and its compute quotas, as JSON: {"vision": {"weight": 2, "device_seconds_per_day": 36000}}. '
+            "A team not named has weight 1 and no quota."
+        ),
     )
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"

@@ -173,6 +173,12 @@ class ConvtuneClient:
     def cancel_lr_find(self, finder_id: str) -> dict[str, Any]:
         return self._call("POST", f"/lr-finder/{finder_id}/cancel")
 
+    # compute accounting
+    def usage(self, since: str | float | None = None, until: str | float | None = None) -> dict[str, Any]:
+        """The compute used in [since, until) (ISO 8601 or Unix seconds; default the last 24 h), by team and device kind."""
+        params = {k: str(v) for k, v in {"since": since, "until": until}.items() if v is not None}
+        return self._call("GET", "/usage", params=params)
+
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")
 

@@ -9,15 +9,20 @@ also beats (:mod:`workers.fleet`): the queues it serves and the messages it hold
 
 from __future__ import annotations
 
+import time
+from functools import lru_cache
+from typing import Any
+
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, worker_process_init
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
 from models.logs import configure_logging
 from models.messages import celery_config
+from models.store.share import Share, team_of_queue, weights_of
 from workers.runtime import runtime, settle_heap
 from workers.settings import WorkerSettings
 
-__all__ = ["app", "settings"]
+__all__ = ["app", "settings", "share"]
 
 # Read once, when the worker starts: the tasks' retry policy (workers.failures) is fixed then.
 settings = _settings = WorkerSettings()
@@ -44,7 +49,30 @@ def _warm_up(**_: object) -> None:
     runtime().warm_up()
 
 
+@lru_cache(maxsize=1)
+def share() -> Share:
+    """This process's side of the fair share between teams (:mod:`models.store.share`): sends and dispatches."""
+    return Share(runtime().redis, app, enabled=_settings.fair_share, weights=weights_of(_settings.teams))
+
+
+_started: dict[str, float] = {}  # task id -> when its task started in this process (monotonic)
+
+
+@task_prerun.connect
+def _start(task_id: str, **_: object) -> None:
+    _started[task_id] = time.monotonic()
+
+
 @task_postrun.connect
-def _settle(**_: object) -> None:
-    """Once per process, after its first task: keep the long-lived heap out of Python's full collections."""
+def _ended(task_id: str, task: Any, **_: object) -> None:
+    """A task ended: charge its team the seconds it held its slot, and feed the slot before the ack frees it.
+
+    Then, once per process, after its first task: keep the long-lived heap out of Python's full collections.
+    """
+    started = _started.pop(task_id, None)
+    routed = team_of_queue((task.request.delivery_info or {}).get("routing_key") or "")
+    if routed is not None:
+        if started is not None:
+            share().settle(task_id, time.monotonic() - started)
+        share().dispatch(routed[0], ending=task_id)
     settle_heap()

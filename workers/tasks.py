@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 
 from models.logs import log_context
-from models.messages import TASK_LR_FIND, TASK_RUN_TRIAL, TASK_STUDY_STEP, RangeTestMessage, StudyStepMessage, TrialMessage, send
+from models.messages import TASK_LR_FIND, TASK_RUN_TRIAL, TASK_STUDY_STEP, RangeTestMessage, StudyStepMessage, TrialMessage
 from models.store.runs import TAG
+from models.store.share import Route
 from workers.callbacks.announce import announce_end
-from workers.celery_app import app, settings
+from workers.celery_app import app, settings, share
 from workers.failures import task_options
 from workers.runtime import runtime
 from workers.study.step import abandon_step, execute_step
@@ -46,8 +47,8 @@ def abandon_range_test(message: dict, reason: str) -> None:
     abandon_run(RangeTestMessage.model_validate(message).run_id, runtime(), reason)
 
 
-def send_step(study_id: str, slot: int, queue: str) -> None:
-    send(app, StudyStepMessage(study_id=study_id, slot=slot), queue)
+def send_step(study_id: str, slot: int, route: Route) -> None:
+    share().send(StudyStepMessage(study_id=study_id, slot=slot), route)
 
 
 @app.task(name=TASK_RUN_TRIAL, **task_options(settings, abandon_trial))

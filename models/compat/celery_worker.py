@@ -8,7 +8,8 @@ back to their queue only those no live worker holds. Celery has no API for eithe
   countdown: *not* in ``reserved_requests`` until it elapses) and ``active_requests`` (running); the
   worker's main thread changes them while the heart's thread copies them;
 - the queues are ``app.amqp.queues.consume_from``: what ``-Q`` selected, kept up to date by
-  ``add_consumer``/``cancel_consumer``, and there while the broker connection is down.
+  ``add_consumer``/``cancel_consumer``, and there while the broker connection is down;
+- the tasks it runs at once are its ``controller.concurrency`` (``-c``), which the fair share counts as its slots.
 
 Checked on celery 5.7.0 (``tests/compat/test_celery_worker.py``).
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 from models.compat._base import CompatError, require
 
-__all__ = ["consumed_queues", "held_task_ids"]
+__all__ = ["consumed_queues", "held_task_ids", "pool_slots"]
 
 _LIBRARY = "celery"
 _MODULE = "models/compat/celery_worker.py"
@@ -53,3 +54,12 @@ def consumed_queues(consumer: Any) -> list[str]:
     if not hasattr(consume_from, "__iter__"):
         raise CompatError(_LIBRARY, "app.amqp.queues.consume_from maps queue names to queues", _MODULE, type(consume_from).__name__)
     return sorted(consume_from)
+
+
+def pool_slots(consumer: Any) -> int:
+    """How many tasks ``consumer``'s worker runs at once (its pool's concurrency, ``-c``)."""
+    controller = require(consumer, "controller", _LIBRARY, "a worker's consumer knows its WorkController as .controller", _MODULE)
+    concurrency = require(controller, "concurrency", _LIBRARY, "a WorkController's .concurrency is its pool's size (-c)", _MODULE)
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise CompatError(_LIBRARY, "a WorkController's .concurrency is its pool's size (-c)", _MODULE, repr(concurrency))
+    return concurrency

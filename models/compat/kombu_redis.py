@@ -26,12 +26,13 @@ from typing import Any
 
 from models.compat._base import CompatError
 
-__all__ = ["UNACKED_INDEX_KEY", "UNACKED_KEY", "check_layout", "queue_lists", "restore_unacked", "unacked_value"]
+__all__ = ["PRIORITY_SEP", "UNACKED_INDEX_KEY", "UNACKED_KEY", "check_layout", "queue_lists", "restore_unacked", "unacked_value"]
 
 _LIBRARY = "kombu"
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 _SEP = "\x06\x16"
+PRIORITY_SEP = _SEP  # between a queue's name and its priority step, in its priority lists' names
 _PRIORITY_STEPS = (0, 3, 6, 9)
 # KEYS[1] unacked, KEYS[2] unacked_index, KEYS[3] the queue's list; ARGV[1] the delivery tag, ARGV[2] its value as read,
 # ARGV[3] the message to put back. Only while the tag still holds that value (its worker did not ack it meanwhile).

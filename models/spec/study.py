@@ -33,7 +33,7 @@ from models.spec.space import (
     path_problems,
     value_problems,
 )
-from models.spec.trial import TrialSpec
+from models.spec.trial import Priority, TrialSpec
 from models.spec.tuning import LrAutoSpec
 
 __all__ = ["ConstraintSpec", "ObjectiveSpec", "PrunerSpec", "RegisterSpec", "SamplerSpec", "StudySpec"]
@@ -101,6 +101,9 @@ class StudySpec(Spec):
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the sampler (each trial's draw is seeded from it).")
     n_trials: int | None = Field(default=None, ge=1, le=10_000, description="Trials to run; default 20, or the whole grid.")
     parallelism: int = Field(default=2, ge=1, le=256, description="Most trials running at once.")
+    priority: Priority = Field(
+        default="normal", description="Its trials' place among its team's waiting work (high first, then FIFO); never ahead of another team's share.",
+    )
     timeout_s: float | None = Field(default=None, gt=0, le=30 * 24 * 3600, description="Start no trial after this long (running ones finish).")
     target: float | None = Field(default=None, allow_inf_nan=False, description="Stop once a trial's value reaches this (in the objective's direction).")
     warm_start: list[dict[str, JsonValue]] = Field(

@@ -29,16 +29,20 @@ __all__ = [
     "DivergenceSpec",
     "LatencySpec",
     "OptimSpec",
+    "Priority",
     "TrialSpec",
     "flatten_params",
 ]
 
 BUILTIN_DATASETS = ("digits", "shapes")
+# Order within a team's share of the workers: a team's high goes before its normal, before its low; never
+# ahead of another team's share (models.store.share).
+Priority = Literal["low", "normal", "high"]
 FILE_DATASETS = ("npz", "folder")
 
 # TrialSpec fields that say what a run is called, where it runs, whom it tells and what it measures, not how it trains:
 # they are not MLflow params (flatten_params) and a study cannot search them (models.spec.space).
-NON_HYPERPARAMETERS = ("name", "tags", "queue", "callback_url", "latency")
+NON_HYPERPARAMETERS = ("name", "tags", "queue", "priority", "callback_url", "latency")
 
 # Optimizers that take a momentum term, and those that take Adam's betas (models.spec.choices says which).
 MOMENTUM_OPTIMIZERS = tuple(name for name, choice in OPTIMIZERS.items() if "momentum" in choice.options)
@@ -260,6 +264,10 @@ class TrialSpec(Spec):
     divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     time_limit_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="Wall-clock limit of the training; the trial ends 'timeout' past it.")
     queue: Literal["gpu", "cpu"] | None = Field(default=None, description="Resource class to run on; the service's default when absent.")
+    priority: Priority = Field(
+        default="normal",
+        description="Its place among its team's waiting work (high first, then FIFO); never ahead of another team's share. In a study, the study's priority counts.",
+    )
     name: str | None = Field(default=None, max_length=200, description="A human name for the run; derived from the params when absent.")
     tags: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")], Annotated[str, Field(max_length=500)]] = Field(
         default_factory=dict, max_length=20, description="Free-form tags copied to the MLflow run.",

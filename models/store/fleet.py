@@ -42,12 +42,13 @@ _LAST_SERVED_KEY = "convtune:fleet:last_served"  # hash: queue -> Unix time of i
 
 
 class WorkerBeat(NamedTuple):
-    """One live worker's last beat: its queues, the task ids it holds, when (Unix seconds)."""
+    """One live worker's last beat: its queues, the task ids it holds, when (Unix seconds), its slots (tasks it runs at once)."""
 
     name: str
     queues: frozenset[str]
     held: frozenset[str]
     at: float
+    slots: int = 1
 
 
 def queue_served_key(queue: str) -> str:
@@ -55,11 +56,11 @@ def queue_served_key(queue: str) -> str:
     return f"{_SERVED_PREFIX}{queue}"
 
 
-def beat(client: redis.Redis, worker: str, queues: Iterable[str], held: Iterable[str], served_ttl_s: int) -> None:
-    """Say that ``worker`` is alive, serves ``queues`` and holds the messages ``held`` (task ids)."""
+def beat(client: redis.Redis, worker: str, queues: Iterable[str], held: Iterable[str], served_ttl_s: int, slots: int = 1) -> None:
+    """Say that ``worker`` is alive, serves ``queues``, runs ``slots`` tasks at once and holds the messages ``held`` (task ids)."""
     queues = sorted(set(queues))
     now = time.time()
-    document = json.dumps({"queues": queues, "held": sorted(set(held)), "at": now})
+    document = json.dumps({"queues": queues, "held": sorted(set(held)), "at": now, "slots": slots})
     pipe = client.pipeline(transaction=False)
     pipe.set(f"{_PREFIX}{worker}", document, ex=BEAT_TTL_S)
     for queue in queues:
@@ -85,7 +86,9 @@ def live_workers(client: redis.Redis) -> list[WorkerBeat]:
             continue  # lapsed between the scan and the read
         try:
             doc = json.loads(raw)
-            found.append(WorkerBeat(key.decode()[len(_PREFIX):], frozenset(doc["queues"]), frozenset(doc["held"]), float(doc["at"])))
+            found.append(WorkerBeat(
+                key.decode()[len(_PREFIX):], frozenset(doc["queues"]), frozenset(doc["held"]), float(doc["at"]), max(1, int(doc.get("slots", 1))),
+            ))
         except (ValueError, KeyError, TypeError):
             continue  # not ours
     return found

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from models.compat import CompatError, mlflow_store
 from models.sealing import SealBroken, split_secrets, with_secrets
 from models.spec.outcomes import OUTCOMES, OutcomeName
-from models.store.teams import TEAM_TAG
+from models.store.share import PRIORITIES, Route
+from models.store.teams import TEAM_TAG, team_of
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric, RunInfo
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
     from models.spec.trial import TrialSpec
 
 __all__ = [
-    "EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status", "create_run", "create_started_run", "end_run",
-    "reopen_run", "run_spec", "spec_tags", "start_run", "study_state", "trial_tags",
+    "EXPERIMENT_KIND", "KIND", "TAG", "TERMINAL_STATUSES", "TrialOutcome", "client_status", "create_run", "create_started_run", "created_tags", "end_run",
+    "reopen_run", "run_route", "run_spec", "spec_tags", "start_run", "study_state", "trial_tags",
 ]
 
 # Every ended trial carries exactly one outcome (the table's names); 'succeeded' is the only good one.
@@ -75,10 +76,12 @@ class TAG:
     PARAMS_COUNT = "convtune.params_count"
     FLOPS = "convtune.flops_per_sample"
     QUEUE = "convtune.queue"
+    PRIORITY = "convtune.priority"  # low, normal or high: its place among its team's waiting work (models.store.share)
     ATTEMPTS = "convtune.attempts"
     EPOCHS_DONE = "convtune.epochs_done"
     FENCE = "convtune.fence"  # the fence of the lease its latest holder took (workers.trial.lease): an earlier holder's writes are refused
     DEVICE = "convtune.device"
+    DEVICE_KIND = "convtune.device_kind"  # what it trained on, at its end: "cpu" or the CUDA device's name
     ACCEPTED_AT = "convtune.accepted_at"  # ISO time the API accepted it
     STARTED_AT = "convtune.started_at"  # ISO time a worker first started it
     # What a worker resolved before training (workers.training.batching.BatchPlan).
@@ -147,10 +150,17 @@ def trial_tags(spec: TrialSpec, plan: NetworkPlan | None, queue: str, sealer: Se
         TAG.KIND: KIND.TRIAL,
         **spec_tags(spec.model_dump(mode="json"), sealer),
         TAG.QUEUE: queue,
+        TAG.PRIORITY: spec.priority,
         **({TAG.PARAMS_COUNT: str(plan.params), TAG.FLOPS: str(plan.flops)} if plan else {}),
         **{f"user.{k}": v for k, v in spec.tags.items()},
         **extra,
     }
+
+
+def run_route(tags: Mapping[str, str]) -> Route:
+    """Where a run's messages go, from its tags: its queue, its team and its priority (``normal`` when it has none)."""
+    priority = tags.get(TAG.PRIORITY, "normal")
+    return Route(tags.get(TAG.QUEUE, "gpu"), team_of(tags), priority if priority in PRIORITIES else "normal")
 
 
 def spec_tags(document: dict[str, Any], sealer: Sealer | None) -> dict[str, str]:
@@ -209,7 +219,22 @@ def create_started_run(
     when training starts, under the trial's lease: until then the reconciler counts it as queued
     (:func:`workers.reconciler.judge.run_status`). Its info (the artifact URI among it).
     """
-    return _create(client, experiment_id, name, tags, params, scheduled=False)
+    info = _create(client, experiment_id, name, tags, params, scheduled=False)
+    _created_tags[info.run_id] = dict(tags)
+    while len(_created_tags) > _CREATED_KEPT:
+        _created_tags.pop(next(iter(_created_tags)))
+    return info
+
+
+# The tags of the runs this process created RUNNING a moment ago (create_started_run), for their trainer,
+# which does not read its run back: its study and queue, for the run's accounting. The latest few only.
+_created_tags: dict[str, dict[str, str]] = {}
+_CREATED_KEPT = 64
+
+
+def created_tags(run_id: str) -> dict[str, str]:
+    """The tags :func:`create_started_run` gave ``run_id`` in this process; empty when it did not create it here."""
+    return dict(_created_tags.get(run_id, {}))
 
 
 def _create(

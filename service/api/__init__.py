@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 def create_app(settings: ApiSettings | None = None) -> OpenAPI:
     """Build the API; tests pass their own ``settings``, servers read ``CONVTUNE_*`` variables."""
     from models.logs import configure_logging
-    from service.api import auth, health, limits, lr_finder, observability, openapi, teams, trials, wiring
+    from service.api import auth, health, limits, lr_finder, observability, openapi, teams, trials, usage, wiring
     from service.api.studies import views as studies
 
     settings = settings or ApiSettings()
@@ -52,6 +52,7 @@ def create_app(settings: ApiSettings | None = None) -> OpenAPI:
     app.register_api(studies.bp)
     app.register_api(lr_finder.bp)
     app.register_api(teams.bp)
+    app.register_api(usage.bp)
     app.register_api(observability.bp)
     openapi.init_app(app)  # last: it reads every registered route
     logging.getLogger(__name__).info("convtune API ready: MLflow at %s, broker at %s", settings.mlflow_tracking_uri, _redact(settings.redis_url))

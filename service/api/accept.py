@@ -15,6 +15,7 @@ import redis
 from service.api.auth import Principal
 from service.api.errors import ServiceUnavailable
 from service.api.limits import note_queued
+from service.api.quotas import Reservation
 from service.api.wiring import Services
 
 __all__ = ["accept_run"]
@@ -24,14 +25,19 @@ log = logging.getLogger(__name__)
 
 def accept_run(
     s: Services, principal: Principal, what: str, name: str, tags: dict[str, str], params: dict[str, str], start: Callable[[str], None],
+    reservation: Reservation | None = None,
 ) -> str:
     """Create ``principal``'s run SCHEDULED, call ``start(run_id)`` to send its work, count it queued; the run's id.
 
     ``what`` names the work in logs (trial, study...). Anything ``start`` raises ends the run failed
     with the error as its reason, then propagates; a redis.RedisError as ServiceUnavailable (503).
-    Raises ServiceUnavailable, without a run, when MLflow does not create it.
+    Raises ServiceUnavailable, without a run, when MLflow does not create it. ``reservation``: the
+    submit's compute estimate (:mod:`service.api.quotas`), recorded open before the work is sent (so
+    its worker's end record always finds it), closed again when the run is ended here.
     """
     run_id = s.runs.create(name, tags, params, principal)
+    if reservation is not None:
+        reservation.open(run_id)
     try:
         start(run_id)
     except Exception as exc:  # never leave the run SCHEDULED with nothing sent

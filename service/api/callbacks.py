@@ -16,6 +16,7 @@ from models.messages import CALLBACK_QUEUE, CallbackMessage
 from models.sealing import SealBroken
 from models.store.keys import OUTCOME_COUNTS_KEY
 from models.store.runs import TAG, run_spec
+from models.store.share import Route
 from models.store.teams import callback_team
 from service.api.errors import ServiceUnavailable
 from service.api.runs import RunRecord
@@ -45,6 +46,6 @@ def notify_ended_by_api(record: RunRecord) -> None:
         reason=record.tags.get(TAG.REASON, ""), metrics=record.metrics, study_id=record.tags.get(TAG.STUDY_ID),
     )
     try:
-        s.send(CallbackMessage(url=url, event=event, team=callback_team(record.tags)), CALLBACK_QUEUE)
+        s.send(CallbackMessage(url=url, event=event, team=callback_team(record.tags)), Route(CALLBACK_QUEUE))
     except ServiceUnavailable as exc:  # the trial is cancelled all the same; say why its callback will not come
         log.error("trial %s: its callback could not be queued: %s", record.id, exc)

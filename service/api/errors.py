@@ -12,6 +12,7 @@
      +-- InvalidSpec                422   invalid-spec        pydantic rejected a field (``errors``)
      |    +-- InfeasibleSpec        422   infeasible-spec     the architecture cannot run on its input
      +-- TooManyRequests            429   too-many-requests   a rate limit or a quota (queued trials); Retry-After
+     |    +-- QuotaExceeded         429   quota-exceeded      a team's compute quota (``quota``: limit, use, estimate)
      +-- ServiceUnavailable         503   service-unavailable Redis or MLflow did not answer
 
 Foreign errors are translated where they enter (``raise ... from``); anything else that escapes a
@@ -45,6 +46,8 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "Problem",
+    "QuotaExceeded",
+    "QuotaProblem",
     "ServiceUnavailable",
     "TooManyRequests",
     "Unauthorized",
@@ -63,6 +66,18 @@ class FieldError(BaseModel):
     message: str
 
 
+class QuotaProblem(BaseModel):
+    """Which compute quota a submit is over, in device-seconds (``quota-exceeded`` problems only)."""
+
+    team: str | None = Field(description="The team whose quota it is.")
+    quota: str = Field(description="device_seconds_per_day (rolling 24 h) or queued_device_seconds.")
+    limit: float = Field(description="The team's limit.")
+    used: float = Field(description="What counts against it now: ended in the last 24 h (daily quota only) plus accepted and not ended.")
+    estimate: float = Field(description="This submit's estimate.")
+    retry_after_s: int | None = Field(description="Seconds until it frees up enough for this submit (also the Retry-After header); null: never.")
+    frees_at: str | None = Field(description="When it frees up (ISO 8601, UTC); null: never, this submit alone is over the limit.")
+
+
 class Problem(BaseModel):
     """An RFC 9457 problem document."""
 
@@ -71,6 +86,7 @@ class Problem(BaseModel):
     status: int
     detail: str
     errors: list[FieldError] | None = None
+    quota: QuotaProblem | None = None
 
 
 class ApiError(ConvtuneError):
@@ -87,7 +103,7 @@ class ApiError(ConvtuneError):
         self.headers = headers or {}
 
     def to_problem(self) -> Problem:
-        return Problem(type=TYPE_BASE + self.slug, title=self.title, status=self.status, detail=self.detail, errors=self.errors)
+        return Problem(type=TYPE_BASE + self.slug, title=self.title, status=self.status, detail=self.detail, errors=self.errors, quota=getattr(self, "quota", None))
 
 
 class BadRequest(ApiError):
@@ -170,6 +186,23 @@ class TooManyRequests(ApiError):
         self.headers.setdefault("Retry-After", str(max(1, retry_after_s)))
 
 
+class QuotaExceeded(TooManyRequests):
+    """A submit is over its team's compute quota; ``quota`` says which, the use, the estimate and when it frees up."""
+
+    slug, title = "quota-exceeded", "Compute quota exceeded"
+
+    def __init__(self, detail: str, *, team: str | None, refusal: Any, **kwargs: Any):
+        from datetime import datetime, timezone
+
+        never = refusal.frees_at is None
+        super().__init__(detail, retry_after_s=refusal.retry_after_s, **kwargs)
+        self.quota = QuotaProblem(
+            team=team, quota=refusal.quota, limit=refusal.limit, used=round(refusal.used, 3), estimate=round(refusal.estimate, 3),
+            retry_after_s=None if never else refusal.retry_after_s,
+            frees_at=None if never else datetime.fromtimestamp(refusal.frees_at, timezone.utc).isoformat(),
+        )
+
+
 class ServiceUnavailable(ApiError):
     """A dependency (Redis, MLflow) did not answer; nothing was half-accepted. Retry later."""
 
@@ -192,7 +225,11 @@ def _message(msg: str) -> str:
 
 
 def problem_response(error: ApiError) -> Response:
-    response = jsonify(error.to_problem().model_dump(exclude_none=True))
+    problem = error.to_problem()
+    document = problem.model_dump(exclude_none=True)
+    if problem.quota is not None:
+        document["quota"] = problem.quota.model_dump()  # its nulls say something: never frees up
+    response = jsonify(document)
     response.status_code = error.status
     response.mimetype = PROBLEM_JSON
     for key, value in error.headers.items():

@@ -20,6 +20,7 @@ from models.messages import RangeTestMessage
 from models.spec.trial import flatten_params
 from models.spec.tuning import LrRangeSpec
 from models.store.runs import KIND, TAG, spec_tags
+from models.store.share import Route
 from service.api.accept import accept_run
 from service.api.admission import admit_trial, served_queue
 from service.api.auth import check_owner, current_principal, redacted
@@ -27,6 +28,7 @@ from service.api.errors import Conflict
 from service.api.idempotency import IdempotencyHeader, idempotent
 from service.api.limits import check_queued_quota
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
+from service.api.quotas import check_compute_quota
 from service.api.runs import RunRecord
 from service.api.schemas import Status
 from service.api.trials import request_cancel
@@ -92,21 +94,23 @@ def create_range_test(body: LrRangeSpec, header: IdempotencyHeader):
     """Submit a learning-rate range test of a trial spec; its URL gives the suggested and largest stable LR."""
     s = services()
     principal = current_principal()
-    admit_trial(body.trial, s.settings, principal.team, field_prefix="trial.")
+    plan = admit_trial(body.trial, s.settings, principal.team, field_prefix="trial.")
     queue = served_queue(s.redis, body.trial.queue, s.settings, "trial.queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
+    # A range test trains body.steps batches at most: estimated as a trial of one epoch, bounded by its time limit like one.
+    reservation = check_compute_quota(s, principal, "lr_finder", queue, body.trial.model_copy(update={"optim": body.trial.optim.model_copy(update={"epochs": 1})}), plan)
     o = body.trial.optim
     name = body.trial.name or f"lr range test {body.start_lr:g}..{body.end_lr:g} bs={o.batch_size} {o.optimizer} k{body.trial.model.kernel_size}"
     params = {**flatten_params(body.trial), **{f"lr_finder.{k}": str(v) for k, v in body.model_dump(exclude={"trial"}).items()}}
     tags = {
-        TAG.KIND: KIND.LR_FINDER, **spec_tags(body.model_dump(mode="json"), s.settings.sealer()), TAG.QUEUE: queue,
+        TAG.KIND: KIND.LR_FINDER, **spec_tags(body.model_dump(mode="json"), s.settings.sealer()), TAG.QUEUE: queue, TAG.PRIORITY: body.trial.priority,
         **{f"user.{k}": v for k, v in body.trial.tags.items()},
     }
 
     def send(test_id: str) -> None:
-        s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), queue)
+        s.send(RangeTestMessage(run_id=test_id, spec=body.model_dump(mode="json")), Route(queue, principal.team, body.trial.priority))
 
-    test_id = accept_run(s, principal, WHAT, name, tags, params, send)
+    test_id = accept_run(s, principal, WHAT, name, tags, params, send, reservation)
     bind(trial_id=test_id)
     url = url_for("lr_finder.get_range_test", test_id=test_id, _external=True)
     answer = LrFinderAccepted(id=test_id, status="queued", name=name, queue=queue, url=url, mlflow_url=s.runs.run_url(s.settings.ui_url, s.runs.experiment_id(principal.team), test_id))

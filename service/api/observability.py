@@ -11,8 +11,10 @@ of any process sums them all (``MultiProcessCollector``). Values that live outsi
 read at scrape time by :class:`LiveCollector`: queue depth (Redis list lengths of the Celery
 queues), trials by outcome (a Redis hash the workers increment), the reconciler's actions by kind
 and action (a Redis hash it increments, :mod:`workers.reconciler`), workers per queue (Celery's
-``inspect``, cached for a few seconds) and whether a worker serves each queue (their heartbeats,
-:mod:`models.store.fleet`: a queue unserved for ``unserved_queue_s`` refuses submits).
+``inspect``, cached for a few seconds), whether a worker serves each queue (their heartbeats,
+:mod:`models.store.fleet`: a queue unserved for ``unserved_queue_s`` refuses submits) and each
+team's compute by device kind (the usage table, :mod:`models.store.usage`, cached for a few seconds):
+``convtune_device_seconds_total``, ``convtune_cpu_seconds_total``, ``convtune_train_flops_total``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from models.logs import bind, clear, current_ids
 from models.messages import CALLBACK_QUEUE, QUEUES, queue_lists
 from models.store import fleet
 from models.store.keys import OUTCOME_COUNTS_KEY, RECONCILER_COUNTS_KEY
+from models.store.usage import UsageTotal, open_usage
 from service.api.auth import current_principal
 from service.api.openapi import PUBLIC_ERRORS
 from service.api.settings import ApiSettings
@@ -48,16 +51,19 @@ bp = APIBlueprint(
     "metrics", __name__, abp_tags=[Tag(name="operations", description="Probes and metrics; no token needed.")], abp_responses=PUBLIC_ERRORS,
 )
 WORKERS_CACHE_S = 15.0
+USAGE_CACHE_S = 5.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 
 
 class LiveCollector:
     """Reads the values that live outside the API when Prometheus scrapes."""
 
-    def __init__(self, redis_client: redis.Redis, celery: Any):
+    def __init__(self, redis_client: redis.Redis, celery: Any, study_storage: str | None = None):
         self.redis = redis_client
         self.celery = celery
+        self.study_storage = study_storage  # where the usage table is (None: no usage counters)
         self._workers: tuple[float, dict[str, int]] = (0.0, {})
+        self._usage: tuple[float, list[UsageTotal]] = (-USAGE_CACHE_S, [])
         self._lock = threading.Lock()
 
     def collect(self):
@@ -100,6 +106,34 @@ class LiveCollector:
         for queue, count in sorted(self.workers().items()):
             workers.add_metric([queue], count)
         yield workers
+        yield from self.usage_counters()
+
+    def usage_counters(self):
+        """Each team's device-seconds, CPU seconds and training FLOPs by device kind, since the usage table began."""
+        families = [
+            CounterMetricFamily("convtune_device_seconds", "Device-seconds of training (wall time x devices), by team and device kind.", labels=["team", "device_kind"]),
+            CounterMetricFamily("convtune_cpu_seconds", "CPU seconds of training processes, by team and device kind.", labels=["team", "device_kind"]),
+            CounterMetricFamily("convtune_train_flops", "Training FLOPs (forward x samples x 3), by team and device kind.", labels=["team", "device_kind"]),
+        ]
+        for total in self.usage():
+            labels = [total.team or "", total.device_kind]
+            for family, value in zip(families, (total.device_seconds, total.cpu_seconds, total.flops), strict=True):
+                family.add_metric(labels, value)
+        yield from families
+
+    def usage(self) -> list[UsageTotal]:
+        if self.study_storage is None:
+            return []
+        with self._lock:
+            at, totals = self._usage
+            if time.monotonic() - at < USAGE_CACHE_S:
+                return totals
+            try:
+                totals = open_usage(self.study_storage).all_time()
+            except Exception as exc:  # noqa: BLE001 - the table is unreachable: the last totals (counters never go back), and a log line
+                log.warning("usage counters not read: %s: %s", type(exc).__name__, str(exc)[:200])
+            self._usage = (time.monotonic(), totals)
+            return totals
 
     def workers(self) -> dict[str, int]:
         with self._lock:
@@ -158,7 +192,7 @@ def metrics():
 
 def init_app(app: Flask, settings: ApiSettings, redis_client: redis.Redis, celery: Any) -> ApiMetrics:
     """Count and time every request (the exporter), log it as one line, and serve ``/metrics``."""
-    api_metrics = ApiMetrics(app, LiveCollector(redis_client, celery))
+    api_metrics = ApiMetrics(app, LiveCollector(redis_client, celery, settings.study_storage))
     app.extensions["convtune.metrics"] = api_metrics
 
     def start() -> None:

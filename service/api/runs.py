@@ -27,6 +27,7 @@ from models.store.claims import open_claims
 from models.store.runs import EXPERIMENT_KIND, KIND, TAG, TERMINAL_STATUSES, client_status
 from models.store.search import storage_kind
 from models.store.teams import experiment_ids, experiment_name
+from models.store.usage import open_usage
 from service.api.auth import Principal, check_visible
 from service.api.errors import BadRequest, NotFound, ServiceUnavailable
 
@@ -293,6 +294,10 @@ class RunStore:
         """End a run that no worker is running (failed at accept, cancelled while queued)."""
         with self.translated(run_id):
             runs.end_run(self.client, run_id, status, outcome, reason)
+        try:  # its estimate stops counting against its team's quotas (service.api.quotas)
+            open_usage(self.study_storage).close(run_id)
+        except SQLAlchemyError as exc:
+            log.warning("run %s: its usage row was not closed (%s); closed when its team's quota is next checked", run_id, _short(exc))
 
     def end_undispatched(self, run_id: str, detail: str) -> None:
         """End a run whose work was not sent (failed, ``not dispatched: detail``); never raises.

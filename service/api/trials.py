@@ -21,6 +21,7 @@ from models.spec.plan import NetworkPlan
 from models.spec.trial import TrialSpec, flatten_params
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG, trial_tags
+from models.store.share import Route
 from service.api.accept import accept_run
 from service.api.admission import admit_trial, served_queue
 from service.api.auth import Principal, check_owner, current_principal, redacted
@@ -29,6 +30,7 @@ from service.api.errors import Conflict, ServiceUnavailable
 from service.api.idempotency import IdempotencyHeader, idempotent
 from service.api.limits import check_queued_quota
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
+from service.api.quotas import check_compute_quota
 from service.api.runs import RunRecord
 from service.api.schemas import BestMetric, TrialAccepted, TrialList, TrialListQuery, TrialPath, TrialPublic
 from service.api.wiring import Services, services
@@ -101,12 +103,13 @@ def accept_trial(s: Services, spec: TrialSpec, principal: Principal) -> Accepted
     plan = admit_trial(spec, s.settings, principal.team)
     queue = served_queue(s.redis, spec.queue, s.settings, "queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
+    reservation = check_compute_quota(s, principal, "trial", queue, spec, plan)
 
     def send(trial_id: str) -> None:
-        s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), queue)
+        s.send(TrialMessage(trial_id=trial_id, spec=spec.model_dump(mode="json")), Route(queue, principal.team, spec.priority))
 
     tags = trial_tags(spec, plan, queue, s.settings.sealer())
-    trial_id = accept_run(s, principal, "trial", spec.display_name(), tags, flatten_params(spec), send)
+    trial_id = accept_run(s, principal, "trial", spec.display_name(), tags, flatten_params(spec), send, reservation)
     log.info("trial %s accepted on queue %s", trial_id, queue)
     return Accepted(trial_id, queue, plan)
 

@@ -8,7 +8,8 @@ import redis
 from celery import Celery
 from flask import Flask, current_app
 
-from models.messages import Message, NotSent, celery_config, send
+from models.messages import Message, NotSent, celery_config
+from models.store.share import Route, Share, weights_of
 from models.store.access import TeamAccess
 from service.api.errors import ServiceUnavailable
 from service.api.runs import RunStore
@@ -23,11 +24,12 @@ class Services:
     runs: RunStore
     redis: redis.Redis
     celery: Celery  # used only to send
+    share: Share  # sends work on its team's waiting queue (models.store.share)
 
-    def send(self, message: Message, queue: str) -> None:
-        """Publish ``message``; ServiceUnavailable (503) when the broker does not take it."""
+    def send(self, message: Message, route: Route) -> None:
+        """Publish ``message`` for ``route`` (its queue, team and priority); ServiceUnavailable (503) when the broker does not take it."""
         try:
-            send(self.celery, message, queue)
+            self.share.send(message, route)
         except NotSent as exc:
             raise ServiceUnavailable(str(exc)) from exc
 
@@ -40,7 +42,8 @@ def init_app(app: Flask, settings: ApiSettings) -> Services:
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
     celery = Celery("convtune-api", set_as_current=False)
     celery.conf.update(celery_config(settings.redis_url, settings.visibility_timeout_s, socket_timeout_s=settings.redis_timeout_s, sender=True))
-    app.extensions["convtune"] = built = Services(settings, runs, redis_client, celery)
+    share = Share(redis_client, celery, enabled=settings.fair_share, weights=weights_of(settings.teams))
+    app.extensions["convtune"] = built = Services(settings, runs, redis_client, celery, share)
     return built
 
 

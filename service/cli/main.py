@@ -23,6 +23,7 @@ from service.cli.access import mlflow_access
 from service.cli.calls import run_client
 from service.cli.follow import EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from service.cli.runs import RUN_COMMANDS
+from service.cli.usage import usage
 
 __all__ = ["main"]
 
@@ -36,6 +37,7 @@ def main() -> None:
 for _command in RUN_COMMANDS:  # submit, study create, status, wait, cancel, best, lr-find
     main.add_command(_command)
 main.add_command(mlflow_access)  # sync, add, remove: who reads a team's work in MLflow
+main.add_command(usage)  # the compute a team used
 
 
 @main.command()

@@ -33,6 +33,7 @@ from models.messages import RangeTestMessage, TrialMessage
 from models.spec.trial import TrialSpec
 from models.spec.tuning import LrRangeSpec
 from models.store.keys import lease_key
+from models.store.share import Route
 from service.api import create_app
 from tests.conftest import Service, free_port, start_worker, wait_for
 from tests.helpers import tiny_trial, wait_for_trial
@@ -83,7 +84,7 @@ def pool_child(worker: Service) -> int:
 
 def resend(app, trial_id: str, spec: dict) -> None:
     """Send a trial's message again, as Redis does after a visibility timeout (or the reconciler)."""
-    app.extensions["convtune"].send(TrialMessage(trial_id=trial_id, spec=TrialSpec.model_validate(spec).model_dump(mode="json")), "cpu")
+    app.extensions["convtune"].send(TrialMessage(trial_id=trial_id, spec=TrialSpec.model_validate(spec).model_dump(mode="json")), Route("cpu"))
 
 
 def steps_per_metric(mlflow_client: MlflowClient, run_id: str) -> dict[str, list[int]]:
@@ -129,7 +130,7 @@ def test_a_range_test_whose_lease_a_dead_process_holds_runs_once_it_lapses(lease
     lease = redis.Redis.from_url(lease_app.extensions["convtune"].settings.redis_url)
     lease.set(lease_key(test_id), "a-process-killed-mid-test", px=LEASE_TTL_S * 1000)  # what a SIGKILLed pool child leaves
     spec = LrRangeSpec.model_validate(body).model_dump(mode="json")
-    lease_app.extensions["convtune"].send(RangeTestMessage(run_id=test_id, spec=spec), "cpu")
+    lease_app.extensions["convtune"].send(RangeTestMessage(run_id=test_id, spec=spec), Route("cpu"))
     deadline = time.monotonic() + 120
     while (status := client.get(f"/lr-finder/{test_id}").get_json())["status"] in ("queued", "running"):
         assert time.monotonic() < deadline, status

@@ -45,6 +45,7 @@ from models.callbacks import (
 )
 from models.messages import CALLBACK_QUEUE, CallbackMessage, queue_lists
 from models.store.runs import TAG
+from models.store.share import Route
 from service.api import create_app
 from service.api.auth import REDACTED, hash_token
 from service.api.settings import ApiSettings, TokenConfig
@@ -552,7 +553,7 @@ def test_a_delivered_callback_is_signed_for_its_team_and_forged_or_replayed_sign
     path = f"/control/{uuid.uuid4().hex}"
     url = f"http://127.0.0.1:{receiver.port}{path}"
     event = trial_ended_event("c" * 32, name="control", status="succeeded", outcome="succeeded", reason="ok", metrics={"val_accuracy": 0.5})
-    secure_app.extensions["convtune"].send(CallbackMessage(url=url, event=event, team=TEAMS[A]), CALLBACK_QUEUE)
+    secure_app.extensions["convtune"].send(CallbackMessage(url=url, event=event, team=TEAMS[A]), Route(CALLBACK_QUEUE))
     assert wait_for(lambda: receiver.paths_under(path), 30), callback_worker.log()[-3000:]
     [(_, headers, body)] = [r for r in receiver.seen if r[0] == path]
     assert verify_signature(CALLBACK_SECRET, headers, body, destination=url)

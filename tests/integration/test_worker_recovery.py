@@ -13,6 +13,7 @@ import redis
 from models.messages import TrialMessage
 from models.spec.trial import TrialSpec
 from models.store.keys import attempts_key
+from models.store.share import Route
 from tests.conftest import wait_for
 from tests.helpers import tiny_trial, wait_for_trial
 
@@ -25,7 +26,7 @@ def _steps(mlflow_client, run_id: str, key: str = "val_loss") -> list[int]:
 
 def resend(app, trial_id: str, spec: dict) -> None:
     """Send a trial's message again, as Redis does when a visibility timeout lapses."""
-    app.extensions["convtune"].send(TrialMessage(trial_id=trial_id, spec=TrialSpec.model_validate(spec).model_dump(mode="json")), "cpu")
+    app.extensions["convtune"].send(TrialMessage(trial_id=trial_id, spec=TrialSpec.model_validate(spec).model_dump(mode="json")), Route("cpu"))
 
 
 def test_a_message_delivered_twice_trains_once(app, client, worker, mlflow_client):

@@ -11,7 +11,7 @@ from service.cli.main import main
 from tests.conftest import free_port
 
 PROCESS_COMMANDS = {"api", "worker", "up", "demo", "token", "webhook-key", "mlflow-access"}
-RUN_COMMANDS = {"submit", "study", "status", "wait", "cancel", "best", "lr-find"}
+RUN_COMMANDS = {"submit", "study", "status", "wait", "cancel", "best", "lr-find", "usage"}
 
 
 def test_every_command_is_in_the_group_under_its_name():

@@ -89,7 +89,7 @@ class _Request:
 def test_a_heart_beats_its_node_name_queues_and_held_requests(client):
     app = Celery("fleet-test", set_as_current=False)
     app.amqp.queues.select(["cpu"])
-    heart = Heart(client, SimpleNamespace(app=app, hostname="cpu7@host"), served_ttl_s=900)
+    heart = Heart(client, SimpleNamespace(app=app, hostname="cpu7@host", controller=SimpleNamespace(concurrency=1)), served_ttl_s=900)
     request = _Request()
     state.task_scheduled(request)
     try:
@@ -103,7 +103,7 @@ def test_a_heart_beats_its_node_name_queues_and_held_requests(client):
 def test_a_heart_whose_redis_fails_says_so_once_a_minute_and_beats_again_when_it_answers(client, caplog):
     app = Celery("fleet-test", set_as_current=False)
     app.amqp.queues.select(["cpu"])
-    heart = Heart(redis.Redis(port=1, socket_connect_timeout=0.2), SimpleNamespace(app=app, hostname="cpu8@host"), served_ttl_s=900)
+    heart = Heart(redis.Redis(port=1, socket_connect_timeout=0.2), SimpleNamespace(app=app, hostname="cpu8@host", controller=SimpleNamespace(concurrency=1)), served_ttl_s=900)
     with caplog.at_level(logging.INFO, logger="workers.fleet"):
         assert not heart.beat() and not heart.beat()
         heart.client = client
@@ -117,7 +117,7 @@ def test_a_heart_stops_when_told_and_removes_its_beat(client):
 
     app = Celery("fleet-test", set_as_current=False)
     app.amqp.queues.select(["cpu"])
-    heart, stop = Heart(client, SimpleNamespace(app=app, hostname="cpu9@host"), served_ttl_s=900), threading.Event()
+    heart, stop = Heart(client, SimpleNamespace(app=app, hostname="cpu9@host", controller=SimpleNamespace(concurrency=1)), served_ttl_s=900), threading.Event()
     thread = threading.Thread(target=heart.run, args=(stop,), daemon=True)
     thread.start()
     assert _wait(lambda: any(w.name == "cpu9@host" for w in fleet.live_workers(client)), 5)  # beats at once

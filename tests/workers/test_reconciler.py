@@ -233,9 +233,9 @@ def world(redis_url: str, tmp_path, monkeypatch):
     )
     mlflow, sent, pushed = FakeMlflow(), [], []
 
-    def send(message, queue: str) -> None:  # as kombu does: the message waits in its queue's list
-        sent.append((message, queue))
-        pushed.append((queue, json.dumps({"headers": {"id": message.task_id}, "body": ""})))
+    def send(message, route) -> None:  # as kombu does with fair share off: the message waits in its queue's list
+        sent.append((message, route.queue))
+        pushed.append((route.queue, json.dumps({"headers": {"id": message.task_id}, "body": ""})))
         client.lpush(*pushed[-1])
 
     reconciler = Reconciler(Clients(settings, mlflow, client), send)

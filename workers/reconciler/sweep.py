@@ -18,7 +18,7 @@ import optuna
 import redis
 from mlflow.tracking import MlflowClient
 
-from models.compat.kombu_redis import UNACKED_INDEX_KEY, UNACKED_KEY, queue_lists
+from models.compat.kombu_redis import UNACKED_INDEX_KEY, UNACKED_KEY
 from models.logs import log_context
 from models.messages import (
     QUEUES,
@@ -31,13 +31,14 @@ from models.messages import (
     StudyStepMessage,
     TrialMessage,
     give_back,
-    send,
 )
 from models.sealing import SealBroken
 from models.spec.study import StudySpec
 from models.store import fleet, runs
 from models.store.budget import StudyBudget
 from models.store.claims import open_claims
+from models.store.runs import run_route
+from models.store.share import Route, Share, waiting_lists, weights_of
 from models.store.keys import (
     RECONCILER_COUNTS_KEY,
     RECONCILER_LOCK_KEY,
@@ -114,7 +115,7 @@ class Clients:
 def read_messages(client: redis.Redis, now: float) -> Messages:
     """Every queue's waiting messages and the unacked ones, read in one transaction (one consistent view)."""
     pipe = client.pipeline(transaction=True)
-    for name in (name for queue in QUEUES for name in queue_lists(queue)):
+    for name in waiting_lists(client, QUEUES):  # the device queues, and the teams' waiting queues
         pipe.lrange(name, 0, -1)
     pipe.hgetall(UNACKED_KEY)
     pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
@@ -125,7 +126,7 @@ def read_messages(client: redis.Redis, now: float) -> Messages:
 class Reconciler:
     """Sweeps the experiment's open runs against the queues and leases (see :mod:`workers.reconciler`)."""
 
-    def __init__(self, clients: Clients, send_message: Callable[[Message, str], None]):
+    def __init__(self, clients: Clients, send_message: Callable[[Message, Route], None]):
         self.clients = clients
         self.settings = clients.settings
         self.send = send_message
@@ -143,7 +144,8 @@ class Reconciler:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.mlflow_timeout_s))
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)  # a study's report registers its model with the fluent API
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.broker_timeout_s, socket_connect_timeout=settings.broker_timeout_s)
-        return cls(Clients(settings, MlflowClient(settings.mlflow_tracking_uri), client), lambda message, queue: send(app, message, queue))
+        share = Share(client, app, enabled=settings.fair_share, weights=weights_of(settings.teams))
+        return cls(Clients(settings, MlflowClient(settings.mlflow_tracking_uri), client), share.send)
 
     def run(self, stop: threading.Event) -> None:
         """Sweep whenever the lock is free, until ``stop`` is set; a failed sweep is logged and tried again."""
@@ -237,7 +239,7 @@ class _Sweep:
             self.end(run, "FAILED", "error", "its spec is not on its run, so it cannot be sent again", verdict.why, action="ended")
         else:
             message: Message = TrialMessage(trial_id=run_id, spec=payload) if kind == KIND.TRIAL else RangeTestMessage(run_id=run_id, spec=payload)
-            self.resend(kind, run_id, message, run.data.tags.get(TAG.QUEUE, "gpu"), verdict.why)
+            self.resend(kind, run_id, message, run_route(run.data.tags), verdict.why)
 
     # --- a study ---
 
@@ -248,7 +250,7 @@ class _Sweep:
         if run.data.tags.get(TAG.STUDY_STORAGE, ours) != ours:
             return  # kept in another kind of storage: the workers that share it reconcile it
         budget = StudyBudget(self.redis, study_id)
-        queue = run.data.tags.get(TAG.QUEUE, "gpu")
+        route = run_route(run.data.tags)
         state = budget.state()
         if not state:
             verdict = Verdict("restored", "its slot counters are missing (Redis lost them): rebuilt from the Optuna storage, then topped up")
@@ -258,7 +260,7 @@ class _Sweep:
 
             def restore() -> None:
                 if restore_counters(budget, *loaded):  # else a step rebuilt them first, and topped up itself
-                    self._send_steps(study_id, budget.top_up().slots, queue)
+                    self._send_steps(study_id, budget.top_up().slots, route)
 
             self.act(KIND.STUDY, study_id, "restored", verdict.why, restore)
             state = budget.state()
@@ -284,16 +286,16 @@ class _Sweep:
             if self.redis.exists(lease_key(slot_lease_id(study_id, slot))):
                 continue  # a step took the slot since it was seen
             if trial_id is None:
-                if budget.slot_record(slot) is not None or self._settled(budget, study_id, slot, queue, carried):
+                if budget.slot_record(slot) is not None or self._settled(budget, study_id, slot, route, carried):
                     continue
             elif not self.still(trial_id, trial_status, lease_key(trial_id)):
                 continue
-            self.resend(KIND.STUDY, study_id, step, queue, f"slot {slot}: {verdict.why}")
+            self.resend(KIND.STUDY, study_id, step, route, f"slot {slot}: {verdict.why}")
         self.orphans(study_id, kids, parent_open=True, carried=carried)
         if not in_flight:
-            self._idle(run, budget, state, queue)
+            self._idle(run, budget, state, route)
 
-    def _settled(self, budget: StudyBudget, study_id: str, slot: int, queue: str, carried: set[str]) -> bool:
+    def _settled(self, budget: StudyBudget, study_id: str, slot: int, route: Route, carried: set[str]) -> bool:
         """A slot with no record whose trial Optuna knows (counters rebuilt without it): settle it instead of starting another.
 
         A running trial is recorded for the slot (and counted in ``carried``): the re-sent step resumes it.
@@ -313,12 +315,12 @@ class _Sweep:
             return False
         top = budget.top_up(release_slot=slot)
         why = f"slot {slot}: its trial #{trial.number} ended but the slot was never released"
-        self.act(KIND.STUDY, study_id, "released", why, lambda: self._send_steps(study_id, top.slots, queue))
+        self.act(KIND.STUDY, study_id, "released", why, lambda: self._send_steps(study_id, top.slots, route))
         if top.idle and top.released:
             self._finish(study_id, stored, spec, budget.stopped(), "its last slot released, nothing left in flight")
         return True
 
-    def _idle(self, run: Any, budget: StudyBudget, state: dict[str, str], queue: str) -> None:
+    def _idle(self, run: Any, budget: StudyBudget, state: dict[str, str], route: Route) -> None:
         """Nothing in flight: send the slots the budget still allows, or end the study with its results."""
         study_id = run.info.run_id
         verdict = Verdict("finished", "nothing in flight and nothing carries it")
@@ -332,13 +334,13 @@ class _Sweep:
             top = budget.top_up()
             why = f"nothing in flight with {left} trials left to run: sent slots {top.slots}"
             if top.slots:
-                self.act(KIND.STUDY, study_id, "topped_up", why, lambda: self._send_steps(study_id, top.slots, queue))
+                self.act(KIND.STUDY, study_id, "topped_up", why, lambda: self._send_steps(study_id, top.slots, route))
             return
         self._finish(study_id, stored, spec, stopped, "nothing in flight and nothing left to start")
 
-    def _send_steps(self, study_id: str, slots: list[int], queue: str) -> None:
+    def _send_steps(self, study_id: str, slots: list[int], route: Route) -> None:
         for slot in slots:  # one not sent stays in flight with no message: a later sweep re-sends it
-            self.r.send(StudyStepMessage(study_id=study_id, slot=slot), queue)
+            self.r.send(StudyStepMessage(study_id=study_id, slot=slot), route)
 
     def _finish(self, study_id: str, stored: optuna.Study, spec: StudySpec, stopped: str, why: str) -> None:
         def do() -> None:
@@ -407,11 +409,11 @@ class _Sweep:
         lease, cancel, resent = (bool(v) for v in pipe.execute())
         return Seen(bool(run_id) and lease, bool(run_id) and cancel, task_id in self.messages.waiting, self.messages.held_for(task_id), resent)
 
-    def resend(self, kind: str, run_id: str, message: Message, queue: str, why: str) -> None:
-        """Send ``message`` again, and remember it for the grace (the copy on its way carries the work)."""
+    def resend(self, kind: str, run_id: str, message: Message, route: Route, why: str) -> None:
+        """Send ``message`` again (on its team's waiting queue), and remember it for the grace (the copy on its way carries the work)."""
 
         def do() -> None:
-            self.r.send(message, queue)
+            self.r.send(message, route)
             self.redis.set(resent_key(message.task_id), "1", ex=max(1, int(self.grace_s)))
 
         self.act(kind, run_id, "resent", why, do)

@@ -43,6 +43,7 @@ from models.store.keys import study_key
 from models.store.runs import TAG
 from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
 from models.store.teams import callback_team
+from models.store.usage import open_usage
 from workers.callbacks.announce import announce_study_end
 from workers.runtime import WorkerRuntime
 from workers.study.figures import (
@@ -103,6 +104,9 @@ def _finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: 
         best_params = decode_params(spec, best.params)
         tags += [RunTag(TAG.BEST_TRIAL_ID, best.user_attrs.get(USER_ATTR.TRIAL_ID, "")), RunTag(TAG.BEST_TRIAL_NUMBER, str(best.number))]
         tags += [RunTag(f"{TAG.BEST_PREFIX}{k}", json.dumps(v)) for k, v in best_params.items()]
+    used, kinds = _study_usage(rt, study_id)
+    metrics += [Metric(key, value, now, 0) for key, value in used.items()]
+    tags += [RunTag(TAG.DEVICE_KIND, ",".join(kinds))] if kinds else []
     rt.mlflow.log_batch(study_id, metrics=metrics, tags=tags)
     if best is not None:
         _log_best_params(rt, study_id, decode_params(spec, best.params))
@@ -140,11 +144,29 @@ def _finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: 
         log.info("study %s was extended as it ended: reopened for its new trials", study_id)
         return
     log.info("study %s ended %s: %s", study_id, ending.outcome, ending.reason)
+    _close_usage(rt, study_id)
     best_info = None if best is None else _best_info(spec, best)
     announce_study_end(
         study_id, str(spec.callback_url) if spec.callback_url else None, team=team, name=spec.display_name(), ending=ending, best=best_info,
         counts=dict(counts),
     )
+
+
+def _study_usage(rt: WorkerRuntime, study_id: str) -> tuple[dict[str, float], list[str]]:
+    """The sum of what the study's runs used (their rows in the usage table), and their device kinds; nothing when the table fails."""
+    try:
+        return open_usage(rt.settings.study_storage).study_totals(study_id)
+    except Exception as exc:  # noqa: BLE001 - accounting never fails a study's ending
+        log.warning("study %s: its usage was not summed: %s: %s", study_id, type(exc).__name__, str(exc)[:300])
+        return {}, []
+
+
+def _close_usage(rt: WorkerRuntime, study_id: str) -> None:
+    """Close the study's own row in the usage table: its estimate stops counting against the team's quotas."""
+    try:
+        open_usage(rt.settings.study_storage).close(study_id)
+    except Exception as exc:  # noqa: BLE001 - closed when the team's quota is next checked
+        log.warning("study %s: its usage row was not closed: %s: %s", study_id, type(exc).__name__, str(exc)[:300])
 
 
 def _cancelled(rt: WorkerRuntime, study_id: str, stored: optuna.Study, stopped: str) -> bool:

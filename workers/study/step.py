@@ -63,6 +63,8 @@ from models.store.budget import StudyBudget
 from models.store.keys import lease_key, slot_lease_id
 from models.store.runs import TAG, TERMINAL_STATUSES, trial_tags
 from models.store.search import USER_ATTR, fail_trial, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
+from models.store.share import Route
+from models.store.teams import team_of
 from workers.callbacks.announce import count_outcome
 from workers.errors import WorkerError
 from workers.failures import is_infrastructure
@@ -79,7 +81,7 @@ __all__ = ["SendStep", "StepInterrupted", "TrialFailed", "abandon_step", "execut
 log = logging.getLogger(__name__)
 # Optuna logs each trial that ends FAIL with a traceback; convtune logs the outcome and reason itself.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-SendStep = Callable[[str, int, str], None]  # (study_id, slot, queue)
+SendStep = Callable[[str, int, Route], None]  # (study_id, slot, where its step goes)
 Value = float | list[float]  # what the objective returns: one value, or one per objective
 
 
@@ -108,6 +110,11 @@ def _parent(rt: WorkerRuntime, study_id: str) -> Parent:
             _RUNNING_PARENTS.clear()
         _RUNNING_PARENTS[study_id] = parent
     return parent
+
+
+def _route(stored: optuna.Study, spec: StudySpec, parent: Parent) -> Route:
+    """Where the study's steps go: its queue, its team's share, at its priority."""
+    return Route(stored.user_attrs[USER_ATTR.QUEUE], team_of(parent.owner), spec.priority)
 
 
 class TrialFailed(WorkerError):
@@ -147,7 +154,7 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
         _end_parent(rt, study_id, "FAILED", "error", reason)
         return "skipped"
     spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
-    queue = stored.user_attrs[USER_ATTR.QUEUE]
+    route = _route(stored, spec, parent)
     if spec.lr_auto is not None:
         # One range test for the study, then optim.lr is searched around its result.
         try:
@@ -173,7 +180,7 @@ def execute_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep) ->
             raise  # retried: the retry finds the slot's trial and resumes it
         log.exception("study %s: the step of slot %d failed", study_id, slot)  # a bug: the slot is spent, the chain goes on
         outcome = "error"
-    _release_slot(study_id, slot, rt, budget, stored, spec, queue, send)
+    _release_slot(study_id, slot, rt, budget, stored, spec, route, send)
     return outcome
 
 
@@ -189,18 +196,18 @@ def abandon_step(study_id: str, slot: int, rt: WorkerRuntime, send: SendStep, re
     if record is not None and abandon_run(record[0], rt, reason) is not None:
         fail_trial(stored, record[1], "error", reason)
     spec = StudySpec.model_validate_json(stored.user_attrs[USER_ATTR.SPEC], context={"stored": True})
-    _release_slot(study_id, slot, rt, budget, stored, spec, stored.user_attrs[USER_ATTR.QUEUE], send)
+    _release_slot(study_id, slot, rt, budget, stored, spec, _route(stored, spec, _parent(rt, study_id)), send)
 
 
 def _release_slot(
-    study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, queue: str, send: SendStep,
+    study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudget, stored: optuna.Study, spec: StudySpec, route: Route, send: SendStep,
 ) -> None:
     """Release ``slot``, send the steps the budget allows, and end the study when nothing is left in flight."""
     top = budget.top_up(release_slot=slot)
     if top.in_flight < 0:
         top = _restore_counters(budget, stored, spec)
     for next_slot in top.slots:
-        send(study_id, next_slot, queue)
+        send(study_id, next_slot, route)
     if top.idle and top.released:
         try:
             finish_study(study_id, rt, stored, spec, budget.stopped())

@@ -15,6 +15,7 @@ import torch
 
 from models.data.sets import load
 from models.nets.convnet import build_model
+from models.spec.plan import plan_network
 from models.spec.tuning import LrRangeSpec
 from workers.training.train import TrainingContext, make_loss, make_optimizer, requested_stop, resolve_batches
 
@@ -43,6 +44,7 @@ def range_test(spec: LrRangeSpec, ctx: TrainingContext, on_steps: Callable[[Curv
     batch = resolve_batches(trial.model_copy(update={"devices": 1}), data.info, loss_fn, x, y, ctx).batch_size
     torch.manual_seed(trial.seed)
     model = build_model(trial.model, data.info).to(ctx.device).train()
+    ctx.samples.flops_per_sample = plan_network(trial.model, data.info).flops
     optimizer = make_optimizer(model.parameters(), trial.optim.model_copy(update={"lr": spec.start_lr}))
     batches = _batches(len(x), batch, trial.seed, ctx.device)
 
@@ -54,6 +56,7 @@ def range_test(spec: LrRangeSpec, ctx: TrainingContext, on_steps: Callable[[Curv
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = next(batches)
+        ctx.samples.seen += len(idx)
         loss = loss_fn(model(x[idx]), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

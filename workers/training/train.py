@@ -50,7 +50,7 @@ from workers.training.outcomes import Cancelled, Superseded, TimedOut, TrialStop
 from workers.training.parallel import Parallel
 
 __all__ = [
-    "CheckpointWriter", "Evaluation", "Tracker", "TrainingContext", "TrialResult", "checkpoint_files", "checkpoint_run", "evaluate",
+    "CheckpointWriter", "Evaluation", "Tracker", "TrainedSamples", "TrainingContext", "TrialResult", "checkpoint_files", "checkpoint_run", "evaluate",
     "fenced_checkpoint", "remove_checkpoints", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
 ]
 
@@ -69,6 +69,20 @@ class Tracker(Protocol):
 
     def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
     def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None: ...
+
+
+@dataclass
+class TrainedSamples:
+    """What a delivery trained, for its accounting: samples through a training step (every rank's), and the
+    network's forward FLOPs per sample. Shared by reference with a data-parallel trial's rank 0 context."""
+
+    seen: int = 0
+    flops_per_sample: int = 0
+
+    @property
+    def train_flops(self) -> float:
+        """Forward and backward (about twice the forward) FLOPs of the samples seen."""
+        return 3.0 * self.flops_per_sample * self.seen
 
 
 @dataclass
@@ -102,6 +116,8 @@ class TrainingContext:
     # Set on every rank of a data-parallel trial (workers.training.devices); None trains in this process alone.
     parallel: Parallel | None = None
     started: float = field(default_factory=time.monotonic)
+    # Counted as it trains (workers.trial.accounting reads it at the end).
+    samples: TrainedSamples = field(default_factory=TrainedSamples)
 
 
 @dataclass
@@ -150,8 +166,10 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
         stamps.clear()
         guard = _Guard(spec, ctx)
         start_epoch = 1
+    network_plan = plan_network(spec.model, data.info)
+    ctx.samples.flops_per_sample = network_plan.flops
     if start_epoch == 1:
-        tracker.log_summary(plan_network(spec.model, data.info).summary())
+        tracker.log_summary(network_plan.summary())
     elif ctx.on_resume is not None:
         ctx.on_resume([dict(h) for h in history])
     for epoch, metrics in enumerate(history, start=1):  # resumed: the checkpoint's epochs the run may lack (logged once)
@@ -274,6 +292,7 @@ def train_one_epoch(
         losses.append(step_loss)
         sizes.append(len(local))
         seen += len(local)
+        guard.ctx.samples.seen += len(idx)  # every rank's samples: counted once, on the rank that accounts for the trial
         if len(losses) == 256:
             total += _weighted_sum(losses, sizes)
         guard.check_step(step, step_loss, lr)

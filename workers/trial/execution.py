@@ -45,6 +45,7 @@ from workers.training.devices import train_on_devices
 from workers.training.latency import measure_latency
 from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.train import TrainingContext, checkpoint_files, remove_checkpoints
+from workers.trial.accounting import Meter, record_usage
 from workers.trial.lease import Lease
 from workers.trial.tracking import MlflowTracker
 
@@ -106,7 +107,7 @@ def _train(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None, on_resume: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> Ending:
     if attempt > rt.settings.max_attempts:
-        return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id))
+        return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt.checkpoint_path(trial_id), rt)
     if attempt > 1:
         log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
     else:
@@ -121,6 +122,7 @@ def _train(
         cpu_memory_limit_bytes=rt.settings.cpu_memory_limit_mb * 2**20, gpu_memory_fraction=rt.settings.gpu_memory_fraction,
     )
     ending: Ending | None = None
+    meter = Meter(ctx.device, spec.devices, ctx.samples)  # charged to the run with its ending
     try:
         result = train_on_devices(spec, tracker, ctx, rt.devices_owned)
         if spec.latency is not None:  # timed only when the spec asks for it: timing costs inference passes
@@ -135,12 +137,13 @@ def _train(
             raise  # MLflow or Redis failed, not the trial: the task retries it from its checkpoint
         ending = classify(exc)
         log.log(logging.ERROR if ending.outcome == "error" else logging.INFO, "trial %s ended %s: %s", trial_id, ending.outcome, ending.reason, exc_info=ending.outcome == "error")
+    meter.charge(tracker)
     if ending is not None:
         if ending.outcome == "out_of_memory" and rt.device.type == "cuda":
             torch.cuda.empty_cache()  # the failed step's tensors died with its traceback: give their memory back
-        return _end(tracker, ending, ctx.checkpoint_path)
+        return _end(tracker, ending, ctx.checkpoint_path, rt)
     reason = f"trained {result.epochs_done} epochs; best val_accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}"
-    return _end(tracker, Ending("FINISHED", "succeeded", reason), ctx.checkpoint_path)
+    return _end(tracker, Ending("FINISHED", "succeeded", reason), ctx.checkpoint_path, rt)
 
 
 def admit(tracker: MlflowTracker, run_id: str, payload: dict, spec_model: type[SpecT], rt: WorkerRuntime, what: str) -> tuple[SpecT | None, Ending | None]:
@@ -164,9 +167,9 @@ def admit(tracker: MlflowTracker, run_id: str, payload: dict, spec_model: type[S
     try:
         spec = spec_model.model_validate(payload)
     except ValidationError as exc:
-        return None, _end(tracker, Ending("FAILED", "error", f"the worker refused the spec: {exc}"))
+        return None, _end(tracker, Ending("FAILED", "error", f"the worker refused the spec: {exc}"), rt=rt)
     if rt.redis.exists(cancel_key(run_id)):
-        return None, _end(tracker, Ending("KILLED", "cancelled", "cancelled on request before it started"))
+        return None, _end(tracker, Ending("KILLED", "cancelled", "cancelled on request before it started"), rt=rt)
     return spec, None
 
 
@@ -193,7 +196,7 @@ def abandon_run(run_id: str, rt: WorkerRuntime, reason: str) -> Ending | None:
     tracker = tracker_for(rt, run_id, log_model=False)
     if tracker.status() in TERMINAL_STATUSES:
         return None
-    return _end(tracker, Ending("FAILED", "error", reason), rt.checkpoint_path(run_id))
+    return _end(tracker, Ending("FAILED", "error", reason), rt.checkpoint_path(run_id), rt)
 
 
 def fence_floor(tracker: MlflowTracker, checkpoint: Path | None = None) -> int:
@@ -216,8 +219,10 @@ def lost_too_often(attempt: int, max_attempts: int) -> Ending:
     return Ending("FAILED", "worker_lost", f"its worker was lost {attempt - 1} times (max_attempts={max_attempts}); not retried again")
 
 
-def _end(tracker: MlflowTracker, ending: Ending, checkpoint: Path | None = None) -> Ending:
+def _end(tracker: MlflowTracker, ending: Ending, checkpoint: Path | None = None, rt: WorkerRuntime | None = None) -> Ending:
     tracker.finish(ending)
+    if rt is not None:
+        record_usage(rt, tracker)  # closes the run's row in the usage table, with what it used (zeros: it trained nothing)
     if checkpoint is not None:
         remove_checkpoints(checkpoint)  # every fence's: an earlier holder's file too
     return ending

@@ -35,6 +35,7 @@ from workers.failures import is_infrastructure
 from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.range_test import Curve, range_test
 from workers.training.train import TrainingContext
+from workers.trial.accounting import Meter, record_usage
 from workers.trial.execution import LeaseHeld, admit, count_attempt, fence_floor, forget_attempt, lost_too_often, tracker_for
 from workers.trial.figures import range_test_svg
 from workers.trial.lease import Lease
@@ -62,11 +63,14 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
         tracker.hold(lease)
         attempt = count_attempt(rt, run_id)
         if attempt > rt.settings.max_attempts:
-            return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts))
+            return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt)
         try:
             tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
-            ending, _ = run_and_record(spec, tracker, _context(rt, tracker.team, lambda: bool(rt.redis.exists(cancel_key(run_id))), lease.held))
-            return _end(tracker, ending)
+            ctx = _context(rt, tracker.team, lambda: bool(rt.redis.exists(cancel_key(run_id))), lease.held)
+            meter = Meter(ctx.device, 1, ctx.samples)
+            ending, _ = run_and_record(spec, tracker, ctx)
+            meter.charge(tracker)
+            return _end(tracker, ending, rt)
         except Superseded as exc:
             log.warning("range test %s: %s; stopped without recording anything", run_id, exc.reason)
             raise
@@ -161,8 +165,12 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
     tracker = tracker_for(rt, test_id, log_model=False)
     tracker.hold(lease)  # a run of its own: its fence is the study's lr_auto lease's
     tracker.start(str(rt.device), 1)
-    ending, result = run_and_record(test, tracker, _context(rt, parent.data.tags.get(TAG.TEAM), should_stop, lease.held))
-    tracker.finish(ending)
+    tracker.run_tags = {TAG.KIND: KIND.LR_FINDER, TAG.STUDY_ID: study_id, **{k: v for k, v in parent.data.tags.items() if k in (TAG.TEAM, TAG.QUEUE)}}
+    ctx = _context(rt, parent.data.tags.get(TAG.TEAM), should_stop, lease.held)
+    meter = Meter(ctx.device, 1, ctx.samples)
+    ending, result = run_and_record(test, tracker, ctx)
+    meter.charge(tracker)
+    _end(tracker, ending, rt)
     if result is None:
         return {"error": f"lr_auto: its range test {test_id} ended {ending.outcome}: {ending.reason}", "test_id": test_id}
     low, high = lr_search_range(result.suggested_lr, result.largest_stable_lr, spec.lr_auto.decades)
@@ -195,7 +203,8 @@ def _log_result(tracker: MlflowTracker, spec: LrRangeSpec, result: LrRangeResult
     client.log_text(run_id, range_test_svg(spec, result), "plots/lr_range_test.svg")
 
 
-def _end(tracker: MlflowTracker, ending: Ending) -> str:
+def _end(tracker: MlflowTracker, ending: Ending, rt: Any) -> str:
     tracker.finish(ending)
+    record_usage(rt, tracker)  # the run's row in the usage table, closed with what it used
     return ending.outcome
 

@@ -191,6 +191,10 @@ class MlflowTracker:
         self.final_epoch: int | None = None
         self._held: tuple[int, list[Metric]] | None = None
         self._epoch_sent: Future | None = None  # the last epoch's metrics, on their way (:meth:`log_epoch`)
+        self.run_tags: dict[str, str] = {}  # the run's tags, as :meth:`status` read them (or :meth:`created` found them)
+        # What the delivery used (workers.trial.accounting), sent with the ending: metrics and tags in the same request.
+        self.usage_metrics: dict[str, float] = {}
+        self.usage_tags: dict[str, str] = {}
 
     def created(self, info: RunInfo, team: str | None) -> None:
         """The run of ``team`` was created RUNNING by this process a moment ago (``runs.create_started_run``): nothing to read back.
@@ -198,6 +202,7 @@ class MlflowTracker:
         :meth:`status` answers from ``info`` and starting it sends only its tags: two requests fewer a trial.
         """
         self._created, self.team = info, team
+        self.run_tags = runs.created_tags(info.run_id)
         self.uploads.artifact_uri = info.artifact_uri
 
     def hold(self, lease: Lease) -> None:
@@ -235,6 +240,7 @@ class MlflowTracker:
         self.logged_through = int(run.data.tags.get(TAG.EPOCHS_DONE, "0"))
         self.fence_seen = int(run.data.tags.get(TAG.FENCE, "0"))
         self.team = run.data.tags.get(TAG.TEAM)
+        self.run_tags = dict(run.data.tags)
         self.uploads.artifact_uri = run.info.artifact_uri
         return run.info.status
 
@@ -352,10 +358,13 @@ class MlflowTracker:
         if not self.may_write(f"the ending ({ending.outcome})") or self.superseded(f"the ending ({ending.outcome})"):
             raise Superseded(f"this worker lost the lease of run {self.run_id} before ending it ({ending.outcome})")
         tags, self._starting = self._starting or {}, None  # it ended before training began: its start tags go with the ending
+        tags.update(self.usage_tags)
         held, self._held = self._held, None
         if held is not None:
             tags[TAG.EPOCHS_DONE] = str(held[0])
-        runs.end_run(self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason, tags=tags, logged=held[1] if held else ())
+        runs.end_run(
+            self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason, metrics=self.usage_metrics, tags=tags, logged=held[1] if held else (),
+        )
 
 
 class _Predictor(nn.Module):

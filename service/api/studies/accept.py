@@ -20,16 +20,19 @@ from models.data import InvalidData, data_root_for, describe
 from models.messages import StudyStepMessage
 from models.sealing import split_secrets
 from models.spec.objectives import constraint_problems
+from models.spec.plan import InfeasibleArchitecture, NetworkPlan, plan_network
 from models.spec.space import grid_points, space_problems
 from models.spec.study import StudySpec
 from models.store.claims import ClaimRefused, may_adopt, open_claims, registered_model
 from models.store.runs import KIND, SPEC_TAG_LIMIT, TAG
 from models.store.search import USER_ATTR, encode_params, open_storage, storage_kind
+from models.store.share import Route
 from service.api.accept import accept_run
 from service.api.admission import check_callback_url, check_dataset_size, check_epochs, check_params, check_space, served_queue
 from service.api.auth import Principal
 from service.api.errors import FieldError, Forbidden, InfeasibleSpec, InvalidSpec, ServiceUnavailable
 from service.api.limits import check_queued_quota
+from service.api.quotas import check_compute_quota
 from service.api.studies.records import StudyStore
 from service.api.wiring import Services
 
@@ -43,6 +46,8 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Pri
     check_study(s, spec, principal.team)
     queue = served_queue(s.redis, spec.base.queue, s.settings, "base.queue")
     check_queued_quota(s.runs, s.redis, principal, s.settings)
+    # Its budget of trials, each estimated as its base (a searched size or epochs may differ: the base is the estimate).
+    reservation = check_compute_quota(s, principal, "study", queue, spec.base, _base_plan(s, spec, principal.team), trials=spec.budget)
     claimed = claim_model_name(s, spec.register_as.name, principal) if spec.register_as else False
     # MLflow's copies of the spec hold no secret (models.sealing): the Optuna storage keeps the whole spec, callbacks included.
     public, _ = split_secrets(spec.model_dump(mode="json"))
@@ -56,14 +61,23 @@ def accept_study(s: Services, store: StudyStore, spec: StudySpec, principal: Pri
             _create_study(store, study_id, spec, queue)
             budget = store.budget(study_id)
             budget.open(spec.budget, spec.parallelism)
-            send_steps(s, study_id, budget.top_up().slots, queue)
+            send_steps(s, study_id, budget.top_up().slots, Route(queue, principal.team, spec.priority))
         except Exception:
             _close_slots(store, study_id)
             raise
 
-    study_id = accept_run(s, principal, "study", spec.display_name(), _parent_tags(s, spec, queue, public), _parent_params(spec), start)
+    study_id = accept_run(s, principal, "study", spec.display_name(), _parent_tags(s, spec, queue, public), _parent_params(spec), start, reservation)
     log.info("study %s accepted: %d trials, %d in parallel on %s (%s storage)", study_id, spec.budget, spec.parallelism, queue, storage_kind(s.settings.study_storage))
     return study_id
+
+
+def _base_plan(s: Services, spec: StudySpec, team: str | None) -> NetworkPlan | None:
+    """The base trial's network plan, for its FLOPs; None when its data is not known here or it does not fit (the space's checks said so)."""
+    try:
+        info = describe(spec.base.data, data_root_for(s.settings.data_root, team))
+        return plan_network(spec.base.model, info) if info is not None else None
+    except (InvalidData, InfeasibleArchitecture):
+        return None
 
 
 def _close_slots(store: StudyStore, study_id: str) -> None:
@@ -126,10 +140,10 @@ def _note_claiming_study(s: Services, name: str, study_id: str) -> None:
         log.warning("study %s: the claim on %r does not name it: %s", study_id, name, exc)
 
 
-def send_steps(s: Services, study_id: str, slots: list[int], queue: str) -> None:
+def send_steps(s: Services, study_id: str, slots: list[int], route: Route) -> None:
     """Send one step message per slot; ServiceUnavailable when the broker does not take one."""
     for slot in slots:
-        s.send(StudyStepMessage(study_id=study_id, slot=slot), queue)
+        s.send(StudyStepMessage(study_id=study_id, slot=slot), route)
 
 
 def _parent_params(spec: StudySpec) -> dict[str, str]:
@@ -146,7 +160,7 @@ def _parent_tags(s: Services, spec: StudySpec, queue: str, public: dict[str, Any
     """The parent run's tags (``public``: the spec without its secrets, kept whole in a tag when it fits)."""
     spec_json = json.dumps(public, separators=(",", ":"))
     return {
-        TAG.KIND: KIND.STUDY, TAG.QUEUE: queue, TAG.N_TRIALS: str(spec.budget),
+        TAG.KIND: KIND.STUDY, TAG.QUEUE: queue, TAG.PRIORITY: spec.priority, TAG.N_TRIALS: str(spec.budget),
         TAG.STUDY_STORAGE: storage_kind(s.settings.study_storage),
         **({TAG.STUDY_SPEC: spec_json} if len(spec_json) <= SPEC_TAG_LIMIT else {}),  # else study/spec.json alone
         **{f"user.{k}": v for k, v in spec.tags.items()},

@@ -15,6 +15,8 @@ from models.store import runs
 from models.store.keys import cancel_key, lease_key
 from models.store.runs import TAG, TERMINAL_STATUSES
 from models.store.search import USER_ATTR, encode_params, fail_trial
+from models.store.share import Route
+from models.store.teams import team_of
 from service.api.errors import Conflict, FieldError, InvalidSpec, ServiceUnavailable
 from service.api.studies.accept import send_steps
 from service.api.studies.records import StudyRecord, StudyStore
@@ -116,7 +118,7 @@ def extend_study(s: Services, store: StudyStore, record: StudyRecord, n_trials: 
                 runs.reopen_run(s.runs.client, record.id, {TAG.N_TRIALS: str(new_budget)})
             else:
                 s.runs.client.set_tag(record.id, TAG.N_TRIALS, str(new_budget))
-        send_steps(s, record.id, budget.top_up().slots, queue)
+        send_steps(s, record.id, budget.top_up().slots, Route(queue, team_of(record.tags), spec.priority))
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
     return added
