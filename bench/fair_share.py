@@ -13,7 +13,7 @@ heartbeat or share state of one run reaches another) against one MLflow server a
 (sqlite, one server worker, as ``convtune up`` starts it; each run's teams in experiments of their
 own, ``bench-fair-share-<run>/<team>``). Before the scenario a fourth team's trials warm every worker
 up (a worker's first trial pays seconds of once-per-process costs that a long-lived stack has
-paid). Then team A submits N one-epoch ``digits`` trials (``channels [8, 16]``, 4 threads posting)
+paid). Then team A submits N one-epoch trials (generated ``shapes``, 3000 images of 28 px, ``channels [16, 32]``: about a second each; 4 threads posting)
 and then a study (parallelism 4); B submits one trial ``b_delay`` seconds after A's first POST; C
 submits a study (parallelism 2) ``c_delay`` seconds after B. The bench waits until MLflow shows every
 run ended, and reads it back. ``--repeats N`` runs N pairs, the order alternating (fair first, then
@@ -39,10 +39,14 @@ runtime: a study's steps and report included, which its trials' runs leave out).
 
 Targets (of the fair runs; the fifo runs are the baseline shown beside them):
 
-  b_wait_in_trial_durations  B's wait / the median trial duration <= 1: one trial duration is the
-                             longest any worker can take to free its slot once B submits
+  b_queued_in_trial_durations  B's wait from its 202 to its trial's start / the median trial
+                             duration <= 1: one trial duration is the longest any worker can take to
+                             free its slot once B's trial is queued. The accept before it (submit ->
+                             202) is shown beside it: it is the API's latency while A posts, not the
+                             queue's order
   share_vs_weight_<team>     |share / weight share - 1| <= 0.10 for each team in the window (the
-                             MLflow runs' share; ``--share-from tasks``: the workers' task times')
+                             workers' task times, the default: what each team held a worker for, a
+                             study's steps included; ``--share-from mlflow``: the trials' runs only)
   wall_vs_fifo               fair's total wall / fifo's (same repeat) <= 1.05 (work conservation)
   records_complete           every run: each submitted trial and each study's trials in MLflow, in
                              the team's experiment, tagged ``convtune.team`` with its team, started
@@ -80,9 +84,12 @@ from common import Target, convtune_up, emit, median, mlflow_server, note, print
 
 TEAMS = ("A", "B", "C")
 WARM_UP_TEAM = "warmup"  # its trials warm every worker up before the scenario (its own experiment, never read back)
-MODEL = {"channels": [8, 16], "convs_per_stage": 1, "norm": "none"}
+MODEL = {"channels": [16, 32], "convs_per_stage": 1, "norm": "none"}
+# One epoch of generated shapes: about a second a trial on this machine kind, long beside an accept (0.2-0.5 s),
+# so a wait measures the queue, not the API. (digits trains an epoch in 0.2-0.4 s here.)
+DATA = {"name": "shapes", "num_samples": 3000, "image_size": 28}
 # Divergence checks off: every trial trains its whole epoch (the same work in both runs).
-BASE = {"model": MODEL, "optim": {"epochs": 1}, "data": {"name": "digits"}, "divergence": {"enabled": False}, "queue": "cpu"}
+BASE = {"model": MODEL, "optim": {"epochs": 1, "batch_size": 64}, "data": DATA, "divergence": {"enabled": False}, "queue": "cpu"}
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 WORKERS = 2
 POSTERS = 4  # threads posting A's trials (the API has two gunicorn workers: more only queue there, in front of B's POST)
@@ -402,6 +409,7 @@ def analyse(runs: dict[str, list[Any]], sub: Submitted, weights: dict[str, float
             "weight": weights[team], "trials": len(ss), "submit": submit, "first_start": first_start, "last_start": max(s for s, _ in ss),
             "last_end": max(e for _, e in ss), "wait_s": first_start - submit, "accept_s": sub.first_accepted.get(team, float("nan")) - submit,
             "queued_s": first_start - sub.first_accepted.get(team, float("nan")), "wait_in_trial_durations": (first_start - submit) / median_s,
+            "queued_in_trial_durations": (first_start - sub.first_accepted.get(team, float("nan"))) / median_s,
             "worker_s": sum(e - s for s, e in ss),
         }
     present = [t for t in TEAMS if teams[t].get("trials")]
@@ -496,7 +504,7 @@ def main() -> None:
     parser.add_argument("--weights", default="", help="TEAM=WEIGHT,... for teams A, B, C (unnamed: 1), e.g. A=2")
     parser.add_argument("--modes", default="fair,fifo", help="which runs: fair, fifo or both (comma-separated)")
     parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, the order alternating (fair first, then fifo first); targets on medians")
-    parser.add_argument("--share-from", choices=("mlflow", "tasks"), default="mlflow",
+    parser.add_argument("--share-from", choices=("mlflow", "tasks"), default="tasks",
                         help="which worker-seconds the share targets judge: the trials' MLflow runs, or the workers' task times (their logs)")
     parser.add_argument("--json", action="store_true", help="no table: only the JSON line")
     parser.add_argument("--runs-csv", type=Path, default=None, help="also write every run's times (s from the run's first submit) to this CSV file")
@@ -545,7 +553,7 @@ def judge(results: dict[str, list[dict[str, Any]]], modes: list[str], share_from
     fifo = results.get("fifo", [])
     targets: dict[str, Target] = {}
     if fair:
-        targets["b_wait_in_trial_durations"] = Target(median([_get(r, "teams", "B", "wait_in_trial_durations") for r in fair]), "<=", 1.0)
+        targets["b_queued_in_trial_durations"] = Target(median([_get(r, "teams", "B", "queued_in_trial_durations") for r in fair]), "<=", 1.0)
         window = sorted({t for r in fair for t in r["window"]["teams"]})
         if len(window) < 2:
             targets["share_vs_weight"] = Target(None, "<=", 0.10)  # fewer than two teams waited together: nothing to share

@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = [
-    "PRIORITIES", "Priority", "Route", "Share", "TeamPolicy", "dispatch", "settle", "team_of_queue", "waiting_lists", "waiting_queue",
+    "PRIORITIES", "Priority", "Route", "Share", "TeamPolicy", "dispatch", "settle", "team_of_queue", "waiting_by_team", "waiting_lists",
+    "waiting_queue",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,32 @@ def waiting_lists(client: redis.Redis, queues: Iterable[str] = QUEUES) -> list[s
     return names
 
 
+def waiting_by_team(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, dict[str | None, int]]:
+    """{queue: {team: messages waiting in the team's waiting queue}} (every priority), for /metrics."""
+    queues = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.smembers(_teams_key(queue))
+    teams = {q: sorted(t.decode() for t in found) for q, found in zip(queues, pipe.execute(), strict=True)}
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for team in teams[queue]:
+            for name in queue_lists(f"{queue}{_SHARE}{team}"):
+                pipe.llen(name)
+    counts, at = pipe.execute(), 0
+    found: dict[str, dict[str | None, int]] = {}
+    for queue in queues:
+        found[queue] = {}
+        for team in teams[queue]:
+            found[queue][team or None] = sum(counts[at : at + len(_steps())])
+            at += len(_steps())
+    return found
+
+
+def _steps() -> list[str]:
+    return queue_lists("")
+
+
 # KEYS: 1 the device queue's list, 2 kombu's unacked hash, 3 the teams set, 4 the virtual times, 5 the
 # virtual now, 6 the means, 7 the charges. ARGV: 1 the slots of the live workers serving the queue,
 # 2 the waiting queues' prefix, 3 kombu's priority separator, 4 JSON {team: weight}, 5 the task id of a
@@ -157,8 +184,17 @@ local q, prefix, sep = KEYS[1], ARGV[2], ARGV[3]
 local weights = cjson.decode(ARGV[4])
 local steps = {'', sep .. '3', sep .. '6', sep .. '9'}
 local busy = 0
-local running = {}
-for _, s in ipairs(steps) do busy = busy + redis.call('llen', q .. s) end
+local running = {}  -- teams with a message on the device queue or held by a worker
+for _, s in ipairs(steps) do
+  for _, raw in ipairs(redis.call('lrange', q .. s, 0, -1)) do
+    busy = busy + 1
+    local ok, message = pcall(cjson.decode, raw)
+    if ok and type(message) == 'table' and type(message.properties) == 'table' and type(message.properties.delivery_info) == 'table' then
+      local rk = message.properties.delivery_info.routing_key
+      if type(rk) == 'string' and string.sub(rk, 1, #prefix) == prefix then running[string.sub(rk, #prefix + 1)] = true end
+    end
+  end
+end
 for _, raw in ipairs(redis.call('hvals', KEYS[2])) do
   local ok, held = pcall(cjson.decode, raw)
   if ok and type(held) == 'table' and type(held[3]) == 'string' then

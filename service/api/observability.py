@@ -39,6 +39,7 @@ from models.logs import bind, clear, current_ids
 from models.messages import CALLBACK_QUEUE, QUEUES, queue_lists
 from models.store import fleet
 from models.store.keys import OUTCOME_COUNTS_KEY, RECONCILER_COUNTS_KEY
+from models.store.share import waiting_by_team
 from models.store.usage import UsageTotal, open_usage
 from service.api.auth import current_principal
 from service.api.openapi import PUBLIC_ERRORS
@@ -67,7 +68,10 @@ class LiveCollector:
         self._lock = threading.Lock()
 
     def collect(self):
-        depth = GaugeMetricFamily("convtune_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"])
+        depth = GaugeMetricFamily("convtune_queue_depth", "Messages waiting for each queue's workers (its teams' waiting queues included).", labels=["queue"])
+        team_depth = GaugeMetricFamily(
+            "convtune_team_queue_depth", "Messages of each team waiting for a queue's workers (the fair share feeds them by weight).", labels=["queue", "team"],
+        )
         outcomes = CounterMetricFamily("convtune_trials_ended", "Trials that ended, by outcome.", labels=["outcome"])
         reconciled = CounterMetricFamily(
             "convtune_reconciler_actions", "Stranded work the reconciler re-sent or ended, by kind of run and action.", labels=["kind", "action"],
@@ -85,9 +89,13 @@ class LiveCollector:
             pipe.hgetall(RECONCILER_COUNTS_KEY)
             results = pipe.execute()
             at = 0
+            waiting = waiting_by_team(self.redis, QUEUES)
             for queue, names in lists.items():
-                depth.add_metric([queue], sum(results[at : at + len(names)]))
+                depth.add_metric([queue], sum(results[at : at + len(names)]) + sum(waiting.get(queue, {}).values()))
                 at += len(names)
+            for queue, teams in waiting.items():
+                for team, count in sorted(teams.items(), key=lambda item: item[0] or ""):
+                    team_depth.add_metric([queue, team or ""], count)
             for outcome, count in sorted(results[-2].items()):
                 outcomes.add_metric([outcome.decode()], int(count))
             for field, count in sorted(results[-1].items()):
@@ -99,6 +107,7 @@ class LiveCollector:
         except redis.RedisError:
             pass  # an empty family: the scrape still answers, convtune_up says the rest
         yield depth
+        yield team_depth
         yield outcomes
         yield reconciled
         yield served

@@ -135,6 +135,10 @@ def test_teams_share_the_workers_by_weight_whatever_the_order_they_submitted_in(
     blockers = _block(api, "late")
     light = _submit(api, "light", 12)  # first, and as many
     heavy = _submit(api, "heavy", 12)
+    metrics = api.get("/metrics").get_data(as_text=True)  # all of it waits, each team's in its own queue
+    assert 'convtune_team_queue_depth{queue="cpu",team="heavy"} 12.0' in metrics, metrics
+    assert 'convtune_team_queue_depth{queue="cpu",team="light"} 12.0' in metrics
+    assert 'convtune_queue_depth{queue="cpu"} 24.0' in metrics
     _unblock(api, "late", blockers)
     _ended(api, "light", light), _ended(api, "heavy", heavy)
     order = [team for _, _, team in _starts(mlflow_client, {"heavy": heavy, "light": light})]

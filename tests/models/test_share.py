@@ -16,7 +16,7 @@ from celery import Celery
 from models.compat.kombu_redis import UNACKED_KEY, queue_lists
 from models.messages import TrialMessage, celery_config, give_back
 from models.store import fleet
-from models.store.share import Route, Share, team_of_queue, virtual_times, waiting_lists, waiting_queue
+from models.store.share import Route, Share, team_of_queue, virtual_times, waiting_by_team, waiting_lists, waiting_queue
 
 SHARE_REDIS_DB = 10  # a database of its own: no worker of the session consumes its queues
 QUEUE = "cpu"
@@ -213,3 +213,20 @@ def test_with_fair_share_off_messages_go_straight_to_the_device_queue(client):
     _submit(share, "a", 3)
     assert sum(client.llen(name) for name in queue_lists(QUEUE)) == 3
     assert client.keys("convtune:share:*") == []
+
+
+def test_the_waiting_counts_are_per_team_and_queue(client):
+    share = _share(client, slots=1)
+    _submit(share, "a", 3)
+    _submit(share, "b", 2, "high")
+    _submit(share, None, 1)
+    assert waiting_by_team(client, [QUEUE]) == {QUEUE: {"a": 2, "b": 2, None: 1}}  # a's first went to the free slot
+
+
+def test_a_team_whose_message_waits_on_the_device_queue_is_not_idle(client):
+    """Its charge stands while its message is on its way to a worker: only a team with nothing anywhere starts afresh."""
+    share = _share(client, slots=1)
+    _submit(share, "c", 1)  # dispatched at once: on the device queue, not yet taken
+    charged = virtual_times(client, QUEUE)["c"]
+    share.dispatch(QUEUE)
+    assert virtual_times(client, QUEUE)["c"] == charged
