@@ -160,18 +160,14 @@ def waiting_by_team(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict
         for team in teams[queue]:
             for name in queue_lists(f"{queue}{_SHARE}{team}"):
                 pipe.llen(name)
-    counts, at = pipe.execute(), 0
+    counts, at, step = pipe.execute(), 0, len(queue_lists(""))  # one list per priority step
     found: dict[str, dict[str | None, int]] = {}
     for queue in queues:
         found[queue] = {}
         for team in teams[queue]:
-            found[queue][team or None] = sum(counts[at : at + len(_steps())])
-            at += len(_steps())
+            found[queue][team or None] = sum(counts[at : at + step])
+            at += step
     return found
-
-
-def _steps() -> list[str]:
-    return queue_lists("")
 
 
 # KEYS: 1 the device queue's list, 2 kombu's unacked hash, 3 the teams set, 4 the virtual times, 5 the
@@ -300,7 +296,7 @@ def settle(client: redis.Redis, task_id: str, device_seconds: float, weights: di
 
 
 def virtual_times(client: redis.Redis, queue: str) -> dict[str | None, float]:
-    """Each team's virtual time on ``queue`` (device-seconds given over weight): for /metrics and the tests."""
+    """Each team's virtual time on ``queue`` (device-seconds given over weight): where each team stands in the share."""
     found = client.hgetall(_vtime_key(queue))
     return {(k.decode() or None): float(v) for k, v in found.items()}
 
