@@ -188,7 +188,7 @@ ARTIFACT_GROUPS = (  # (part of the breakdown, what its files' paths start with)
 
 
 def _artifact_times(stack: Stack, run: Any) -> dict[str, float]:
-    """The last modification time of each group's files in the stack's local artifact store."""
+    """The last modification time of each group's files in the stack's local artifact store (the run's logged model's: "model export")."""
     root = stack.home / "artifacts" / run.info.experiment_id / run.info.run_id / "artifacts"
     times: dict[str, float] = {}
     for path in root.rglob("*") if root.exists() else ():
@@ -197,6 +197,11 @@ def _artifact_times(stack: Stack, run: Any) -> dict[str, float]:
         rel = path.relative_to(root).as_posix()
         group = next((g for g, prefixes in ARTIFACT_GROUPS if rel.startswith(prefixes)), "other artifacts")
         times[group] = max(times.get(group, 0.0), path.stat().st_mtime)
+    model_id = run.data.tags.get("convtune.model_id")
+    model_root = stack.home / "artifacts" / run.info.experiment_id / "models" / model_id / "artifacts" if model_id else None
+    for path in model_root.rglob("*") if model_root is not None and model_root.exists() else ():
+        if path.is_file():
+            times["model export"] = max(times.get("model export", 0.0), path.stat().st_mtime)
     return times
 
 

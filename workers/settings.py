@@ -42,6 +42,17 @@ class WorkerSettings(SharedSettings):
         default=1, ge=1, le=1024, description="Training processes sharing this host's cores (set by 'convtune worker' and 'convtune up'); each takes an equal share.",
     )
     torch_threads: int | None = Field(default=None, ge=1, le=1024, description="Intra-op threads of each training process; default: its share of the usable cores.")
+    # What each run records beside its metrics (workers.trial.recording).
+    system_metrics_interval_s: float = Field(
+        default=10.0, ge=0,
+        description=(
+            "Seconds between two samples of MLflow's system metrics (CPU, memory, disk, network; GPUs with nvidia-ml-py) on each run, "
+            "where psutil is installed; they start after one interval of training, so shorter trials pay nothing. 0 turns them off."
+        ),
+    )
+    run_log_max_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest log artifact of a run (logs/trial.log); past it, the first half and the latest lines are kept.",
+    )
     # Failures (workers.failures): infrastructure errors that escape a task are retried, never acked away.
     retry_backoff_s: int = Field(default=5, ge=1, description="Delay bound of the first retry after an infrastructure error; doubled per retry (full jitter).")
     retry_backoff_max_s: int = Field(default=300, ge=1, description="Largest delay bound between two retries.")

@@ -16,6 +16,9 @@ to validation, drawn with ``np.random.default_rng(spec.seed)``: the same spec gi
 
 :func:`describe` sizes the input cheaply (no full load), so the API can check a spec's feasibility;
 :func:`load` reads everything, validates it, splits it and normalises it with training statistics.
+What a raw image of each set is (the dtype, layout and pixel range its source holds, before the loader
+scales it) and those statistics in raw pixel units come with it (:class:`RawInput`): a served model
+takes raw images and normalises them itself, as training did.
 Both raise :class:`InvalidData` for data that cannot be used (a file that cannot be read included), with a
 message naming the path as the spec gave it (the root itself is deployment detail and never appears in a
 message). A path that leaves the caller's folders gets the very message of a path that does not exist.
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +41,7 @@ from models.data.roots import DataRoot, InvalidData, inside
 from models.spec.plan import InputInfo
 from models.spec.trial import DataSpec
 
-__all__ = ["DataRoot", "Dataset", "InputInfo", "InvalidData", "SHAPE_CLASSES", "describe", "load"]
+__all__ = ["DataRoot", "Dataset", "InputInfo", "InvalidData", "RawInput", "SHAPE_CLASSES", "describe", "load"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 _MODE_CHANNELS = {"L": 1, "RGB": 3}
@@ -48,9 +51,31 @@ MAX_CLASSES = 10_000
 _READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
+@dataclass(frozen=True)
+class RawInput:
+    """A raw image of a data set, as its source holds it before the loader scales it: what a served model takes.
+
+    ``layout``: "NCHW", "NHWC" or "NHW" (one channel); ``dtype``: a numpy dtype name; ``pixels``: their range, in
+    words; ``scale``: what the loader divides raw pixels by; ``mean`` and ``std``: the training split's statistics
+    per channel in raw pixel units, so that ``(raw - mean) / std`` is what the net was trained on.
+    """
+
+    dtype: str
+    layout: str
+    pixels: str
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def shape(self, info: InputInfo) -> tuple[int, ...]:
+        """One raw image's shape (without the batch axis), in this layout."""
+        return {"NCHW": (info.channels, info.height, info.width), "NHWC": (info.height, info.width, info.channels),
+                "NHW": (info.height, info.width)}[self.layout]
+
+
 @dataclass
 class Dataset:
-    """A split, normalised data set: images float32 (N, C, H, W), labels int64 (N,)."""
+    """A split, normalised data set: images float32 (N, C, H, W), labels int64 (N,); ``raw``: what its raw images are."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -58,6 +83,7 @@ class Dataset:
     y_val: np.ndarray
     info: InputInfo
     class_names: list[str]
+    raw: RawInput | None = None
 
 
 def describe(spec: DataSpec, root: DataRoot | Path | None) -> InputInfo | None:
@@ -82,15 +108,16 @@ def load(spec: DataSpec, root: DataRoot | Path | None) -> Dataset:
     """Load, validate, split (seeded by ``spec.seed``) and normalise the data set a spec names (``root``: as in :func:`describe`)."""
     if spec.name in ("npz", "folder") and root is None:
         raise InvalidData(f"dataset {spec.name!r} needs a data root, and none is configured here")
-    images, labels, class_names = _LOADERS[spec.name](spec, None if root is None else _as_root(root))
+    images, labels, class_names, raw = _LOADERS[spec.name](spec, None if root is None else _as_root(root))
     _check_finite(images, spec.path or spec.name)
     train, val = _split(labels, spec.val_fraction, np.random.default_rng(spec.seed), spec.path or spec.name)
-    x_train, x_val = _normalise(images[train], images[val])
+    x_train, x_val, mean, std = _normalise(images[train], images[val])
     c, h, w = images.shape[1:]
     return Dataset(
         x_train=x_train, y_train=labels[train], x_val=x_val, y_val=labels[val],
         info=InputInfo(channels=c, height=h, width=w, num_classes=len(class_names)),
         class_names=class_names,
+        raw=replace(raw, mean=tuple(float(m) * raw.scale for m in mean), std=tuple(float(s) * raw.scale for s in std)),
     )
 
 
@@ -101,17 +128,18 @@ def _as_root(root: DataRoot | Path) -> DataRoot:
 # --- built-ins ------------------------------------------------------------------------------------
 
 
-def _load_digits(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_digits(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str], RawInput]:
     from sklearn.datasets import load_digits  # the API never loads data: keep sklearn out of it
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8), pixels 0..16
-    return images, digits.target.astype(np.int64), [str(d) for d in range(10)]
+    raw = RawInput(str(digits.images.dtype), "NHW", "0 to 16, as scikit-learn's load_digits().images holds them", scale=16.0)
+    return images, digits.target.astype(np.int64), [str(d) for d in range(10)], raw
 
 
-def _load_shapes(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_shapes(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str], RawInput]:
     images, labels = _make_shapes(spec.num_samples, spec.image_size, spec.num_classes, spec.seed)
-    return images, labels, list(SHAPE_CLASSES[: spec.num_classes])
+    return images, labels, list(SHAPE_CLASSES[: spec.num_classes]), RawInput("float32", "NCHW", "0 to 1")
 
 
 # Shape -> pixel mask, given offsets dx, dy from the centre, half-size r and stroke half-width t.
@@ -258,17 +286,20 @@ def _describe_npz(path: Path | None, shown: str) -> InputInfo:
     return InputInfo(channels=c, height=h, width=w, num_classes=int(labels.max()) + 1)
 
 
-def _load_npz(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_npz(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str], RawInput]:
     assert root is not None and spec.path is not None
     path = root.find(spec.path)
     (_, _, _, channels_last), labels = _check_npz(path, spec.path)
     assert path is not None, "_check_npz refuses a path that leaves the caller's folders"
-    images = _read_array(path, "images", spec.path).astype(np.float32)
+    stored = _read_array(path, "images", spec.path)
+    layout = "NHW" if stored.ndim == 3 else "NHWC" if channels_last else "NCHW"
+    raw = RawInput(str(stored.dtype), layout, "as the npz's 'images' array holds them")
+    images = stored.astype(np.float32)
     if images.ndim == 3:
         images = images[:, None]
     elif channels_last:
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
-    return images, labels, [str(k) for k in range(int(labels.max()) + 1)]
+    return images, labels, [str(k) for k in range(int(labels.max()) + 1)], raw
 
 
 # --- folder ---------------------------------------------------------------------------------------
@@ -316,7 +347,7 @@ def _describe_folder(root: DataRoot, shown: str) -> InputInfo:
     return InputInfo(channels=_MODE_CHANNELS[mode], height=height, width=width, num_classes=len(classes))
 
 
-def _load_folder(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_folder(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.ndarray, list[str], RawInput]:
     """Read every image; each is converted to the first one's mode and resized to its size (bilinear)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -337,8 +368,10 @@ def _load_folder(spec: DataSpec, root: DataRoot | None) -> tuple[np.ndarray, np.
                 raise InvalidData(f"{shown}/{name}/{f.name}: not a readable image") from exc
             labels.append(k)
     stacked = np.stack(images)  # (N, H, W) or (N, H, W, 3)
+    # Raw: the pixels an image file decodes to (numpy.asarray of the PIL image, converted and resized as above).
+    raw = RawInput("uint8", "NHW" if stacked.ndim == 3 else "NHWC", f"0 to 255, each image converted to {mode} and resized to {size[0]}x{size[1]}", scale=255.0)
     stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(stacked), np.asarray(labels, dtype=np.int64), [name for name, _ in classes]
+    return np.ascontiguousarray(stacked), np.asarray(labels, dtype=np.int64), [name for name, _ in classes], raw
 
 
 # --- split and normalisation ----------------------------------------------------------------------
@@ -366,17 +399,17 @@ def _split(labels: np.ndarray, val_fraction: float, rng: np.random.Generator, sh
     return train_idx, val_idx
 
 
-def _normalise(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale both splits per channel to zero mean, unit std of the training split (no val leakage)."""
+def _normalise(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scale both splits per channel to zero mean, unit std of the training split (no val leakage); also the (C,) mean and std."""
     # Statistics accumulate in float64 (float32 sums drift over millions of pixels); the arrays stay float32.
     mean = x_train.mean(axis=(0, 2, 3), dtype=np.float64, keepdims=True)
     std = x_train.std(axis=(0, 2, 3), dtype=np.float64, keepdims=True)
     std = np.where(std < 1e-6, 1.0, std)  # a constant channel stays finite rather than dividing by 0
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    return (x_train - mean) / std, (x_val - mean) / std
+    return (x_train - mean) / std, (x_val - mean) / std, mean.reshape(-1), std.reshape(-1)
 
 
-_Loader = Callable[[DataSpec, DataRoot | None], tuple[np.ndarray, np.ndarray, list[str]]]
+_Loader = Callable[[DataSpec, DataRoot | None], tuple[np.ndarray, np.ndarray, list[str], RawInput]]
 _LOADERS: dict[str, _Loader] = {
     "digits": _load_digits, "shapes": _load_shapes, "npz": _load_npz, "folder": _load_folder,
 }

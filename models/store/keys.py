@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __all__ = [
     "OUTCOME_COUNTS_KEY", "RECONCILER_COUNTS_KEY", "RECONCILER_LOCK_KEY", "RECONCILER_SUSPECTS_KEY",
-    "attempts_key", "cancel_key", "fence_key", "lease_key", "queued_key", "resent_key", "slot_lease_id", "study_key",
+    "attempts_key", "cancel_key", "events_key", "fence_key", "lease_key", "queued_key", "resent_key", "slot_lease_id", "study_key",
 ]
 
 # Redis hash: outcome -> how many trials ended with it (for /metrics).
@@ -49,6 +49,11 @@ def slot_lease_id(study_id: str, slot: int) -> str:
     delivery waits on this lease instead of starting a second trial.
     """
     return f"{study_id}-slot-{slot}"
+
+
+def events_key(run_id: str) -> str:
+    """Redis stream of what happened to ``run_id`` (a trial, a study, a range test), for clients that follow it (models.store.events)."""
+    return f"convtune:events:{run_id}"
 
 
 def fence_key(trial_id: str) -> str:

@@ -80,6 +80,7 @@ class TAG:
     ATTEMPTS = "convtune.attempts"
     EPOCHS_DONE = "convtune.epochs_done"
     FENCE = "convtune.fence"  # the fence of the lease its latest holder took (workers.trial.lease): an earlier holder's writes are refused
+    MODEL_ID = "convtune.model_id"  # the MLflow logged model of its trained net (models:/<id>), set with its ending
     DEVICE = "convtune.device"
     DEVICE_KIND = "convtune.device_kind"  # what it trained on, at its end: "cpu" or the CUDA device's name
     ACCEPTED_AT = "convtune.accepted_at"  # ISO time the API accepted it
@@ -91,6 +92,15 @@ class TAG:
     LR_EFFECTIVE = "convtune.lr_effective"
     BATCH_PROBE = "convtune.batch_probe"
     CHECKPOINT_LOST = "convtune.checkpoint_lost"  # why a delivery could not resume from the checkpoint there was (it trained from epoch 1)
+    # Provenance, with the start tags of each delivery (workers.trial.provenance): what code, libraries, device and data it ran with.
+    VERSION = "convtune.version"  # the installed convtune distribution's version
+    COMMIT = "convtune.commit"  # the source's git commit, or "unknown"
+    TORCH = "convtune.torch"
+    CUDA = "convtune.cuda"  # the CUDA torch was built with, or "none"
+    CUDNN = "convtune.cudnn"  # cuDNN's version, or "none"
+    DEVICE_NAME = "convtune.device_name"  # "cpu" or the CUDA device's name
+    PYTHON = "convtune.python"
+    DATA_FINGERPRINT = "convtune.data_fingerprint"  # models.data.fingerprint: which images it trained on
     # A trial of a study.
     STUDY_ID = "convtune.study_id"
     STUDY_TRIAL = "convtune.study_trial"  # its Optuna trial number

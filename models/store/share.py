@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.compat.kombu_redis import PRIORITY_SEP, UNACKED_KEY, queue_lists
-from models.messages import QUEUES, SHARE_INFIX, Message, send
+from models.messages import QUEUES, SHARE_INFIX, Message, NotSent, send
 from models.spec.trial import Priority
 from models.store import fleet
 
@@ -332,8 +332,8 @@ class Share:
             return
         try:
             self.client.sadd(_teams_key(route.queue), route.team or _NO_TEAM)
-        except Exception as exc:  # the send below fails the same way and says so
-            log.debug("share: could not record team %r on %s: %s", route.team, route.queue, exc)
+        except Exception as exc:  # Redis is the broker: the send would wait out the same timeout and fail
+            raise NotSent(f"the broker (Redis) did not record team {route.team!r}'s waiting queue: {exc}") from exc
         send(self.celery, message, waiting_queue(route.queue, route.team), priority=priority)
         self.dispatch(route.queue)
 

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 def create_app(settings: ApiSettings | None = None) -> OpenAPI:
     """Build the API; tests pass their own ``settings``, servers read ``CONVTUNE_*`` variables."""
     from models.logs import configure_logging
-    from service.api import auth, health, limits, lr_finder, observability, openapi, teams, trials, usage, wiring
+    from service.api import auth, events, health, limits, logs, lr_finder, observability, openapi, teams, trials, usage, wiring
     from service.api.studies import views as studies
 
     settings = settings or ApiSettings()
@@ -51,6 +51,8 @@ def create_app(settings: ApiSettings | None = None) -> OpenAPI:
     app.register_api(trials.bp)
     app.register_api(studies.bp)
     app.register_api(lr_finder.bp)
+    app.register_api(logs.bp)  # a run's own log lines, from its artifacts
+    app.register_api(events.bp)  # each open stream holds a gunicorn thread: see service.api.events
     app.register_api(teams.bp)
     app.register_api(usage.bp)
     app.register_api(observability.bp)

@@ -20,6 +20,10 @@ accesslog = None
 # queued behind two processes (docs/performance.md, "Accepting work"). CONVTUNE_GUNICORN_THREADS=1 gives back one request per process.
 worker_class = "gthread"
 threads = int(os.environ.get("CONVTUNE_GUNICORN_THREADS", "4"))
+# An event stream (service.api.events, GET .../events) holds one of these threads for as long as it is open
+# (up to CONVTUNE_EVENTS_MAX_S): by default a process serves streams on half its threads, and answers 503 beyond
+# (clients then poll), so the other half always serves everything else. Raise both together for many followers.
+os.environ.setdefault("CONVTUNE_EVENTS_MAX_STREAMS", str(max(1, threads // 2)))
 # Let a long MLflow call finish rather than kill the worker at gunicorn's default 30 s.
 timeout = int(os.environ.get("CONVTUNE_GUNICORN_TIMEOUT", "60"))
 # An idle keep-alive connection is closed by the client first: at gunicorn's default of 2 s the server

@@ -69,13 +69,16 @@ def check_compute_quota(
     """
     policy = s.settings.teams.get(principal.team) if principal.team is not None else None
     how = policy.estimate if policy is not None else "flops"
+    has_quota = policy is not None and (policy.device_seconds_per_day is not None or policy.queued_device_seconds is not None)
     try:
         rate, per_trial = throughputs(s.redis, [queue])[queue]
     except redis.RedisError as exc:
-        raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
+        if has_quota:
+            raise ServiceUnavailable(f"the broker (Redis) is unreachable: {exc}") from exc
+        rate, per_trial = None, None  # no quota to hold it against: the estimate goes without a measured throughput (the send says if Redis is down)
     one, how_estimated = estimate_trial(spec, plan.flops if plan else None, rate, per_trial, how)
     reservation = Reservation(s.settings.study_storage, principal.team, kind, queue, one * trials, how_estimated)
-    if policy is None or (policy.device_seconds_per_day is None and policy.queued_device_seconds is None):
+    if not has_quota:
         return reservation
     try:
         store = open_usage(s.settings.study_storage)

@@ -46,6 +46,38 @@ STATUS_FILTERS = {
 }
 
 
+# A study's state, as far as its parent run's MLflow status tells (a cancelling study is RUNNING).
+STUDY_STATUS_FILTERS = {
+    "queued": "attributes.status = 'SCHEDULED'",
+    "running": "attributes.status = 'RUNNING'",
+    "succeeded": "attributes.status = 'FINISHED'",
+    "failed": "attributes.status = 'FAILED'",
+    "cancelled": "attributes.status = 'KILLED'",
+}
+
+
+def filter_string(filters: Any) -> str:
+    """The MLflow filter clauses (each `` and ...``) of a list's filters (:class:`service.api.schemas.ListFilters`).
+
+    Every value was checked against a pattern without quotes, so none can end the filter's string.
+    """
+    if filters is None:
+        return ""
+    clauses = []
+    if filters.team:
+        clauses.append(f"tags.`{TAG.TEAM}` = '{filters.team}'")
+    if filters.owner:
+        clauses.append(f"tags.`{TAG.OWNER}` = '{filters.owner}'")
+    if filters.tag:
+        key, _, value = filters.tag.partition("=")
+        clauses.append(f"tags.`user.{key}` = '{value}'")
+    if filters.since:
+        clauses.append(f"attributes.start_time >= {int(filters.since.timestamp() * 1000)}")
+    if filters.until:
+        clauses.append(f"attributes.start_time < {int(filters.until.timestamp() * 1000)}")
+    return "".join(f" and {clause}" for clause in clauses)
+
+
 def _iso(ms: int | None) -> str | None:
     return None if not ms else datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat()
 
@@ -77,6 +109,12 @@ class RunRecord:
     @property
     def outcome(self) -> str | None:
         return self.tags.get(TAG.OUTCOME)
+
+    @property
+    def model_uri(self) -> str | None:
+        """A trial's MLflow logged model (``models:/<id>``, its tag set with its ending); None while it has none."""
+        model_id = self.tags.get(TAG.MODEL_ID)
+        return f"models:/{model_id}" if model_id else None
 
     @property
     def status(self) -> str:
@@ -275,9 +313,13 @@ class RunStore:
             )
         return list(page), page.token
 
-    def search(self, principal: Principal, *, status: str | None, max_results: int, page_token: str | None) -> tuple[list[RunRecord], str | None]:
-        """Trials ``principal`` may read, newest first, optionally of one status; the page and the next page's token."""
+    def search(
+        self, principal: Principal, *, status: str | None, max_results: int, page_token: str | None, filters: Any = None, study: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        """Trials ``principal`` may read, newest first, optionally of one status, one study and the list ``filters``; the page and the next page's token."""
         extra = f" and {STATUS_FILTERS[status]}" if status else ""
+        extra += f" and tags.`{TAG.STUDY_ID}` = '{study}'" if study else ""
+        extra += filter_string(filters)
         page, token = self.search_runs(principal, KIND.TRIAL, extra, max_results=max_results, page_token=page_token)
         return [self.record(run) for run in page], token
 

@@ -73,6 +73,19 @@ class ApiSettings(SharedSettings):
     max_trials_per_study: int = Field(default=1000, ge=1)
     max_parallelism: int = Field(default=32, ge=1, description="Trials of one study that may run at once.")
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=24 * 3600, description="How long an Idempotency-Key is remembered.")
+    # Event streams (service.api.events): each open stream holds one of its process's gunicorn threads.
+    events_max_streams: int = Field(
+        default=2, ge=0,
+        description=(
+            "Event streams one API process serves at once; more answer 503 (clients then poll). Each holds a gunicorn thread "
+            "(CONVTUNE_GUNICORN_THREADS) for its life: keep it below the threads, or nothing else is served. 0: no streams."
+        ),
+    )
+    events_max_s: float = Field(default=600, gt=0, description="Longest one event stream stays open; the client reconnects with Last-Event-ID.")
+    events_keepalive_s: float = Field(
+        default=15, gt=0, le=120,
+        description="A quiet stream sends a keep-alive comment this often, and reads the run's status from MLflow (an ending whose event was lost).",
+    )
 
     @property
     def ui_url(self) -> str:

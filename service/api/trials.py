@@ -64,9 +64,11 @@ def create_trial(body: TrialSpec, header: IdempotencyHeader):
 
 @bp.get("", responses={200: TrialList, **problems(400, 503)})
 def list_trials(query: TrialListQuery):
-    """List the trials this token's team may read, newest first, a page at a time, optionally of one status."""
+    """List the trials this token's team may read, newest first, a page at a time; filter by status, study, team, owner, tag and time."""
     s = services()
-    records, token = s.runs.search(current_principal(), status=query.status, max_results=query.limit, page_token=query.page_token)
+    records, token = s.runs.search(
+        current_principal(), status=query.status, max_results=query.limit, page_token=query.page_token, filters=query, study=query.study,
+    )
     return TrialList(items=[trial_public(r, with_history=False) for r in records], next_page_token=token or None).model_dump()
 
 
@@ -151,6 +153,7 @@ def trial_public(record: RunRecord, with_history: bool = True) -> TrialPublic:
         epochs=spec.get("optim", {}).get("epochs"), metrics=record.metrics, best=best,
         params_count=_int(tags.get(TAG.PARAMS_COUNT)), flops_per_sample=_int(tags.get(TAG.FLOPS)),
         timings=record.timings(), spec=redacted(spec, tags, s.settings.sealer()) or None, mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
+        model_uri=record.model_uri,
     )
 
 

@@ -1,7 +1,9 @@
 """Following a trial or study from the CLI: live progress, then a verdict, reports and an exit code.
 
 Progress goes to stderr (a rich progress bar on a terminal, one plain line per change otherwise),
-so stdout carries only the result: a short human summary, or the ``--json`` document. The exit
+updated at each event of the run's stream (each epoch of a trial as it ends, each trial of a study
+as it starts and ends; :meth:`service.client.ConvtuneClient.wait_trial`), or at each poll of an API
+without streams; stdout carries only the result: a short human summary, or the ``--json`` document. The exit
 code says what happened (see :data:`EXIT_CODES`); CI branches on it.
 """
 

@@ -1,7 +1,7 @@
 """The ``convtune`` command: run the stack's processes (here: api, worker, up, demo, token; and
 :mod:`service.cli.access`: mlflow-access, who reads a team's work in MLflow), and
-drive the API from a shell or CI (:mod:`service.cli.runs`: submit, study create, status, wait,
-cancel, best, lr-find).
+drive the API from a shell or CI (:mod:`service.cli.runs`: submit, study create and extend, status,
+wait, cancel, best, lr-find; :mod:`service.cli.lists`: ls; :mod:`service.cli.usage`: usage).
 
 Exit codes (docs/cli.md): 0 success; 1 the trial/study failed or was cancelled; 2 invalid spec,
 request or usage; 3 the service is unreachable or unavailable; 4 a --require was not met;
@@ -22,6 +22,7 @@ import click
 from service.cli.access import mlflow_access
 from service.cli.calls import run_client
 from service.cli.follow import EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+from service.cli.lists import logs, ls
 from service.cli.runs import RUN_COMMANDS
 from service.cli.usage import usage
 
@@ -38,6 +39,8 @@ for _command in RUN_COMMANDS:  # submit, study create, status, wait, cancel, bes
     main.add_command(_command)
 main.add_command(mlflow_access)  # sync, add, remove: who reads a team's work in MLflow
 main.add_command(usage)  # the compute a team used
+main.add_command(ls)  # trials or studies, filtered
+main.add_command(logs)  # a trial's own log lines
 
 
 @main.command()

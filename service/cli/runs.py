@@ -71,6 +71,45 @@ def study_create(spec_file: Path, api_url: str, token: str | None, retries: int,
     run_client(go)
 
 
+@study.command("extend")
+@click.argument("study_id")
+@click.option("--trials", "n_trials", type=click.IntRange(1, 10_000), required=True, help="how many trials to add to its budget")
+@click.option("--warm-start", "warm_start_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML or JSON list of configurations ({param: value}) to try first")
+@client_options
+@result_options
+def study_extend(
+    study_id: str, n_trials: int, warm_start_file: Path | None, api_url: str, token: str | None, retries: int, wait: bool, timeout: float | None,
+    requirements: tuple[str, ...], as_json: bool, junit: Path | None, summary: Path | None,
+) -> None:
+    """Add trials to a running or ended study (it reopens); with --wait, follow it to its new end and gate on its chosen trial."""
+    from service.client import ConvtuneClient
+
+    warm_start = None
+    if warm_start_file is not None:
+        import yaml
+
+        try:
+            warm_start = yaml.safe_load(warm_start_file.read_text())  # YAML or JSON
+        except (OSError, yaml.YAMLError) as exc:
+            raise click.BadParameter(f"cannot read {warm_start_file}: {exc}", param_hint="--warm-start") from exc
+        if not isinstance(warm_start, list) or not all(isinstance(point, dict) for point in warm_start):
+            raise click.BadParameter(f"{warm_start_file} must hold a list of configurations ({{param: value}}, ...)", param_hint="--warm-start")
+    outputs = outputs_from_options(as_json, junit, summary, requirements)
+
+    def go() -> int:
+        with ConvtuneClient(api_url, token, retries=retries) as client:
+            extended = client.extend_study(study_id, n_trials, warm_start)
+            if not (wait or outputs.requirements or junit or summary):
+                budget = (extended.get("progress") or {}).get("n_trials")
+                echo_json(extended) if as_json else click.echo(f"study {study_id} extended by {n_trials} trials (budget {budget}, {extended['state']})")
+                return EXIT_OK
+            click.echo(f"study {study_id} extended by {n_trials} trials", err=True)
+            return _follow_study(client, study_id, timeout, outputs)
+
+    run_client(go)
+
+
 def _follow_study(client: Any, study_id: str, timeout: float | None, outputs: Outputs, wait: bool = True) -> int:
     if wait:
         with Progress(f"study {study_id[:8]}", "study") as progress:

@@ -174,6 +174,42 @@ def test_study_create_wait_gate_and_best(api_url, tmp_path):
     assert json.loads(best.stdout)["best_trial"]["id"] == best_id
 
 
+def test_ls_filters_and_study_extend(api_url, tmp_path):
+    tag = f"cli-ls-{uuid.uuid4().hex[:6]}"
+    parked = json.loads(convtune("submit", spec_file(tmp_path, tiny_trial(queue="gpu", tags={"suite": tag})), "--json", api=api_url).stdout)["id"]
+    listed = convtune("ls", "--tag", f"suite={tag}", "--status", "queued", "--json", api=api_url)
+    assert listed.returncode == 0, listed.stderr
+    assert [t["id"] for t in json.loads(listed.stdout)["items"]] == [parked]
+    table = convtune("ls", "--tag", f"suite={tag}", api=api_url)
+    assert table.returncode == 0 and parked in table.stdout and "queued" in table.stdout
+    assert convtune("ls", "--tag", "suite='x'", api=api_url).returncode == 2  # the API's 422, naming the filter
+    convtune("cancel", parked, api=api_url)
+
+    study = {
+        "base": tiny_trial(optim={"epochs": 1}), "n_trials": 1, "parallelism": 1, "tags": {"suite": tag},
+        "search_space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, "sampler": {"name": "random"},
+    }
+    created = convtune("study", "create", spec_file(tmp_path, study, "study.yaml"), "--wait", "--json", api=api_url, timeout_s=300)
+    study_id = json.loads(created.stdout)["id"]
+    extended = convtune("study", "extend", study_id, "--trials", "1", "--wait", "--json", api=api_url, timeout_s=300)
+    assert extended.returncode == 0, extended.stdout + extended.stderr
+    assert json.loads(extended.stdout)["study"]["progress"]["finished"] == 2
+    studies = convtune("ls", "studies", "--tag", f"suite={tag}", "--json", api=api_url)
+    assert [s["id"] for s in json.loads(studies.stdout)["items"]] == [study_id]
+    of_study = convtune("ls", "trials", "--study", study_id, "--status", "succeeded", "--json", api=api_url)
+    assert len(json.loads(of_study.stdout)["items"]) == 2
+
+
+def test_logs_prints_a_trials_own_log_lines(api_url, tmp_path):
+    submitted = convtune("submit", spec_file(tmp_path, tiny_trial(optim={"epochs": 2})), "--wait", "--json", api=api_url)
+    trial_id = json.loads(submitted.stdout)["id"]
+    printed = convtune("logs", trial_id, api=api_url)
+    assert printed.returncode == 0, printed.stderr
+    assert f"run {trial_id}, attempt 1" in printed.stdout and f"trial {trial_id}: training on cpu" in printed.stdout, printed.stdout[-2000:]
+    missing = convtune("logs", "0" * 32, api=api_url)
+    assert missing.returncode == 2 and "no LR range test with id" in missing.stdout + missing.stderr
+
+
 def test_lr_find_prints_the_suggested_learning_rate(api_url, tmp_path):
     result = convtune("lr-find", spec_file(tmp_path, {"trial": tiny_trial()}), "--json", api=api_url, timeout_s=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from models.store import runs
 from models.store.keys import lease_key
 from models.store.runs import KIND, TAG
+from models.store.share import waiting_lists
 from service.api import create_app
 from service.api.settings import ApiSettings
 from tests.conftest import Service, free_port, wait_for
@@ -102,7 +103,8 @@ def runs_of(mlflow_client: MlflowClient, experiment: str, status: str | None = N
 
 
 def queued_task_ids(client: redis.Redis, queue: str = "cpu") -> set[str]:
-    return {json.loads(raw)["headers"]["id"] for raw in client.lrange(queue, 0, -1)}
+    """The task ids waiting for ``queue``: on it, or in its teams' waiting queues (no worker here: the fair share moves nothing)."""
+    return {json.loads(raw)["headers"]["id"] for name in waiting_lists(client, [queue]) for raw in client.lrange(name, 0, -1)}
 
 
 def test_every_post_with_redis_down_is_a_quick_503_and_leaves_nothing_queued(api_settings, mlflow_client, tmp_path):

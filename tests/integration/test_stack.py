@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import mlflow.artifacts
@@ -84,10 +85,16 @@ def test_up_serves_a_trial_and_ctrl_c_stops_everything(tmp_path: Path, redis_url
         assert (home / "mlflow.db").exists() and (home / "logs" / "api.log").exists()
         # The workers wrote the artifacts straight into the server's store (issue 10); MLflow serves them as its own.
         written = {p.relative_to(home / "artifacts").parts[2:] for p in (home / "artifacts").rglob("*") if p.is_file() and accepted["id"] in p.parts}
-        assert ("artifacts", "model", "MLmodel") in written and ("artifacts", "plots", "confusion_matrix.svg") in written, written
+        assert ("artifacts", "plots", "confusion_matrix.svg") in written, written
+        # The logged model's files went there too: <experiment>/models/<model id>/artifacts/...
+        models = {p.relative_to(home / "artifacts").parts[1:] for p in (home / "artifacts").rglob("MLmodel")}
+        assert any(parts[0] == "models" and parts[2:] == ("artifacts", "MLmodel") for parts in models), models
         tracking = f"http://127.0.0.1:{mlflow_port}"
         assert {a.path for a in MlflowClient(tracking).list_artifacts(accepted["id"], "plots")} >= {"plots/learning_curve.svg", "plots/confusion_matrix.svg"}
-        served = mlflow.artifacts.download_artifacts(run_id=accepted["id"], artifact_path="model", dst_path=str(tmp_path / "served"), tracking_uri=tracking)
+        assert trial["model_uri"].startswith("models:/"), trial  # the trial's MLflow logged model
+        # MLflow resolves models:/ (and runs:/<run>/model) URIs with the process's tracking URI, not the one passed here
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": tracking}):
+            served = mlflow.artifacts.download_artifacts(artifact_uri=trial["model_uri"], dst_path=str(tmp_path / "served"))
         assert mlflow.pytorch.load_model(served)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
         stack_pids = _descendants(up.pid)
         assert len(stack_pids) >= 4, "expected mlflow, a worker (and its pool) and gunicorn (and its workers)"

@@ -199,7 +199,7 @@ def test_a_trial_that_succeeded_before_optuna_was_told_is_told_from_its_run_when
     assert told.state == optuna.trial.TrialState.COMPLETE and told.user_attrs[USER_ATTR.OUTCOME] == "succeeded"
 
 
-def test_a_resumed_trial_judges_best_epoch_over_all_its_epochs(tmp_path, monkeypatch):
+def test_a_resumed_trial_judges_best_epoch_over_all_its_epochs(tmp_path, monkeypatch, redis_url):
     """Its checkpoint holds the epochs before the resume; the epochs this delivery trains start after them."""
     from types import SimpleNamespace
 
@@ -212,7 +212,7 @@ def test_a_resumed_trial_judges_best_epoch_over_all_its_epochs(tmp_path, monkeyp
         "base": tiny_trial(optim={"epochs": 4}), "search_space": {"model.activation": ["relu", "gelu"]}, "pruner": "none", "n_trials": 1,
         "objective": {"metric": "val_accuracy", "value": "best_epoch"},
     })
-    rt = SimpleNamespace(settings=SimpleNamespace(data_root=None, lease_ttl_s=5), redis=SimpleNamespace(hincrby=lambda *a: None))
+    rt = SimpleNamespace(settings=SimpleNamespace(data_root=None, lease_ttl_s=5), redis=redis.Redis.from_url(redis_url))
     before = [{"val_accuracy": 0.5, "val_loss": 1.0}, {"val_accuracy": 0.99, "val_loss": 0.1}]  # what the dead delivery checkpointed
 
     def resumed(trial_id, payload, rt_, on_epoch_end=None, on_resume=None, **_):  # this delivery restores 2 epochs, trains 3 and 4

@@ -113,13 +113,12 @@ def test_a_teams_own_file_is_accepted_and_trained_on_without_its_samples_in_the_
     # Alice's file (3 classes of 12x12 RGB), not Bob's nor the root's file of the same name (5 classes of 8x8 grey).
     confusion = json.loads(Path(mlflow_client.download_artifacts(trial_id, "confusion_matrix.json", str(tmp_path))).read_text())
     assert confusion["classes"] == ["0", "1", "2"]
-    example = json.loads(Path(mlflow_client.download_artifacts(trial_id, "model/input_example.json", str(tmp_path))).read_text())
-    shown = np.asarray(example["inputs"] if isinstance(example, dict) else example, dtype=np.float32)
-    assert shown.shape == (2, 3, 12, 12)
-    images = team_data["images"].transpose(0, 3, 1, 2)  # as the worker reads them, before normalisation
-    normalised = (images - images.mean(axis=(0, 2, 3), keepdims=True)) / images.std(axis=(0, 2, 3), keepdims=True)
-    for sample in shown:
-        assert not any(np.allclose(sample, real, atol=1e-2) for real in normalised), "a real sample is in the model's files"
+    # The logged model (runs:/<trial>/model resolves to it) keeps no example input, and takes her raw layout with her statistics.
+    served = Path(mlflow_client.download_artifacts(trial_id, "model", str(tmp_path)))
+    assert not {p.name for p in served.rglob("*")} & {"input_example.json", "serving_input_example.json"}, "an example input is in the model's files"
+    contract = json.loads((served / "artifacts" / "inputs.json").read_text())
+    assert contract["layout"] == "NHWC" and contract["shape"] == [12, 12, 3] and contract["class_names"] == ["0", "1", "2"]
+    assert contract["mean"] == pytest.approx([40.0] * 3, abs=0.2) and contract["std"] == pytest.approx([1.0] * 3, abs=0.1)
 
 
 def api_as(api, name: str):

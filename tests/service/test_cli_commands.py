@@ -11,13 +11,13 @@ from service.cli.main import main
 from tests.conftest import free_port
 
 PROCESS_COMMANDS = {"api", "worker", "up", "demo", "token", "webhook-key", "mlflow-access"}
-RUN_COMMANDS = {"submit", "study", "status", "wait", "cancel", "best", "lr-find", "usage"}
+RUN_COMMANDS = {"submit", "study", "status", "wait", "cancel", "best", "lr-find", "usage", "ls", "logs"}
 
 
 def test_every_command_is_in_the_group_under_its_name():
     assert service.cli.main is main  # the console script's entry point
     assert set(main.commands) == PROCESS_COMMANDS | RUN_COMMANDS
-    assert set(main.commands["study"].commands) == {"create"}
+    assert set(main.commands["study"].commands) == {"create", "extend"}
     assert set(main.commands["mlflow-access"].commands) == {"sync", "add", "remove"}
     listed = CliRunner().invoke(main, ["--help"])
     assert listed.exit_code == 0 and all(f"  {name} " in listed.output for name in PROCESS_COMMANDS | RUN_COMMANDS)

@@ -42,7 +42,7 @@ class FakeMlflow:
         self.endings: list[str] = []
 
     def get_run(self, run_id: str) -> Any:
-        info = SimpleNamespace(status=self.status, artifact_uri="file:///nowhere", lifecycle_stage="active")
+        info = SimpleNamespace(status=self.status, artifact_uri="file:///nowhere", lifecycle_stage="active", experiment_id="0")
         return SimpleNamespace(info=info, data=SimpleNamespace(tags=dict(self.tags)))
 
     def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:

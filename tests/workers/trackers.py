@@ -16,6 +16,7 @@ class ListTracker:
         self.stamps: list[int | None] = []  # each logged epoch's at_ms
         self.summary: list[dict[str, Any]] = []
         self.result: tuple[Any, torch.Tensor, list] | None = None
+        self.served: Any = None  # the trial's ServedInputs, as log_result got them
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], at_ms: int | None = None, after: Any = None) -> None:
         if after is not None:
@@ -26,5 +27,6 @@ class ListTracker:
     def log_summary(self, rows: list[dict[str, Any]]) -> None:
         self.summary = rows
 
-    def log_result(self, model: Any, example: torch.Tensor, history: list) -> None:
+    def log_result(self, model: Any, example: torch.Tensor, history: list, served: Any = None) -> None:
         self.result = (model, example, history)
+        self.served = served

@@ -39,8 +39,9 @@ from models.store import runs
 from models.store.access import AccessNotGranted, TeamAccess
 from models.store.budget import StudyBudget
 from models.store.claims import SEAL_TAG, ClaimRefused, open_claims, registered_model
+from models.store.events import ENDED, EventLog
 from models.store.keys import study_key
-from models.store.runs import TAG
+from models.store.runs import TAG, study_state
 from models.store.search import TRIAL_STATES, USER_ATTR, candidates, chosen, decode_params, front
 from models.store.teams import callback_team
 from models.store.usage import open_usage
@@ -144,6 +145,7 @@ def _finish_study(study_id: str, rt: WorkerRuntime, stored: optuna.Study, spec: 
         log.info("study %s was extended as it ended: reopened for its new trials", study_id)
         return
     log.info("study %s ended %s: %s", study_id, ending.outcome, ending.reason)
+    EventLog(rt.redis).publish(study_id, ENDED, {"state": study_state(ending.mlflow_status), "outcome": ending.outcome, "reason": ending.reason})
     _close_usage(rt, study_id)
     best_info = None if best is None else _best_info(spec, best)
     announce_study_end(
@@ -336,7 +338,10 @@ def _register(rt: WorkerRuntime, study_id: str, spec: StudySpec, best: optuna.tr
     team = rt.mlflow.get_run(study_id).data.tags.get(TAG.TEAM)  # None with authentication off, as the API's claim
     try:
         _claimed_model(rt, study_id, name, team)
-        version = mlflow.register_model(f"runs:/{run_id}/model", name, tags={TAG.STUDY_ID: study_id, TAG.TRIAL_ID: str(run_id)})
+        # The trial's logged model (a raw-image classifier); a trial logged before those existed has only runs:/<id>/model.
+        model_id = rt.mlflow.get_run(str(run_id)).data.tags.get(TAG.MODEL_ID)
+        source = f"models:/{model_id}" if model_id else f"runs:/{run_id}/model"
+        version = mlflow.register_model(source, name, tags={TAG.STUDY_ID: study_id, TAG.TRIAL_ID: str(run_id)})
         rt.mlflow.set_registered_model_alias(name, alias, version.version)
     except Exception as exc:  # noqa: BLE001 - not this team's name, no model logged (log_model off), registry unavailable
         log.warning("study %s: could not register trial %s's model as %s: %s", study_id, run_id, name, exc)

@@ -60,8 +60,9 @@ from models.spec.study import StudySpec
 from models.spec.trial import LatencySpec, TrialSpec, flatten_params
 from models.store import runs
 from models.store.budget import StudyBudget
+from models.store.events import ENDED, STATUS, TRIAL_ENDED, TRIAL_STARTED, EventLog
 from models.store.keys import lease_key, slot_lease_id
-from models.store.runs import TAG, TERMINAL_STATUSES, trial_tags
+from models.store.runs import TAG, TERMINAL_STATUSES, study_state, trial_tags
 from models.store.search import USER_ATTR, fail_trial, make_pruner, make_sampler, open_storage, storage_kind, suggest, trial_label
 from models.store.share import Route
 from models.store.teams import team_of
@@ -247,6 +248,7 @@ def _start_trial(study_id: str, slot: int, rt: WorkerRuntime, budget: StudyBudge
         return "stopped"
     if parent.status == "SCHEDULED":
         runs.start_run(rt.mlflow, study_id)
+        _publish(rt, study_id, STATUS, {"state": "running"})
 
     study = optuna.load_study(
         study_name=study_id, storage=open_storage(rt.settings.study_storage),
@@ -275,6 +277,7 @@ class StudyObjective:
         self.data_root = data_root_for(rt.settings.data_root, owner.get(TAG.TEAM))  # the study's team's data (none with auth off)
         self.outcome = "error"
         self.sizes: dict[str, float] | None = None  # of the sampled configuration, from its plan
+        self.trial_id: str | None = None  # the run of the trial this step runs, once created (for the study's events)
 
     def __call__(self, trial: optuna.Trial) -> Value:
         trial.set_user_attr(USER_ATTR.SLOT, self.slot)  # first: a step that dies from here on leaves a trial its slot's next delivery finds
@@ -305,6 +308,8 @@ class StudyObjective:
         trial_id = created.run_id
         trial.set_user_attr(USER_ATTR.TRIAL_ID, trial_id)
         self.budget.record_slot(self.slot, trial_id, trial.number)
+        self.trial_id = trial_id
+        _publish(self.rt, self.study_id, TRIAL_STARTED, {"trial_id": trial_id, "number": trial.number, "name": name, "params": params})
 
         # The API raises the study's stop flag, then the cancel flags of the trials it finds running:
         # checked after TRIAL_ID is stored, one of the two always sees the other.
@@ -327,6 +332,7 @@ class StudyObjective:
 
     def _train(self, trial: optuna.Trial, trial_id: str, trial_spec: TrialSpec, created: RunInfo | None = None) -> Value:
         """Train the trial (``created``: its run's info when this step created it, else it is read)."""
+        self.trial_id = trial_id
         primary, pruner = self.spec.primary, self.spec.pruner.name
         # Optuna's report() and its pruners take one objective's value per epoch.
         reports = not self.spec.multi_objective and primary.metric in EPOCH_MEASURES
@@ -376,9 +382,10 @@ class StudyObjective:
         if broken:
             trial.set_user_attr(USER_ATTR.OVER_BUDGET, broken)
             reason = f"{reason}; over budget after training (not chosen): {'; '.join(broken)}"
-        self._record(trial, "succeeded", reason, len(history))
         values = [measures[g.metric] for g in self.spec.goals]
-        return values if self.spec.multi_objective else values[0]
+        value = values if self.spec.multi_objective else values[0]
+        self._record(trial, "succeeded", reason, len(history), value)
+        return value
 
     def _reuse(self, trial: optuna.Trial, trial_id: str, twin: optuna.trial.FrozenTrial) -> Value:
         """Give this trial its twin's result instead of training the same configuration again."""
@@ -410,11 +417,13 @@ class StudyObjective:
         self._record(trial, outcome, reason, 0)
         raise _without_value(outcome, reason)
 
-    def _record(self, trial: optuna.Trial, outcome: str, reason: str, epochs: int) -> None:
+    def _record(self, trial: optuna.Trial, outcome: str, reason: str, epochs: int, value: Value | None = None) -> None:
         self.outcome = outcome
         count_outcome(self.rt, outcome)
-        for key, value in ((USER_ATTR.OUTCOME, outcome), (USER_ATTR.REASON, reason[:1000]), (USER_ATTR.EPOCHS, epochs)):
-            trial.set_user_attr(key, value)
+        for key, attr in ((USER_ATTR.OUTCOME, outcome), (USER_ATTR.REASON, reason[:1000]), (USER_ATTR.EPOCHS, epochs)):
+            trial.set_user_attr(key, attr)
+        ended = {"trial_id": self.trial_id, "number": trial.number, "outcome": outcome, "reason": reason[:1000], "value": value, "epochs": epochs}
+        _publish(self.rt, self.study_id, TRIAL_ENDED, ended)
 
     def _end_run(self, trial_id: str, status: str, outcome: str, reason: str, metrics: dict[str, float] | None = None) -> None:
         """End a trial that never trained (zero epochs)."""
@@ -542,3 +551,9 @@ def restore_counters(budget: StudyBudget, stored: optuna.Study, spec: StudySpec)
 
 def _end_parent(rt: WorkerRuntime, study_id: str, status: str, outcome: str, reason: str) -> None:
     runs.end_run(rt.mlflow, study_id, status, outcome, reason)
+    _publish(rt, study_id, ENDED, {"state": study_state(status), "outcome": outcome, "reason": reason})
+
+
+def _publish(rt: WorkerRuntime, study_id: str, kind: str, data: dict[str, Any]) -> None:
+    """Tell clients that follow the study what happened (best effort: never raises, see models.store.events)."""
+    EventLog(rt.redis).publish(study_id, kind, data)

@@ -18,7 +18,7 @@ from threading import Lock
 import torch
 
 from models.data.roots import DataRoot
-from models.data.sets import load
+from models.data.sets import RawInput, load
 from models.spec.plan import InputInfo
 from models.spec.trial import BUILTIN_DATASETS, DataSpec
 
@@ -36,6 +36,7 @@ class DeviceData:
     y_val: torch.Tensor
     info: InputInfo
     class_names: list[str]
+    raw: RawInput | None = None  # what its raw images are, and its training statistics in raw pixel units (a served model's input)
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +58,7 @@ def device_data(spec: DataSpec, root: DataRoot | Path | None, device: torch.devi
                 return _cache[key]
     data = load(spec, root)
     x_train, y_train, x_val, y_val = (torch.from_numpy(a).to(device) for a in (data.x_train, data.y_train, data.x_val, data.y_val))
-    tensors = DeviceData(x_train, y_train, x_val, y_val, data.info, list(data.class_names))
+    tensors = DeviceData(x_train, y_train, x_val, y_val, data.info, list(data.class_names), data.raw)
     if cacheable and tensors.nbytes <= MAX_CACHED_BYTES:
         with _lock:
             _cache[key] = tensors

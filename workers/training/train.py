@@ -38,9 +38,10 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRSc
 
 from models.compat import torch_state
 from models.data.roots import DataRoot
+from models.data.sets import RawInput
 from models.nets.convnet import build_model
 from models.spec.choices import lookup
-from models.spec.plan import plan_network
+from models.spec.plan import InputInfo, plan_network
 from models.spec.trial import OptimSpec, TrialSpec
 from workers.errors import WorkerError
 from workers.training.batching import BatchPlan, MemoryProbe, plan_batches
@@ -50,7 +51,7 @@ from workers.training.outcomes import Cancelled, Superseded, TimedOut, TrialStop
 from workers.training.parallel import Parallel
 
 __all__ = [
-    "CheckpointWriter", "Evaluation", "Tracker", "TrainedSamples", "TrainingContext", "TrialResult", "checkpoint_files", "checkpoint_run", "evaluate",
+    "CheckpointWriter", "Evaluation", "ServedInputs", "Tracker", "TrainedSamples", "TrainingContext", "TrialResult", "checkpoint_files", "checkpoint_run", "evaluate",
     "fenced_checkpoint", "remove_checkpoints", "requested_stop", "resolve_batches", "run_trial", "train_one_epoch",
 ]
 
@@ -68,7 +69,19 @@ class Tracker(Protocol):
         """
 
     def log_summary(self, rows: list[dict[str, Any]]) -> None: ...
-    def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None: ...
+
+    def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]], served: ServedInputs | None = None) -> None:
+        """At the end of training: the curves and the model; ``served``: what the model is served with (raw input, classes)."""
+
+
+@dataclass(frozen=True)
+class ServedInputs:
+    """What serving the trained net takes besides its weights: the raw images (their statistics normalise them), the classes, the head."""
+
+    info: InputInfo
+    raw: RawInput | None  # None: a data set that does not say (the model then takes normalised (N, C, H, W) float32)
+    class_names: list[str]
+    head: str  # the spec's: "logits" (the net's outputs are softmaxed) or "sigmoid" (they are probabilities already)
 
 
 @dataclass
@@ -218,7 +231,8 @@ def run_trial(spec: TrialSpec, tracker: Tracker, ctx: TrainingContext) -> TrialR
                     stop = exc
             guard.check_epoch(epoch, stop)
 
-    tracker.log_result(model, x_val[:2], history)  # batch > 1: the exported model keeps a dynamic batch
+    served = ServedInputs(data.info, data.raw, list(data.class_names), spec.model.head)
+    tracker.log_result(model, x_val[:2], history, served)  # batch > 1: the exported model keeps a dynamic batch
     best_epoch, best = max(enumerate(history, start=1), key=lambda em: em[1]["val_accuracy"])
     if evaluation is None:  # this delivery trained no epoch (a resumed trial whose epochs were all done)
         evaluation = evaluate(model, loss_fn, x_val, y_val, data.info.num_classes)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ValidationError
 
 from models.data import data_root_for
 from models.spec.trial import TrialSpec
+from models.store.events import EventLog
 from models.store.keys import attempts_key, cancel_key, lease_key
 from models.store.runs import TERMINAL_STATUSES
 from workers.errors import WorkerError
@@ -47,6 +48,8 @@ from workers.training.outcomes import Ending, Superseded, classify
 from workers.training.train import TrainingContext, checkpoint_files, remove_checkpoints
 from workers.trial.accounting import Meter, record_usage
 from workers.trial.lease import Lease
+from workers.trial.provenance import provenance_tags
+from workers.trial.recording import recording
 from workers.trial.tracking import MlflowTracker
 
 __all__ = [
@@ -92,7 +95,8 @@ def execute_trial(
         tracker.hold(lease)
         attempt = count_attempt(rt, trial_id)
         try:
-            return _train(trial_id, spec, tracker, rt, lease, attempt, on_epoch_end, on_resume)
+            with recording(tracker, attempt, rt.settings.system_metrics_interval_s, rt.settings.run_log_max_bytes):
+                return _train(trial_id, spec, tracker, rt, lease, attempt, on_epoch_end, on_resume)
         except Superseded as exc:
             log.warning("trial %s: %s; stopped without recording anything", trial_id, exc.reason)
             raise
@@ -112,6 +116,7 @@ def _train(
         log.warning("trial %s: attempt %d, resuming from its last checkpoint", trial_id, attempt)
     else:
         log.info("trial %s: training on %s", trial_id, rt.device)  # which worker trained what, in its own log
+    tracker.provenance = provenance_tags(spec.data, data_root_for(rt.settings.data_root, tracker.team), rt.device)
     tracker.starting(str(rt.device), attempt)  # RUNNING once its batches are resolved (log_batches), in one request
     tracker.final_epoch = spec.optim.epochs
     ctx = TrainingContext(
@@ -210,8 +215,10 @@ def fence_floor(tracker: MlflowTracker, checkpoint: Path | None = None) -> int:
 
 
 def tracker_for(rt: WorkerRuntime, run_id: str, log_model: bool) -> MlflowTracker:
-    """The tracker of ``run_id`` as this worker's settings say (model logging, where artifacts go)."""
-    return MlflowTracker(rt.mlflow, run_id, log_model=log_model, artifacts_destination=rt.settings.artifacts_destination)
+    """The tracker of ``run_id`` as this worker's settings say (model logging, where artifacts go), publishing its events."""
+    tracker = MlflowTracker(rt.mlflow, run_id, log_model=log_model, artifacts_destination=rt.settings.artifacts_destination)
+    tracker.events = EventLog(rt.redis)
+    return tracker
 
 
 def lost_too_often(attempt: int, max_attempts: int) -> Ending:

@@ -1,4 +1,4 @@
-"""A trained net as an MLflow pytorch model (pt2), each architecture exported once per worker process.
+"""A trained net as an MLflow model (pytorch pt2, served on raw images), each architecture exported once per worker process.
 
 ``mlflow.pytorch.log_model`` was the largest cost of a small trial outside its epochs
 (docs/performance.md, "Per-trial work outside the epoch"): it traces the net with ``torch.export``,
@@ -16,14 +16,27 @@ the weights new, and gives the MLmodel its own run id, uuid and time. The result
 read it as before. A program whose tensors do not match the net's state (a net with state outside
 its ``state_dict``), or that computes something else than the net on the example, is exported afresh.
 
-The example saved with the model (``model/input_example.json``, and what the signature is inferred
-from) is never a sample of the data: anyone who may read the run would read a team's images. It is
-a fixed tensor of the samples' shape and dtype (:func:`placeholder_input`).
+The example the template is exported with is never a sample of the data: anyone who may read the
+run would read a team's images. It is a fixed tensor of the samples' shape and dtype
+(:func:`placeholder_input`), and it is not kept in a served model.
+
+Served (``save(..., served=...)``, every trial's model): the same directory also answers
+``mlflow.pyfunc.load_model`` and ``mlflow models serve`` on raw images. Its ``python_function`` flavor is
+:mod:`workers.trial.served_model` as MLflow models-from-code (the file is copied in, and it imports no
+convtune), with ``artifacts/inputs.json``: the input contract (:func:`input_contract`: the raw images'
+layout, dtype and shape, the training split's statistics in raw pixel units, the class names, the head),
+also the MLmodel's ``metadata["convtune"]``, and a signature of raw images in, label, class index and
+probabilities out. That flavor's configuration and environment files come from one
+``mlflow.pyfunc.save_model`` per process (a few hundred milliseconds once); each trial writes only its
+contract and its MLmodel. The ``pytorch`` flavor stays: ``mlflow.pytorch.load_model`` gives the bare net,
+which takes normalised (N, C, H, W) float32.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -32,17 +45,23 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from models.compat import CompatError, torch_export
+from workers.training.train import ServedInputs
 
-__all__ = ["ModelExporter", "exporter", "placeholder_input"]
+__all__ = ["SERVED_MODEL_CODE", "ModelExporter", "exporter", "input_contract", "placeholder_input"]
 
 log = logging.getLogger(__name__)
 MAX_TEMPLATES = 8
 PROGRAM = Path("data") / "model.pt2"
+INPUTS = Path("artifacts") / "inputs.json"
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")  # copied into each model, never imported here
+CONTRACT_FORMAT = "convtune.image_classifier/1"
+_EXAMPLES = ("input_example.json", "serving_input_example.json")  # the template's normalised placeholder: not a raw image
 
 
 @dataclass
@@ -62,10 +81,16 @@ class ModelExporter:
         self.max_templates = max_templates
         self._templates: OrderedDict[str, _Template] = OrderedDict()
         self._home: Path | None = None
+        self._served: tuple[str, dict] | None = None  # the served flavor's configuration, and the requirements it was made with
 
-    def save(self, model: nn.Module, example: torch.Tensor, path: Path, run_id: str, pip_requirements: list[str]) -> None:
+    def save(
+        self, model: nn.Module, example: torch.Tensor, path: Path, run_id: str, pip_requirements: list[str], served: dict | None = None,
+        model_id: str | None = None,
+    ) -> None:
         """Write ``model`` (eval mode, on the CPU) as an MLflow model at ``path``; ``example``: a batch of inputs, of which
-        only the shape and dtype are kept (:func:`placeholder_input`)."""
+        only the shape and dtype are kept (:func:`placeholder_input`); ``served``: the input contract
+        (:func:`input_contract`) that makes it a raw-image classifier for ``mlflow.pyfunc`` (None: the bare net's flavors only);
+        ``model_id``: the MLflow logged model it is written for."""
         example = placeholder_input(example)
         key = _architecture_key(model, example)
         template = self._templates.get(key)
@@ -80,7 +105,32 @@ class ModelExporter:
             _load_weights(template, model)
         shutil.copytree(template.directory, path)
         _write_program(template, path / PROGRAM)
-        _stamp(path, run_id)
+        pyfunc = None
+        if served is not None:
+            pyfunc = self._served_flavor(pip_requirements)
+            _add_served(path, self._home / _SERVED, served)  # type: ignore[operator]
+        _stamp(path, run_id, served, pyfunc, model_id)
+
+    def _served_flavor(self, pip_requirements: list[str]) -> dict:
+        """The ``python_function`` flavor of a served model, and its files in the home's served directory (made once per process)."""
+        from mlflow.models import Model
+
+        if self._home is None:
+            self._home = Path(tempfile.mkdtemp(prefix="convtune-export-"))
+        key = json.dumps(pip_requirements)
+        if self._served is None or self._served[0] != key:
+            import mlflow.pyfunc
+
+            directory = self._home / _SERVED
+            shutil.rmtree(directory, ignore_errors=True)
+            placeholder = self._home / "inputs.json"
+            placeholder.write_text("{}", encoding="utf-8")
+            mlflow.pyfunc.save_model(
+                directory, python_model=str(SERVED_MODEL_CODE), artifacts={"inputs": str(placeholder)},
+                pip_requirements=[*pip_requirements, *_served_requirements()],
+            )
+            self._served = (key, Model.load(directory / "MLmodel").flavors["python_function"])
+        return copy.deepcopy(self._served[1])
 
     def _template(self, key: str, model: nn.Module, example: torch.Tensor, pip_requirements: list[str]) -> _Template:
         import mlflow.pytorch
@@ -104,6 +154,53 @@ class ModelExporter:
             old, _ = self._templates.popitem(last=False)
             shutil.rmtree(self._home / old, ignore_errors=True)
         return template
+
+
+_SERVED = "served"  # the home's folder holding the served flavor's files
+
+
+def input_contract(served: ServedInputs) -> dict:
+    """What the served model takes and answers, as JSON: raw images (layout, dtype, one image's shape, the pixels' range),
+    the training split's per-channel statistics in raw pixel units, the class names, the head."""
+    info, raw = served.info, served.raw
+    if raw is None:  # a data set that does not describe its raw images: the model takes the normalised ones
+        layout, dtype, pixels = "NCHW", "float32", "normalised already (zero mean, unit variance per channel)"
+        mean, std, shape = [0.0] * info.channels, [1.0] * info.channels, [info.channels, info.height, info.width]
+    else:
+        layout, dtype, pixels, mean, std, shape = raw.layout, raw.dtype, raw.pixels, list(raw.mean), list(raw.std), list(raw.shape(info))
+    return {
+        "format": CONTRACT_FORMAT, "layout": layout, "dtype": dtype, "shape": shape, "pixels": pixels,
+        "mean": mean, "std": std, "class_names": list(served.class_names), "head": served.head,
+    }
+
+
+def _served_requirements() -> list[str]:
+    """What the served model's code imports besides torch and numpy (mlflow is added by MLflow itself)."""
+    import pandas
+
+    return [f"pandas=={pandas.__version__}"]
+
+
+def _add_served(path: Path, served_home: Path, contract: dict) -> None:
+    """Give the copied model directory the served flavor's files and this trial's contract."""
+    for name in ("requirements.txt", "python_env.yaml", "conda.yaml", SERVED_MODEL_CODE.name):
+        shutil.copyfile(served_home / name, path / name)
+    for name in _EXAMPLES:
+        (path / name).unlink(missing_ok=True)
+    (path / INPUTS).parent.mkdir(parents=True, exist_ok=True)
+    (path / INPUTS).write_text(json.dumps(contract, indent=2), encoding="utf-8")
+
+
+def _signature(contract: dict) -> Any:
+    """Raw images in (their dtype and shape, any batch), one row per image out: label, class index, probabilities."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
+
+    return ModelSignature(
+        Schema([TensorSpec(np.dtype(contract["dtype"]), (-1, *contract["shape"]))]),
+        Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.long, "class_index"), ColSpec(Array(DataType.double), "probabilities")]),
+    )
 
 
 def placeholder_input(example: torch.Tensor) -> torch.Tensor:
@@ -175,14 +272,22 @@ def _write_program(template: _Template, program_file: Path) -> None:
     torch_export.write_program(template.program, program_file, template.archive)
 
 
-def _stamp(path: Path, run_id: str) -> None:
-    """Make the copied MLmodel this run's: its run id, a new uuid, the time it was created."""
+def _stamp(path: Path, run_id: str, contract: dict | None = None, pyfunc: dict | None = None, model_id: str | None = None) -> None:
+    """Make the copied MLmodel this run's: its run id, a new uuid, the time it was created, the logged model it is;
+    served, its pyfunc flavor, signature and metadata."""
     from mlflow.models import Model
 
     model = Model.load(path / "MLmodel")
     model.run_id = run_id
     model.model_uuid = uuid.uuid4().hex
     model.utc_time_created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if model_id is not None:
+        model.model_id = model_id
+    if contract is not None and pyfunc is not None:
+        model.flavors["python_function"] = pyfunc
+        model.signature = _signature(contract)
+        model.metadata = {"convtune": contract}
+        model.saved_input_example_info = None
     model.save(path / "MLmodel")
 
 

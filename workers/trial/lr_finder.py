@@ -39,6 +39,8 @@ from workers.trial.accounting import Meter, record_usage
 from workers.trial.execution import LeaseHeld, admit, count_attempt, fence_floor, forget_attempt, lost_too_often, tracker_for
 from workers.trial.figures import range_test_svg
 from workers.trial.lease import Lease
+from workers.trial.provenance import provenance_tags
+from workers.trial.recording import recording
 from workers.trial.tracking import MlflowTracker
 
 __all__ = ["LrAutoFailed", "execute_lr_find", "run_and_record", "with_lr_range"]
@@ -65,12 +67,14 @@ def execute_lr_find(run_id: str, payload: dict, rt: Any) -> str:
         if attempt > rt.settings.max_attempts:
             return _end(tracker, lost_too_often(attempt, rt.settings.max_attempts), rt)
         try:
-            tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
-            ctx = _context(rt, tracker.team, lambda: bool(rt.redis.exists(cancel_key(run_id))), lease.held)
-            meter = Meter(ctx.device, 1, ctx.samples)
-            ending, _ = run_and_record(spec, tracker, ctx)
-            meter.charge(tracker)
-            return _end(tracker, ending, rt)
+            with recording(tracker, attempt, rt.settings.system_metrics_interval_s, rt.settings.run_log_max_bytes):
+                ctx = _context(rt, tracker.team, lambda: bool(rt.redis.exists(cancel_key(run_id))), lease.held)
+                tracker.provenance = provenance_tags(spec.trial.data, ctx.data_root, rt.device)
+                tracker.start(str(rt.device), attempt)  # a redelivered test starts again from its first step
+                meter = Meter(ctx.device, 1, ctx.samples)
+                ending, _ = run_and_record(spec, tracker, ctx)
+                meter.charge(tracker)
+                return _end(tracker, ending, rt)
         except Superseded as exc:
             log.warning("range test %s: %s; stopped without recording anything", run_id, exc.reason)
             raise
@@ -164,13 +168,15 @@ def _study_range_test(study_id: str, spec: StudySpec, rt: Any, should_stop: Call
     )
     tracker = tracker_for(rt, test_id, log_model=False)
     tracker.hold(lease)  # a run of its own: its fence is the study's lr_auto lease's
-    tracker.start(str(rt.device), 1)
-    tracker.run_tags = {TAG.KIND: KIND.LR_FINDER, TAG.STUDY_ID: study_id, **{k: v for k, v in parent.data.tags.items() if k in (TAG.TEAM, TAG.QUEUE)}}
     ctx = _context(rt, parent.data.tags.get(TAG.TEAM), should_stop, lease.held)
-    meter = Meter(ctx.device, 1, ctx.samples)
-    ending, result = run_and_record(test, tracker, ctx)
-    meter.charge(tracker)
-    _end(tracker, ending, rt)
+    with recording(tracker, 1, rt.settings.system_metrics_interval_s, rt.settings.run_log_max_bytes):
+        tracker.provenance = provenance_tags(test.trial.data, ctx.data_root, rt.device)
+        tracker.start(str(rt.device), 1)
+        tracker.run_tags = {TAG.KIND: KIND.LR_FINDER, TAG.STUDY_ID: study_id, **{k: v for k, v in parent.data.tags.items() if k in (TAG.TEAM, TAG.QUEUE)}}
+        meter = Meter(ctx.device, 1, ctx.samples)
+        ending, result = run_and_record(test, tracker, ctx)
+        meter.charge(tracker)
+        _end(tracker, ending, rt)
     if result is None:
         return {"error": f"lr_auto: its range test {test_id} ended {ending.outcome}: {ending.reason}", "test_id": test_id}
     low, high = lr_search_range(result.suggested_lr, result.largest_stable_lr, spec.lr_auto.decades)
@@ -189,6 +195,8 @@ def _log_steps(tracker: MlflowTracker, curve: Curve, first: int) -> None:
             metrics.append(Metric(key, float(series[step]), now, step + 1))
     for i in range(0, len(metrics), 900):  # log_batch takes at most 1,000 metrics
         tracker.client.log_batch(tracker.run_id, metrics=metrics[i : i + 900], tags=[RunTag(TAG.STEPS_DONE, str(len(curve.lrs)))])
+    if tracker.recorder is not None:
+        tracker.recorder.progress()  # the log's lines so far, when a snapshot is due
 
 
 def _log_result(tracker: MlflowTracker, spec: LrRangeSpec, result: LrRangeResult) -> None:

@@ -34,6 +34,7 @@ resumes trains that epoch again without logging it twice.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -53,10 +54,13 @@ from torch import nn
 
 from models.compat import mlflow_store
 from models.store import runs
-from models.store.runs import TAG
+from models.store.events import ENDED, EPOCH, STATUS, EventLog
+from models.store.runs import TAG, client_status
 from workers.training.batching import BatchPlan
 from workers.training.outcomes import Ending, Superseded
-from workers.trial.export import exporter
+from workers.training.train import ServedInputs
+from workers.trial import logged_model
+from workers.trial.export import exporter, input_contract
 from workers.trial.figures import confusion_svg, learning_curve_svg
 
 if TYPE_CHECKING:
@@ -116,8 +120,11 @@ class Uploads:
         """After a fork, in the child: the parent's pool came without its threads (its submits would never run)."""
         cls._pool = None
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.pending.append(self.pool().submit(fn, *args, **kwargs))
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        # In the caller's log context: what an upload logs is the run's (workers.trial.recording keeps its lines).
+        future = self.pool().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+        self.pending.append(future)
+        return future
 
     def file(self, local: Path, artifact_path: str | None = None) -> None:
         """Upload ``local`` into ``artifact_path`` (a directory of the run's artifacts; None: the root)."""
@@ -195,6 +202,20 @@ class MlflowTracker:
         # What the delivery used (workers.trial.accounting), sent with the ending: metrics and tags in the same request.
         self.usage_metrics: dict[str, float] = {}
         self.usage_tags: dict[str, str] = {}
+        self.experiment_id: str | None = None  # the run's, as :meth:`status` read it (or :meth:`created` was told)
+        self.model_id: str | None = None  # its logged model, once :meth:`log_result` created it (a tag of the ending)
+        # Sent with the start tags: the code, libraries, device and data of this delivery (workers.trial.provenance).
+        self.provenance: dict[str, str] = {}
+        # The delivery's log and system metrics (a workers.trial.recording.Recorder, which imports this module), told when the run
+        # starts, of each epoch and of the ending; None: not recorded.
+        self.recorder: Any = None
+        # Where the run's events go for clients that follow it (models.store.events); None: nowhere.
+        self.events: EventLog | None = None
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell clients that follow the run what happened (best effort: never raises, see models.store.events)."""
+        if self.events is not None:
+            self.events.publish(self.run_id, kind, data)
 
     def created(self, info: RunInfo, team: str | None) -> None:
         """The run of ``team`` was created RUNNING by this process a moment ago (``runs.create_started_run``): nothing to read back.
@@ -202,6 +223,7 @@ class MlflowTracker:
         :meth:`status` answers from ``info`` and starting it sends only its tags: two requests fewer a trial.
         """
         self._created, self.team = info, team
+        self.experiment_id = info.experiment_id
         self.run_tags = runs.created_tags(info.run_id)
         self.uploads.artifact_uri = info.artifact_uri
 
@@ -242,6 +264,7 @@ class MlflowTracker:
         self.team = run.data.tags.get(TAG.TEAM)
         self.run_tags = dict(run.data.tags)
         self.uploads.artifact_uri = run.info.artifact_uri
+        self.experiment_id = run.info.experiment_id
         return run.info.status
 
     def tags(self) -> dict[str, str]:
@@ -249,12 +272,15 @@ class MlflowTracker:
 
     def start(self, device: str, attempt: int) -> None:
         """Mark the run RUNNING on this worker."""
-        runs.start_run(self.client, self.run_id, {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **self._fence_tags()}, first=attempt == 1)
+        runs.start_run(self.client, self.run_id, {**self.provenance, TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **self._fence_tags()}, first=attempt == 1)
+        if self.recorder is not None:
+            self.recorder.running()  # system metrics from here: the run is RUNNING
+        self.publish(STATUS, {"status": "running", "attempt": attempt})
 
     def starting(self, device: str, attempt: int) -> None:
         """Like :meth:`start`, sent with the batches (:meth:`log_batches`) when training begins: two requests fewer per trial."""
         first = {TAG.STARTED_AT: runs.now()} if attempt == 1 else {}
-        self._starting = {TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **self._fence_tags(), **first}
+        self._starting = {**self.provenance, TAG.DEVICE: device, TAG.ATTEMPTS: str(attempt), **self._fence_tags(), **first}
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], at_ms: int | None = None, after: Future | None = None) -> None:
         """See :meth:`workers.training.train.Tracker.log_epoch`."""
@@ -265,6 +291,7 @@ class MlflowTracker:
             return
         stamp = at_ms if at_ms is not None else int(time.time() * 1000)
         batch = [Metric(key, float(value), stamp, epoch) for key, value in metrics.items()]
+        self.publish(EPOCH, {"epoch": epoch, "metrics": {m.key: m.value for m in batch}})
         if epoch == self.final_epoch:  # the run ends next: these go with the ending (lost with it if this worker is)
             self._held = (epoch, batch)
             return
@@ -273,9 +300,11 @@ class MlflowTracker:
         # from it logs the epochs its checkpoint has and the run lacks (run_trial replays the restored history).
         if self._epoch_sent is not None:
             self._epoch_sent.result()
-        self._epoch_sent = self.uploads.pool().submit(self._send_epoch, epoch, batch, after)
+        self._epoch_sent = self.uploads.pool().submit(contextvars.copy_context().run, self._send_epoch, epoch, batch, after)
         self.uploads.pending.append(self._epoch_sent)
         self.logged_through = epoch
+        if self.recorder is not None:
+            self.recorder.progress()  # the log's lines so far, when a snapshot is due
 
     def _send_epoch(self, epoch: int, batch: list[Metric], after: Future | None = None) -> None:
         if after is not None:
@@ -304,20 +333,28 @@ class MlflowTracker:
         else:
             self.uploads.submit(self.client.set_tag, self.run_id, tag, tables)
 
-    def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]]) -> None:
-        """At the end of training: the learning curves and the trained model."""
+    def log_result(self, model: nn.Module, example: torch.Tensor, history: list[dict[str, float]], served: ServedInputs | None = None) -> None:
+        """At the end of training: the learning curves and the trained model (``served``: its raw input and classes)."""
         if not self.may_write("the results"):
             return
+        created = None
+        if self.log_model_enabled:  # asked first: the request runs while the curves are written and the model exported
+            experiment_id = self.experiment_id or self.client.get_run(self.run_id).info.experiment_id
+            created = logged_model.create(self.client, experiment_id, self.run_id, self.uploads.submit)
         self.uploads.text(learning_curve_svg(history), "plots/learning_curve.svg")
         self.uploads.text(json.dumps(history, indent=2), "history.json")
-        if self.log_model_enabled:
-            self._log_model(model, example)
+        if created is not None:
+            self._log_model(model, example, served, created)
 
-    def _log_model(self, model: nn.Module, example: torch.Tensor) -> None:
-        """The served net (:class:`_Predictor`), as an MLflow pytorch model in ``model/`` (see :mod:`workers.trial.export`)."""
+    def _log_model(self, model: nn.Module, example: torch.Tensor, served: ServedInputs | None, created: Future) -> None:
+        """The served net (:class:`_Predictor`) as the run's MLflow logged model (:mod:`workers.trial.logged_model`, ``created``),
+        written by :mod:`workers.trial.export`: raw images in when ``served`` says what they are; its id goes on the run with the ending."""
         local = self.uploads.staging() / "model"
-        exporter().save(_Predictor(model).cpu().eval(), example, local, self.run_id, pip_requirements())
-        self.uploads.directory(local, "model")
+        contract = None if served is None else input_contract(served)
+        logged = created.result()
+        exporter().save(_Predictor(model).cpu().eval(), example, local, self.run_id, pip_requirements(), contract, logged.model_id)
+        logged_model.upload(self.client, self.run_id, logged, local, self.uploads.destination, self.uploads.submit)
+        self.model_id = logged.model_id
 
     def checkpoint_lost(self, why: str) -> None:
         """The checkpoint there was could not be read (the trial trains from epoch 1): said on the run with its batches."""
@@ -338,6 +375,10 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in {**(starting or {}), **tags}.items()])
         else:
             runs.start_run(self.client, self.run_id, {**starting, **tags}, first=False)  # STARTED_AT, when first, is in ``starting``
+        if self.recorder is not None:
+            self.recorder.running()  # system metrics from here: the run is RUNNING
+        if starting is not None:
+            self.publish(STATUS, {"status": "running", "attempt": int(starting.get(TAG.ATTEMPTS, "1"))})
 
     def log_confusion(self, matrix: list[list[int]], class_names: list[str]) -> None:
         """The final model's confusion matrix on the validation set, as a plot and as JSON."""
@@ -354,17 +395,22 @@ class MlflowTracker:
         Raises Superseded when this worker lost the lease (asked of its store), or the run carries a later
         holder's fence: that holder ends the run, once.
         """
+        if self.recorder is not None:
+            self.recorder.ending()  # the log's final version and the last system metrics, with the other uploads
         self.uploads.wait()
         if not self.may_write(f"the ending ({ending.outcome})") or self.superseded(f"the ending ({ending.outcome})"):
             raise Superseded(f"this worker lost the lease of run {self.run_id} before ending it ({ending.outcome})")
         tags, self._starting = self._starting or {}, None  # it ended before training began: its start tags go with the ending
         tags.update(self.usage_tags)
+        if self.model_id is not None:
+            tags[TAG.MODEL_ID] = self.model_id
         held, self._held = self._held, None
         if held is not None:
             tags[TAG.EPOCHS_DONE] = str(held[0])
         runs.end_run(
             self.client, self.run_id, ending.mlflow_status, ending.outcome, ending.reason, metrics=self.usage_metrics, tags=tags, logged=held[1] if held else (),
         )
+        self.publish(ENDED, {"status": client_status(ending.mlflow_status, ending.outcome), "outcome": ending.outcome, "reason": ending.reason})
 
 
 class _Predictor(nn.Module):

@@ -22,7 +22,7 @@ from models.store.runs import KIND, TAG, study_state
 from models.store.search import USER_ATTR, open_storage, storage_kind
 from service.api.auth import Principal, check_visible
 from service.api.errors import InvalidSpec, NotFound, ServiceUnavailable
-from service.api.runs import RUN_ID, RunRecord, RunStore
+from service.api.runs import RUN_ID, STUDY_STATUS_FILTERS, RunRecord, RunStore, filter_string
 from service.api.settings import ApiSettings
 
 __all__ = ["StudyRecord", "StudyStore"]
@@ -61,9 +61,12 @@ class StudyStore:
         check_visible(run.data.tags, f"study with id {study_id!r}")
         return self._record(run)
 
-    def search(self, principal: Principal, *, max_results: int, page_token: str | None) -> tuple[list[StudyRecord], str | None]:
-        """Studies ``principal`` may read, newest first (from MLflow alone; each record's Optuna study is read on demand)."""
-        page, token = self.runs.search_runs(principal, KIND.STUDY, "", max_results=max_results, page_token=page_token)
+    def search(
+        self, principal: Principal, *, max_results: int, page_token: str | None, status: str | None = None, filters: Any = None,
+    ) -> tuple[list[StudyRecord], str | None]:
+        """Studies ``principal`` may read, newest first, filtered (from MLflow alone; each record's Optuna study is read on demand)."""
+        extra = (f" and {STUDY_STATUS_FILTERS[status]}" if status else "") + filter_string(filters)
+        page, token = self.runs.search_runs(principal, KIND.STUDY, extra, max_results=max_results, page_token=page_token)
         return [self._record(run) for run in page], token
 
     def budget(self, study_id: str) -> StudyBudget:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.api.schemas import OUTCOME_DESCRIPTION, PageToken
+from service.api.schemas import OUTCOME_DESCRIPTION, ListFilters, PageToken, Status
 
 __all__ = [
     "StudyAccepted", "StudyBest", "StudyExtend", "StudyFrontTrial", "StudyList", "StudyListQuery", "StudyPath", "StudyProgress",
@@ -20,15 +20,20 @@ class StudyPath(BaseModel):
     study_id: str = Field(description="The study's id, which is its MLflow parent run id.")
 
 
-class StudyListQuery(BaseModel):
+class StudyListQuery(ListFilters):
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Field(default=None, description="Only studies in this state.")
     limit: int = Field(default=20, ge=1, le=200)
     page_token: PageToken | None = None
 
 
 class StudyTrialQuery(BaseModel):
-    offset: int = Field(default=0, ge=0)
+    status: Status | None = Field(default=None, description="Only trials in this status (the same words as /trials).")
     limit: int = Field(default=100, ge=1, le=1000)
-    state: Literal["running", "complete", "pruned", "fail", "waiting"] | None = Field(default=None, description="Only trials in this Optuna state.")
+    page_token: PageToken | None = None
+    offset: int = Field(default=0, ge=0, description="Where to start without a page_token (kept for older clients: prefer page_token).")
+    state: Literal["running", "complete", "pruned", "fail", "waiting"] | None = Field(
+        default=None, description="Only trials in this Optuna state (kept for older clients: prefer status).",
+    )
 
 
 class StudyExtend(BaseModel):
@@ -76,6 +81,10 @@ class StudyBest(BaseModel):
     rule: str = Field(description="The rule that chose it: best <metric>, or the knee of the front, with register_as's where.")
     params: dict[str, Any]
     mlflow_url: str | None
+    model_uri: str | None = Field(
+        default=None, description="Its trained model, an MLflow logged model (`models:/<id>`): raw images in, class probabilities and labels out (docs/models.md). "
+        "Shown by GET /studies/{id}, not in lists.",
+    )
 
 
 class StudyFrontTrial(BaseModel):
@@ -127,6 +136,7 @@ class StudyTrial(BaseModel):
     number: int
     trial_id: str | None = Field(description="Its MLflow child run id (also a /trials id).")
     name: str | None
+    status: Status = Field(description="The same words as a trial's status: queued, running, succeeded, pruned, failed, cancelled.")
     state: str = Field(description="Optuna's state: running, complete, pruned, fail, waiting.")
     outcome: str | None = Field(description=OUTCOME_DESCRIPTION)
     reason: str | None
@@ -143,7 +153,8 @@ class StudyTrial(BaseModel):
 
 class StudyTrialList(BaseModel):
     items: list[StudyTrial]
-    total: int
+    total: int = Field(description="Trials matching the filters, on every page.")
+    next_page_token: str | None
 
 
 class StudyList(BaseModel):

@@ -10,13 +10,16 @@ from flask import current_app, url_for
 from flask_openapi3 import APIBlueprint, Tag
 
 from models.logs import bind
+from models.spec.outcomes import UnknownOutcome, outcome
 from models.spec.study import StudySpec
 from models.store.runs import TAG
 from models.store.search import TRIAL_STATES, USER_ATTR, chosen, decode_params, front, storage_kind, trial_label
 from service.api.auth import check_owner, current_principal, redacted
+from service.api.errors import NotFound
 from service.api.idempotency import IdempotencyHeader, idempotent
 from service.api.limits import check_study_caps
 from service.api.openapi import BEARER, PROTECTED_ERRORS, problems
+from service.api.schemas import page_offset, page_token
 from service.api.studies import control
 from service.api.studies.accept import accept_study
 from service.api.studies.records import StudyRecord, StudyStore
@@ -73,9 +76,9 @@ def create_study(body: StudySpec, header: IdempotencyHeader):
 
 @bp.get("", responses={200: StudyList, **problems(400, 503)})
 def list_studies(query: StudyListQuery):
-    """List the studies this token's team may read, newest first, a page at a time."""
-    records, token = study_store().search(current_principal(), max_results=query.limit, page_token=query.page_token)
-    return StudyList(items=[study_public(r) for r in records], next_page_token=token or None).model_dump()
+    """List the studies this token's team may read, newest first, a page at a time; filter by state, team, owner, tag and time."""
+    records, token = study_store().search(current_principal(), max_results=query.limit, page_token=query.page_token, status=query.status, filters=query)
+    return StudyList(items=[study_public(r, with_model=False) for r in records], next_page_token=token or None).model_dump()
 
 
 @bp.get("/<study_id>", responses={200: StudyPublic, **problems(404, 503)})
@@ -88,9 +91,25 @@ def get_study(path: StudyPath):
 def list_study_trials(path: StudyPath, query: StudyTrialQuery):
     """List a study's trials in the order they started, with params, outcome, value and epochs."""
     record = study_store().get(path.study_id)
-    trials = [t for t in (record.study.get_trials(deepcopy=False) if record.study else []) if query.state is None or TRIAL_STATES.get(t.state.name) == query.state]
-    page = trials[query.offset : query.offset + query.limit]
-    return StudyTrialList(items=[_trial(record, t) for t in page], total=len(trials)).model_dump()
+    trials = [
+        t for t in (record.study.get_trials(deepcopy=False) if record.study else [])
+        if (query.state is None or TRIAL_STATES.get(t.state.name) == query.state) and (query.status is None or trial_status(t) == query.status)
+    ]
+    start = page_offset(query.page_token) if query.page_token else query.offset
+    page = trials[start : start + query.limit]
+    more = start + query.limit < len(trials)
+    return StudyTrialList(items=[_trial(record, t) for t in page], total=len(trials), next_page_token=page_token(start + query.limit) if more else None).model_dump()
+
+
+def trial_status(t: Any) -> str:
+    """A study trial's status in the words of /trials: from its outcome once it has one, else from Optuna's state."""
+    ended = t.user_attrs.get(USER_ATTR.OUTCOME)
+    if ended:
+        try:
+            return outcome(ended).client_status
+        except UnknownOutcome:
+            pass
+    return {"RUNNING": "running", "WAITING": "queued", "COMPLETE": "succeeded", "PRUNED": "pruned"}.get(t.state.name, "failed")
 
 
 @bp.post("/<study_id>/cancel", responses={202: StudyPublic, **problems(404, 409, 503)})
@@ -116,7 +135,7 @@ def extend_study(path: StudyPath, body: StudyExtend, header: IdempotencyHeader):
     return study_public(store.get(path.study_id)).model_dump(), 202
 
 
-def study_public(record: StudyRecord) -> StudyPublic:
+def study_public(record: StudyRecord, with_model: bool = True) -> StudyPublic:
     """A study record as the API shows it."""
     s = services()
     trials = record.study.get_trials(deepcopy=False) if record.study else []
@@ -142,7 +161,7 @@ def study_public(record: StudyRecord) -> StudyPublic:
         id=record.id, name=tags.get(TAG.RUN_NAME), state=record.state, reason=tags.get(TAG.REASON),
         objective=_goal(record.spec.primary), objectives=[_goal(g) for g in record.spec.goals], constraints=[str(c) for c in record.spec.constraints],
         sampler=record.spec.sampler.name, pruner=record.spec.pruner.name, parallelism=record.spec.parallelism, queue=tags.get(TAG.QUEUE),
-        counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record), front=_front(record), registered_model=registered,
+        counts=counts, diverged_lrs=_diverged_lrs(record, trials), progress=progress, best=_best(record, with_model), front=_front(record), registered_model=registered,
         timings={"created_at": _iso(record.start_ms), "ended_at": _iso(record.end_ms) if record.terminal else None},
         spec=redacted(record.spec.model_dump(mode="json"), tags), url=url, trials_url=url_for("studies.list_study_trials", study_id=record.id, _external=True),
         mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, record.id),
@@ -159,8 +178,9 @@ def _goal(goal: Any) -> dict[str, str]:
     return {"metric": goal.metric, "direction": goal.resolved_direction, "value": goal.value}
 
 
-def _best(record: StudyRecord) -> StudyBest | None:
-    """The trial the spec's rule chooses among those within the budgets (a duplicate never: its twin trained)."""
+def _best(record: StudyRecord, with_model: bool = True) -> StudyBest | None:
+    """The trial the spec's rule chooses among those within the budgets (a duplicate never: its twin trained);
+    ``with_model`` reads its run for its model's URI (one more MLflow call: not for every study of a list)."""
     best = chosen(record.study, record.spec) if record.study is not None else None
     if best is None:
         return None
@@ -170,7 +190,16 @@ def _best(record: StudyRecord) -> StudyBest | None:
         number=best.number, trial_id=trial_id, value=float(best.values[0]), values=_values(record, best.values),
         rule=record.spec.selection_rule, params=decode_params(record.spec, best.params),
         mlflow_url=s.runs.run_url(s.settings.ui_url, record.experiment_id, trial_id) if trial_id else None,
+        model_uri=_model_uri(trial_id) if trial_id and with_model else None,
     )
+
+
+def _model_uri(trial_id: str) -> str | None:
+    """The trial's logged model, named by its run's tags; None while it has none (or its run is gone)."""
+    try:
+        return services().runs.get(trial_id).model_uri
+    except NotFound:
+        return None
 
 
 def _front(record: StudyRecord) -> list[StudyFrontTrial]:
@@ -196,7 +225,8 @@ def _trial(record: StudyRecord, t: Any) -> StudyTrial:
     s = services()
     trial_id = t.user_attrs.get(USER_ATTR.TRIAL_ID)
     return StudyTrial(
-        number=t.number, trial_id=trial_id, name=None if trial_id is None else _trial_name(record, t), state=TRIAL_STATES.get(t.state.name, t.state.name.lower()),
+        number=t.number, trial_id=trial_id, name=None if trial_id is None else _trial_name(record, t), status=trial_status(t),
+        state=TRIAL_STATES.get(t.state.name, t.state.name.lower()),
         outcome=t.user_attrs.get(USER_ATTR.OUTCOME), reason=t.user_attrs.get(USER_ATTR.REASON), value=t.values[0] if t.values else None,
         values=_values(record, t.values) if t.values and record.spec.multi_objective else None, over_budget=t.user_attrs.get(USER_ATTR.OVER_BUDGET),
         params=decode_params(record.spec, t.params), epochs=int(t.user_attrs.get(USER_ATTR.EPOCHS, 0)), duplicate_of=t.user_attrs.get(USER_ATTR.DUPLICATE_OF),
