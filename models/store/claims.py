@@ -31,19 +31,18 @@ time, and the worker registers into that model only (:meth:`Claim.covers`), neve
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from models.errors import ConvtuneError
+from models.store import servicedb
 from models.store.teams import team_of
 
 if TYPE_CHECKING:
@@ -118,15 +117,8 @@ class ModelClaims:
     :attr:`since`) and each team's experiment (:meth:`team_experiment`, :meth:`record_team_experiment`)."""
 
     def __init__(self, url: str):
-        if url.startswith("sqlite:"):
-            database = sa.engine.make_url(url).database
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-            # Writers wait for sqlite's lock instead of failing at once.
-            self.engine = sa.create_engine(url, connect_args={"timeout": 30})
-        else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True)
-        self._create_tables()
+        self.engine = servicedb.engine(url)
+        servicedb.create_tables(self.engine, _metadata)
         self.since = self._since()
 
     def holder(self, name: str) -> Claim | None:
@@ -188,15 +180,6 @@ class ModelClaims:
         with self.engine.connect() as conn:
             return {row.team: row.experiment_id for row in conn.execute(sa.select(_experiments).where(_experiments.c.base == base))}
 
-    def _create_tables(self) -> None:
-        try:
-            _metadata.create_all(self.engine, checkfirst=True)
-        except SQLAlchemyError:
-            # Another process created them between the check and the CREATE: fine if they are there now.
-            names = set(sa.inspect(self.engine).get_table_names())
-            if not {_claims.name, _since.name, _experiments.name} <= names:
-                raise
-
     def _since(self) -> float:
         try:
             with self.engine.begin() as conn:
@@ -211,25 +194,10 @@ def _claim(row: Any) -> Claim:
     return Claim(row["name"], row["team"] or None, row["study_id"], float(row["claimed_at"]), row["seal"], row["adopted"])
 
 
-_opened: weakref.WeakSet[ModelClaims] = weakref.WeakSet()
-
-
 @lru_cache(maxsize=8)
 def open_claims(study_storage: str) -> ModelClaims:
-    """The claims of the study storage ``study_storage``, one per process (a connection pool), tables created on first use."""
-    claims = ModelClaims(claims_url(study_storage))
-    _opened.add(claims)
-    return claims
-
-
-def _after_fork() -> None:
-    # A forked child (Celery's prefork pool) must not share its parent's connections: it opens its own.
-    for claims in list(_opened):
-        claims.engine.dispose(close=False)
-    open_claims.cache_clear()
-
-
-os.register_at_fork(after_in_child=_after_fork)
+    """The claims of the study storage ``study_storage``, one per process (its engine: :mod:`models.store.servicedb`), tables created on first use."""
+    return ModelClaims(claims_url(study_storage))
 
 
 def registered_model(client: MlflowClient, name: str) -> RegisteredModel | None:

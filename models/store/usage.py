@@ -22,18 +22,16 @@ for its estimates.
 from __future__ import annotations
 
 import math
-import os
 import time
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
+from models.store import servicedb
 from models.store.claims import claims_url
 
 if TYPE_CHECKING:
@@ -115,18 +113,8 @@ class UsageStore:
     """The usage rows in one database (see the module's doc)."""
 
     def __init__(self, url: str):
-        if url.startswith("sqlite:"):
-            database = sa.engine.make_url(url).database
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(url, connect_args={"timeout": 30})
-        else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True)
-        try:
-            _metadata.create_all(self.engine, checkfirst=True)
-        except SQLAlchemyError:
-            if _usage.name not in sa.inspect(self.engine).get_table_names():  # else another process created it a moment ago
-                raise
+        self.engine = servicedb.engine(url)
+        servicedb.create_tables(self.engine, _metadata)
 
     def reserve(self, run_id: str, team: str | None, kind: str, queue: str | None, estimate: float, study_id: str | None = None) -> None:
         """Record accepted work (open, at ``estimate`` device-seconds); nothing when the run has a row already (ended first)."""
@@ -229,25 +217,10 @@ class UsageStore:
             return [r for (r,) in conn.execute(sa.select(c.run_id).where(c.team == (team or _NO_TEAM), c.ended_at.is_(None)))]
 
 
-_opened: weakref.WeakSet[UsageStore] = weakref.WeakSet()
-
-
 @lru_cache(maxsize=8)
 def open_usage(study_storage: str) -> UsageStore:
-    """The usage rows of the study storage ``study_storage``' database, one store per process, the table created on first use."""
-    store = UsageStore(claims_url(study_storage))
-    _opened.add(store)
-    return store
-
-
-def _after_fork() -> None:
-    # A forked child (Celery's prefork pool) must not share its parent's connections: it opens its own.
-    for store in list(_opened):
-        store.engine.dispose(close=False)
-    open_usage.cache_clear()
-
-
-os.register_at_fork(after_in_child=_after_fork)
+    """The usage rows of the study storage ``study_storage``' database, one store per process (its engine: :mod:`models.store.servicedb`)."""
+    return UsageStore(claims_url(study_storage))
 
 
 def note_throughput(client: redis.Redis, queue: str, flops: float, device_seconds: float) -> None:

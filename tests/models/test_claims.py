@@ -118,7 +118,7 @@ def _claim_in_a_process(storage: str, team: str, start, results) -> None:
 
 
 def test_processes_racing_for_one_name_leave_exactly_one_owner(storage: str):
-    open_claims(storage)  # the parent's engine: each forked child opens its own connections (models.store.claims._after_fork)
+    open_claims(storage)  # the parent's engine: each forked child opens its own connections (models.store.servicedb)
     ctx = multiprocessing.get_context("fork")
     start, results = ctx.Event(), ctx.Queue()
     teams = [f"team-{i}" for i in range(6)]
